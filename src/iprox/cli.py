@@ -1,0 +1,158 @@
+"""``iprox`` command line: a thin shell over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("iprox")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # transformers is chatty about GGUF conversion at INFO.
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+
+
+def _add_build_proxy(sub) -> None:
+    p = sub.add_parser("build-proxy", help="stage 1: compress a target model into a proxy with IPSVD")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="target: smollm2-135m-instruct (embedded), a .gguf file, a model folder or a hub id")
+    p.add_argument("--data", action="append", default=[], help="probe data file or folder (repeatable)")
+    p.add_argument("--out", required=True, help="proxy folder to write")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each layer's parameters removed")
+    p.add_argument("--init", default="ipsvd", choices=["ipsvd", "svd", "random", "layer-drop"])
+    p.add_argument("--probe-examples", type=int, default=64)
+    p.add_argument("--probe-tokens", type=int, default=4096, help="token positions sampled over the probe set")
+    p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to this multiple")
+    p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge on the probe moments")
+    p.add_argument("--ipsvd-form", default="full", choices=["full", "skinny"])
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a proxy made with other settings")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_build_proxy(args) -> int:
+    from .proxy import ProxyConfig, build_proxy
+
+    cfg = ProxyConfig(model=args.model, data=args.data, out=args.out, sparsity=args.sparsity, init=args.init,
+                      probe_examples=args.probe_examples, probe_tokens=args.probe_tokens,
+                      rank_multiple=args.rank_multiple, ridge=args.ridge, ipsvd_form=args.ipsvd_form,
+                      max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
+                      device=args.device, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+    print(build_proxy(cfg).format())
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="held-out next-token loss on response tokens")
+    p.add_argument("--model", required=True, help="a proxy folder, or any model `build-proxy --model` accepts")
+    p.add_argument("--data", action="append", required=True, help="held-out data file or folder (repeatable)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="")
+    p.add_argument("--out", default="", help="also write the figures to this JSON file")
+
+
+def _cmd_evaluate(args) -> int:
+    import torch
+
+    from .data import load_examples, tokenize_examples
+    from .evaluation import heldout_loss
+    from .proxy import load_model_or_proxy
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_model_or_proxy(args.model, args.dtype, device)
+    examples = load_examples(args.data)
+    if args.limit:
+        examples = examples[: args.limit]
+    tokd, _ = tokenize_examples(tok, examples, args.max_length)
+    res = heldout_loss(model, tokd, args.batch_size, tok.pad_token_id)
+    res["model"] = args.model
+    print(f"{args.model}: response-token loss {res['token_loss']:.4f} over {res['n_tokens']} tokens "
+          f"({res['n_examples']} examples; mean per-example loss {res['example_loss']:.4f})")
+    if args.out:
+        from .artifacts import atomic_write_json
+
+        atomic_write_json(args.out, res)
+    return 0
+
+
+def find_shared_data() -> Path:
+    """The benchmark/demo data folder: ``$IPROX_DATA``, else ``../shared/data`` from here or the repo."""
+    cands = [os.environ.get("IPROX_DATA", ""), "../shared/data",
+             str(Path(__file__).resolve().parents[3] / "shared" / "data")]
+    for c in cands:
+        if c and (Path(c) / "gsm8k").is_dir():
+            return Path(c)
+    raise FileNotFoundError("demo data not found: set IPROX_DATA to the folder holding gsm8k/ and bbh/")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="build a proxy of the embedded model on the shared data and compare losses")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _cmd_demo(args) -> int:
+    import torch
+
+    from .data import load_examples, tokenize_examples
+    from .evaluation import heldout_loss
+    from .models import EMBEDDED_MODEL, load_model
+    from .proxy import ProxyConfig, build_proxy, load_proxy
+
+    t_start = time.perf_counter()
+    data = find_shared_data()
+    pool = [str(data / "gsm8k" / "train.jsonl"), str(data / "bbh" / "tasks")]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok, _ = load_model(EMBEDDED_MODEL, "float32", device)
+    cfg = ProxyConfig(model=EMBEDDED_MODEL, data=pool, out=str(Path(args.out) / "proxy"), sparsity=args.sparsity,
+                      probe_examples=32, probe_tokens=2048, max_length=384, overwrite=args.overwrite)
+    print(build_proxy(cfg, model=model, tokenizer=tok).format())
+    # Held-out check: GSM8K test problems, which the probe never saw.
+    held = load_examples(str(data / "gsm8k" / "test.jsonl"))[:16]
+    tokd, _ = tokenize_examples(tok, held, 384)
+    target_loss = heldout_loss(model, tokd, 8, tok.pad_token_id)["token_loss"]
+    proxy_loss = heldout_loss(load_proxy(cfg.out, device=device), tokd, 8, tok.pad_token_id)["token_loss"]
+    print(f"held-out loss on {len(tokd)} GSM8K test problems: target {target_loss:.3f}, proxy {proxy_loss:.3f}")
+    print(f"demo finished in {time.perf_counter() - t_start:.0f}s; proxy folder: {cfg.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="iprox", description="Influence-preserving proxies for data selection")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_build_proxy(sub)
+    _add_evaluate(sub)
+    _add_demo(sub)
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # Bad input and refused reruns: one clear line, not a traceback (use -v for the traceback).
+        if args.verbose:
+            raise
+        print(f"iprox {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

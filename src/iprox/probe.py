@@ -1,0 +1,132 @@
+"""Stage-1 probing: second moments of each projection's inputs and output gradients.
+
+One forward and backward pass over a small probe set (loss on response tokens, each example's
+mean loss weighing the same). For every compressible projection, hooks accumulate
+
+    C_h = Σ h hᵀ / N      (n×n, inputs)
+    C_δ = Σ δ δᵀ / N      (m×m, output gradients)
+
+over N sampled token positions. Positions are sampled *per sequence* (the same number from each
+example, all of them when it is shorter), so long examples do not dominate. Moments are accumulated
+in float64 in fixed memory, which lets the probe use as many tokens as it likes — in particular at
+least as many as the widest layer, so that no input direction goes unvisited (see ``ipsvd``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import TokenizedExample, batches, collate
+from .evaluation import per_example_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Moments:
+    """Probe statistics of one projection.
+
+    Attributes:
+        C_h: (n, n) float64 input second moment.
+        C_d: (m, m) float64 output-gradient second moment.
+        n_tokens: number of sampled token positions N.
+    """
+
+    C_h: torch.Tensor
+    C_d: torch.Tensor
+    n_tokens: int
+
+
+def sample_positions(attention_mask: torch.Tensor, per_sequence: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, T) bool mask choosing up to ``per_sequence`` random real (non-pad) positions per row."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    for i in range(attention_mask.shape[0]):
+        pos = attention_mask[i].nonzero().flatten().cpu()
+        if len(pos) > per_sequence:
+            pos = pos[torch.randperm(len(pos), generator=generator)[:per_sequence]]
+        mask[i, pos.to(mask.device)] = True
+    return mask
+
+
+def collect_moments(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    examples: Sequence[TokenizedExample],
+    probe_tokens: int,
+    batch_size: int = 4,
+    pad_id: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Moments]:
+    """Runs the probe set through ``model`` and returns the moments of every module in ``modules``.
+
+    Args:
+        model: the target causal LM (its parameters' gradients are not needed and not kept).
+        modules: projections to probe, by name (``nn.Linear`` or ``Conv1D``).
+        examples: tokenised probe examples.
+        probe_tokens: total token positions to sample, spread evenly over the examples.
+        batch_size: sequences per forward/backward pass.
+        pad_id: padding token id.
+        seed: seeds the position sampling.
+
+    Returns:
+        ``{name: Moments}``.
+    """
+    if not examples:
+        raise ValueError("the probe set is empty")
+    per_seq = max(1, math.ceil(probe_tokens / len(examples)))
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    acc_h: dict[str, torch.Tensor] = {}
+    acc_d: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    total = 0
+
+    def fwd_hook(name):
+        def hook(mod, inputs, output):
+            sel = state["mask"]
+            h = inputs[0][sel].detach().to(torch.float64)
+            acc_h[name] = acc_h.get(name, 0) + h.T @ h
+
+            def grad_hook(g):
+                d = g[sel].detach().to(torch.float64)
+                acc_d[name] = acc_d.get(name, 0) + d.T @ d
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    handles = [m.register_forward_hook(fwd_hook(n)) for n, m in modules.items()]
+    req = [p.requires_grad for p in model.parameters()]
+    # Only activations need gradients; parameter gradients would cost memory for nothing. The
+    # embeddings' output must require grad so that the backward pass reaches the first block.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    emb_handle = emb.register_forward_hook(lambda mod, i, o: o.requires_grad_(True))
+    model.eval()  # no dropout: the moments describe the deterministic model
+    try:
+        for batch in tqdm(batches(examples, batch_size), desc="probe fwd+bwd", unit="batch", disable=not progress):
+            enc = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+            state["mask"] = sample_positions(enc["attention_mask"], per_seq, gen)
+            total += int(state["mask"].sum())
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+            per_example_loss(logits, enc["labels"]).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        emb_handle.remove()
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+    missing = [n for n in modules if n not in acc_d]
+    if missing:
+        raise RuntimeError(f"no output gradient reached {missing[0]} (and {len(missing) - 1} more); is it used by the loss?")
+    log.info("probed %d token positions from %d examples (%d per sequence at most)", total, len(examples), per_seq)
+    return {n: Moments(acc_h[n] / total, acc_d[n] / total, total) for n in modules}

@@ -1,0 +1,472 @@
+"""Stage 1 of IProX: build a compressed proxy of a target causal LM, save it, load it back.
+
+``build_proxy`` replaces every compressible projection (attention and MLP projections inside the
+decoder blocks) by a rank-r :class:`~iprox.lowrank.FactorizedLinear`, with r set by the sparsity.
+The factors come from one of four initialisations:
+
+* ``ipsvd``: influence-preserving SVD from probe moments (the method);
+* ``svd``: plain truncated SVD of W (ignores which directions the data uses);
+* ``random``: random factors of the same rank (no information at all);
+* ``layer-drop``: no factorisation; keep evenly spaced decoder blocks to the same parameter budget
+  (the paper's structural baseline).
+
+The proxy folder holds ``model.safetensors`` (factored weights), the model's ``config.json``, the
+tokenizer and ``proxy.json`` (format version, method, per-layer ranks, parameter counts, the
+target's identity and weight hash, the resolved config). :func:`load_proxy` rebuilds a working
+causal LM from it without the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import artifacts
+from .data import load_examples, tokenize_examples
+from .ipsvd import ipsvd_from_moments, random_factors, svd_factors
+from .lowrank import FactorizedLinear, rank_for_sparsity
+from .models import (
+    DTYPES,
+    EMBEDDED_MODEL,
+    compressible_modules,
+    count_parameters,
+    decoder_layers,
+    get_submodule_parent,
+    load_model,
+    projection_weight,
+    weights_hash,
+)
+from .probe import collect_moments
+
+log = logging.getLogger(__name__)
+
+PROXY_FORMAT_VERSION = 1
+PROXY_FILE = "proxy.json"
+WEIGHTS_FILE = "model.safetensors"
+INITS = ("ipsvd", "svd", "random", "layer-drop")
+
+
+@dataclass
+class ProxyConfig:
+    """Settings of stage 1 (``iprox build-proxy``).
+
+    Attributes:
+        model: target model (``smollm2-135m-instruct``, a ``.gguf`` file, a folder or a hub id).
+        data: data files/folders; the probe set is drawn from them.
+        out: proxy folder to write.
+        sparsity: fraction of each compressed layer's parameters removed, in [0, 1).
+        init: ``ipsvd``, ``svd``, ``random`` or ``layer-drop``.
+        probe_examples: examples in the probe set (a seeded random slice of the data).
+        probe_tokens: token positions sampled over the probe set, spread evenly per sequence. Use at
+            least the widest layer's width so that no input direction goes unprobed.
+        rank_multiple: round ranks up to this multiple (128 suits GPU kernels on big models; 1 keeps
+            the compression exact on small ones).
+        ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
+        ipsvd_form: ``full`` (full-ridge solution) or ``skinny`` (the paper's span-restricted form).
+        max_length: token budget per example; longer ones lose prompt tokens first.
+        batch_size: probe sequences per forward/backward pass.
+        seed: seeds the probe slice, the token sampling and random factors.
+        dtype: dtype the target is loaded in and the proxy saved in.
+        device: torch device; empty picks cuda when available.
+        trust_remote_code: passed to transformers.
+        overwrite: replace an existing proxy made with other settings.
+        progress: show progress bars.
+    """
+
+    model: str = EMBEDDED_MODEL
+    data: list[str] = field(default_factory=list)
+    out: str = "proxy"
+    sparsity: float = 0.5
+    init: str = "ipsvd"
+    probe_examples: int = 64
+    probe_tokens: int = 4096
+    rank_multiple: int = 1
+    ridge: float = 1e-3
+    ipsvd_form: str = "full"
+    max_length: int = 512
+    batch_size: int = 4
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = ""
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.data = [str(d) for d in self.data]
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1) (fraction of parameters removed), got {self.sparsity}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.init == "ipsvd" and not self.data:
+            raise ValueError("ipsvd needs probe data: pass --data FILE_OR_FOLDER")
+        if self.probe_examples < 1 or self.probe_tokens < 1:
+            raise ValueError("probe_examples and probe_tokens must be >= 1")
+        if self.rank_multiple < 1:
+            raise ValueError("rank_multiple must be >= 1")
+        if self.ridge <= 0:
+            raise ValueError(f"ridge must be > 0 (it keeps the inverse square roots finite), got {self.ridge}")
+        if self.ipsvd_form not in ("full", "skinny"):
+            raise ValueError(f"ipsvd_form must be 'full' or 'skinny', got {self.ipsvd_form!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+@dataclass
+class ProxySummary:
+    """What :func:`build_proxy` did, for printing and tests."""
+
+    out: str
+    method: str
+    sparsity: float
+    target_params: int
+    proxy_params: int
+    layers_total: int
+    layers_compressed: int
+    timings: dict[str, float]
+    skipped: bool = False
+
+    def format(self) -> str:
+        ratio = self.proxy_params / max(self.target_params, 1)
+        lines = [
+            f"proxy: {self.out}" + ("  (already complete; skipped)" if self.skipped else ""),
+            f"  method {self.method}, sparsity {self.sparsity:g}",
+            f"  layers compressed: {self.layers_compressed} of {self.layers_total}",
+            f"  parameters: {self.target_params:,} -> {self.proxy_params:,} ({ratio:.1%} of the target)",
+        ]
+        if self.timings:
+            lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_split(n: int, seed: int) -> list[int]:
+    """A seeded permutation of ``range(n)``; the probe set is its head (later stages take the next
+    slices, so probe and alignment sets never overlap)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def _layer_record(name: str, mod: nn.Module, rank: int | None) -> dict[str, Any]:
+    W = projection_weight(mod)
+    m, n = W.shape
+    bias = getattr(mod, "bias", None) is not None
+    before = m * n + (m if bias else 0)
+    after = before if rank is None else rank * (m + n) + (m if bias else 0)
+    return {"name": name, "kind": type(mod).__name__, "out_features": m, "in_features": n, "bias": bias,
+            "rank": rank, "params_before": before, "params_after": after}
+
+
+def factorize_model(
+    model: nn.Module,
+    sparsity: float,
+    init: str,
+    moments: dict[str, Any] | None = None,
+    rank_multiple: int = 1,
+    ridge: float = 1e-3,
+    ipsvd_form: str = "full",
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Replaces the compressible projections of ``model`` by factored ones, in place.
+
+    Args:
+        model: the model to compress (modified in place).
+        sparsity: fraction of each layer's parameters removed.
+        init: ``ipsvd``, ``svd`` or ``random``.
+        moments: ``{name: Moments}`` from :func:`~iprox.probe.collect_moments` (ipsvd only).
+        rank_multiple, ridge, ipsvd_form, seed: see :class:`ProxyConfig`.
+
+    Returns:
+        One record per compressible layer (name, shape, rank or None when left dense, parameters).
+    """
+    if init == "ipsvd" and moments is None:
+        raise ValueError("ipsvd needs probe moments")
+    gen = torch.Generator().manual_seed(seed)
+    records = []
+    mods = compressible_modules(model)
+    for name, mod in tqdm(list(mods.items()), desc=f"factorise ({init})", unit="layer", disable=not progress):
+        W = projection_weight(mod).detach()
+        m, n = W.shape
+        rank = rank_for_sparsity(m, n, sparsity, rank_multiple)
+        records.append(_layer_record(name, mod, rank))
+        if rank is None:
+            continue
+        if init == "ipsvd":
+            mo = moments[name]
+            A, B = ipsvd_from_moments(W, mo.C_h, mo.C_d, rank, ridge=ridge, form=ipsvd_form)
+        elif init == "svd":
+            A, B = svd_factors(W, rank)
+        elif init == "random":
+            A, B = random_factors(W, rank, gen)
+        else:
+            raise ValueError(f"factorize_model does not handle init {init!r}")
+        bias = getattr(mod, "bias", None)
+        new = FactorizedLinear(n, m, rank, bias=bias is not None, dtype=W.dtype, device=W.device)
+        new.set_factors(A.to(W.dtype), B.to(W.dtype), None if bias is None else bias.detach())
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, new)
+    return records
+
+
+def drop_layers(model: nn.Module, sparsity: float) -> tuple[list[int], list[dict[str, Any]]]:
+    """Keeps ``round((1 − ρ)·L)`` evenly spaced decoder blocks (at least one), in place.
+
+    Returns:
+        ``(kept_block_indices, layer_records)``; records of dropped blocks' projections have rank 0
+        and zero parameters after.
+    """
+    prefix, layers = decoder_layers(model)
+    L = len(layers)
+    k = max(1, round((1.0 - sparsity) * L))
+    keep = sorted({round(i * (L - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+    records = []
+    for name, mod in compressible_modules(model).items():
+        idx = int(name[len(prefix) + 1 :].split(".")[0])
+        rec = _layer_record(name, mod, None)
+        if idx not in keep:
+            rec.update(rank=0, params_after=0)
+        records.append(rec)
+    new_list = nn.ModuleList([layers[i] for i in keep])
+    # Attention modules carry their block index for the KV cache; renumber the kept ones.
+    for new_i, block in enumerate(new_list):
+        for sub in block.modules():
+            if hasattr(sub, "layer_idx") and isinstance(sub.layer_idx, int):
+                sub.layer_idx = new_i
+    parent, child = get_submodule_parent(model, prefix)
+    setattr(parent, child, new_list)
+    model.config.num_hidden_layers = len(keep)
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == L:
+        model.config.layer_types = [layer_types[i] for i in keep]
+    return keep, records
+
+
+def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=None) -> ProxySummary:
+    """Runs stage 1 and writes the proxy folder ``config.out``.
+
+    Args:
+        config: stage settings.
+        model, tokenizer: an already loaded target (tests, benchmarks); loaded from
+            ``config.model`` when None. The passed model is not modified.
+
+    Returns:
+        A summary; ``skipped`` is True when ``config.out`` already held this exact proxy.
+    """
+    out = Path(config.out)
+    resolved = asdict(config)
+    if artifacts.prepare_stage(out, "build-proxy", resolved, overwrite=config.overwrite):
+        return _summary_from_folder(out, skipped=True)
+    log.info("build-proxy config: %s", json.dumps(artifacts.comparable(resolved)))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if model is None:
+        model, tokenizer, _ = load_model(config.model, config.dtype, device, config.trust_remote_code)
+    else:
+        if tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        model = copy.deepcopy(model).to(device)
+    timings["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    target_hash = weights_hash(model)
+    target_params = count_parameters(model)
+    timings["hash"] = time.perf_counter() - t0
+
+    probe_info: dict[str, Any] = {"examples": 0, "tokens": 0}
+    moments = None
+    if config.init == "ipsvd":
+        t0 = time.perf_counter()
+        examples = load_examples(config.data)
+        order = probe_split(len(examples), config.seed)
+        probe = [examples[i] for i in order[: config.probe_examples]]
+        if len(probe) < config.probe_examples:
+            log.warning("only %d examples available for a probe set of %d", len(probe), config.probe_examples)
+        tok, stats = tokenize_examples(tokenizer, probe, config.max_length)
+        moments = collect_moments(model, compressible_modules(model), tok, config.probe_tokens,
+                                  batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
+                                  seed=config.seed, progress=config.progress)
+        n_tok = next(iter(moments.values())).n_tokens
+        widest = max(projection_weight(m).shape[1] for m in compressible_modules(model).values())
+        if n_tok < widest and config.ipsvd_form == "skinny":
+            log.warning("probe used %d tokens, fewer than the widest layer's %d inputs: the skinny form "
+                        "drops the unprobed directions; raise --probe-tokens or use ipsvd_form=full", n_tok, widest)
+        probe_info = {"examples": len(tok), "tokens": n_tok, "ids": [t.id for t in tok],
+                      "prompt_truncated": stats.prompt_truncated, "response_truncated": stats.response_truncated,
+                      "dropped": stats.dropped_no_response}
+        timings["probe"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    kept = None
+    if config.init == "layer-drop":
+        kept, records = drop_layers(model, config.sparsity)
+    else:
+        records = factorize_model(model, config.sparsity, config.init, moments, config.rank_multiple,
+                                  config.ridge, config.ipsvd_form, config.seed, config.progress)
+    del moments
+    timings["factorise"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    meta = {
+        "format_version": PROXY_FORMAT_VERSION,
+        "method": config.init,
+        "sparsity": config.sparsity,
+        "rank_multiple": config.rank_multiple,
+        "ipsvd_form": config.ipsvd_form if config.init == "ipsvd" else None,
+        "ridge": config.ridge if config.init == "ipsvd" else None,
+        "target": {"model": config.model, "class": type(model).__name__, "weights_sha256": target_hash,
+                   "params": target_params},
+        "proxy_params": count_parameters(model),
+        "layers": records,
+        "kept_blocks": kept,
+        "probe": probe_info,
+        "stage1_seconds": dict(timings),
+        "stage2": None,
+        "config": resolved,
+    }
+    save_proxy(model, tokenizer, out, meta)
+    timings["save"] = time.perf_counter() - t0
+    meta["stage1_seconds"] = timings
+    artifacts.atomic_write_json(out / PROXY_FILE, meta)
+    artifacts.mark_complete(out)
+    return _summary_from_meta(str(out), meta, skipped=False)
+
+
+def _summary_from_meta(out: str, meta: dict[str, Any], skipped: bool) -> ProxySummary:
+    recs = meta["layers"]
+    return ProxySummary(
+        out=out, method=meta["method"], sparsity=meta["sparsity"], target_params=meta["target"]["params"],
+        proxy_params=meta["proxy_params"], layers_total=len(recs),
+        layers_compressed=sum(1 for r in recs if r["rank"] is not None),
+        timings=meta.get("stage1_seconds", {}), skipped=skipped,
+    )
+
+
+def _summary_from_folder(out: Path, skipped: bool) -> ProxySummary:
+    return _summary_from_meta(str(out), json.loads((out / PROXY_FILE).read_text()), skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------------------------
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (the first name wins), contiguous and cloned."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel() > 0:
+            continue
+        seen[ptr] = k
+        out[k] = v.detach().contiguous().clone()
+    return out
+
+
+def save_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any]) -> None:
+    """Writes weights (safetensors), the model config, the tokenizer and ``proxy.json`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _unique_state(model)
+    tmp = out / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "iprox_format_version": str(PROXY_FORMAT_VERSION)})
+    tmp.replace(out / WEIGHTS_FILE)
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    artifacts.atomic_write_json(out / PROXY_FILE, meta)
+
+
+def is_proxy_folder(path: str | Path) -> bool:
+    return (Path(path) / PROXY_FILE).is_file()
+
+
+def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", with_tokenizer: bool = False):
+    """Rebuilds a proxy from its folder, without the target.
+
+    Args:
+        path: proxy folder written by :func:`build_proxy`.
+        dtype: load in this dtype (default: the dtype it was saved in).
+        device: torch device.
+        with_tokenizer: also return the tokenizer saved beside it.
+
+    Returns:
+        The model (eval mode), or ``(model, tokenizer)`` when ``with_tokenizer``.
+
+    Raises:
+        ValueError: unknown format version, or the weights file has missing or extra tensors or
+            tensors of the wrong shape.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_proxy_folder(path):
+        raise FileNotFoundError(f"{path} is not a proxy folder (no {PROXY_FILE})")
+    meta = json.loads((path / PROXY_FILE).read_text())
+    if meta.get("format_version") != PROXY_FORMAT_VERSION:
+        raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not {PROXY_FORMAT_VERSION}; rebuild it")
+    state = load_file(str(path / WEIGHTS_FILE))
+    saved_dtype = next(iter(state.values())).dtype
+    torch_dtype = DTYPES[dtype] if dtype else saved_dtype
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=meta["config"].get("trust_remote_code", False))
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype,
+                                             trust_remote_code=meta["config"].get("trust_remote_code", False))
+    for rec in meta["layers"]:
+        if rec["rank"]:  # None: left dense; 0: block dropped (layer-drop)
+            parent, child = get_submodule_parent(model, rec["name"])
+            setattr(parent, child, FactorizedLinear(rec["in_features"], rec["out_features"], rec["rank"],
+                                                    bias=rec["bias"], dtype=torch_dtype))
+    expected = _unique_state(model)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match the proxy's structure: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    bad = [k for k in expected if expected[k].shape != state[k].shape]
+    if bad:
+        raise ValueError(f"{path / WEIGHTS_FILE}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+                         f"expected {tuple(expected[bad[0]].shape)}")
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
+    # strict=False only because tied copies are stored once; every stored key was checked above.
+    model.tie_weights()
+    model.to(device).eval()
+    if with_tokenizer:
+        from transformers import AutoTokenizer
+        from .models import prepare_tokenizer
+
+        return model, prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    return model
+
+
+def load_model_or_proxy(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """Loads a proxy folder with :func:`load_proxy`, anything else with :func:`~iprox.models.load_model`.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    if is_proxy_folder(spec):
+        return load_proxy(spec, dtype, device, with_tokenizer=True)
+    model, tok, _ = load_model(spec, dtype, device, trust_remote_code)
+    return model, tok
