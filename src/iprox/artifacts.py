@@ -63,12 +63,17 @@ def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE_FILE).exists()
 
 
-def prepare_stage(folder: str | Path, stage: str, config: dict[str, Any], overwrite: bool = False) -> bool:
+def prepare_stage(folder: str | Path, stage: str, config: dict[str, Any], overwrite: bool = False,
+                  resumable: bool = False) -> bool:
     """Gets ``folder`` ready for ``stage`` with ``config``.
 
     Returns:
         True when the folder already holds a complete result with the same config (skip the
         stage), False when the stage must run (the folder then exists and holds ``stage.json``).
+
+    Args:
+        resumable: the stage resumes from partial work. An unfinished folder of a stage that does
+            not resume holds nothing worth keeping and is replaced whatever its settings.
 
     Raises:
         ConfigMismatchError: the folder holds another stage's or another config's result and
@@ -82,7 +87,10 @@ def prepare_stage(folder: str | Path, stage: str, config: dict[str, Any], overwr
         if same and is_complete(folder):
             log.info("%s: complete with the same settings in %s; skipping", stage, folder)
             return True
-        if not same:
+        if not same and not resumable and not is_complete(folder) and meta.get("stage") == stage:
+            log.warning("%s: replacing the unfinished result in %s", stage, folder)
+            shutil.rmtree(folder)
+        elif not same:
             if not overwrite:
                 old, new = comparable(meta.get("config", {})), comparable(config)
                 diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

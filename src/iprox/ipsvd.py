@@ -44,8 +44,12 @@ def _relative_ridge(eigvals: torch.Tensor, ridge: float, dim: int) -> float:
     return ridge * total / dim
 
 
-def _sqrt_basis(C: torch.Tensor, ridge: float, form: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenbasis ``V`` (d×k) and ``D = sqrt(eig + λ)`` (k,) of a ridged second moment."""
+def whitening_basis(C: torch.Tensor, ridge: float = 1e-3, form: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenbasis ``V`` (d×k) and ``D = sqrt(eig + λ)`` (k,) of a ridged second moment.
+
+    ``V diag(D) Vᵀ`` is the square root of ``C + λI`` (restricted to the probed span when
+    ``form="skinny"``). Projections that read the same input share this; compute it once.
+    """
     C = C.to(torch.float64)
     C = 0.5 * (C + C.T)
     evals, V = torch.linalg.eigh(C)
@@ -96,9 +100,14 @@ def ipsvd_from_moments(
     Returns:
         ``(A, B)``, float64, shapes (m, r) and (r, n).
     """
+    return ipsvd_from_bases(W, whitening_basis(C_h, ridge, form), whitening_basis(C_d, ridge, form), rank)
+
+
+def ipsvd_from_bases(W: torch.Tensor, basis_h: tuple[torch.Tensor, torch.Tensor],
+                     basis_d: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """IPSVD factors from precomputed :func:`whitening_basis` results of both sides."""
     W = W.detach().to(torch.float64)
-    Vh, Dh = _sqrt_basis(C_h, ridge, form)
-    Vd, Dd = _sqrt_basis(C_d, ridge, form)
+    (Vh, Dh), (Vd, Dd) = basis_h, basis_d
     return _factors_from_core(Vd, Dd, W, Vh, Dh, rank)
 
 

@@ -62,6 +62,10 @@ def rank_for_sparsity(m: int, n: int, sparsity: float, multiple: int = 1) -> int
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if multiple < 1:
         raise ValueError(f"rank multiple must be >= 1, got {multiple}")
+    if sparsity == 0.0:
+        # Nothing to remove. (The floor below could otherwise still cut a layer whose m·n/(m+n)
+        # is not an integer by a fraction of a rank.)
+        return None
     r = math.floor((1.0 - sparsity) * m * n / (m + n) + 1e-9)
     r = max(1, r)
     if multiple > 1:

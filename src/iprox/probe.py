@@ -89,15 +89,29 @@ def collect_moments(
     state: dict[str, torch.Tensor] = {}
     total = 0
 
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        # One batch's Σ x xᵀ in the model's precision (at least float32; float64 costs ~3x on CPU
+        # and one batch sums only a few hundred tokens), accumulated across batches in float64.
+        x = x.detach()
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        return (x.T @ x).to(torch.float64)
+
     def fwd_hook(name):
         def hook(mod, inputs, output):
             sel = state["mask"]
-            h = inputs[0][sel].detach().to(torch.float64)
-            acc_h[name] = acc_h.get(name, 0) + h.T @ h
+            x = inputs[0]
+            # Projections that read the same tensor (q/k/v, gate/up) share one input product.
+            # The cache holds the tensor itself, so its address cannot be reused by another
+            # tensor while the batch runs.
+            key = (x.data_ptr(), tuple(x.shape))
+            cache = state["h_cache"]
+            if key not in cache or cache[key][0] is not x:
+                cache[key] = (x, gram(x[sel]))
+            acc_h[name] = acc_h.get(name, 0) + cache[key][1]
 
             def grad_hook(g):
-                d = g[sel].detach().to(torch.float64)
-                acc_d[name] = acc_d.get(name, 0) + d.T @ d
+                acc_d[name] = acc_d.get(name, 0) + gram(g[sel])
 
             output.register_hook(grad_hook)
 
@@ -116,9 +130,11 @@ def collect_moments(
         for batch in tqdm(batches(examples, batch_size), desc="probe fwd+bwd", unit="batch", disable=not progress):
             enc = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
             state["mask"] = sample_positions(enc["attention_mask"], per_seq, gen)
+            state["h_cache"] = {}
             total += int(state["mask"].sum())
             logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
             per_example_loss(logits, enc["labels"]).sum().backward()
+            state["h_cache"] = {}
     finally:
         for h in handles:
             h.remove()

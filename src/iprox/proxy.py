@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .data import load_examples, tokenize_examples
-from .ipsvd import ipsvd_from_moments, random_factors, svd_factors
+from .ipsvd import ipsvd_from_bases, random_factors, svd_factors, whitening_basis
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
     DTYPES,
@@ -45,6 +45,7 @@ from .models import (
     get_submodule_parent,
     load_model,
     projection_weight,
+    resolve_model,
     weights_hash,
 )
 from .probe import collect_moments
@@ -204,6 +205,19 @@ def factorize_model(
     gen = torch.Generator().manual_seed(seed)
     records = []
     mods = compressible_modules(model)
+    # q/k/v (and gate/up) read the same input, so their C_h are equal: eigendecompose once. The
+    # cache holds the last few distinct moments, which is where the sharing happens.
+    basis_cache: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def basis(C: torch.Tensor):
+        for C_seen, b in basis_cache:
+            if C_seen.shape == C.shape and torch.equal(C_seen, C):
+                return b
+        b = whitening_basis(C, ridge, ipsvd_form)
+        basis_cache.append((C, b))
+        del basis_cache[:-4]
+        return b
+
     for name, mod in tqdm(list(mods.items()), desc=f"factorise ({init})", unit="layer", disable=not progress):
         W = projection_weight(mod).detach()
         m, n = W.shape
@@ -213,7 +227,7 @@ def factorize_model(
             continue
         if init == "ipsvd":
             mo = moments[name]
-            A, B = ipsvd_from_moments(W, mo.C_h, mo.C_d, rank, ridge=ridge, form=ipsvd_form)
+            A, B = ipsvd_from_bases(W, basis(mo.C_h), basis(mo.C_d), rank)
         elif init == "svd":
             A, B = svd_factors(W, rank)
         elif init == "random":
@@ -274,6 +288,10 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
     """
     out = Path(config.out)
     resolved = asdict(config)
+    # Fail on bad input before touching the output folder.
+    examples = load_examples(config.data) if config.init == "ipsvd" else None
+    if model is None:
+        resolve_model(config.model)
     if artifacts.prepare_stage(out, "build-proxy", resolved, overwrite=config.overwrite):
         return _summary_from_folder(out, skipped=True)
     log.info("build-proxy config: %s", json.dumps(artifacts.comparable(resolved)))
@@ -297,7 +315,6 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
     moments = None
     if config.init == "ipsvd":
         t0 = time.perf_counter()
-        examples = load_examples(config.data)
         order = probe_split(len(examples), config.seed)
         probe = [examples[i] for i in order[: config.probe_examples]]
         if len(probe) < config.probe_examples:

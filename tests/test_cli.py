@@ -1,0 +1,38 @@
+"""The CLI as a user runs it, on a tiny model folder."""
+
+import json
+
+from conftest import write_model_folder
+from iprox.cli import main
+
+
+def test_build_proxy_then_evaluate(tmp_path, data_file, capsys):
+    model_dir = write_model_folder(tmp_path / "tiny", "gpt2")
+    out = tmp_path / "proxy"
+    rc = main(["build-proxy", "--model", str(model_dir), "--data", str(data_file), "--out", str(out),
+               "--sparsity", "0.5", "--probe-examples", "8", "--probe-tokens", "200", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "layers compressed: 8 of 8" in printed and "parameters:" in printed
+    meta = json.loads((out / "proxy.json").read_text())
+    assert meta["target"]["model"] == str(model_dir) and meta["probe"]["examples"] == 8
+    rc = main(["evaluate", "--model", str(out), "--data", str(data_file), "--out", str(tmp_path / "ev.json")])
+    assert rc == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["n_examples"] == 24 and ev["token_loss"] > 0
+    # Same command again: skipped, not rebuilt.
+    main(["build-proxy", "--model", str(model_dir), "--data", str(data_file), "--out", str(out),
+          "--sparsity", "0.5", "--probe-examples", "8", "--probe-tokens", "200", "--no-progress"])
+    assert "already complete; skipped" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, data_file, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{"oops": 1}\n')
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    rc = main(["build-proxy", "--model", str(model_dir), "--data", str(bad), "--out", str(tmp_path / "p"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{bad}:2" in err and "unknown record format" in err
+    assert not (tmp_path / "p").exists()      # bad input fails before the output folder is made
+    rc = main(["build-proxy", "--model", str(tmp_path / "missing"), "--data", str(data_file), "--out", str(tmp_path / "p")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
