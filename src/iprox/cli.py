@@ -38,6 +38,16 @@ def _add_build_proxy(sub) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="")
     p.add_argument("--trust-remote-code", action="store_true")
+    g = p.add_argument_group("stage 2 (alignment)")
+    g.add_argument("--align-steps", type=int, default=0, help="optimiser steps (0: stage 1 only)")
+    g.add_argument("--align-epochs", type=float, default=0.0, help="or: passes over the alignment set")
+    g.add_argument("--align-examples", type=int, default=0, help="alignment set size (0: 1%% of the data)")
+    g.add_argument("--lambda-kl", type=float, default=0.1, help="weight of the KL anchor")
+    g.add_argument("--temperature", type=float, default=2.0, help="KL softmax temperature")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint every K steps (resume point)")
     p.add_argument("--overwrite", action="store_true", help="replace a proxy made with other settings")
     p.add_argument("--no-progress", action="store_true")
 
@@ -49,7 +59,11 @@ def _cmd_build_proxy(args) -> int:
                       probe_examples=args.probe_examples, probe_tokens=args.probe_tokens,
                       rank_multiple=args.rank_multiple, ridge=args.ridge, ipsvd_form=args.ipsvd_form,
                       max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
-                      device=args.device, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+                      device=args.device, trust_remote_code=args.trust_remote_code,
+                      align_steps=args.align_steps, align_epochs=args.align_epochs,
+                      align_examples=args.align_examples, lambda_kl=args.lambda_kl, temperature=args.temperature,
+                      lr=args.lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+                      checkpoint_every=args.checkpoint_every, overwrite=args.overwrite,
                       progress=not args.no_progress)
     print(build_proxy(cfg).format())
     return 0
@@ -88,6 +102,43 @@ def _cmd_evaluate(args) -> int:
         from .artifacts import atomic_write_json
 
         atomic_write_json(args.out, res)
+    return 0
+
+
+def _add_fidelity(sub) -> None:
+    p = sub.add_parser("fidelity", help="gradient cosine and KL of a proxy against its target")
+    p.add_argument("--target", default="smollm2-135m-instruct")
+    p.add_argument("--proxy", required=True, help="proxy folder")
+    p.add_argument("--data", action="append", required=True, help="held-out data (repeatable)")
+    p.add_argument("--limit", type=int, default=32, help="first N examples (0: all)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--device", default="")
+    p.add_argument("--out", required=True, help="REPORT.json to write")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_fidelity(args) -> int:
+    import torch
+
+    from .artifacts import atomic_write_json
+    from .data import load_examples, tokenize_examples
+    from .fidelity import format_report, gradient_fidelity
+    from .models import load_model
+    from .proxy import load_proxy
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    examples = load_examples(args.data)
+    if args.limit:
+        examples = examples[: args.limit]
+    proxy, ptok = load_proxy(args.proxy, device=device, with_tokenizer=True)
+    target, _, _ = load_model(args.target, "float32", device)
+    tokd, _ = tokenize_examples(ptok, examples, args.max_length)
+    rep = gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, args.temperature, not args.no_progress)
+    rep.update(proxy=args.proxy, target=args.target)
+    atomic_write_json(args.out, rep)
+    print(format_report(rep))
+    print(f"report: {args.out}")
     return 0
 
 
@@ -140,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build_proxy(sub)
     _add_evaluate(sub)
+    _add_fidelity(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "demo": _cmd_demo}
+    handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

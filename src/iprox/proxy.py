@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 PROXY_FORMAT_VERSION = 1
 PROXY_FILE = "proxy.json"
+STAGE1_DONE = "STAGE1_DONE"
 WEIGHTS_FILE = "model.safetensors"
 INITS = ("ipsvd", "svd", "random", "layer-drop")
 
@@ -76,11 +77,20 @@ class ProxyConfig:
         ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
         ipsvd_form: ``full`` (full-ridge solution) or ``skinny`` (the paper's span-restricted form).
         max_length: token budget per example; longer ones lose prompt tokens first.
-        batch_size: probe sequences per forward/backward pass.
+        batch_size: sequences per forward/backward pass (probe and alignment).
         seed: seeds the probe slice, the token sampling and random factors.
         dtype: dtype the target is loaded in and the proxy saved in.
         device: torch device; empty picks cuda when available.
         trust_remote_code: passed to transformers.
+        align_steps: stage-2 optimiser steps (0 with align_epochs 0: stage 1 only).
+        align_epochs: alternatively, passes over the alignment set.
+        align_examples: size of the alignment set, the slice after the probe set (0: 1% of the
+            data, at least 8, as in the paper).
+        lambda_kl: weight of the KL anchor against the gradient-alignment term.
+        temperature: softmax temperature τ of the KL term (scaled by τ²).
+        lr, weight_decay: AdamW settings for the factors.
+        grad_accum: micro-batches of ``batch_size`` per optimiser step.
+        checkpoint_every: save factors and optimiser state every K steps (resume point).
         overwrite: replace an existing proxy made with other settings.
         progress: show progress bars.
     """
@@ -101,8 +111,22 @@ class ProxyConfig:
     dtype: str = "float32"
     device: str = ""
     trust_remote_code: bool = False
+    align_steps: int = 0
+    align_epochs: float = 0.0
+    align_examples: int = 0
+    lambda_kl: float = 0.1
+    temperature: float = 2.0
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_accum: int = 1
+    checkpoint_every: int = 10
     overwrite: bool = False
     progress: bool = True
+
+    @property
+    def aligns(self) -> bool:
+        """Whether stage 2 runs."""
+        return self.align_steps > 0 or self.align_epochs > 0
 
     def __post_init__(self):
         if isinstance(self.data, str):
@@ -126,6 +150,20 @@ class ProxyConfig:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.align_steps < 0 or self.align_epochs < 0:
+            raise ValueError("align_steps and align_epochs must be >= 0")
+        if self.align_steps and self.align_epochs:
+            raise ValueError("give either --align-steps or --align-epochs, not both")
+        if self.aligns and self.init == "layer-drop":
+            raise ValueError("a layer-drop proxy has no factors to align; use --align-steps 0")
+        if self.aligns and self.sparsity == 0:
+            raise ValueError("sparsity 0 leaves every layer dense: nothing to align")
+        if self.lambda_kl < 0 or self.temperature <= 0 or self.lr <= 0:
+            raise ValueError("need lambda_kl >= 0, temperature > 0 and lr > 0")
+        if self.grad_accum < 1 or self.checkpoint_every < 1:
+            raise ValueError("grad_accum and checkpoint_every must be >= 1")
+        if self.align_examples < 0:
+            raise ValueError("align_examples must be >= 0 (0: 1% of the data)")
 
 
 @dataclass
@@ -276,7 +314,10 @@ def drop_layers(model: nn.Module, sparsity: float) -> tuple[list[int], list[dict
 
 
 def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=None) -> ProxySummary:
-    """Runs stage 1 and writes the proxy folder ``config.out``.
+    """Runs stage 1 (and stage 2 when ``align_steps``/``align_epochs`` ask for it) into ``config.out``.
+
+    An interrupted run resumes: a finished stage 1 is loaded from the folder instead of rebuilt, and
+    alignment continues from its last checkpoint.
 
     Args:
         config: stage settings.
@@ -289,42 +330,83 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
     out = Path(config.out)
     resolved = asdict(config)
     # Fail on bad input before touching the output folder.
-    examples = load_examples(config.data) if config.init == "ipsvd" else None
+    examples = load_examples(config.data) if config.data else None
+    if config.aligns and not examples:
+        raise ValueError("alignment needs data: pass --data")
     if model is None:
         resolve_model(config.model)
-    if artifacts.prepare_stage(out, "build-proxy", resolved, overwrite=config.overwrite):
+    if artifacts.prepare_stage(out, "build-proxy", resolved, overwrite=config.overwrite, resumable=True):
         return _summary_from_folder(out, skipped=True)
     log.info("build-proxy config: %s", json.dumps(artifacts.comparable(resolved)))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model is None:
-        model, tokenizer, _ = load_model(config.model, config.dtype, device, config.trust_remote_code)
+        target, tokenizer, _ = load_model(config.model, config.dtype, device, config.trust_remote_code)
     else:
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
-        model = copy.deepcopy(model).to(device)
+        target = model.to(device)
     timings["load"] = time.perf_counter() - t0
+    order = probe_split(len(examples), config.seed) if examples else []
 
+    if (out / STAGE1_DONE).exists():
+        log.info("stage 1 already done in %s; loading it", out)
+        meta = json.loads((out / PROXY_FILE).read_text())
+        proxy = load_proxy(out, config.dtype, device)
+    else:
+        proxy, meta = _stage1(config, target, tokenizer, examples, order, timings)
+        save_proxy(proxy, tokenizer, out, meta)
+        artifacts.atomic_write_text(out / STAGE1_DONE, "ok\n")
+
+    if config.aligns:
+        from .alignment import AlignSettings, run_alignment, steps_per_epoch
+
+        t0 = time.perf_counter()
+        n_align = config.align_examples or max(8, round(0.01 * len(examples)))
+        align_ex = [examples[i] for i in order[config.probe_examples : config.probe_examples + n_align]]
+        if len(align_ex) < n_align:
+            log.warning("only %d examples left for an alignment set of %d", len(align_ex), n_align)
+        align_tok, _ = tokenize_examples(tokenizer, align_ex, config.max_length)
+        per_epoch = steps_per_epoch(len(align_tok), config.batch_size, config.grad_accum)
+        steps = config.align_steps or math.ceil(config.align_epochs * per_epoch)
+        settings = AlignSettings(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                                 lr=config.lr, weight_decay=config.weight_decay, lambda_kl=config.lambda_kl,
+                                 temperature=config.temperature, checkpoint_every=config.checkpoint_every,
+                                 seed=config.seed)
+        res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress)
+        meta["stage2"] = {"examples": len(align_tok), "ids_first": [t.id for t in align_tok[:5]],
+                          "steps": steps, "steps_per_epoch": per_epoch, "batch_size": config.batch_size,
+                          "grad_accum": config.grad_accum, "lr": config.lr, "weight_decay": config.weight_decay,
+                          "lambda_kl": config.lambda_kl, "temperature": config.temperature,
+                          "final_loss": res["loss"], "final_grad_align": res["grad_align"], "final_kl": res["kl"],
+                          "seconds_per_step": res["seconds_per_step"], "attention": res["attention"],
+                          "seconds": time.perf_counter() - t0}
+        save_proxy(proxy, tokenizer, out, meta)
+    artifacts.mark_complete(out)
+    return _summary_from_meta(str(out), meta, skipped=False)
+
+
+def _stage1(config: ProxyConfig, target: nn.Module, tokenizer, examples, order, timings) -> tuple[nn.Module, dict]:
+    """Builds the stage-1 proxy (a modified copy of ``target``) and its metadata."""
     t0 = time.perf_counter()
-    target_hash = weights_hash(model)
-    target_params = count_parameters(model)
+    target_hash = weights_hash(target)
+    target_params = count_parameters(target)
     timings["hash"] = time.perf_counter() - t0
 
     probe_info: dict[str, Any] = {"examples": 0, "tokens": 0}
     moments = None
     if config.init == "ipsvd":
         t0 = time.perf_counter()
-        order = probe_split(len(examples), config.seed)
         probe = [examples[i] for i in order[: config.probe_examples]]
         if len(probe) < config.probe_examples:
             log.warning("only %d examples available for a probe set of %d", len(probe), config.probe_examples)
         tok, stats = tokenize_examples(tokenizer, probe, config.max_length)
-        moments = collect_moments(model, compressible_modules(model), tok, config.probe_tokens,
-                                  batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
-                                  seed=config.seed, progress=config.progress)
+        mods = compressible_modules(target)
+        moments = collect_moments(target, mods, tok, config.probe_tokens, batch_size=config.batch_size,
+                                  pad_id=tokenizer.pad_token_id, seed=config.seed, progress=config.progress)
         n_tok = next(iter(moments.values())).n_tokens
-        widest = max(projection_weight(m).shape[1] for m in compressible_modules(model).values())
+        widest = max(projection_weight(m).shape[1] for m in mods.values())
         if n_tok < widest and config.ipsvd_form == "skinny":
             log.warning("probe used %d tokens, fewer than the widest layer's %d inputs: the skinny form "
                         "drops the unprobed directions; raise --probe-tokens or use ipsvd_form=full", n_tok, widest)
@@ -334,16 +416,17 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         timings["probe"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    proxy = copy.deepcopy(target)
+    for p in proxy.parameters():
+        p.requires_grad_(False)
     kept = None
     if config.init == "layer-drop":
-        kept, records = drop_layers(model, config.sparsity)
+        kept, records = drop_layers(proxy, config.sparsity)
     else:
-        records = factorize_model(model, config.sparsity, config.init, moments, config.rank_multiple,
+        records = factorize_model(proxy, config.sparsity, config.init, moments, config.rank_multiple,
                                   config.ridge, config.ipsvd_form, config.seed, config.progress)
     del moments
     timings["factorise"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     meta = {
         "format_version": PROXY_FORMAT_VERSION,
         "method": config.init,
@@ -351,22 +434,17 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         "rank_multiple": config.rank_multiple,
         "ipsvd_form": config.ipsvd_form if config.init == "ipsvd" else None,
         "ridge": config.ridge if config.init == "ipsvd" else None,
-        "target": {"model": config.model, "class": type(model).__name__, "weights_sha256": target_hash,
+        "target": {"model": config.model, "class": type(target).__name__, "weights_sha256": target_hash,
                    "params": target_params},
-        "proxy_params": count_parameters(model),
+        "proxy_params": count_parameters(proxy),
         "layers": records,
         "kept_blocks": kept,
         "probe": probe_info,
-        "stage1_seconds": dict(timings),
+        "stage1_seconds": timings,
         "stage2": None,
-        "config": resolved,
+        "config": asdict(config),
     }
-    save_proxy(model, tokenizer, out, meta)
-    timings["save"] = time.perf_counter() - t0
-    meta["stage1_seconds"] = timings
-    artifacts.atomic_write_json(out / PROXY_FILE, meta)
-    artifacts.mark_complete(out)
-    return _summary_from_meta(str(out), meta, skipped=False)
+    return proxy, meta
 
 
 def _summary_from_meta(out: str, meta: dict[str, Any], skipped: bool) -> ProxySummary:

@@ -1,0 +1,322 @@
+"""Stage 2 of IProX: align the proxy's factor gradients and logits with the target's.
+
+For a batch, with the target's weight gradient ``G = ∇_W loss_target`` of each compressed layer
+(no graph) and the proxy's factor gradients ``g_A``, ``g_B`` (with a graph), the target's gradient
+seen in factor space is ``G Bᵀ`` for A and ``Aᵀ G`` for B (chain rule through ``W = AB``). The loss
+
+    L_GA = mean over layers of ½[(1 − cos(g_A, sg(G) Bᵀ)) + (1 − cos(g_B, Aᵀ sg(G)))]
+    L_KL = τ² · mean over response tokens of KL(softmax(z_target/τ) ‖ softmax(z_proxy/τ))
+    L    = L_GA + λ_KL · L_KL
+
+is minimised over the factors only, with AdamW. ``L_GA`` depends on the factors through ``g_A``,
+``g_B`` (a second-order backward) and through the projections ``G Bᵀ``, ``Aᵀ G``.
+
+Runs are checkpointed every K optimiser steps (factors, optimiser state, step, RNG state; the data
+order is a pure function of the seed and the epoch, so the step fixes the data position) and resume
+from the last checkpoint to the same final factors as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import artifacts
+from .data import TokenizedExample, collate
+from .evaluation import per_example_loss
+from .lowrank import FactorizedLinear
+from .models import projection_weight
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "align_checkpoint"
+LOG_FILE = "align_log.csv"
+LOG_FIELDS = ["step", "epoch", "loss", "grad_align", "kl", "lr", "seconds"]
+
+
+@dataclass
+class LayerPair:
+    """A compressed layer: the proxy's factored module and the target's dense one."""
+
+    name: str
+    proxy: FactorizedLinear
+    target: nn.Module
+
+
+def layer_pairs(proxy: nn.Module, target: nn.Module) -> list[LayerPair]:
+    """Pairs every :class:`FactorizedLinear` of ``proxy`` with the target module of the same name."""
+    pairs = []
+    for name, mod in proxy.named_modules():
+        if isinstance(mod, FactorizedLinear):
+            tmod = target.get_submodule(name)
+            if tuple(projection_weight(tmod).shape) != (mod.out_features, mod.in_features):
+                raise ValueError(f"{name}: target is {tuple(projection_weight(tmod).shape)}, proxy factors "
+                                 f"multiply to {(mod.out_features, mod.in_features)}; is this the proxy's target?")
+            pairs.append(LayerPair(name, mod, tmod))
+    if not pairs:
+        raise ValueError("the proxy has no factored layers (layer-drop or sparsity 0): nothing to align")
+    return pairs
+
+
+def target_weight_grads(target: nn.Module, pairs: Sequence[LayerPair], enc: dict[str, torch.Tensor]):
+    """Target forward + backward: per-layer ``G`` as (m, n) matrices (detached) and the logits.
+
+    Only the paired layers' weights get gradients; everything else is frozen for this pass.
+    """
+    weights = [p.target.weight for p in pairs]
+    logits = target(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    loss = per_example_loss(logits, enc["labels"]).mean()
+    grads = torch.autograd.grad(loss, weights)
+    G = [g.detach() if isinstance(p.target, nn.Linear) else g.detach().t() for p, g in zip(pairs, grads)]
+    return G, logits.detach(), loss.detach()
+
+
+def proxy_factor_grads(proxy: nn.Module, pairs: Sequence[LayerPair], enc: dict[str, torch.Tensor], create_graph: bool):
+    """Proxy forward + backward: per-layer ``(g_A, g_B)`` and the logits."""
+    params = [t for p in pairs for t in (p.proxy.A.weight, p.proxy.B.weight)]
+    logits = proxy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    loss = per_example_loss(logits, enc["labels"]).mean()
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+    return [(grads[2 * i], grads[2 * i + 1]) for i in range(len(pairs))], logits, loss
+
+
+def factor_space_cosines(pairs: Sequence[LayerPair], G: Sequence[torch.Tensor], gAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer ``cos(g_A, G Bᵀ)`` and ``cos(g_B, Aᵀ G)`` as two (L,) tensors (differentiable)."""
+    cos_a, cos_b = [], []
+    for p, g, (gA, gB) in zip(pairs, G, gAB):
+        A, B = p.proxy.A.weight, p.proxy.B.weight
+        tA = g.to(A.dtype) @ B.T          # (m, r): the target's gradient seen by A
+        tB = A.T @ g.to(A.dtype)          # (r, n): ... and by B
+        cos_a.append(F.cosine_similarity(gA.flatten(), tA.flatten(), dim=0, eps=1e-20))
+        cos_b.append(F.cosine_similarity(gB.flatten(), tB.flatten(), dim=0, eps=1e-20))
+    return torch.stack(cos_a), torch.stack(cos_b)
+
+
+def response_kl(target_logits: torch.Tensor, proxy_logits: torch.Tensor, labels: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """``τ² · mean over response tokens of KL(softmax(z_t/τ) ‖ softmax(z_p/τ))``.
+
+    Logits at position t predict token t+1, so the response positions are where ``labels[:, 1:]``
+    is not -100.
+    """
+    mask = labels[:, 1:] != -100
+    zt = target_logits[:, :-1][mask].float() / temperature
+    zp = proxy_logits[:, :-1][mask].float() / temperature
+    lt, lp = F.log_softmax(zt, -1), F.log_softmax(zp, -1)
+    kl = (lt.exp() * (lt - lp)).sum(-1)
+    return temperature**2 * kl.mean()
+
+
+def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float):
+    """``(L, L_GA, L_KL)`` for one batch; ``L`` carries the graph back to the factors."""
+    G, t_logits, _ = target_weight_grads(target, pairs, enc)
+    gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=True)
+    cos_a, cos_b = factor_space_cosines(pairs, G, gAB)
+    l_ga = (0.5 * ((1 - cos_a) + (1 - cos_b))).mean()
+    if lambda_kl > 0:
+        l_kl = response_kl(t_logits, p_logits, enc["labels"], temperature)
+        return l_ga + lambda_kl * l_kl, l_ga.detach(), l_kl.detach()
+    with torch.no_grad():  # still reported, but no graph for a term that does not train
+        l_kl = response_kl(t_logits, p_logits.detach(), enc["labels"], temperature)
+    return l_ga, l_ga.detach(), l_kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop with checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignSettings:
+    """Stage-2 settings (a view of :class:`~iprox.proxy.ProxyConfig`)."""
+
+    steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    lambda_kl: float
+    temperature: float
+    checkpoint_every: int
+    seed: int
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """Example order of one epoch: a pure function of (seed, epoch), so a step fixes the position."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
+    return max(1, math.ceil(n_examples / (batch_size * grad_accum)))
+
+
+def _micro_batches(examples, step: int, s: AlignSettings) -> tuple[int, list[list[TokenizedExample]]]:
+    per_epoch = steps_per_epoch(len(examples), s.batch_size, s.grad_accum)
+    epoch, k = divmod(step, per_epoch)
+    order = epoch_order(len(examples), epoch, s.seed)
+    span = s.batch_size * s.grad_accum
+    idx = order[k * span : (k + 1) * span]
+    return epoch, [[examples[i] for i in idx[j : j + s.batch_size]] for j in range(0, len(idx), s.batch_size)]
+
+
+def _factor_params(pairs) -> dict[str, nn.Parameter]:
+    return {f"{p.name}.{f}.weight": getattr(p.proxy, f).weight for p in pairs for f in ("A", "B")}
+
+
+def save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> None:
+    """Factors, AdamW state keyed by parameter name, step and RNG state; written atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp / "factors.safetensors"))
+    names = {id(p): k for k, p in params.items()}
+    state, scalars = {}, {}
+    for p, st in opt.state.items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                state[f"{names[id(p)]}::{key}"] = val.detach().contiguous()
+            else:
+                scalars[f"{names[id(p)]}::{key}"] = val
+    state["__rng__"] = torch.get_rng_state()
+    save_file(state, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "scalars": scalars,
+                                                "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                                                 for g in opt.param_groups]}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> int:
+    """Restores a checkpoint written by :func:`save_checkpoint`; returns the step to continue from."""
+    factors = load_file(str(folder / "factors.safetensors"))
+    if set(factors) != set(params):
+        raise ValueError(f"{folder}: checkpoint factors do not match the proxy's layers")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(factors[k])
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    torch.set_rng_state(tensors.pop("__rng__"))
+    for k, p in params.items():
+        st = {key.split("::", 1)[1]: v.to(p.device) for key, v in tensors.items() if key.split("::", 1)[0] == k}
+        st.update({key.split("::", 1)[1]: v for key, v in meta["scalars"].items() if key.split("::", 1)[0] == k})
+        if st:
+            opt.state[p] = st
+    return int(meta["step"])
+
+
+def run_alignment(
+    proxy: nn.Module,
+    target: nn.Module,
+    examples: Sequence[TokenizedExample],
+    settings: AlignSettings,
+    out: Path,
+    pad_id: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Trains the proxy's factors in place; checkpoints into ``out/align_checkpoint``.
+
+    Resumes from that checkpoint when it exists. Per-step losses are appended to
+    ``out/align_log.csv`` (rows past the checkpoint are dropped on resume, so the file always matches
+    the factors).
+
+    Returns:
+        Final-step losses and timing: ``loss``, ``grad_align``, ``kl``, ``steps``, ``seconds_per_step``,
+        ``attention`` (the kernel the proxy ran with).
+    """
+    if not examples:
+        raise ValueError("the alignment set is empty")
+    pairs = layer_pairs(proxy, target)
+    params = _factor_params(pairs)
+    for p in proxy.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    for pr in pairs:
+        pr.target.weight.requires_grad_(True)
+    proxy.eval()   # no dropout: the loss is deterministic, which resume relies on
+    target.eval()
+    # The loss differentiates through the proxy's backward pass; fused CPU/GPU attention kernels
+    # have no double backward, the eager one does.
+    attn_before = getattr(proxy.config, "_attn_implementation", None)
+    if attn_before not in (None, "eager"):
+        proxy.set_attn_implementation("eager")
+    opt = torch.optim.AdamW(list(params.values()), lr=settings.lr, weight_decay=settings.weight_decay)
+    ckpt = out / CKPT_DIR
+    log_path = out / LOG_FILE
+    start = 0
+    if (ckpt / "state.json").exists():
+        start = load_checkpoint(ckpt, params, opt)
+        log.info("resuming alignment at step %d of %d from %s", start, settings.steps, ckpt)
+    rows = _read_log(log_path)[:start]
+    device = next(proxy.parameters()).device
+    last = {"loss": float("nan"), "grad_align": float("nan"), "kl": float("nan")}
+    t_run = time.perf_counter()
+    bar = tqdm(range(start, settings.steps), desc="align", unit="step", disable=not progress,
+               initial=start, total=settings.steps)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            epoch, micro = _micro_batches(examples, step, settings)
+            opt.zero_grad(set_to_none=True)
+            tot, ga, kl = 0.0, 0.0, 0.0
+            for mb in micro:
+                enc = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
+                loss, l_ga, l_kl = alignment_loss(proxy, target, pairs, enc, settings.lambda_kl, settings.temperature)
+                (loss / len(micro)).backward()
+                tot, ga, kl = tot + float(loss.detach()) / len(micro), ga + float(l_ga) / len(micro), kl + float(l_kl) / len(micro)
+            # Target weights only served to produce G; drop any gradient that leaked into them.
+            for pr in pairs:
+                pr.target.weight.grad = None
+            opt.step()
+            last = {"loss": tot, "grad_align": ga, "kl": kl}
+            rows.append({"step": step + 1, "epoch": epoch, **last, "lr": settings.lr,
+                         "seconds": time.perf_counter() - t0})
+            bar.set_postfix(ga=f"{ga:.4f}", kl=f"{kl:.4f}")
+            if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
+                save_checkpoint(ckpt, step + 1, params, opt)
+                _write_log(log_path, rows)
+    finally:
+        bar.close()
+        for p in target.parameters():
+            p.requires_grad_(False)
+        if attn_before not in (None, "eager"):
+            proxy.set_attn_implementation(attn_before)
+    done = len(rows) - start
+    per_step = (time.perf_counter() - t_run) / done if done else float("nan")
+    if rows:
+        last = {k: rows[-1][k] for k in ("loss", "grad_align", "kl")}
+    return {**last, "steps": settings.steps, "seconds_per_step": per_step, "attention": "eager"}
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k in ("step", "epoch") else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    artifacts.atomic_write_text(path, buf.getvalue())

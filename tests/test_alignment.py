@@ -1,0 +1,157 @@
+"""Stage 2 on tiny models: factor-space identities, the loss falls, resume equals uninterrupted."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import FACTORIES, chat_records, make_tokenizer, tiny_llama, write_jsonl
+from iprox import alignment
+from iprox.alignment import (alignment_loss, factor_space_cosines, layer_pairs, proxy_factor_grads,
+                             target_weight_grads)
+from iprox.data import collate, load_examples, tokenize_examples
+from iprox.fidelity import gradient_fidelity
+from iprox.ipsvd import svd_factors
+from iprox.lowrank import FactorizedLinear
+from iprox.models import compressible_modules, get_submodule_parent, projection_weight
+from iprox.proxy import ProxyConfig, build_proxy, load_proxy
+
+
+def _full_rank_proxy(target):
+    """A proxy whose factors multiply back exactly to the target's weights."""
+    import copy
+
+    proxy = copy.deepcopy(target)
+    for name, mod in compressible_modules(proxy).items():
+        W = projection_weight(mod).detach()
+        m, n = W.shape
+        A, B = svd_factors(W, min(m, n))
+        f = FactorizedLinear(n, m, min(m, n), bias=mod.bias is not None, dtype=W.dtype)
+        f.set_factors(A.to(W.dtype), B.to(W.dtype), None if mod.bias is None else mod.bias.detach())
+        parent, child = get_submodule_parent(proxy, name)
+        setattr(parent, child, f)
+    return proxy
+
+
+def _enc(tmp_path, n=4):
+    tok = make_tokenizer()
+    path = write_jsonl(tmp_path / "d.jsonl", chat_records(n, seed=3))
+    tokd, _ = tokenize_examples(tok, load_examples(str(path)), 96)
+    return collate(tokd, tok.pad_token_id), tokd, tok
+
+
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+def test_factor_gradients_equal_projected_target_gradients(tmp_path, family):
+    target = FACTORIES[family](dtype=torch.float64)
+    proxy = _full_rank_proxy(target)
+    enc, _, _ = _enc(tmp_path)
+    pairs = layer_pairs(proxy, target)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    for pr in pairs:
+        pr.target.weight.requires_grad_(True)
+    G, t_logits, t_loss = target_weight_grads(target, pairs, enc)
+    gAB, p_logits, p_loss = proxy_factor_grads(proxy, pairs, enc, create_graph=False)
+    torch.testing.assert_close(p_logits, t_logits, rtol=1e-9, atol=1e-9)
+    for pr, g, (gA, gB) in zip(pairs, G, gAB):
+        A, B = pr.proxy.A.weight, pr.proxy.B.weight
+        torch.testing.assert_close(gA, g @ B.T, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(gB, A.T @ g, rtol=1e-8, atol=1e-12)
+    ca, cb = factor_space_cosines(pairs, G, gAB)
+    assert torch.allclose(ca, torch.ones_like(ca)) and torch.allclose(cb, torch.ones_like(cb))
+
+
+def test_alignment_loss_is_zero_for_an_exact_proxy_and_positive_after_compression(tmp_path):
+    target = tiny_llama(dtype=torch.float64)
+    enc, _, _ = _enc(tmp_path)
+    exact = _full_rank_proxy(target)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    pairs = layer_pairs(exact, target)
+    for pr in pairs:
+        pr.target.weight.requires_grad_(True)
+    loss, ga, kl = alignment_loss(exact, target, pairs, enc, lambda_kl=1.0, temperature=2.0)
+    assert abs(float(ga)) < 1e-10 and abs(float(kl)) < 1e-10
+
+
+def _align_cfg(tmp_path, data, **kw):
+    base = dict(data=[str(data)], out=str(tmp_path / "proxy"), sparsity=0.6, init="svd", probe_examples=4,
+                align_examples=8, batch_size=8, align_steps=30, lr=3e-3, checkpoint_every=5, progress=False,
+                max_length=96)
+    base.update(kw)
+    return ProxyConfig(**base)
+
+
+@pytest.mark.parametrize("lambda_kl", [0.0, 0.5])
+def test_alignment_loss_falls(tmp_path, lambda_kl):
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    target, tok = tiny_llama(), make_tokenizer()
+    build_proxy(_align_cfg(tmp_path, data, lambda_kl=lambda_kl), model=target, tokenizer=tok)
+    rows = list(csv.DictReader(open(tmp_path / "proxy" / "align_log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    ga = [float(r["grad_align"]) for r in rows]
+    kl = [float(r["kl"]) for r in rows]
+    assert sum(ga[-3:]) / 3 < 0.8 * sum(ga[:3]) / 3, ga
+    assert all(k >= 0 for k in kl) and kl[0] > 0      # KL is reported even when it does not train
+    meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
+    assert meta["stage2"]["steps"] == 30 and meta["stage2"]["lambda_kl"] == lambda_kl
+    assert meta["stage2"]["final_grad_align"] == pytest.approx(ga[-1])
+    # Only the factors trained: embeddings and norms are the target's.
+    proxy = load_proxy(tmp_path / "proxy")
+    torch.testing.assert_close(proxy.model.embed_tokens.weight, target.model.embed_tokens.weight)
+    torch.testing.assert_close(proxy.model.layers[0].input_layernorm.weight, target.model.layers[0].input_layernorm.weight)
+    # Target untouched by the run.
+    assert all(not p.requires_grad for p in target.parameters())
+
+
+def test_interrupted_alignment_resumes_to_the_same_factors(tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(24))
+    tok = make_tokenizer()
+    kw = dict(batch_size=4, align_examples=12, align_steps=9, checkpoint_every=3, lambda_kl=0.2)
+    build_proxy(_align_cfg(tmp_path / "a", data, **kw), model=tiny_llama(), tokenizer=tok)
+
+    real = alignment.alignment_loss
+    calls = {"n": 0}
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:       # dies during step 8; last checkpoint is at step 6
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(alignment, "alignment_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        build_proxy(_align_cfg(tmp_path / "b", data, **kw), model=tiny_llama(), tokenizer=tok)
+    assert not (tmp_path / "b" / "proxy" / "COMPLETE").exists()
+    assert json.loads((tmp_path / "b" / "proxy" / "align_checkpoint" / "state.json").read_text())["step"] == 6
+    monkeypatch.setattr(alignment, "alignment_loss", real)
+    build_proxy(_align_cfg(tmp_path / "b", data, **kw), model=tiny_llama(), tokenizer=tok)
+    a, b = load_proxy(tmp_path / "a" / "proxy"), load_proxy(tmp_path / "b" / "proxy")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    log_a = (tmp_path / "a" / "proxy" / "align_log.csv").read_text().splitlines()
+    log_b = (tmp_path / "b" / "proxy" / "align_log.csv").read_text().splitlines()
+    assert [l.split(",")[:5] for l in log_a] == [l.split(",")[:5] for l in log_b]   # same losses, step by step
+
+
+def test_fidelity_is_perfect_for_exact_proxy_and_improves_with_alignment(tmp_path):
+    target = tiny_llama(dtype=torch.float64)
+    _, tokd, tok = _enc(tmp_path, n=3)
+    rep = gradient_fidelity(_full_rank_proxy(target), target, tokd, tok.pad_token_id, progress=False)
+    assert rep["grad_cosine"] == pytest.approx(1.0, abs=1e-9) and rep["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert rep["grad_cosine_global"] == pytest.approx(1.0, abs=1e-9) and len(rep["layers"]) == 14
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    t32 = tiny_llama()
+    build_proxy(_align_cfg(tmp_path, data, align_steps=0), model=t32, tokenizer=tok)
+    before = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
+    build_proxy(_align_cfg(tmp_path, data, overwrite=True), model=t32, tokenizer=tok)
+    after = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
+    assert -1 <= before["grad_cosine"] < after["grad_cosine"] <= 1
+
+
+def test_stage2_settings_are_checked():
+    with pytest.raises(ValueError, match="not both"):
+        ProxyConfig(data=["x"], align_steps=3, align_epochs=1)
+    with pytest.raises(ValueError, match="layer-drop"):
+        ProxyConfig(data=["x"], init="layer-drop", align_steps=3)
