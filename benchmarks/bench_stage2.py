@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import logging
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -82,6 +84,7 @@ def time_side_by_side(target, proxy, enc, repeats: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=EMBEDDED_MODEL, help="target (a tiny model folder checks the script fast)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--probe-examples", type=int, default=32)
     ap.add_argument("--probe-tokens", type=int, default=2048)
@@ -102,7 +105,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = find_data()
 
-    target, tok, _ = load_model(EMBEDDED_MODEL)
+    target, tok, _ = load_model(args.model)
     for p in target.parameters():
         p.requires_grad_(False)
     pad = tok.pad_token_id
@@ -122,7 +125,7 @@ def main() -> None:
     moments = collect_moments(target, compressible_modules(target), probe_t, args.probe_tokens,
                               batch_size=args.batch_size, pad_id=pad, progress=False)
     probe_s = time.perf_counter() - t0
-    timing_batch = {k: v for k, v in collate(align_t[: args.batch_size], pad).items()}
+    timing_batch = collate(align_t[: args.batch_size], pad)
 
     runs = []
     curves = {}
@@ -136,26 +139,25 @@ def main() -> None:
                                  weight_decay=0.01, lambda_kl=args.lambda_kl, temperature=2.0,
                                  checkpoint_every=args.align_steps, seed=0)
         run_dir = out_dir / f"stage2_{init}_run"
-        import shutil
-
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         t0 = time.perf_counter()
         res = run_alignment(proxy, target, align_t, settings, run_dir, pad, progress=False)
         align_s = time.perf_counter() - t0
-        import csv
-
-        curves[init] = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(open(run_dir / "align_log.csv"))]
+        with open(run_dir / "align_log.csv", newline="") as f:
+            curves[init] = [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
         shutil.rmtree(run_dir, ignore_errors=True)
         after = gradient_fidelity(proxy, target, held_t, pad, progress=False)
         log.info("%s after: cos %.4f kl %.4f", init, after["grad_cosine"], after["kl"])
-        runs.append({"init": init, "before": {k: before[k] for k in ("grad_cosine", "grad_cosine_global", "kl")},
+        runs.append({"init": init, "layers": len(before["layers"]), "before": {k: before[k] for k in ("grad_cosine", "grad_cosine_global", "kl")},
                      "after": {k: after[k] for k in ("grad_cosine", "grad_cosine_global", "kl")},
                      "align_seconds": align_s, "steps": args.align_steps, **timing,
                      "step_over_fwd_bwd": timing["align_step_s"] / timing["target_fwd_bwd_s"],
                      "final": {k: res[k] for k in ("loss", "grad_align", "kl")}})
         del proxy
-    results = {"model": EMBEDDED_MODEL, "sparsity": args.sparsity, "probe_examples": len(probe_t),
+        # Partial results survive a crash later in the run.
+        (out_dir / "stage2_partial.json").write_text(json.dumps(runs, indent=2) + "\n")
+    results = {"model": args.model, "sparsity": args.sparsity, "probe_examples": len(probe_t),
                "probe_s": probe_s, "align_examples": len(align_t), "heldout": len(held_t),
                "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
                "lambda_kl": args.lambda_kl, "runs": runs, "curves": curves, "peak_rss_gib": peak_rss_gib(),
@@ -197,7 +199,7 @@ def render(res: dict) -> str:
         f"alignment: {res['align_examples']} examples, {res['runs'][0]['steps']} steps of batch {res['batch_size']} "
         f"(lr {res['lr']}, lambda_KL {res['lambda_kl']}, tau 2, max length {res['max_length']}). Fidelity on "
         f"{res['heldout']} held-out examples (GSM8K test + BBH outside probe and alignment sets), one example at a "
-        f"time: gradient cosine = mean over the 210 layers of (cos(g_A, G B^T) + cos(g_B, A^T G))/2; global = cosine of "
+        f"time: gradient cosine = mean over the {res['runs'][0]['layers']} layers of (cos(g_A, G B^T) + cos(g_B, A^T G))/2; global = cosine of "
         f"all layers' factor-space gradients concatenated; KL(target || proxy) per response token at tau 1."
         + (" **Quick mode: sizes too small to read anything into.**" if res["quick"] else ""),
         "",

@@ -36,3 +36,22 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, data_file, capsys):
     assert not (tmp_path / "p").exists()      # bad input fails before the output folder is made
     rc = main(["build-proxy", "--model", str(tmp_path / "missing"), "--data", str(data_file), "--out", str(tmp_path / "p")])
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_build_proxy_with_alignment_then_fidelity(tmp_path, data_file, capsys):
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    out = tmp_path / "aligned"
+    rc = main(["build-proxy", "--model", str(model_dir), "--data", str(data_file), "--out", str(out),
+               "--probe-examples", "4", "--probe-tokens", "100", "--align-steps", "3", "--align-examples", "6",
+               "--batch-size", "3", "--checkpoint-every", "2", "--no-progress"])
+    assert rc == 0
+    assert "stage 2: 3 steps on 6 examples" in capsys.readouterr().out
+    assert not (out / "align_checkpoint").exists()          # resume point dropped once complete
+    assert len((out / "align_log.csv").read_text().splitlines()) == 4
+    rc = main(["fidelity", "--target", str(model_dir), "--proxy", str(out), "--data", str(data_file),
+               "--limit", "3", "--out", str(tmp_path / "fid.json"), "--no-progress"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "fid.json").read_text())
+    assert -1 <= rep["grad_cosine"] <= 1 and rep["kl"] >= 0 and rep["n_examples"] == 3
+    assert len(rep["layers"]) == 14
+    assert "gradient cosine (mean over layers)" in capsys.readouterr().out

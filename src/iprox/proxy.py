@@ -22,6 +22,7 @@ import copy
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,6 +180,7 @@ class ProxySummary:
     layers_compressed: int
     timings: dict[str, float]
     skipped: bool = False
+    stage2: dict[str, Any] | None = None
 
     def format(self) -> str:
         ratio = self.proxy_params / max(self.target_params, 1)
@@ -189,7 +191,11 @@ class ProxySummary:
             f"  parameters: {self.target_params:,} -> {self.proxy_params:,} ({ratio:.1%} of the target)",
         ]
         if self.timings:
-            lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+            lines.append("  stage-1 time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        if self.stage2:
+            s2 = self.stage2
+            lines.append(f"  stage 2: {s2['steps']} steps on {s2['examples']} examples in {s2['seconds']:.0f}s; "
+                         f"final L_GA {s2['final_grad_align']:.4f}, L_KL {s2['final_kl']:.4f}")
         return "\n".join(lines)
 
 
@@ -384,6 +390,9 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
                           "seconds": time.perf_counter() - t0}
         save_proxy(proxy, tokenizer, out, meta)
     artifacts.mark_complete(out)
+    # The final factors are in model.safetensors now; the resume point (factors plus two Adam
+    # moments) would triple the folder's size for nothing.
+    shutil.rmtree(out / "align_checkpoint", ignore_errors=True)
     return _summary_from_meta(str(out), meta, skipped=False)
 
 
@@ -453,7 +462,7 @@ def _summary_from_meta(out: str, meta: dict[str, Any], skipped: bool) -> ProxySu
         out=out, method=meta["method"], sparsity=meta["sparsity"], target_params=meta["target"]["params"],
         proxy_params=meta["proxy_params"], layers_total=len(recs),
         layers_compressed=sum(1 for r in recs if r["rank"] is not None),
-        timings=meta.get("stage1_seconds", {}), skipped=skipped,
+        timings=meta.get("stage1_seconds", {}), skipped=skipped, stage2=meta.get("stage2"),
     )
 
 
