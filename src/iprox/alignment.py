@@ -71,6 +71,20 @@ def layer_pairs(proxy: nn.Module, target: nn.Module) -> list[LayerPair]:
     return pairs
 
 
+def require_pair_grads(proxy: nn.Module, target: nn.Module, pairs: Sequence[LayerPair]) -> None:
+    """Freezes both models except the paired layers: the proxy's factors and the target's weights.
+
+    The target then keeps parameter gradients only where ``G`` is needed, and nothing but the
+    factors can train.
+    """
+    for p in list(proxy.parameters()) + list(target.parameters()):
+        p.requires_grad_(False)
+    for pr in pairs:
+        pr.target.weight.requires_grad_(True)
+        pr.proxy.A.weight.requires_grad_(True)
+        pr.proxy.B.weight.requires_grad_(True)
+
+
 def target_weight_grads(target: nn.Module, pairs: Sequence[LayerPair], enc: dict[str, torch.Tensor]):
     """Target forward + backward: per-layer ``G`` as (m, n) matrices (detached) and the logits.
 
@@ -242,14 +256,7 @@ def run_alignment(
         raise ValueError("the alignment set is empty")
     pairs = layer_pairs(proxy, target)
     params = _factor_params(pairs)
-    for p in proxy.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    for pr in pairs:
-        pr.target.weight.requires_grad_(True)
+    require_pair_grads(proxy, target, pairs)
     proxy.eval()   # no dropout: the loss is deterministic, which resume relies on
     target.eval()
     # The loss differentiates through the proxy's backward pass; fused CPU/GPU attention kernels

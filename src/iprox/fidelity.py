@@ -16,7 +16,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import factor_space_cosines, layer_pairs, proxy_factor_grads, response_kl, target_weight_grads
+from .alignment import (factor_space_cosines, layer_pairs, proxy_factor_grads, require_pair_grads, response_kl,
+                        target_weight_grads)
 from .data import TokenizedExample, collate
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,7 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
     pairs = layer_pairs(proxy, target)
     req_t = [p.requires_grad for p in target.parameters()]
     req_p = [p.requires_grad for p in proxy.parameters()]
-    for p in target.parameters():
-        p.requires_grad_(False)
-    for p in proxy.parameters():
-        p.requires_grad_(False)
-    for pr in pairs:
-        pr.target.weight.requires_grad_(True)
-        pr.proxy.A.weight.requires_grad_(True)
-        pr.proxy.B.weight.requires_grad_(True)
+    require_pair_grads(proxy, target, pairs)
     target.eval()
     proxy.eval()
     device = next(proxy.parameters()).device
