@@ -96,6 +96,8 @@ def test_alignment_loss_falls(tmp_path, lambda_kl):
     assert all(k >= 0 for k in kl) and kl[0] > 0      # KL is reported even when it does not train
     meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
     assert meta["stage2"]["steps"] == 30 and meta["stage2"]["lambda_kl"] == lambda_kl
+    assert len(meta["stage2"]["ids"]) == 8 and len(meta["probe"]["ids"]) == 0       # svd init: no probe
+    assert not set(meta["stage2"]["ids"]) & set(meta["probe"]["ids"])
     assert meta["stage2"]["final_grad_align"] == pytest.approx(ga[-1])
     # Only the factors trained: embeddings and norms are the target's.
     proxy = load_proxy(tmp_path / "proxy")
@@ -148,6 +150,18 @@ def test_fidelity_is_perfect_for_exact_proxy_and_improves_with_alignment(tmp_pat
     build_proxy(_align_cfg(tmp_path, data, overwrite=True), model=t32, tokenizer=tok)
     after = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
     assert -1 <= before["grad_cosine"] < after["grad_cosine"] <= 1
+
+
+def test_probe_and_alignment_sets_are_disjoint_slices(tmp_path):
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(40))
+    cfg = _align_cfg(tmp_path, data, init="ipsvd", probe_examples=0, align_examples=0, align_steps=1,
+                     probe_tokens=64)
+    assert cfg.split_sizes(12234) == (12, 122)          # paper defaults: 1% of the pool, a tenth of it
+    assert cfg.split_sizes(40) == (8, 8)                # floors for small pools
+    build_proxy(cfg, model=tiny_llama(), tokenizer=make_tokenizer())
+    meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
+    probe, align = meta["probe"]["ids"], meta["stage2"]["ids"]
+    assert len(probe) == 8 and len(align) == 8 and not set(probe) & set(align)
 
 
 def test_stage2_settings_are_checked():

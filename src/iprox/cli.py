@@ -27,7 +27,8 @@ def _add_build_proxy(sub) -> None:
     p.add_argument("--out", required=True, help="proxy folder to write")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each layer's parameters removed")
     p.add_argument("--init", default="ipsvd", choices=["ipsvd", "svd", "random", "layer-drop"])
-    p.add_argument("--probe-examples", type=int, default=64)
+    p.add_argument("--probe-examples", type=int, default=0,
+                   help="probe set size (0: a tenth of the alignment set, at least 8, as in the paper)")
     p.add_argument("--probe-tokens", type=int, default=4096, help="token positions sampled over the probe set")
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to this multiple")
     p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge on the probe moments")

@@ -70,7 +70,8 @@ class ProxyConfig:
         out: proxy folder to write.
         sparsity: fraction of each compressed layer's parameters removed, in [0, 1).
         init: ``ipsvd``, ``svd``, ``random`` or ``layer-drop``.
-        probe_examples: examples in the probe set (a seeded random slice of the data).
+        probe_examples: examples in the probe set, the head of a seeded shuffle of the data (0: as
+            in the paper, a tenth of the alignment set's size, at least 8).
         probe_tokens: token positions sampled over the probe set, spread evenly per sequence. Use at
             least the widest layer's width so that no input direction goes unprobed.
         rank_multiple: round ranks up to this multiple (128 suits GPU kernels on big models; 1 keeps
@@ -101,7 +102,7 @@ class ProxyConfig:
     out: str = "proxy"
     sparsity: float = 0.5
     init: str = "ipsvd"
-    probe_examples: int = 64
+    probe_examples: int = 0
     probe_tokens: int = 4096
     rank_multiple: int = 1
     ridge: float = 1e-3
@@ -124,6 +125,17 @@ class ProxyConfig:
     overwrite: bool = False
     progress: bool = True
 
+    def split_sizes(self, n_data: int) -> tuple[int, int]:
+        """``(probe, alignment)`` set sizes for ``n_data`` examples.
+
+        Defaults follow the paper: the alignment set is about 1% of the data, the probe set a tenth
+        of that; both at least 8 examples. The probe set is the head of the seeded shuffle, the
+        alignment set the slice right after it, so the two never overlap.
+        """
+        n_align = self.align_examples or max(8, round(0.01 * n_data))
+        n_probe = self.probe_examples or max(8, round(0.1 * n_align))
+        return n_probe, n_align
+
     @property
     def aligns(self) -> bool:
         """Whether stage 2 runs."""
@@ -139,8 +151,8 @@ class ProxyConfig:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "ipsvd" and not self.data:
             raise ValueError("ipsvd needs probe data: pass --data FILE_OR_FOLDER")
-        if self.probe_examples < 1 or self.probe_tokens < 1:
-            raise ValueError("probe_examples and probe_tokens must be >= 1")
+        if self.probe_examples < 0 or self.probe_tokens < 1:
+            raise ValueError("probe_examples must be >= 0 (0: automatic) and probe_tokens >= 1")
         if self.rank_multiple < 1:
             raise ValueError("rank_multiple must be >= 1")
         if self.ridge <= 0:
@@ -369,8 +381,8 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         from .alignment import AlignSettings, run_alignment, steps_per_epoch
 
         t0 = time.perf_counter()
-        n_align = config.align_examples or max(8, round(0.01 * len(examples)))
-        align_ex = [examples[i] for i in order[config.probe_examples : config.probe_examples + n_align]]
+        n_probe, n_align = config.split_sizes(len(examples))
+        align_ex = [examples[i] for i in order[n_probe : n_probe + n_align]]
         if len(align_ex) < n_align:
             log.warning("only %d examples left for an alignment set of %d", len(align_ex), n_align)
         align_tok, _ = tokenize_examples(tokenizer, align_ex, config.max_length)
@@ -381,7 +393,7 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
                                  temperature=config.temperature, checkpoint_every=config.checkpoint_every,
                                  seed=config.seed)
         res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress)
-        meta["stage2"] = {"examples": len(align_tok), "ids_first": [t.id for t in align_tok[:5]],
+        meta["stage2"] = {"examples": len(align_tok), "ids": [t.id for t in align_tok],
                           "steps": steps, "steps_per_epoch": per_epoch, "batch_size": config.batch_size,
                           "grad_accum": config.grad_accum, "lr": config.lr, "weight_decay": config.weight_decay,
                           "lambda_kl": config.lambda_kl, "temperature": config.temperature,
@@ -407,9 +419,10 @@ def _stage1(config: ProxyConfig, target: nn.Module, tokenizer, examples, order, 
     moments = None
     if config.init == "ipsvd":
         t0 = time.perf_counter()
-        probe = [examples[i] for i in order[: config.probe_examples]]
-        if len(probe) < config.probe_examples:
-            log.warning("only %d examples available for a probe set of %d", len(probe), config.probe_examples)
+        n_probe, _ = config.split_sizes(len(examples))
+        probe = [examples[i] for i in order[:n_probe]]
+        if len(probe) < n_probe:
+            log.warning("only %d examples available for a probe set of %d", len(probe), n_probe)
         tok, stats = tokenize_examples(tokenizer, probe, config.max_length)
         mods = compressible_modules(target)
         moments = collect_moments(target, mods, tok, config.probe_tokens, batch_size=config.batch_size,
