@@ -113,3 +113,15 @@ def test_random_factors_shape_and_scale():
     assert A.shape == (30, 5) and B.shape == (5, 20)
     ratio = float(torch.linalg.norm(A @ B) / torch.linalg.norm(W))
     assert 0.5 < ratio < 2.0
+
+
+def test_factors_are_balanced_whatever_the_gradient_scale():
+    """‖A[:, i]‖ = ‖B[i, :]‖, so optimisers and factor gradients do not see the loss scale."""
+    W, H, D = _problem(seed=7)
+    A, B = ipsvd_from_moments(W, H @ H.T / 40, 1e-8 * D @ D.T / 40, 4)
+    torch.testing.assert_close(A.norm(dim=0), B.norm(dim=1), rtol=1e-10, atol=0)
+    A2, B2 = ipsvd_from_moments(W, H @ H.T / 40, D @ D.T / 40, 4)
+    torch.testing.assert_close(A, A2, rtol=1e-7, atol=1e-10)       # the factors themselves, not just AB
+    torch.testing.assert_close(B, B2, rtol=1e-7, atol=1e-10)
+    As, Bs = ipsvd_from_samples(W, H, 1e-4 * D, 4)
+    torch.testing.assert_close(As.norm(dim=0), Bs.norm(dim=1), rtol=1e-10, atol=0)

@@ -73,10 +73,28 @@ def _factors_from_core(Vd, Dd, W, Vh, Dh, rank):
     sq = torch.sqrt(S[:r])
     A = (Vd / Dd[None, :]) @ (P[:, :r] * sq[None, :])
     B = (sq[:, None] * Qt[:r]) @ (Vh / Dh[None, :]).T
+    A, B = balance_factors(A, B)
     if r < rank:
         A = torch.cat([A, A.new_zeros(A.shape[0], rank - r)], dim=1)
         B = torch.cat([B, B.new_zeros(rank - r, B.shape[1])], dim=0)
     return A, B
+
+
+def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescales each rank-one component so that ``‖A[:, i]‖ = ‖B[i, :]‖``; ``AB`` is unchanged.
+
+    The whitened closed form splits ``AB`` as ``diag(1/D_δ)…`` on the left and ``…diag(1/D_h)`` on
+    the right, and ``D_δ`` scales with the loss's gradients (tiny for a mean loss), so A comes out
+    orders of magnitude larger than B. The product does not care, but everything that trains or
+    differentiates the factors does: Adam moves every entry by about the learning rate, which
+    wrecks the small factor, and the factor gradients ``g_A = δ (Bh)ᵀ`` and ``g_B = (Aᵀδ) hᵀ`` inherit
+    the imbalance. Balanced factors make stage 2 and the gradient features independent of the
+    arbitrary loss scale.
+    """
+    na = A.norm(dim=0)
+    nb = B.norm(dim=1)
+    s = torch.where((na > 0) & (nb > 0), torch.sqrt(nb / na.clamp_min(1e-300)), torch.ones_like(na))
+    return A * s[None, :], B / s[:, None]
 
 
 def ipsvd_from_moments(
