@@ -163,6 +163,7 @@ def main() -> None:
                "lambda_kl": args.lambda_kl, "runs": runs, "curves": curves, "peak_rss_gib": peak_rss_gib(),
                "quick": args.quick, "torch_threads": torch.get_num_threads()}
     (out_dir / "stage2.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "stage2_partial.json").unlink(missing_ok=True)
     plot(results, out_dir / "stage2_alignment.png")
     if not args.quick:
         update_benchmarks_md("stage2", render(results))
