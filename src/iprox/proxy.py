@@ -415,7 +415,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, tokenizer, examples, order, 
     target_params = count_parameters(target)
     timings["hash"] = time.perf_counter() - t0
 
-    probe_info: dict[str, Any] = {"examples": 0, "tokens": 0}
+    probe_info: dict[str, Any] = {"examples": 0, "tokens": 0, "ids": []}
     moments = None
     if config.init == "ipsvd":
         t0 = time.perf_counter()
