@@ -103,8 +103,9 @@ def test_alignment_loss_falls(tmp_path, lambda_kl):
     proxy = load_proxy(tmp_path / "proxy")
     torch.testing.assert_close(proxy.model.embed_tokens.weight, target.model.embed_tokens.weight)
     torch.testing.assert_close(proxy.model.layers[0].input_layernorm.weight, target.model.layers[0].input_layernorm.weight)
-    # Target untouched by the run.
-    assert all(not p.requires_grad for p in target.parameters())
+    # The caller's target comes back as it was (weights and requires_grad flags).
+    assert all(p.requires_grad for p in target.parameters())
+    torch.testing.assert_close(target.model.layers[0].mlp.up_proj.weight, tiny_llama().model.layers[0].mlp.up_proj.weight)
 
 
 def test_interrupted_alignment_resumes_to_the_same_factors(tmp_path, monkeypatch):

@@ -256,6 +256,7 @@ def run_alignment(
         raise ValueError("the alignment set is empty")
     pairs = layer_pairs(proxy, target)
     params = _factor_params(pairs)
+    target_req = [p.requires_grad for p in target.parameters()]
     require_pair_grads(proxy, target, pairs)
     proxy.eval()   # no dropout: the loss is deterministic, which resume relies on
     target.eval()
@@ -301,8 +302,8 @@ def run_alignment(
                 _write_log(log_path, rows)
     finally:
         bar.close()
-        for p in target.parameters():
-            p.requires_grad_(False)
+        for p, r in zip(target.parameters(), target_req):   # leave the caller's target as it was
+            p.requires_grad_(r)
         if attn_before not in (None, "eager"):
             proxy.set_attn_implementation(attn_before)
     done = len(rows) - start

@@ -340,7 +340,8 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
     Args:
         config: stage settings.
         model, tokenizer: an already loaded target (tests, benchmarks); loaded from
-            ``config.model`` when None. The passed model is not modified.
+            ``config.model`` when None. The passed model's weights are not modified (it is moved
+            to ``config.device``).
 
     Returns:
         A summary; ``skipped`` is True when ``config.out`` already held this exact proxy.
