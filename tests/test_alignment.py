@@ -128,8 +128,26 @@ def test_interrupted_alignment_resumes_to_the_same_factors(tmp_path, monkeypatch
         build_proxy(_align_cfg(tmp_path / "b", data, **kw), model=tiny_llama(), tokenizer=tok)
     assert not (tmp_path / "b" / "proxy" / "COMPLETE").exists()
     assert json.loads((tmp_path / "b" / "proxy" / "align_checkpoint" / "state.json").read_text())["step"] == 6
-    monkeypatch.setattr(alignment, "alignment_loss", real)
-    build_proxy(_align_cfg(tmp_path / "b", data, **kw), model=tiny_llama(), tokenizer=tok)
+    resumed = {"n": 0}
+
+    def counting(*a, **k):
+        resumed["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(alignment, "alignment_loss", counting)
+    import iprox.proxy as proxy_mod
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("stage 1 was rebuilt instead of loaded from the folder")
+
+    monkeypatch.setattr(proxy_mod, "_stage1", no_rebuild)
+    # A kill between dropping the old checkpoint and renaming the new one leaves only the new one
+    # under its temporary name; the resume must still find it.
+    ck = tmp_path / "b" / "proxy" / "align_checkpoint"
+    ck.rename(ck.with_name("align_checkpoint.tmp"))
+    # How often to checkpoint does not change the result, so it may differ on resume.
+    build_proxy(_align_cfg(tmp_path / "b", data, **{**kw, "checkpoint_every": 4}), model=tiny_llama(), tokenizer=tok)
+    assert resumed["n"] == 3          # steps 7-9 only: it resumed, it did not start over
     a, b = load_proxy(tmp_path / "a" / "proxy"), load_proxy(tmp_path / "b" / "proxy")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka

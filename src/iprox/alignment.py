@@ -269,6 +269,11 @@ def run_alignment(
     ckpt = out / CKPT_DIR
     log_path = out / LOG_FILE
     start = 0
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if not ckpt.exists() and (tmp / "state.json").exists():
+        # Killed between removing the old checkpoint and renaming the new one into place; the new
+        # one is complete (state.json is written last).
+        tmp.rename(ckpt)
     if (ckpt / "state.json").exists():
         start = load_checkpoint(ckpt, params, opt)
         log.info("resuming alignment at step %d of %d from %s", start, settings.steps, ckpt)

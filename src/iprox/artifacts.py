@@ -9,7 +9,7 @@ Every stage writes into its own folder:
 
 A rerun with the same config finds ``COMPLETE`` and skips; a rerun with a different config is
 refused unless the caller asks to overwrite. Settings that do not change the result (the output
-folder itself, progress bars, the device) are left out of the comparison.
+folder itself, progress bars, the device, how often to checkpoint) are left out of the comparison.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ COMPLETE_FILE = "COMPLETE"
 FORMAT_VERSION = 1
 
 # Config fields that do not affect what a stage produces.
-IGNORED_KEYS = {"out", "overwrite", "progress", "device"}
+IGNORED_KEYS = {"out", "overwrite", "progress", "device", "checkpoint_every"}
 
 
 class ConfigMismatchError(RuntimeError):
