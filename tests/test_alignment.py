@@ -8,8 +8,8 @@ import torch
 
 from conftest import FACTORIES, chat_records, make_tokenizer, tiny_llama, write_jsonl
 from iprox import alignment
-from iprox.alignment import (alignment_loss, factor_space_cosines, layer_pairs, proxy_factor_grads,
-                             target_weight_grads)
+from iprox.alignment import (alignment_loss, factor_space_cosines, layer_pairs, projected_target_grads,
+                             proxy_factor_grads, target_weight_grads)
 from iprox.data import collate, load_examples, tokenize_examples
 from iprox.fidelity import gradient_fidelity
 from iprox.ipsvd import svd_factors
@@ -58,7 +58,7 @@ def test_factor_gradients_equal_projected_target_gradients(tmp_path, family):
         A, B = pr.proxy.A.weight, pr.proxy.B.weight
         torch.testing.assert_close(gA, g @ B.T, rtol=1e-8, atol=1e-12)
         torch.testing.assert_close(gB, A.T @ g, rtol=1e-8, atol=1e-12)
-    ca, cb = factor_space_cosines(pairs, G, gAB)
+    ca, cb = factor_space_cosines(gAB, projected_target_grads(pairs, G))
     assert torch.allclose(ca, torch.ones_like(ca)) and torch.allclose(cb, torch.ones_like(cb))
 
 

@@ -79,7 +79,8 @@ def test_build_save_load_roundtrip(tmp_path, data_file, family, init):
         assert meta["probe"]["examples"] == 8 and meta["probe"]["tokens"] > 0
     # The saved folder reproduces the in-memory proxy exactly, without the target.
     mem = FACTORIES[family]()
-    factorize_model(mem, 0.5, "svd") if init == "svd" else None
+    if init == "svd":
+        factorize_model(mem, 0.5, "svd")
     enc = _batch(tok, data_file)
     out = _logits(proxy, enc)
     assert torch.isfinite(out).all()

@@ -107,15 +107,24 @@ def proxy_factor_grads(proxy: nn.Module, pairs: Sequence[LayerPair], enc: dict[s
     return [(grads[2 * i], grads[2 * i + 1]) for i in range(len(pairs))], logits, loss
 
 
-def factor_space_cosines(pairs: Sequence[LayerPair], G: Sequence[torch.Tensor], gAB) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer ``cos(g_A, G Bᵀ)`` and ``cos(g_B, Aᵀ G)`` as two (L,) tensors (differentiable)."""
-    cos_a, cos_b = [], []
-    for p, g, (gA, gB) in zip(pairs, G, gAB):
+def projected_target_grads(pairs: Sequence[LayerPair], G: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the target's gradient seen in factor space: ``(G Bᵀ, Aᵀ G)``, shapes (m, r), (r, n)."""
+    out = []
+    for p, g in zip(pairs, G):
         A, B = p.proxy.A.weight, p.proxy.B.weight
-        tA = g.to(A.dtype) @ B.T          # (m, r): the target's gradient seen by A
-        tB = A.T @ g.to(A.dtype)          # (r, n): ... and by B
-        cos_a.append(F.cosine_similarity(gA.flatten(), tA.flatten(), dim=0, eps=1e-20))
-        cos_b.append(F.cosine_similarity(gB.flatten(), tB.flatten(), dim=0, eps=1e-20))
+        out.append((g.to(A.dtype) @ B.T, A.T @ g.to(A.dtype)))
+    return out
+
+
+def factor_space_cosines(gAB, tAB) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer ``cos(g_A, G Bᵀ)`` and ``cos(g_B, Aᵀ G)`` as two (L,) tensors (differentiable).
+
+    Args:
+        gAB: per layer ``(g_A, g_B)``, the proxy's factor gradients.
+        tAB: per layer ``(G Bᵀ, Aᵀ G)`` from :func:`projected_target_grads`.
+    """
+    cos_a = [F.cosine_similarity(gA.flatten(), tA.flatten(), dim=0, eps=1e-20) for (gA, _), (tA, _) in zip(gAB, tAB)]
+    cos_b = [F.cosine_similarity(gB.flatten(), tB.flatten(), dim=0, eps=1e-20) for (_, gB), (_, tB) in zip(gAB, tAB)]
     return torch.stack(cos_a), torch.stack(cos_b)
 
 
@@ -138,7 +147,7 @@ def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: flo
     """``(L, L_GA, L_KL)`` for one batch; ``L`` carries the graph back to the factors."""
     G, t_logits, _ = target_weight_grads(target, pairs, enc)
     gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=True)
-    cos_a, cos_b = factor_space_cosines(pairs, G, gAB)
+    cos_a, cos_b = factor_space_cosines(gAB, projected_target_grads(pairs, G))
     l_ga = (0.5 * ((1 - cos_a) + (1 - cos_b))).mean()
     if lambda_kl > 0:
         l_kl = response_kl(t_logits, p_logits, enc["labels"], temperature)

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .alignment import (factor_space_cosines, layer_pairs, proxy_factor_grads, require_pair_grads, response_kl,
-                        target_weight_grads)
+from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads,
+                        require_pair_grads, response_kl, target_weight_grads)
 from .data import TokenizedExample, collate
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,12 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
             G, t_logits, _ = target_weight_grads(target, pairs, enc)
             gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=False)
             with torch.no_grad():
-                ca, cb = factor_space_cosines(pairs, G, gAB)
+                tAB = projected_target_grads(pairs, G)
+                ca, cb = factor_space_cosines(gAB, tAB)
                 sum_a += ca.double().cpu()
                 sum_b += cb.double().cpu()
                 num, na, nb = 0.0, 0.0, 0.0
-                for pr, g, (gA, gB) in zip(pairs, G, gAB):
-                    tA, tB = g @ pr.proxy.B.weight.T, pr.proxy.A.weight.T @ g
+                for (gA, gB), (tA, tB) in zip(gAB, tAB):
                     num += float((gA * tA).sum() + (gB * tB).sum())
                     na += float(gA.pow(2).sum() + gB.pow(2).sum())
                     nb += float(tA.pow(2).sum() + tB.pow(2).sum())
