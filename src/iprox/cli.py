@@ -143,6 +143,80 @@ def _cmd_fidelity(args) -> int:
     return 0
 
 
+def _add_warmup(sub) -> None:
+    p = sub.add_parser("warmup", help="short LoRA (or proxy-factor) warm-up; one checkpoint per epoch for TracIn")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a proxy folder or any model spec")
+    p.add_argument("--data", action="append", required=True, help="the candidate pool (repeatable)")
+    p.add_argument("--out", required=True, help="warm-up folder (checkpoint-<epoch>/ inside)")
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool to train on (LESS: 5%%)")
+    p.add_argument("--examples", type=int, default=0, help="or exactly this many examples")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (linear warm-up and decay)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--proxy-trains", default="factors", choices=["factors", "lora"],
+                   help="for a proxy: train its factors A, B (default) or LoRA adapters on them")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_warmup(args) -> int:
+    from .warmup import WarmupConfig, run_warmup
+
+    cfg = WarmupConfig(**_fields(args, WarmupConfig))
+    for d in run_warmup(cfg):
+        print(d)
+    return 0
+
+
+def _add_features(sub) -> None:
+    p = sub.add_parser("features", help="per-example projected gradients into a sharded, resumable store")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a proxy folder or any model spec")
+    p.add_argument("--checkpoint", default="", help="a warm-up checkpoint folder (adapter/factors + Adam state)")
+    p.add_argument("--data", action="append", required=True, help="examples to featurise (repeatable)")
+    p.add_argument("--out", required=True, help="the store folder")
+    p.add_argument("--grad", default="sgd", choices=["sgd", "adam", "factored-adam"])
+    p.add_argument("--engine", default="kronecker", choices=["kronecker", "dense"])
+    p.add_argument("--proj-dim", type=int, default=64, help="projected dimensions per layer")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard-size", type=int, default=256, help="examples per shard (resume unit)")
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--seed", type=int, default=0, help="projection seed (train and validation must share it)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_features(args) -> int:
+    from .features import FeatureConfig, compute_features
+
+    print(compute_features(FeatureConfig(**_fields(args, FeatureConfig))).format())
+    return 0
+
+
+def _fields(args, cls) -> dict:
+    """The argparse values a config dataclass takes (``--no-progress`` becomes ``progress``)."""
+    import dataclasses
+
+    vals = vars(args)
+    out = {f.name: vals[f.name] for f in dataclasses.fields(cls) if f.name in vals}
+    if "progress" in {f.name for f in dataclasses.fields(cls)}:
+        out["progress"] = not vals.get("no_progress", False)
+    return out
+
+
 def find_shared_data() -> Path:
     """The benchmark/demo data folder: ``$IPROX_DATA``, else ``../shared/data`` from here or the repo."""
     cands = [os.environ.get("IPROX_DATA", ""), "../shared/data",
@@ -193,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_build_proxy(sub)
     _add_evaluate(sub)
     _add_fidelity(sub)
+    _add_warmup(sub)
+    _add_features(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo}
+    handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo,
+                "warmup": _cmd_warmup, "features": _cmd_features}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -1,0 +1,323 @@
+"""Feature stores: per-example projected gradients of a model (or a warm-up checkpoint), in shards.
+
+A store folder holds:
+
+* ``stage.json`` / ``COMPLETE``: the resolved settings and the completion marker (see ``artifacts``);
+* ``shard-00000.safetensors``, ...: tensor ``features`` (rows × dim, float16 or float32) for a
+  contiguous run of examples, with their ids in the file's metadata. Each is written under a
+  temporary name and renamed, so a shard on disk is whole; a rerun skips the shards that exist;
+* ``manifest.json``: format version, model identity and weights hash, the checkpoint, projection
+  settings and per-layer layout, the example ids, sources and tasks in store order, and the shards.
+
+Under ``torchrun`` each rank computes the shards ``i`` with ``i % world_size == rank``; rank 0 writes
+the manifest once every shard exists. Shard boundaries and the projection depend only on the
+settings, so the store is the same whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import artifacts
+from .data import batches, collate, load_examples, tokenize_examples
+from .models import EMBEDDED_MODEL, default_device, weights_hash
+from .projection import (ENGINES, GRADS, DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
+                         make_projections)
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+STORE_FORMAT_VERSION = 1
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class FeatureConfig:
+    """Settings of ``iprox features``.
+
+    Attributes:
+        data: examples to featurise (files or folders).
+        out: the store folder.
+        model: a proxy folder or any model spec; ignored in favour of the checkpoint's model when
+            ``checkpoint`` is given (they must agree if both are set).
+        checkpoint: a warm-up checkpoint folder (LoRA or factors, plus Adam state), or "".
+        grad: ``sgd`` (validation features, LESS), ``adam`` (dense only) or ``factored-adam``.
+        engine: ``kronecker`` (fast, hooks) or ``dense`` (per-example reference).
+        proj_dim: projected dimensions per layer (split ≈√k × √k; clipped to the layer's shape).
+        batch_size: examples per forward/backward (kronecker); the dense engine loops within it.
+        shard_size: examples per shard (the unit of resume and of distribution).
+        store_dtype: ``float16`` (half the bytes) or ``float32``.
+        seed: the projection seed; train and validation stores must share it to be comparable.
+    """
+
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    model: str = EMBEDDED_MODEL
+    checkpoint: str = ""
+    grad: str = "sgd"
+    engine: str = "kronecker"
+    proj_dim: int = 64
+    batch_size: int = 8
+    shard_size: int = 256
+    store_dtype: str = "float16"
+    seed: int = 0
+    max_length: int = 512
+    dtype: str = "float32"
+    device: str = ""
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data:
+            raise ValueError("features needs --data")
+        if not self.out:
+            raise ValueError("features needs --out (the store folder)")
+        if self.grad not in GRADS:
+            raise ValueError(f"grad must be one of {GRADS}, got {self.grad!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.grad == "adam" and self.engine == "kronecker":
+            raise ValueError("--grad adam (elementwise) needs --engine dense; use --grad factored-adam with kronecker")
+        if self.grad != "sgd" and not self.checkpoint:
+            raise ValueError(f"--grad {self.grad} needs --checkpoint (a warm-up checkpoint with Adam state)")
+        if self.proj_dim < 1 or self.batch_size < 1 or self.shard_size < 1:
+            raise ValueError("proj_dim, batch_size and shard_size must be >= 1")
+        if self.store_dtype not in STORE_DTYPES:
+            raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {self.store_dtype!r}")
+        if self.checkpoint:
+            self.checkpoint = str(Path(self.checkpoint).resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun)
+# ---------------------------------------------------------------------------------------------
+
+
+def _dist():
+    """(rank, world_size), initialising the process group under torchrun."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Store
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _shard_ids(path: Path) -> list[str] | None:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["ids"]) if "ids" in meta else None
+
+
+def _write_shard(path: Path, feats: torch.Tensor, ids: list[str]) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    save_file({"features": feats.contiguous()}, str(tmp), metadata={"ids": json.dumps(ids)})
+    os.replace(tmp, path)
+
+
+def read_manifest(store: str | Path) -> dict:
+    store = Path(store)
+    if not artifacts.is_complete(store) or not (store / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"{store} is not a complete feature store (run `iprox features` into it)")
+    man = json.loads((store / MANIFEST_FILE).read_text())
+    if man.get("format_version") != STORE_FORMAT_VERSION:
+        raise ValueError(f"{store}: store format {man.get('format_version')} is not {STORE_FORMAT_VERSION}; recompute it")
+    return man
+
+
+def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """Streams a store in store order: ``(ids, features)`` chunks of at most ``chunk_rows`` rows.
+
+    Only one shard is open at a time, so memory stays bounded whatever the store's size.
+    """
+    store = Path(store)
+    man = read_manifest(store)
+    for sh in man["shards"]:
+        with safe_open(str(store / sh["file"]), framework="pt") as f:
+            ids = json.loads(f.metadata()["ids"])
+            sl = f.get_slice("features")
+            for a in range(0, len(ids), chunk_rows):
+                b = min(len(ids), a + chunk_rows)
+                yield ids[a:b], sl[a:b].to(dtype)
+
+
+def load_features(store: str | Path, dtype=torch.float32) -> tuple[list[str], torch.Tensor]:
+    """The whole store in memory: example ids and the (n, dim) feature matrix, one row per id."""
+    ids, chunks = [], []
+    for i, x in iter_features(store, chunk_rows=1 << 30, dtype=dtype):
+        ids += i
+        chunks.append(x)
+    dim = read_manifest(store)["dim"]
+    return ids, (torch.cat(chunks) if chunks else torch.zeros(0, dim, dtype=dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FeatureSummary:
+    out: str
+    n_examples: int
+    dim: int
+    skipped: bool
+    seconds: float
+    examples_per_s: float
+    bytes_per_example: int
+
+    def format(self) -> str:
+        if self.skipped:
+            return f"features: {self.out} is complete with the same settings ({self.n_examples} examples); skipped"
+        return (f"features: {self.n_examples} examples × {self.dim} dims in {self.out} "
+                f"({self.seconds:.1f}s, {self.examples_per_s:.2f} examples/s, {self.bytes_per_example} bytes/example)")
+
+
+def _load(config: FeatureConfig, device: str):
+    """Model, tokenizer, identity and optimiser state for the config (checkpoint or plain model)."""
+    from .proxy import load_model_or_proxy
+    from .warmup import load_checkpoint
+
+    if config.checkpoint:
+        ck = load_checkpoint(config.checkpoint, config.dtype, device, config.trust_remote_code)
+        if config.model and config.model != EMBEDDED_MODEL and config.model != ck.info["model"] and \
+                Path(config.model).resolve() != Path(ck.info["model"]).resolve():
+            raise ValueError(f"--model {config.model} is not the checkpoint's model {ck.info['model']}")
+        ident = {"model": ck.info["model"], "checkpoint": config.checkpoint, "epoch": ck.info["epoch"],
+                 "lr": ck.info["lr"], "trains": ck.info["trains"]}
+        return ck.model, ck.tokenizer, ident, ck
+    model, tok = load_model_or_proxy(config.model, config.dtype, device, config.trust_remote_code)
+    return model, tok, {"model": config.model, "checkpoint": "", "epoch": 0, "lr": None, "trains": None}, None
+
+
+def compute_features(config: FeatureConfig) -> FeatureSummary:
+    """Featurises ``config.data`` into the store ``config.out``; resumes at the first missing shard.
+
+    Under torchrun every rank calls this with the same config; each computes its share of shards.
+    """
+    rank, world = _dist()
+    out = Path(config.out)
+    cfg = asdict(config)
+    skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True) if rank == 0 else None
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = [skip]
+        dist.broadcast_object_list(flag, src=0)
+        skip = flag[0]
+    if skip:
+        man = read_manifest(out)
+        return FeatureSummary(str(out), man["n_examples"], man["dim"], True, 0.0, 0.0, man["bytes_per_example"])
+    if rank == 0:
+        log.info("features config: %s", json.dumps(artifacts.comparable(cfg)))
+    device = config.device or default_device()
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    model, tok, ident, ck = _load(config, device)
+    model.eval()
+    modules = feature_modules(model)
+    dtype = next(model.parameters()).dtype
+    projections = make_projections(modules, config.proj_dim, config.seed, dtype, device)
+    info = ck.info if ck else {}
+    preconds = make_preconditioners(config.grad, modules, ck.exp_avg if ck else None, ck.exp_avg_sq if ck else None,
+                                    tuple(info.get("betas", (0.9, 0.999))), info.get("eps", 1e-8))
+    engine_cls = KroneckerEngine if config.engine == "kronecker" else DenseEngine
+    engine = engine_cls(model, modules, projections, preconds)
+
+    examples = load_examples(config.data)
+    tokd, stats = tokenize_examples(tok, examples, config.max_length)
+    if not tokd:
+        raise ValueError(f"features: no example in {config.data} has a response token within max_length {config.max_length}")
+    ids = [t.id for t in tokd]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"example ids must be unique within a store; {dup!r} repeats")
+    n_shards = max(1, -(-len(tokd) // config.shard_size))
+    mine = [i for i in range(n_shards) if i % world == rank]
+    todo = []
+    for i in mine:
+        path = out / shard_name(i)
+        want = ids[i * config.shard_size:(i + 1) * config.shard_size]
+        if path.exists() and _shard_ids(path) == want:
+            continue
+        todo.append(i)
+    if len(todo) < len(mine):
+        log.info("features: %d of %d shards already on disk; resuming", len(mine) - len(todo), len(mine))
+    store_dtype = STORE_DTYPES[config.store_dtype]
+    n_todo = sum(len(ids[i * config.shard_size:(i + 1) * config.shard_size]) for i in todo)
+    t0 = time.perf_counter()
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_todo, desc=f"features[{rank}]" if world > 1 else "features", unit="ex",
+               disable=not config.progress)
+    for i in todo:
+        items = tokd[i * config.shard_size:(i + 1) * config.shard_size]
+        rows: dict[str, torch.Tensor] = {}
+        # Similar lengths batched together cut padding; rows go back to store order below.
+        for b in batches(items, config.batch_size, sort_by_length=True):
+            enc = {k: v.to(device) for k, v in collate(b, tok.pad_token_id).items()}
+            f = engine(enc).detach().to("cpu", store_dtype)
+            for ex, row in zip(b, f):
+                rows[ex.id] = row
+            bar.update(len(b))
+        _write_shard(out / shard_name(i), torch.stack([rows[t.id] for t in items]), [t.id for t in items])
+    bar.close()
+    seconds = time.perf_counter() - t0
+    _barrier(world)
+    dim = engine.dim
+    bpe = dim * torch.finfo(store_dtype).bits // 8
+    if rank == 0:
+        missing = [i for i in range(n_shards) if not (out / shard_name(i)).exists()]
+        if missing:
+            raise RuntimeError(f"features: shards {missing[:5]} are missing after all ranks finished")
+        layout, off = [], 0
+        for name, pr in projections.items():
+            k_out, k_in = pr.P_out.shape[0], pr.P_in.shape[0]
+            layout.append({"name": name, "k_out": k_out, "k_in": k_in, "offset": off})
+            off += k_out * k_in
+        manifest = {
+            "format_version": STORE_FORMAT_VERSION, **ident,
+            "model_hash": weights_hash(model), "grad": config.grad, "engine": config.engine,
+            "proj_dim": config.proj_dim, "seed": config.seed, "dim": dim, "dtype": config.store_dtype,
+            "bytes_per_example": bpe, "n_examples": len(ids), "ids": ids,
+            "sources": [t.source for t in tokd], "tasks": [t.task for t in tokd],
+            "dropped": stats.dropped_no_response, "layout": layout,
+            "shards": [{"file": shard_name(i), "start": i * config.shard_size,
+                        "count": len(ids[i * config.shard_size:(i + 1) * config.shard_size])} for i in range(n_shards)],
+        }
+        artifacts.atomic_write_json(out / MANIFEST_FILE, manifest)
+        artifacts.mark_complete(out)
+    _barrier(world)
+    rate = n_todo / seconds if seconds > 0 else 0.0
+    return FeatureSummary(str(out), len(ids), dim, False, seconds, rate, bpe)

@@ -1,0 +1,298 @@
+"""Per-example projected gradients: random Kronecker projections, preconditioners and two engines.
+
+For one linear layer ``y = W h`` an example's weight gradient is ``G = Σ_t δ_t h_tᵀ`` (m×n), summed
+over its tokens. Each layer gets two seeded Gaussian matrices ``P_out`` (k_out×m) and ``P_in``
+(k_in×n), entries N(0, 1/k), and an example's feature for the layer is ``P_out G P_inᵀ``
+(k_out×k_in, flattened), which is ``(P_out ⊗ P_in) vec(G)``: a random projection that preserves
+inner products in expectation. The example's feature is the concatenation over layers.
+
+* :class:`KroneckerEngine` (fast path, LoGra): hooks project each token's input and output
+  gradient first and sum their outer products, ``Σ_t (P_out δ_t)(P_in h_t)ᵀ``, for a whole padded
+  batch in one forward and backward. No per-example gradient is ever formed and no weight gradient
+  is computed (the weights are frozen; the backward runs from the input embeddings).
+* :class:`DenseEngine` (reference, LESS): one backward per example, materialise ``G``, precondition
+  it elementwise, project with the same ``P_out``, ``P_in``. Both engines therefore share one
+  feature space; what differs is cost and which preconditioners they can apply.
+
+Preconditioners (``grad``), with the checkpoint's Adam moments ``m``, ``v`` (LESS's formula, no
+bias correction): ``sgd`` is ``G``; ``adam`` is ``(β1 m + (1−β1) G) / sqrt(β2 v + (1−β2) G² + eps)``
+(dense only: the elementwise division breaks the Kronecker structure); ``factored-adam`` replaces
+the denominator by a rank-one, Adafactor-style ``sqrt((β2 R_i/√S + ε)(C_j/√S + ε))`` with ``R``, ``C``
+the row and column sums of ``v`` and ``S`` its total, ``ε = sqrt(eps)``, and drops the example's own
+``(1−β2) G²`` term. It becomes a row and a column scaling, folded into ``P_out`` and ``P_in``, and
+``β1 m`` becomes a constant offset per layer; so it runs on the Kronecker engine.
+
+Projections depend only on (seed, layer name, layer shape, k): not on device, batch or shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .evaluation import per_example_loss
+from .models import compressible_modules, projection_weight
+
+GRADS = ("sgd", "adam", "factored-adam")
+ENGINES = ("kronecker", "dense")
+_LORA = re.compile(r"\.lora_[AB]\.[^.]+$")
+
+
+def feature_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose weights are featurised, by qualified name, in model order.
+
+    A model with LoRA adapters: their ``lora_A``/``lora_B`` matrices (what the warm-up trained).
+    Otherwise every compressible projection: a plain model's weights, a proxy's factors ``A`` and
+    ``B`` (two ``nn.Linear`` each) and any projection it left dense.
+    """
+    mods = compressible_modules(model)
+    lora = {n: m for n, m in mods.items() if _LORA.search(n)}
+    return lora or mods
+
+
+def out_in(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor of ``module`` (its gradient, an Adam moment) as an (out, in) matrix."""
+    return t if isinstance(module, nn.Linear) else t.t()  # Conv1D stores (in, out)
+
+
+def side_dims(m: int, n: int, k: int) -> tuple[int, int]:
+    """Splits a per-layer dimension ``k`` into ``(k_out, k_in)``, about √k each, clipped to (m, n)."""
+    if k < 1:
+        raise ValueError(f"proj_dim must be >= 1, got {k}")
+    k_out = min(m, 2 ** (int(math.log2(k)) // 2))
+    return k_out, min(n, max(1, k // k_out))
+
+
+def _seed(seed: int, name: str, side: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}:{side}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class LayerProjection:
+    """The Kronecker projection of one layer: ``P_out`` (k_out×m) and ``P_in`` (k_in×n)."""
+
+    name: str
+    P_out: torch.Tensor
+    P_in: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        return self.P_out.shape[0] * self.P_in.shape[0]
+
+
+def make_projection(name: str, m: int, n: int, k: int, seed: int, dtype=torch.float32,
+                    device="cpu") -> LayerProjection:
+    """Seeded Gaussian ``P_out``, ``P_in`` with N(0, 1/k) entries, drawn on the CPU in float64.
+
+    Drawing on the CPU in float64, then casting, makes them identical on every device and dtype.
+    """
+    k_out, k_in = side_dims(m, n, k)
+    mats = []
+    for side, rows, cols in (("out", k_out, m), ("in", k_in, n)):
+        g = torch.Generator().manual_seed(_seed(seed, name, side))
+        mats.append((torch.randn(rows, cols, generator=g, dtype=torch.float64) / math.sqrt(rows)).to(dtype=dtype, device=device))
+    return LayerProjection(name, mats[0], mats[1])
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    m, n = projection_weight(module).shape
+    return int(m), int(n)
+
+
+def make_projections(modules: dict[str, nn.Module], k: int, seed: int, dtype=torch.float32,
+                     device="cpu") -> dict[str, LayerProjection]:
+    return {name: make_projection(name, *layer_shape(mod), k, seed, dtype, device) for name, mod in modules.items()}
+
+
+@dataclass
+class Preconditioner:
+    """How one layer's gradient is transformed before projection (see the module docstring).
+
+    Attributes:
+        kind: ``sgd``, ``adam`` or ``factored-adam``.
+        m, v: the checkpoint's Adam moments as (out, in) matrices (None for ``sgd``).
+        beta1, beta2, eps: the optimiser's settings.
+    """
+
+    kind: str
+    m: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column scalings ``d_out`` (m,), ``d_in`` (n,) of ``factored-adam``."""
+        R, C = self.v.sum(1), self.v.sum(0)
+        root_s = self.v.sum().clamp_min(torch.finfo(self.v.dtype).tiny).sqrt()
+        e = math.sqrt(self.eps)
+        return (self.beta2 * R / root_s + e).rsqrt(), (C / root_s + e).rsqrt()
+
+    def apply(self, g: torch.Tensor) -> torch.Tensor:
+        """The preconditioned (out, in) gradient, elementwise (the dense engine's path)."""
+        if self.kind == "sgd":
+            return g
+        mixed = self.beta1 * self.m + (1 - self.beta1) * g
+        if self.kind == "adam":
+            return mixed / (self.beta2 * self.v + (1 - self.beta2) * g * g + self.eps).sqrt()
+        d_out, d_in = self.factors()
+        return d_out[:, None] * mixed * d_in[None, :]
+
+
+def make_preconditioners(kind: str, modules: dict[str, nn.Module], exp_avg=None, exp_avg_sq=None,
+                         betas=(0.9, 0.999), eps: float = 1e-8) -> dict[str, Preconditioner]:
+    """One :class:`Preconditioner` per layer; the Adam moments are keyed by ``<layer>.weight``."""
+    if kind not in GRADS:
+        raise ValueError(f"grad must be one of {GRADS}, got {kind!r}")
+    if kind == "sgd":
+        return {n: Preconditioner("sgd") for n in modules}
+    if exp_avg is None or exp_avg_sq is None:
+        raise ValueError(f"--grad {kind} needs the Adam state of a warm-up checkpoint (--checkpoint)")
+    out = {}
+    for n, mod in modules.items():
+        key = f"{n}.weight"
+        if key not in exp_avg:
+            raise ValueError(f"the checkpoint's optimizer state has no entry for {key}")
+        ref = projection_weight(mod)
+        out[n] = Preconditioner(kind, out_in(mod, exp_avg[key]).to(ref), out_in(mod, exp_avg_sq[key]).to(ref),
+                                betas[0], betas[1], eps)
+    return out
+
+
+def _loss_sum(model: nn.Module, enc: dict[str, torch.Tensor], inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over the batch of each example's mean response-token loss: its backward gives every
+    example its own loss gradient (examples do not interact in a causal LM)."""
+    kwargs = {"attention_mask": enc["attention_mask"]}
+    if inputs_embeds is None:
+        kwargs["input_ids"] = enc["input_ids"]
+    else:
+        kwargs["inputs_embeds"] = inputs_embeds
+    logits = model(**kwargs).logits
+    return per_example_loss(logits, enc["labels"]).sum()
+
+
+class KroneckerEngine:
+    """Projected per-example gradients of a padded batch from one forward and one backward.
+
+    Args:
+        model: the model (its parameters are frozen while the engine runs and restored after).
+        modules: layers to featurise (:func:`feature_modules`).
+        projections: one :class:`LayerProjection` per layer.
+        preconds: ``sgd`` or ``factored-adam`` preconditioners per layer.
+    """
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], projections: dict[str, LayerProjection],
+                 preconds: dict[str, Preconditioner]):
+        self.model, self.modules = model, modules
+        self.P_out, self.P_in, self.scale, self.offset = {}, {}, {}, {}
+        for name in modules:
+            pr, pc = projections[name], preconds[name]
+            if pc.kind == "adam":
+                raise ValueError("elementwise adam needs --engine dense; the kronecker engine takes --grad factored-adam")
+            if pc.kind == "sgd":
+                self.P_out[name], self.P_in[name], self.scale[name], self.offset[name] = pr.P_out, pr.P_in, 1.0, None
+            else:
+                d_out, d_in = pc.factors()
+                P_out, P_in = pr.P_out * d_out[None, :], pr.P_in * d_in[None, :]
+                self.P_out[name], self.P_in[name] = P_out, P_in
+                self.scale[name] = 1 - pc.beta1
+                self.offset[name] = pc.beta1 * (P_out @ pc.m @ P_in.T)
+
+    @property
+    def dim(self) -> int:
+        return sum(self.P_out[n].shape[0] * self.P_in[n].shape[0] for n in self.modules)
+
+    def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Features of a batch.
+
+        Args:
+            enc: ``input_ids``, ``attention_mask``, ``labels`` (B, T), right-padded.
+
+        Returns:
+            (B, dim) features in the model's dtype.
+        """
+        feats: dict[str, torch.Tensor] = {}
+        mask = enc["attention_mask"][..., None]
+        handles = []
+
+        def hook(name):
+            def fwd(_mod, inputs, output):
+                # Padding positions carry no loss; masking their inputs also zeroes their outer products.
+                ph = (inputs[0] * mask.to(inputs[0].dtype)) @ self.P_in[name].T  # (B, T, k_in)
+
+                def bwd(grad):
+                    pd = grad @ self.P_out[name].T  # (B, T, k_out)
+                    feats[name] = torch.einsum("bto,bti->boi", pd, ph)
+
+                output.register_hook(bwd)
+            return fwd
+
+        flags = {p: p.requires_grad for p in self.model.parameters()}
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            for name, mod in self.modules.items():
+                handles.append(mod.register_forward_hook(hook(name)))
+            embeds = self.model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
+            _loss_sum(self.model, enc, embeds).backward()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, f in flags.items():
+                p.requires_grad_(f)
+        B = enc["input_ids"].shape[0]
+        parts = []
+        for name in self.modules:
+            f = feats[name] * self.scale[name]
+            if self.offset[name] is not None:
+                f = f + self.offset[name]
+            parts.append(f.reshape(B, -1))
+        return torch.cat(parts, dim=1)
+
+
+class DenseEngine:
+    """The reference: one backward per example, its full gradient preconditioned, then projected."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], projections: dict[str, LayerProjection],
+                 preconds: dict[str, Preconditioner]):
+        self.model, self.modules, self.projections, self.preconds = model, modules, projections, preconds
+
+    @property
+    def dim(self) -> int:
+        return sum(p.dim for p in self.projections.values())
+
+    def gradients(self, enc: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each example's (out, in) weight gradients, by layer: one unpadded backward per example."""
+        weights = [mod.weight for mod in self.modules.values()]
+        flags = {p: p.requires_grad for p in self.model.parameters()}
+        out = []
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+            for i in range(enc["input_ids"].shape[0]):
+                n = int(enc["attention_mask"][i].sum())
+                one = {k: v[i:i + 1, :n] for k, v in enc.items()}
+                grads = torch.autograd.grad(_loss_sum(self.model, one), weights)
+                out.append({name: out_in(mod, g) for (name, mod), g in zip(self.modules.items(), grads)})
+        finally:
+            for p, f in flags.items():
+                p.requires_grad_(f)
+        return out
+
+    def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = []
+        for grads in self.gradients(enc):
+            parts = []
+            for name, g in grads.items():
+                pr = self.projections[name]
+                parts.append((pr.P_out @ self.preconds[name].apply(g) @ pr.P_in.T).reshape(-1))
+            rows.append(torch.cat(parts))
+        return torch.stack(rows)

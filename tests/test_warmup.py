@@ -1,0 +1,118 @@
+"""Warm-up checkpoints (LoRA on a plain model, factors on a proxy), resume, and features from them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_model_folder
+from safetensors.torch import load_file
+
+from iprox.cli import main
+from iprox.features import load_features, read_manifest
+from iprox.proxy import ProxyConfig, build_proxy
+from iprox.warmup import WarmupConfig, checkpoint_dirs, load_checkpoint, lr_at, run_warmup
+
+
+def _wcfg(model, data, out, **kw):
+    base = dict(model=str(model), data=[str(data)], out=str(out), examples=10, epochs=3, lr=5e-3, batch_size=4,
+                lora_rank=2, lora_alpha=4, max_length=96, progress=False)
+    base.update(kw)
+    return WarmupConfig(**base)
+
+
+def test_lr_schedule():
+    lrs = [lr_at(s, 10, 1.0, 0.2) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[-1] == pytest.approx(1 / 8)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_lora_warmup_writes_a_checkpoint_per_epoch(tmp_path, data_file):
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    dirs = run_warmup(_wcfg(model_dir, data_file, tmp_path / "w"))
+    assert [d.name for d in dirs] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    infos = [json.loads((d / "checkpoint.json").read_text()) for d in dirs]
+    assert [i["epoch"] for i in infos] == [1, 2, 3] and all(i["lora"] for i in infos)
+    assert infos[0]["lr"] > infos[2]["lr"] > 0  # linear decay: later epochs weigh less in TracIn
+    opt = load_file(str(dirs[0] / "optimizer.safetensors"))
+    trained = load_file(str(dirs[0] / "trainable.safetensors"))
+    assert all(".lora_" in k for k in trained) and len(trained) == 2 * 14  # A and B on 7 projections × 2 layers
+    assert set(opt) == {f"exp_avg.{k}" for k in trained} | {f"exp_avg_sq.{k}" for k in trained}
+    assert all(opt[f"exp_avg_sq.{k}"].sum() > 0 for k in trained)
+    # The checkpoint reloads to the same adapter, and the model has changed from the base.
+    ck = load_checkpoint(dirs[-1])
+    last = load_file(str(dirs[-1] / "trainable.safetensors"))
+    got = dict(ck.model.named_parameters())
+    assert all(torch.equal(got[k], v) for k, v in last.items())
+    assert any(v.abs().max() > 0 for k, v in last.items() if "lora_B" in k)
+
+
+def test_interrupted_warmup_resumes_to_the_same_checkpoints(tmp_path, data_file, monkeypatch):
+    import iprox.warmup as W
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    run_warmup(_wcfg(model_dir, data_file, tmp_path / "full"))
+    real = W._save_epoch
+
+    def die_after_first(folder, *a):
+        if folder.name == "checkpoint-2":
+            raise KeyboardInterrupt
+        real(folder, *a)
+
+    monkeypatch.setattr(W, "_save_epoch", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_warmup(_wcfg(model_dir, data_file, tmp_path / "cut"))
+    assert [d.name for d in checkpoint_dirs(tmp_path / "cut")] == ["checkpoint-1"]
+    saved = []
+    monkeypatch.setattr(W, "_save_epoch", lambda folder, *a: (saved.append(folder.name), real(folder, *a)))
+    run_warmup(_wcfg(model_dir, data_file, tmp_path / "cut"))
+    assert saved == ["checkpoint-2", "checkpoint-3"]  # epoch 1 was not retrained
+    for name in ("checkpoint-3",):
+        a = load_file(str(tmp_path / "full" / name / "trainable.safetensors"))
+        b = load_file(str(tmp_path / "cut" / name / "trainable.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7)
+
+
+def test_proxy_warmup_trains_factors_and_features_use_them(tmp_path, data_file):
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    proxy = tmp_path / "proxy"
+    build_proxy(ProxyConfig(model=str(model_dir), data=[str(data_file)], out=str(proxy), sparsity=0.5,
+                            probe_examples=4, max_length=96, progress=False))
+    dirs = run_warmup(_wcfg(proxy, data_file, tmp_path / "w", epochs=1))
+    trained = load_file(str(dirs[0] / "trainable.safetensors"))
+    assert trained and all(k.endswith((".A.weight", ".B.weight")) for k in trained)
+    # LoRA on the proxy is the alternative.
+    dirs_l = run_warmup(_wcfg(proxy, data_file, tmp_path / "wl", epochs=1, proxy_trains="lora"))
+    assert all(".lora_" in k for k in load_file(str(dirs_l[0] / "trainable.safetensors")))
+    # Features from the factor checkpoint: one block per factor, Adam-preconditioned (factored).
+    rc = main(["features", "--checkpoint", str(dirs[0]), "--data", str(data_file), "--out", str(tmp_path / "f"),
+               "--grad", "factored-adam", "--proj-dim", "4", "--max-length", "96", "--no-progress"])
+    assert rc == 0
+    man = read_manifest(tmp_path / "f")
+    assert man["checkpoint"] == str(dirs[0].resolve()) and man["epoch"] == 1 and man["lr"] > 0
+    assert all(l["name"].endswith((".A", ".B")) for l in man["layout"])
+    ids, X = load_features(tmp_path / "f")
+    assert X.shape == (24, man["dim"]) and torch.isfinite(X).all()
+
+
+def test_cli_warmup_then_dense_adam_and_kronecker_features(tmp_path, data_file, capsys):
+    model_dir = write_model_folder(tmp_path / "tiny", "gpt2")
+    assert main(["warmup", "--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path / "w"),
+                 "--examples", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "2", "--max-length", "96",
+                 "--no-progress"]) == 0
+    ck = str(tmp_path / "w" / "checkpoint-1")
+    for engine, grad in (("dense", "adam"), ("kronecker", "factored-adam"), ("dense", "factored-adam")):
+        assert main(["features", "--checkpoint", ck, "--data", str(data_file), "--out", str(tmp_path / f"{engine}-{grad}"),
+                     "--engine", engine, "--grad", grad, "--proj-dim", "4", "--max-length", "96",
+                     "--store-dtype", "float32", "--no-progress"]) == 0
+    _, kf = load_features(tmp_path / "kronecker-factored-adam")
+    _, df = load_features(tmp_path / "dense-factored-adam")
+    _, da = load_features(tmp_path / "dense-adam")
+    torch.testing.assert_close(kf, df, rtol=1e-4, atol=1e-5 * df.abs().max().item())
+    assert not torch.allclose(da, df)  # elementwise and factored Adam differ
+    capsys.readouterr()
+    assert main(["features", "--checkpoint", ck, "--data", str(data_file), "--out", str(tmp_path / "x"),
+                 "--engine", "kronecker", "--grad", "adam"]) == 2
+    assert "needs --engine dense" in capsys.readouterr().err
