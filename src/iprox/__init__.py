@@ -2,25 +2,31 @@
 
 The public API mirrors the command line::
 
-    from iprox import ProxyConfig, build_proxy, load_proxy
-    build_proxy(ProxyConfig(data=["pool.jsonl"], out="proxy", sparsity=0.5))
-    proxy = load_proxy("proxy")
+    import iprox
+    iprox.build_proxy(iprox.ProxyConfig(data=["pool.jsonl"], out="run/proxy", sparsity=0.5))
+    ckpts = iprox.run_warmup(iprox.WarmupConfig(model="run/proxy", data=["pool.jsonl"], out="run/warmup"))
+    iprox.compute_features(iprox.FeatureConfig(checkpoint=str(ckpts[-1]), data=["pool.jsonl"],
+                                               out="run/train", grad="factored-adam"))
+    iprox.compute_features(iprox.FeatureConfig(checkpoint=str(ckpts[-1]), data=["val.jsonl"], out="run/val"))
+    iprox.score(iprox.ScoreConfig(train=["run/train"], val=["run/val"], out="run/scores"))
+    iprox.select(iprox.SelectConfig(scores="run/scores", data=["pool.jsonl"], out="selected.jsonl", fraction=0.05))
+    # or all of it: iprox.run("config.toml")
 """
 
 from .data import Example, load_examples, tokenize_examples
 from .evaluation import heldout_loss
+from .features import FeatureConfig, compute_features, iter_features, load_features
 from .models import load_model
+from .pipeline import RunConfig, load_config, run
 from .proxy import ProxyConfig, build_proxy, load_model_or_proxy, load_proxy
+from .scores import ScoreConfig, compute_scores, read_scores, score
+from .selection import SelectConfig, select
+from .warmup import WarmupConfig, load_checkpoint, run_warmup
 
 __all__ = [
-    "Example",
-    "ProxyConfig",
-    "build_proxy",
-    "heldout_loss",
-    "load_examples",
-    "load_model",
-    "load_model_or_proxy",
-    "load_proxy",
-    "tokenize_examples",
+    "Example", "FeatureConfig", "ProxyConfig", "RunConfig", "ScoreConfig", "SelectConfig", "WarmupConfig",
+    "build_proxy", "compute_features", "compute_scores", "heldout_loss", "iter_features", "load_checkpoint",
+    "load_config", "load_examples", "load_features", "load_model", "load_model_or_proxy", "load_proxy",
+    "read_scores", "run", "run_warmup", "score", "select", "tokenize_examples",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

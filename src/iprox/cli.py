@@ -227,36 +227,94 @@ def find_shared_data() -> Path:
     raise FileNotFoundError("demo data not found: set IPROX_DATA to the folder holding gsm8k/ and bbh/")
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="build a proxy of the embedded model on the shared data and compare losses")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--sparsity", type=float, default=0.5)
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="TracIn or influence-function scores of the pool on the validation set")
+    p.add_argument("--train", nargs="+", required=True, help="pool feature stores, one per checkpoint")
+    p.add_argument("--val", nargs="+", required=True, help="validation feature stores, same checkpoints, same order")
+    p.add_argument("--out", required=True, help="scores folder (scores.csv inside)")
+    p.add_argument("--method", default="tracin", choices=["tracin", "if"])
+    p.add_argument("--aggregate", default="max", choices=["max", "mean"], help="across validation subtasks")
+    p.add_argument("--checkpoint-weights", default="auto",
+                   help="auto (each checkpoint's learning rate) or comma-separated weights")
+    p.add_argument("--damping", type=float, default=0.1, help="if: ridge as a fraction of the mean eigenvalue")
+    p.add_argument("--chunk-rows", type=int, default=4096)
     p.add_argument("--overwrite", action="store_true")
 
 
+def _cmd_score(args) -> int:
+    from .scores import ScoreConfig, read_scores, score
+
+    path = score(ScoreConfig(**_fields(args, ScoreConfig)))
+    rows = read_scores(path)
+    print(f"scored {len(rows)} examples: {path}")
+    return 0
+
+
+def _add_select(sub) -> None:
+    p = sub.add_parser("select", help="write the top-scored records, unchanged, as JSONL")
+    p.add_argument("--scores", required=True, help="scores folder or scores.csv")
+    p.add_argument("--data", action="append", required=True, help="the pool the scores are for (repeatable)")
+    p.add_argument("--out", required=True, help="selected.jsonl (selected.json is written beside it)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--fraction", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+
+
+def _cmd_select(args) -> int:
+    from .selection import SelectConfig, format_selection, select
+
+    man = select(SelectConfig(**_fields(args, SelectConfig)))
+    print(format_selection(man))
+    print(f"written: {args.out}")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="the whole pipeline from a TOML config (resumes; skips finished stages)")
+    p.add_argument("config", help="CONFIG.toml")
+    p.add_argument("--out", default="", help="override [run] out")
+    p.add_argument("--overwrite", action="store_true", help="rebuild stages whose settings changed")
+    p.add_argument("--device", default="")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_overrides(args) -> dict:
+    over = {"progress": not args.no_progress}
+    if args.out:
+        over["out"] = args.out
+    if args.device:
+        over["device"] = args.device
+    return over
+
+
+def _cmd_run(args) -> int:
+    from .pipeline import load_config, run
+
+    res = run(load_config(args.config, _run_overrides(args)), overwrite=args.overwrite)
+    print(res.format())
+    return 0
+
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.toml"
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help=f"`iprox run` on the shipped demo config ({DEMO_CONFIG.name}): embedded model, shared data")
+    p.add_argument("--out", default="", help="run folder (default: the config's, runs/demo)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _cmd_demo(args) -> int:
-    import torch
+    from .pipeline import load_config, run
 
-    from .data import load_examples, tokenize_examples
-    from .evaluation import heldout_loss
-    from .models import EMBEDDED_MODEL, load_model
-    from .proxy import ProxyConfig, build_proxy, load_proxy
-
-    t_start = time.perf_counter()
-    data = find_shared_data()
-    pool = [str(data / "gsm8k" / "train.jsonl"), str(data / "bbh" / "tasks")]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok, _ = load_model(EMBEDDED_MODEL, "float32", device)
-    cfg = ProxyConfig(model=EMBEDDED_MODEL, data=pool, out=str(Path(args.out) / "proxy"), sparsity=args.sparsity,
-                      probe_examples=32, probe_tokens=2048, max_length=384, overwrite=args.overwrite)
-    print(build_proxy(cfg, model=model, tokenizer=tok).format())
-    # Held-out check: GSM8K test problems, which the probe never saw.
-    held = load_examples(str(data / "gsm8k" / "test.jsonl"))[:16]
-    tokd, _ = tokenize_examples(tok, held, 384)
-    target_loss = heldout_loss(model, tokd, 8, tok.pad_token_id)["token_loss"]
-    proxy_loss = heldout_loss(load_proxy(cfg.out, device=device), tokd, 8, tok.pad_token_id)["token_loss"]
-    print(f"held-out loss on {len(tokd)} GSM8K test problems: target {target_loss:.3f}, proxy {proxy_loss:.3f}")
-    print(f"demo finished in {time.perf_counter() - t_start:.0f}s; proxy folder: {cfg.out}")
+    t0 = time.perf_counter()
+    cfg = load_config(DEMO_CONFIG, _run_overrides(args))
+    print(f"iprox demo: {DEMO_CONFIG}\n  target {cfg.model}, selector {cfg.selector}, run folder {cfg.out}")
+    res = run(cfg, overwrite=args.overwrite)
+    print(res.format())
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return 0
 
 
@@ -269,11 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_fidelity(sub)
     _add_warmup(sub)
     _add_features(sub)
+    _add_score(sub)
+    _add_select(sub)
+    _add_run(sub)
     _add_demo(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo,
-                "warmup": _cmd_warmup, "features": _cmd_features}
+                "warmup": _cmd_warmup, "features": _cmd_features,
+                "score": _cmd_score, "select": _cmd_select, "run": _cmd_run}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

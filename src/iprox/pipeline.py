@@ -1,0 +1,316 @@
+"""``iprox run CONFIG.toml``: pool → proxy → warm-up → features → scores → selection, resumably.
+
+Every stage writes its own folder under the run directory (``pool/``, ``proxy/``, ``warmup/``,
+``features/train-<epoch>/`` and ``val-<epoch>/``, ``scores/``, ``selection/``); a stage complete
+with the same settings is skipped, an unfinished one resumes (the stages themselves resume from
+their last shard, checkpoint or epoch).
+
+A changed setting invalidates its stage and every stage after it. ``pipeline.json`` in the run
+folder holds a fingerprint per stage, each hashing the stage's settings and the fingerprint of the
+stage before; a rerun whose fingerprints differ from the folders on disk is refused unless
+``overwrite`` is set, in which case the changed stage and the ones after it are rebuilt.
+
+Config (TOML; relative data paths are relative to the config file, ``{data}`` expands to the
+shared data folder, ``out`` is relative to the working directory)::
+
+    [run]
+    out = "runs/demo"
+    model = "smollm2-135m-instruct"   # the target
+    selector = "proxy"                # proxy (IProX) | model (featurise [run].model itself, LESS)
+    seed = 0
+    [data]
+    pool = [{path = "{data}/gsm8k/train.jsonl", sample = 120}, "{data}/bbh/tasks"]
+    validation = [{path = "{data}/bbh/tasks/navigate.json", sample = 4}]
+    max_length = 384
+    [proxy]     # ProxyConfig fields (sparsity, init, align_steps, ...)
+    [warmup]    # WarmupConfig fields (fraction, epochs, lr, ...)
+    [features]  # FeatureConfig fields, plus train_grad (default factored-adam)
+    [score]     # method, aggregate, checkpoint_weights, damping
+    [select]    # fraction or top_k
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import resource
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import artifacts
+from .data import load_examples
+from .features import FeatureConfig, compute_features
+from .models import EMBEDDED_MODEL
+from .proxy import ProxyConfig, build_proxy
+from .scores import ScoreConfig, score
+from .selection import SelectConfig, format_selection, select
+from .warmup import WarmupConfig, run_warmup
+
+log = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.json"
+SELECTORS = ("proxy", "model")
+STAGES = ("pool", "proxy", "warmup", "features", "score", "select")
+SECTIONS = {"run", "data", "proxy", "warmup", "features", "score", "select"}
+
+
+@dataclass
+class RunConfig:
+    """A resolved pipeline config (see the module docstring for the TOML form)."""
+
+    out: str
+    model: str = EMBEDDED_MODEL
+    selector: str = "proxy"
+    seed: int = 0
+    pool: list[dict] = field(default_factory=list)
+    validation: list[dict] = field(default_factory=list)
+    max_length: int = 512
+    proxy: dict = field(default_factory=dict)
+    warmup: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+    score: dict = field(default_factory=dict)
+    select: dict = field(default_factory=lambda: {"fraction": 0.05})
+    device: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.selector not in SELECTORS:
+            raise ValueError(f"[run] selector must be one of {SELECTORS}, got {self.selector!r}")
+        if not self.pool or not self.validation:
+            raise ValueError("[data] needs pool = [...] and validation = [...]")
+        self.pool = [_spec(s, "pool") for s in self.pool]
+        self.validation = [_spec(s, "validation") for s in self.validation]
+        # Let each stage config check its own section now, before any work starts.
+        for name, cls, extra in (("proxy", ProxyConfig, {"data": ["x"]}), ("warmup", WarmupConfig, {"data": ["x"], "out": "x"}),
+                                 ("score", ScoreConfig, {"train": ["x"], "val": ["x"], "out": "x"})):
+            _check_fields(name, cls, getattr(self, name))
+            cls(**{**extra, **getattr(self, name)})
+        feats = dict(self.features)
+        train_grad = feats.pop("train_grad", "factored-adam")
+        _check_fields("features", FeatureConfig, feats)
+        FeatureConfig(data=["x"], out="x", checkpoint="x", grad=train_grad, **feats)
+        _check_fields("select", SelectConfig, self.select)
+        SelectConfig(scores="x", data=["x"], out="x", **self.select)
+
+
+def _spec(s: Any, where: str) -> dict:
+    if isinstance(s, str):
+        return {"path": s, "sample": 0}
+    if isinstance(s, dict) and isinstance(s.get("path"), str) and set(s) <= {"path", "sample"}:
+        return {"path": s["path"], "sample": int(s.get("sample", 0))}
+    raise ValueError(f"[data] {where} entries are paths or {{path = ..., sample = N}}; got {s!r}")
+
+
+def _check_fields(section: str, cls, values: dict) -> None:
+    names = {f.name for f in dataclasses.fields(cls)} - {"data", "out", "model", "checkpoint", "train", "val", "scores"}
+    bad = sorted(set(values) - names)
+    if bad:
+        raise ValueError(f"[{section}] has unknown settings {bad}; known: {sorted(names)}")
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    """Reads a TOML config: resolves data paths against its folder and ``{data}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: {e}") from None
+    unknown = sorted(set(raw) - SECTIONS)
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {unknown}; known: {sorted(SECTIONS)}")
+    run, data = raw.get("run", {}), raw.get("data", {})
+    if "out" not in run:
+        raise ValueError(f"{path}: [run] needs out = \"<run folder>\"")
+    bad = sorted(set(data) - {"pool", "validation", "max_length"})
+    if bad:
+        raise ValueError(f"{path}: [data] has unknown settings {bad}")
+
+    def resolve(spec):
+        spec = _spec(spec, "data")
+        p = spec["path"]
+        if "{data}" in p:
+            from .cli import find_shared_data
+
+            p = p.replace("{data}", str(find_shared_data()))
+        if not p.startswith("hf:") and not Path(p).is_absolute():
+            p = str((path.parent / p).resolve())
+        return {**spec, "path": p}
+
+    unknown_run = sorted(set(run) - {"out", "model", "selector", "seed", "device"})
+    if unknown_run:
+        raise ValueError(f"{path}: [run] has unknown settings {unknown_run}")
+    kw = dict(run, pool=[resolve(s) for s in data.get("pool", [])],
+              validation=[resolve(s) for s in data.get("validation", [])],
+              max_length=data.get("max_length", 512),
+              **{k: raw.get(k, {}) for k in ("proxy", "warmup", "features", "score")})
+    if "select" in raw:
+        kw["select"] = raw["select"]
+    kw.update(overrides or {})
+    return RunConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """One hash per stage over its settings and everything upstream of it."""
+    sections = {
+        "pool": {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed},
+        "proxy": {"model": cfg.model, "selector": cfg.selector, "proxy": cfg.proxy if cfg.selector == "proxy" else None,
+                  "max_length": cfg.max_length},
+        "warmup": cfg.warmup, "features": cfg.features, "score": cfg.score, "select": cfg.select,
+    }
+    out, prev = {}, ""
+    for st in STAGES:
+        prev = hashlib.sha256((prev + json.dumps(sections[st], sort_keys=True)).encode()).hexdigest()[:16]
+        out[st] = prev
+    return out
+
+
+def _stage_dirs(run: Path) -> dict[str, list[Path]]:
+    return {"pool": [run / "pool"], "proxy": [run / "proxy"], "warmup": [run / "warmup"],
+            "features": [run / "features"], "score": [run / "scores"], "select": [run / "selection"]}
+
+
+def _check_lineage(cfg: RunConfig, run: Path, overwrite: bool) -> dict[str, str]:
+    new = _fingerprints(cfg)
+    meta_path = run / PIPELINE_FILE
+    old = json.loads(meta_path.read_text()).get("fingerprints", {}) if meta_path.exists() else {}
+    dirs = _stage_dirs(run)
+    changed = [st for st in STAGES if old.get(st) not in (None, new[st]) and any(d.exists() for d in dirs[st])]
+    if changed:
+        first = changed[0]
+        if not overwrite:
+            raise artifacts.ConfigMismatchError(
+                f"{run} holds a run made with other settings from stage '{first}' on; pass --overwrite to "
+                f"rebuild '{first}' and the stages after it, or choose another [run] out")
+        for st in STAGES[STAGES.index(first):]:
+            for d in dirs[st]:
+                if d.exists():
+                    log.warning("run: removing %s (settings changed upstream or here)", d)
+                    shutil.rmtree(d)
+    return new
+
+
+def _write_pool(cfg: RunConfig, folder: Path) -> tuple[Path, Path]:
+    """Samples the pool and validation sets once, writing normalised records with their original ids."""
+    pool_file, val_file = folder / "pool.jsonl", folder / "validation.jsonl"
+    settings = {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed}
+    if artifacts.prepare_stage(folder, "pool", settings):
+        return pool_file, val_file
+
+    def sample(specs, exclude=frozenset()):
+        out = []
+        for s in specs:
+            exs = [e for e in load_examples(s["path"]) if e.id not in exclude]
+            if s["sample"] and s["sample"] < len(exs):
+                keep = sorted(random.Random(f"{cfg.seed}:{s['path']}").sample(range(len(exs)), s["sample"]))
+                exs = [exs[i] for i in keep]
+            out += exs
+        return out
+
+    val = sample(cfg.validation)
+    pool = sample(cfg.pool, exclude=frozenset(e.id for e in val))  # never select a validation example
+
+    def dump(path, exs):
+        artifacts.atomic_write_text(path, "".join(json.dumps({"id": e.id, "source": e.source, "task": e.task,
+                                                              "messages": e.messages}, ensure_ascii=False) + "\n"
+                                                  for e in exs))
+
+    dump(pool_file, pool)
+    dump(val_file, val)
+    artifacts.atomic_write_json(folder / "pool.json", {"pool": len(pool), "validation": len(val),
+                                                       "validation_tasks": sorted({e.task for e in val})})
+    artifacts.mark_complete(folder)
+    return pool_file, val_file
+
+
+@dataclass
+class RunResult:
+    out: Path
+    selection: dict
+    timings: dict[str, float]
+
+    def format(self) -> str:
+        lines = [format_selection(self.selection), "stage times: " +
+                 ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items())]
+        lines.append(f"selected records: {self.out / 'selection' / 'selected.jsonl'}")
+        lines.append(f"scores:           {self.out / 'scores' / 'scores.csv'}")
+        return "\n".join(lines)
+
+
+def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
+    """Runs (or resumes) the whole pipeline; returns the selection manifest and stage times."""
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fps = _check_lineage(cfg, out, overwrite)
+    artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
+    timings: dict[str, float] = {}
+    peaks: dict[str, int] = {}
+    common = {"device": cfg.device, "progress": cfg.progress}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        res = fn()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, high-water mark so far
+        return res
+
+    pool_file, val_file = timed("pool", lambda: _write_pool(cfg, out / "pool"))
+    if cfg.selector == "proxy":
+        pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.proxy, "model": cfg.model,
+                              "data": [str(pool_file)], "out": str(out / "proxy"), **common})
+        timed("proxy", lambda: build_proxy(pcfg))
+        feature_model = str(out / "proxy")
+    else:
+        feature_model = cfg.model
+    wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.warmup, "model": feature_model,
+                           "data": [str(pool_file)], "out": str(out / "warmup"), **common})
+    checkpoints = timed("warmup", lambda: run_warmup(wcfg))
+    feats = dict(cfg.features)
+    train_grad = feats.pop("train_grad", "factored-adam")
+    feats.setdefault("seed", cfg.seed)
+    feats.setdefault("max_length", cfg.max_length)
+    train_stores, val_stores = [], []
+
+    def featurise():
+        for ck in checkpoints:
+            e = ck.name.split("-")[1]
+            for kind, data, grad, dest in (("train", pool_file, train_grad, train_stores), ("val", val_file, "sgd", val_stores)):
+                store = out / "features" / f"{kind}-{e}"
+                fc = FeatureConfig(**{**feats, "model": feature_model, "checkpoint": str(ck), "data": [str(data)],
+                                      "out": str(store), "grad": grad, **common})
+                log.info("%s", compute_features(fc).format())
+                dest.append(str(store))
+
+    timed("features", featurise)
+    scfg = ScoreConfig(**{**cfg.score, "train": train_stores, "val": val_stores, "out": str(out / "scores"),
+                          "progress": cfg.progress})
+    scores_csv = timed("score", lambda: score(scfg))
+    sel_dir = out / "selection"
+    sel = SelectConfig(**{**cfg.select, "scores": str(scores_csv), "data": [s["path"] for s in cfg.pool],
+                          "out": str(sel_dir / "selected.jsonl")})
+
+    def do_select():
+        if artifacts.prepare_stage(sel_dir, "select", dataclasses.asdict(sel)):
+            return json.loads((sel_dir / "selected.json").read_text())
+        man = select(sel)
+        artifacts.mark_complete(sel_dir)
+        return man
+
+    manifest = timed("select", do_select)
+    meta = json.loads((out / PIPELINE_FILE).read_text())
+    meta["timings"] = timings
+    meta["peak_rss_kib"] = peaks
+    artifacts.atomic_write_json(out / PIPELINE_FILE, meta)
+    return RunResult(out, manifest, timings)

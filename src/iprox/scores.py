@@ -1,0 +1,209 @@
+"""Influence scores of every pool example on a target task, from feature stores.
+
+TracIn (LESS): ``Inf(z, z') = Σ_c η_c cos(φ_c(z), φ_c(z'))`` over warm-up checkpoints ``c`` with
+learning-rate weights ``η_c``; train features ``φ_c(z)`` are (Adam-preconditioned) and validation
+features plain gradients, both projected alike. The influence-function variant replaces the cosine
+by ``φ_c(z')ᵀ (F_c + λI)⁻¹ φ_c(z)`` with ``F_c`` the k×k second moment of the train features and
+``λ = damping · tr(F_c)/k``.
+
+Subtasks are the validation examples' task tags. A subtask's score is the mean over its validation
+examples; the aggregate is the max (LESS) or mean over subtasks. Both scores are linear in the
+validation features, so a subtask reduces to one vector (the mean of its normalised validation
+features, or ``(F+λI)⁻¹`` times their mean) and the pool is streamed past it in chunks: memory is
+one chunk plus the (n_pool × n_subtasks) result, however large the pool.
+
+Output folder: ``scores.csv`` (``id, source, task, score, <one column per subtask>`` in store order),
+``scores.json`` (method, weights, subtasks, summary), ``stage.json`` and ``COMPLETE``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+from .features import iter_features, read_manifest
+
+log = logging.getLogger(__name__)
+
+SCORES_FILE = "scores.csv"
+RESERVED = ("id", "source", "task", "score")
+
+
+@dataclass
+class ScoreConfig:
+    """Settings of ``iprox score``.
+
+    Attributes:
+        train: pool feature stores, one per checkpoint.
+        val: validation feature stores, one per checkpoint, in the same order.
+        out: the scores folder.
+        method: ``tracin`` or ``if``.
+        aggregate: ``max`` (LESS) or ``mean`` over subtasks.
+        checkpoint_weights: ``auto`` (each checkpoint's mean learning rate; 1 without checkpoints)
+            or explicit weights, one per checkpoint.
+        damping: ``if`` only: λ as a fraction of the mean eigenvalue of F.
+        chunk_rows: pool rows scored at once.
+    """
+
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    out: str = ""
+    method: str = "tracin"
+    aggregate: str = "max"
+    checkpoint_weights: str | list[float] = "auto"
+    damping: float = 0.1
+    chunk_rows: int = 4096
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.train, str):
+            self.train = [self.train]
+        if isinstance(self.val, str):
+            self.val = [self.val]
+        if not self.train or len(self.train) != len(self.val):
+            raise ValueError(f"score needs one --val store per --train store (got {len(self.train)} train, {len(self.val)} val)")
+        if not self.out:
+            raise ValueError("score needs --out (the scores folder)")
+        if self.method not in ("tracin", "if"):
+            raise ValueError(f"method must be 'tracin' or 'if', got {self.method!r}")
+        if self.aggregate not in ("max", "mean"):
+            raise ValueError(f"aggregate must be 'max' or 'mean', got {self.aggregate!r}")
+        if isinstance(self.checkpoint_weights, str) and self.checkpoint_weights != "auto":
+            try:
+                self.checkpoint_weights = [float(w) for w in self.checkpoint_weights.split(",")]
+            except ValueError:
+                raise ValueError(f"checkpoint weights must be 'auto' or numbers like 1e-5,5e-6; got {self.checkpoint_weights!r}") from None
+        if isinstance(self.checkpoint_weights, list) and len(self.checkpoint_weights) != len(self.train):
+            raise ValueError(f"{len(self.checkpoint_weights)} checkpoint weights for {len(self.train)} checkpoints")
+        if self.damping <= 0 or self.chunk_rows < 1:
+            raise ValueError("damping must be > 0 and chunk_rows >= 1")
+        self.train = [str(Path(p).resolve()) for p in self.train]
+        self.val = [str(Path(p).resolve()) for p in self.val]
+
+
+def _check_pair(tm: dict, vm: dict, t: str, v: str) -> None:
+    for key in ("seed", "proj_dim", "dim", "model_hash", "layout"):
+        if tm[key] != vm[key]:
+            raise ValueError(f"{t} and {v} are not comparable: their {key} differ "
+                             f"(featurise both with the same model, checkpoint and projection settings)")
+
+
+def _subtask_matrix(val_store: str, method: str, subtasks: list[str], tasks: list[str]) -> torch.Tensor:
+    """(dim, n_subtasks): per subtask the mean of its validation features (normalised for tracin)."""
+    V = torch.cat([x for _, x in iter_features(val_store, dtype=torch.float64)])
+    if method == "tracin":
+        V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    idx = {s: [i for i, t in enumerate(tasks) if t == s] for s in subtasks}
+    return torch.stack([V[idx[s]].mean(0) for s in subtasks], dim=1)
+
+
+def second_moment(store: str, chunk_rows: int) -> torch.Tensor:
+    """F = (1/N) Σ φ φᵀ over a store's rows, float64, streamed."""
+    dim = read_manifest(store)["dim"]
+    F, n = torch.zeros(dim, dim, dtype=torch.float64), 0
+    for _, X in iter_features(store, chunk_rows, dtype=torch.float64):
+        F += X.T @ X
+        n += X.shape[0]
+    return F / max(n, 1)
+
+
+@dataclass
+class ScoreResult:
+    ids: list[str]
+    sources: list[str]
+    tasks: list[str]
+    subtasks: list[str]
+    per_subtask: torch.Tensor  # (n, n_subtasks) float64
+    score: torch.Tensor  # (n,)
+    weights: list[float]
+
+
+def compute_scores(config: ScoreConfig) -> ScoreResult:
+    """Scores without writing anything (the library core of :func:`score`)."""
+    tman = [read_manifest(p) for p in config.train]
+    vman = [read_manifest(p) for p in config.val]
+    for t, v, tm, vm in zip(config.train, config.val, tman, vman):
+        _check_pair(tm, vm, t, v)
+        if tm["ids"] != tman[0]["ids"]:
+            raise ValueError(f"{t} holds other examples than {config.train[0]}; featurise the same pool at every checkpoint")
+        if vm["ids"] != vman[0]["ids"]:
+            raise ValueError(f"{v} holds other examples than {config.val[0]}")
+    if config.checkpoint_weights == "auto":
+        weights = [float(m["lr"]) if m.get("lr") else 1.0 for m in tman]
+    else:
+        weights = list(config.checkpoint_weights)
+    vtasks = vman[0]["tasks"]
+    subtasks = sorted(set(vtasks))
+    n = tman[0]["n_examples"]
+    total = torch.zeros(n, len(subtasks), dtype=torch.float64)
+    for c, (t, v, w) in enumerate(zip(config.train, config.val, weights)):
+        U = _subtask_matrix(v, config.method, subtasks, vtasks)
+        if config.method == "if":
+            F = second_moment(t, config.chunk_rows)
+            lam = config.damping * torch.trace(F) / F.shape[0]
+            U = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=F.dtype), U)
+        row = 0
+        for _, X in iter_features(t, config.chunk_rows, dtype=torch.float64):
+            if config.method == "tracin":
+                X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            total[row:row + X.shape[0]] += w * (X @ U)
+            row += X.shape[0]
+        log.info("scored checkpoint %d/%d (weight %.3g)", c + 1, len(weights), w)
+    agg = total.max(dim=1).values if config.aggregate == "max" else total.mean(dim=1)
+    return ScoreResult(tman[0]["ids"], tman[0]["sources"], tman[0]["tasks"], subtasks, total, agg, weights)
+
+
+def _column_names(subtasks: list[str]) -> list[str]:
+    return [f"task:{s}" if s in RESERVED else s for s in subtasks]
+
+
+def write_scores_csv(path: Path, res: ScoreResult) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(RESERVED) + _column_names(res.subtasks))
+    for i, ident in enumerate(res.ids):
+        w.writerow([ident, res.sources[i], res.tasks[i], repr(float(res.score[i]))]
+                   + [repr(float(x)) for x in res.per_subtask[i]])
+    artifacts.atomic_write_text(path, buf.getvalue())
+
+
+def read_scores(path: str | Path) -> list[dict]:
+    """Rows of a scores table (a ``scores.csv`` or the folder holding it); ``score`` as float."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SCORES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no scores table at {path} (run `iprox score` first)")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"id", "score"} <= set(rows[0]):
+        raise ValueError(f"{path} is not a scores table: it needs columns id and score")
+    for r in rows:
+        r["score"] = float(r["score"])
+    return rows
+
+
+def score(config: ScoreConfig) -> Path:
+    """Computes and writes the scores folder; returns the path of ``scores.csv``."""
+    out = Path(config.out)
+    cfg = asdict(config)
+    if not artifacts.prepare_stage(out, "score", cfg, config.overwrite):
+        res = compute_scores(config)
+        write_scores_csv(out / SCORES_FILE, res)
+        s = res.score
+        artifacts.atomic_write_json(out / "scores.json", {
+            "method": config.method, "aggregate": config.aggregate, "weights": res.weights,
+            "subtasks": res.subtasks, "n": len(res.ids),
+            "score_min": float(s.min()), "score_max": float(s.max()), "score_mean": float(s.mean()),
+        })
+        artifacts.mark_complete(out)
+    return out / SCORES_FILE

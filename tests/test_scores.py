@@ -1,0 +1,263 @@
+"""Scores against brute force from stored features; streaming; aggregation; selection; the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import chat_records, write_jsonl, write_model_folder
+from safetensors.torch import save_file
+
+from iprox import artifacts
+from iprox.features import MANIFEST_FILE, STORE_FORMAT_VERSION, load_features, shard_name
+from iprox.scores import ScoreConfig, compute_scores, read_scores, score
+from iprox.selection import SelectConfig, rank, select
+
+
+def fake_store(folder: Path, X: torch.Tensor, ids, tasks, lr=None, shard_size=4, seed=0):
+    """A store written by hand, so the scores can be checked against these exact numbers."""
+    folder.mkdir(parents=True)
+    shards = []
+    for i, a in enumerate(range(0, len(ids), shard_size)):
+        save_file({"features": X[a:a + shard_size].contiguous()}, str(folder / shard_name(i)),
+                  metadata={"ids": json.dumps(ids[a:a + shard_size])})
+        shards.append({"file": shard_name(i), "start": a, "count": len(ids[a:a + shard_size])})
+    man = {"format_version": STORE_FORMAT_VERSION, "model": "m", "checkpoint": "", "epoch": 1, "lr": lr,
+           "model_hash": "h", "seed": seed, "proj_dim": 4, "dim": X.shape[1], "layout": [], "ids": ids,
+           "sources": ["src"] * len(ids), "tasks": tasks, "n_examples": len(ids), "shards": shards}
+    (folder / MANIFEST_FILE).write_text(json.dumps(man))
+    artifacts.mark_complete(folder)
+    return str(folder)
+
+
+@pytest.fixture
+def stores(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    n, nv, d = 10, 5, 6
+    ids = [f"p{i}" for i in range(n)]
+    vids = [f"v{i}" for i in range(nv)]
+    vtasks = ["a", "a", "b", "b", "b"]
+    out = {"train": [], "val": [], "X": [], "V": [], "lr": [2e-5, 1e-5]}
+    for c, lr in enumerate(out["lr"]):
+        X, V = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(nv, d, generator=g, dtype=torch.float64)
+        out["train"].append(fake_store(tmp_path / f"t{c}", X, ids, ["t"] * n, lr))
+        out["val"].append(fake_store(tmp_path / f"v{c}", V, vids, vtasks, lr))
+        out["X"].append(X)
+        out["V"].append(V)
+    out.update(ids=ids, vtasks=vtasks, tmp=tmp_path)
+    return out
+
+
+def brute(stores, method, aggregate, damping=0.1):
+    n = len(stores["ids"])
+    per = {"a": torch.zeros(n, dtype=torch.float64), "b": torch.zeros(n, dtype=torch.float64)}
+    for X, V, lr in zip(stores["X"], stores["V"], stores["lr"]):
+        if method == "if":
+            F = X.T @ X / n
+            H = torch.linalg.inv(F + damping * torch.trace(F) / F.shape[0] * torch.eye(F.shape[0], dtype=F.dtype))
+        for s in per:
+            js = [j for j, t in enumerate(stores["vtasks"]) if t == s]
+            for i in range(n):
+                vals = []
+                for j in js:
+                    if method == "tracin":
+                        vals.append(torch.dot(X[i], V[j]) / (X[i].norm() * V[j].norm()))
+                    else:
+                        vals.append(V[j] @ H @ X[i])
+                per[s][i] += lr * sum(vals) / len(vals)
+    table = torch.stack([per["a"], per["b"]], dim=1)
+    return table, (table.max(1).values if aggregate == "max" else table.mean(1))
+
+
+@pytest.mark.parametrize("method", ["tracin", "if"])
+@pytest.mark.parametrize("aggregate", ["max", "mean"])
+def test_scores_equal_brute_force(stores, method, aggregate):
+    res = compute_scores(ScoreConfig(train=stores["train"], val=stores["val"], out="x", method=method,
+                                     aggregate=aggregate))
+    table, agg = brute(stores, method, aggregate)
+    assert res.subtasks == ["a", "b"] and res.weights == stores["lr"]
+    torch.testing.assert_close(res.per_subtask, table, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res.score, agg, rtol=1e-9, atol=1e-12)
+
+
+def test_chunked_streaming_equals_in_memory(stores):
+    a = compute_scores(ScoreConfig(train=stores["train"], val=stores["val"], out="x", chunk_rows=3, method="if"))
+    b = compute_scores(ScoreConfig(train=stores["train"], val=stores["val"], out="x", chunk_rows=10_000, method="if"))
+    torch.testing.assert_close(a.per_subtask, b.per_subtask, rtol=1e-12, atol=1e-14)
+
+
+def test_explicit_checkpoint_weights_and_aggregation(stores):
+    w = compute_scores(ScoreConfig(train=stores["train"], val=stores["val"], out="x", checkpoint_weights="1,0"))
+    only_first = compute_scores(ScoreConfig(train=stores["train"][:1], val=stores["val"][:1], out="x",
+                                            checkpoint_weights="1"))
+    torch.testing.assert_close(w.per_subtask, only_first.per_subtask)
+    # max is the larger subtask column, mean their average: they differ on this data.
+    mx = compute_scores(ScoreConfig(train=stores["train"], val=stores["val"], out="x", aggregate="max"))
+    mn = compute_scores(ScoreConfig(train=stores["train"], val=stores["val"], out="x", aggregate="mean"))
+    assert torch.equal(mx.score, mx.per_subtask.max(1).values)
+    assert not torch.allclose(mx.score, mn.score)
+    with pytest.raises(ValueError, match="2 checkpoints"):
+        ScoreConfig(train=stores["train"], val=stores["val"], out="x", checkpoint_weights="1")
+
+
+def test_incomparable_stores_are_refused(stores, tmp_path):
+    other = fake_store(tmp_path / "o", stores["V"][0], [f"v{i}" for i in range(5)], stores["vtasks"], seed=9)
+    with pytest.raises(ValueError, match="seed differ"):
+        compute_scores(ScoreConfig(train=stores["train"][:1], val=[other], out="x"))
+
+
+def test_scores_table_and_rerun(stores):
+    out = stores["tmp"] / "scores"
+    path = score(ScoreConfig(train=stores["train"], val=stores["val"], out=str(out)))
+    rows = read_scores(path)
+    assert [r["id"] for r in rows] == stores["ids"]
+    assert set(rows[0]) == {"id", "source", "task", "score", "a", "b"}
+    _, agg = brute(stores, "tracin", "max")
+    assert [r["score"] for r in rows] == pytest.approx(agg.tolist(), rel=1e-12)
+    assert score(ScoreConfig(train=stores["train"], val=stores["val"], out=str(out))) == path
+    with pytest.raises(artifacts.ConfigMismatchError):
+        score(ScoreConfig(train=stores["train"], val=stores["val"], out=str(out), method="if"))
+
+
+def test_select_preserves_records_byte_for_byte(tmp_path):
+    lines = ['{"question": "q0", "answer":  "a0"}', '{"id": "x1", "question": "q\\u00e91", "answer": "a1", "extra": [1, 2]}',
+             '{"answer": "a2",   "question": "q2"}', '{"question": "q3", "answer": "a3"}']
+    pool = tmp_path / "pool.jsonl"
+    pool.write_bytes(("\n".join(lines) + "\n").encode())
+    ids = ["pool.jsonl:1", "x1", "pool.jsonl:3", "pool.jsonl:4"]
+    scores = tmp_path / "scores.csv"
+    # x1 and pool.jsonl:3 tie: the smaller id ("pool.jsonl:3") ranks first.
+    scores.write_text("id,source,task,score\n" + "".join(f"{i},pool,pool,{s}\n" for i, s in zip(ids, [0.1, 0.5, 0.5, -1])))
+    man = select(SelectConfig(scores=str(scores), data=[str(pool)], out=str(tmp_path / "sel.jsonl"), top_k=3))
+    assert (tmp_path / "sel.jsonl").read_bytes() == (lines[2] + "\n" + lines[1] + "\n" + lines[0] + "\n").encode()
+    assert man["selected"] == 3 and man["by_source"] == {"pool": 3} and man["score_min"] == 0.1
+    assert json.loads((tmp_path / "sel.json").read_text())["top"][0]["id"] == "pool.jsonl:3"
+    man = select(SelectConfig(scores=str(scores), data=[str(pool)], out=str(tmp_path / "f.jsonl"), fraction=0.5))
+    assert man["selected"] == 2
+    scores.write_text("id,score\nnope,1\n")
+    with pytest.raises(ValueError, match="not in"):
+        select(SelectConfig(scores=str(scores), data=[str(pool)], out=str(tmp_path / "g.jsonl"), top_k=1))
+    with pytest.raises(ValueError, match="exactly one"):
+        SelectConfig(scores="s", data=["d"], out="o", top_k=1, fraction=0.5)
+
+
+def test_rank_is_deterministic():
+    rows = [{"id": "b", "score": 1.0}, {"id": "a", "score": 1.0}, {"id": "c", "score": 2.0}]
+    assert [r["id"] for r in rank(rows)] == ["c", "a", "b"]
+    assert [r["id"] for r in rank(list(reversed(rows)))] == ["c", "a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_config(tmp_path: Path, model_dir: Path, **over) -> Path:
+    write_jsonl(tmp_path / "pool.jsonl", chat_records(30, seed=1))
+    write_jsonl(tmp_path / "val.jsonl", [dict(r, task="target") for r in chat_records(4, seed=2)])
+    proxy = over.get("proxy", 'sparsity = 0.5\nprobe_examples = 4\nalign_examples = 4\nalign_steps = 2\nbatch_size = 4\nlr = 1e-3')
+    text = f"""
+[run]
+out = "{tmp_path / 'run'}"
+model = "{model_dir}"
+selector = "{over.get('selector', 'proxy')}"
+[data]
+pool = [{{path = "pool.jsonl", sample = 24}}]
+validation = ["val.jsonl"]
+max_length = 96
+[proxy]
+{proxy}
+[warmup]
+examples = 6
+epochs = 2
+lr = 1e-3
+lora_rank = 2
+[features]
+proj_dim = 4
+batch_size = 4
+shard_size = 8
+[score]
+method = "tracin"
+[select]
+top_k = 5
+"""
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
+    import iprox.pipeline as P
+    from iprox.cli import main
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    cfg = _write_config(tmp_path, model_dir)
+    real_features = P.compute_features
+    calls = []
+
+    def dies_on_val(fc):
+        calls.append(Path(fc.out).name)
+        if Path(fc.out).name == "val-2":
+            raise KeyboardInterrupt
+        return real_features(fc)
+
+    monkeypatch.setattr(P, "compute_features", dies_on_val)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", str(cfg), "--no-progress"])
+    run = tmp_path / "run"
+    assert all(artifacts.is_complete(run / d) for d in ("pool", "proxy", "warmup", "features/train-1", "features/val-1", "features/train-2"))
+    assert not (run / "scores").exists()
+    # Resume: the earlier stages are not rebuilt; features resume at val-2.
+    import iprox.proxy as proxy_mod
+    import iprox.warmup as warmup_mod
+
+    def never(*a, **k):
+        raise AssertionError("a finished stage was rebuilt")
+
+    monkeypatch.setattr(proxy_mod, "_stage1", never)
+    monkeypatch.setattr(warmup_mod, "_save_epoch", never)
+    skipped = []
+
+    def record(fc):
+        summary = real_features(fc)
+        skipped.append((Path(fc.out).name, summary.skipped))
+        return summary
+
+    monkeypatch.setattr(P, "compute_features", record)
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "selected 5 of 24" in out and "selected records:" in out
+    assert skipped == [("train-1", True), ("val-1", True), ("train-2", True), ("val-2", False)]
+    sel = (run / "selection" / "selected.jsonl").read_text().splitlines()
+    originals = set((tmp_path / "pool.jsonl").read_text().splitlines())
+    assert len(sel) == 5 and all(line in originals for line in sel)  # original records, unchanged
+    ids, X = load_features(run / "features" / "train-1")
+    assert len(ids) == 24 and not set(ids) & {f"val.jsonl:{i}" for i in range(1, 5)}
+    meta = json.loads((run / "pipeline.json").read_text())
+    assert set(meta["timings"]) == {"pool", "proxy", "warmup", "features", "score", "select"}
+    # A changed setting is refused, then rebuilt from that stage on with --overwrite.
+    text = cfg.read_text().replace("method = \"tracin\"", "method = \"if\"")
+    cfg.write_text(text)
+    assert main(["run", str(cfg), "--no-progress"]) == 2
+    assert "from stage 'score' on" in capsys.readouterr().err
+    assert main(["run", str(cfg), "--no-progress", "--overwrite"]) == 0
+    assert json.loads((run / "scores" / "scores.json").read_text())["method"] == "if"
+
+
+def test_pipeline_with_the_model_itself_as_selector(tmp_path):
+    from iprox.pipeline import load_config, run
+
+    model_dir = write_model_folder(tmp_path / "tiny", "gpt2")
+    res = run(load_config(_write_config(tmp_path, model_dir, selector="model"), {"progress": False}))
+    assert res.selection["selected"] == 5 and not (tmp_path / "run" / "proxy").exists()
+
+
+def test_bad_config_names_the_problem(tmp_path):
+    from iprox.pipeline import load_config
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    cfg = _write_config(tmp_path, model_dir, proxy="sparsity = 0.5\nbogus = 1")
+    with pytest.raises(ValueError, match=r"\[proxy\] has unknown settings \['bogus'\]"):
+        load_config(cfg)
