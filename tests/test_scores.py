@@ -261,3 +261,16 @@ def test_bad_config_names_the_problem(tmp_path):
     cfg = _write_config(tmp_path, model_dir, proxy="sparsity = 0.5\nbogus = 1")
     with pytest.raises(ValueError, match=r"\[proxy\] has unknown settings \['bogus'\]"):
         load_config(cfg)
+
+
+def test_agreement_measures_against_hand_values():
+    from iprox.agreement import kendall, overlap_at, spearman
+
+    a = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert spearman(a, a) == pytest.approx(1.0) and kendall(a, a) == pytest.approx(1.0)
+    assert spearman(a, a[::-1]) == pytest.approx(-1.0) and kendall(a, a[::-1]) == pytest.approx(-1.0)
+    b = [1.0, 3.0, 2.0, 4.0, 5.0]  # one swapped pair: 9 concordant, 1 discordant of 10
+    assert kendall(a, b) == pytest.approx(0.8)
+    assert spearman(a, b) == pytest.approx(1 - 6 * 2 / (5 * 24))
+    ov = overlap_at([5, 4, 3, 2, 1, 0, 0, 0, 0, 0], [5, 0, 4, 0, 0, 0, 0, 0, 0, 3], 30)
+    assert ov == {"k": 3, "overlap": pytest.approx(2 / 3), "jaccard": pytest.approx(2 / 4)}

@@ -80,6 +80,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also exact-match accuracy of greedy answers (BBH targets, GSM8K final numbers)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="generation budget (0: 16, or 256 for GSM8K)")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _cmd_evaluate(args) -> int:
@@ -95,10 +99,16 @@ def _cmd_evaluate(args) -> int:
     if args.limit:
         examples = examples[: args.limit]
     tokd, _ = tokenize_examples(tok, examples, args.max_length)
-    res = heldout_loss(model, tokd, args.batch_size, tok.pad_token_id)
+    res = heldout_loss(model, tokd, args.batch_size, tok.pad_token_id, progress=not args.no_progress)
     res["model"] = args.model
     print(f"{args.model}: response-token loss {res['token_loss']:.4f} over {res['n_tokens']} tokens "
           f"({res['n_examples']} examples; mean per-example loss {res['example_loss']:.4f})")
+    if args.accuracy:
+        from .evaluation import answer_accuracy
+
+        acc = answer_accuracy(model, tok, examples, args.max_new_tokens, progress=not args.no_progress)
+        res.update(accuracy=acc["accuracy"], predictions=acc["predictions"])
+        print(f"exact-match accuracy {acc['accuracy']:.3f} over {acc['n_examples']} examples")
     if args.out:
         from .artifacts import atomic_write_json
 
@@ -107,10 +117,12 @@ def _cmd_evaluate(args) -> int:
 
 
 def _add_fidelity(sub) -> None:
-    p = sub.add_parser("fidelity", help="gradient cosine and KL of a proxy against its target")
+    p = sub.add_parser("fidelity", help="a proxy against its target: score agreement and/or gradient cosine and KL")
+    p.add_argument("--target-scores", default="", help="scores of a target-selected run (scores.csv, scores or run folder)")
+    p.add_argument("--proxy-scores", default="", help="scores of the same selection run with the proxy")
     p.add_argument("--target", default="smollm2-135m-instruct")
-    p.add_argument("--proxy", required=True, help="proxy folder")
-    p.add_argument("--data", action="append", required=True, help="held-out data (repeatable)")
+    p.add_argument("--proxy", default="", help="proxy folder (gradient cosines and KL on --data)")
+    p.add_argument("--data", action="append", default=[], help="held-out data for the gradient report (repeatable)")
     p.add_argument("--limit", type=int, default=32, help="first N examples (0: all)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -124,10 +136,31 @@ def _cmd_fidelity(args) -> int:
 
     from .artifacts import atomic_write_json
     from .data import load_examples, tokenize_examples
-    from .fidelity import format_report, gradient_fidelity
+    from .fidelity import format_agreement, format_report, gradient_fidelity, plot_scatter, score_agreement, scores_path
     from .models import load_model
     from .proxy import load_proxy
+    from .scores import read_scores
 
+    by_scores = bool(args.target_scores or args.proxy_scores)
+    if by_scores and not (args.target_scores and args.proxy_scores):
+        raise ValueError("score agreement needs both --target-scores and --proxy-scores")
+    if bool(args.proxy) != bool(args.data):
+        raise ValueError("the gradient report needs both --proxy and --data")
+    if not by_scores and not args.proxy:
+        raise ValueError("give --target-scores and --proxy-scores, or --proxy and --data, or both")
+    rep: dict = {}
+    if by_scores:
+        tp, pp = scores_path(args.target_scores), scores_path(args.proxy_scores)
+        agree, a, b = score_agreement(read_scores(tp), read_scores(pp))
+        png = Path(args.out).with_suffix(".png")
+        plot_scatter(a, b, png, f"Spearman {agree['spearman']:.3f}, Kendall {agree['kendall']:.3f}")
+        rep.update(agree, target_scores=str(tp), proxy_scores=str(pp), scatter=str(png))
+        print(format_agreement(agree))
+        print(f"scatter: {png}")
+        if not args.proxy:
+            atomic_write_json(args.out, rep)
+            print(f"report: {args.out}")
+            return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     examples = load_examples(args.data)
     if args.limit:
@@ -135,7 +168,7 @@ def _cmd_fidelity(args) -> int:
     proxy, ptok = load_proxy(args.proxy, device=device, with_tokenizer=True)
     target, _, _ = load_model(args.target, "float32", device)
     tokd, _ = tokenize_examples(ptok, examples, args.max_length)
-    rep = gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, args.temperature, not args.no_progress)
+    rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, args.temperature, not args.no_progress))
     rep.update(proxy=args.proxy, target=args.target)
     atomic_write_json(args.out, rep)
     print(format_report(rep))
@@ -185,7 +218,8 @@ def _add_features(sub) -> None:
     p.add_argument("--data", action="append", required=True, help="examples to featurise (repeatable)")
     p.add_argument("--out", required=True, help="the store folder")
     p.add_argument("--grad", default="sgd", choices=["sgd", "adam", "factored-adam"])
-    p.add_argument("--engine", default="kronecker", choices=["kronecker", "dense"])
+    p.add_argument("--engine", default="kronecker", choices=["kronecker", "dense", "representation"],
+                   help="kronecker (fast), dense (LESS-style reference), representation (RDS+ baseline: pooled hidden states)")
     p.add_argument("--proj-dim", type=int, default=64, help="projected dimensions per layer")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=256, help="examples per shard (resume unit)")
@@ -223,8 +257,33 @@ def find_shared_data() -> Path:
              str(Path(__file__).resolve().parents[3] / "shared" / "data")]
     for c in cands:
         if c and (Path(c) / "gsm8k").is_dir():
-            return Path(c)
+            return Path(c).resolve()
     raise FileNotFoundError("demo data not found: set IPROX_DATA to the folder holding gsm8k/ and bbh/")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model on selected records (LoRA, merged; or full)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--data", action="append", required=True, help="training records, e.g. selected.jsonl")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--method", default="lora", choices=["lora", "full"])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _cmd_finetune(args) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    print(f"fine-tuned model: {finetune(FinetuneConfig(**_fields(args, FinetuneConfig)))}")
+    return 0
 
 
 def _add_score(sub) -> None:
@@ -327,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_fidelity(sub)
     _add_warmup(sub)
     _add_features(sub)
+    _add_finetune(sub)
     _add_score(sub)
     _add_select(sub)
     _add_run(sub)
@@ -335,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo,
                 "warmup": _cmd_warmup, "features": _cmd_features,
-                "score": _cmd_score, "select": _cmd_select, "run": _cmd_run}
+                "score": _cmd_score, "finetune": _cmd_finetune, "select": _cmd_select, "run": _cmd_run}
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Sequence
 
 import torch
@@ -67,3 +68,64 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[TokenizedExample], b
     if not math.isfinite(out["token_loss"]):
         log.warning("held-out loss is not finite: %s", out["token_loss"])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact-match accuracy by greedy generation (short answers)
+# ---------------------------------------------------------------------------------------------
+
+_GSM_ANSWER = re.compile(r"####\s*(-?[\d,]*\.?\d+)\s*$")
+_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
+
+
+def gold_answer(answer: str) -> tuple[str, str]:
+    """``("number", "72")`` for a GSM8K-style answer ending in ``#### 72``, else ``("exact", text)``."""
+    m = _GSM_ANSWER.search(answer.strip())
+    if m:
+        return "number", m.group(1).replace(",", "")
+    return "exact", answer.strip()
+
+
+def is_correct(prediction: str, kind: str, gold: str) -> bool:
+    """Number: the number after ``####`` if the prediction has one, else its last number.
+    Exact: the prediction, stripped, starts with the gold answer followed by a non-alphanumeric
+    character or nothing (``(B)``, ``(B).`` and ``(B) because`` match ``(B)``; ``Truely`` does not match ``True``)."""
+    p = prediction.strip()
+    if kind == "number":
+        m = _GSM_ANSWER.search(p)
+        nums = [m.group(1)] if m else _NUMBER.findall(p)
+        if not nums:
+            return False
+        try:
+            return float(nums[-1].replace(",", "")) == float(gold)
+        except ValueError:
+            return False
+    return p == gold or (p.startswith(gold) and not p[len(gold)].isalnum())
+
+
+@torch.no_grad()
+def answer_accuracy(model: torch.nn.Module, tokenizer, examples, max_new_tokens: int = 0,
+                    progress: bool = True) -> dict:
+    """Exact-match accuracy of greedy answers to each example's prompt (all turns but the last).
+
+    Args:
+        examples: :class:`~iprox.data.Example` objects whose last turn is the gold answer.
+        max_new_tokens: generation budget; 0 picks 16 for short answers and 256 for GSM8K-style ones.
+
+    Returns:
+        ``accuracy``, ``n_examples``, and ``predictions`` (id, gold, prediction, correct).
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    rows = []
+    for ex in tqdm(examples, desc="accuracy", unit="ex", disable=not progress, leave=False):
+        kind, gold = gold_answer(ex.messages[-1]["content"])
+        budget = max_new_tokens or (256 if kind == "number" else 16)
+        prompt = tokenizer.apply_chat_template(ex.messages[:-1], add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=budget,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        pred = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        rows.append({"id": ex.id, "gold": gold, "prediction": pred, "correct": is_correct(pred, kind, gold)})
+    acc = sum(r["correct"] for r in rows) / max(len(rows), 1)
+    return {"accuracy": acc, "n_examples": len(rows), "predictions": rows}

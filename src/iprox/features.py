@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from . import artifacts
 from .data import batches, collate, load_examples, tokenize_examples
 from .models import EMBEDDED_MODEL, default_device, weights_hash
+from .representation import RepresentationEngine
 from .projection import (ENGINES, GRADS, DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
                          make_projections)
 
@@ -53,7 +54,8 @@ class FeatureConfig:
             ``checkpoint`` is given (they must agree if both are set).
         checkpoint: a warm-up checkpoint folder (LoRA or factors, plus Adam state), or "".
         grad: ``sgd`` (validation features, LESS), ``adam`` (dense only) or ``factored-adam``.
-        engine: ``kronecker`` (fast, hooks) or ``dense`` (per-example reference).
+        engine: ``kronecker`` (fast, hooks), ``dense`` (per-example reference), or
+            ``representation`` (the RDS+ baseline: mean-pooled final hidden states, no gradients).
         proj_dim: projected dimensions per layer (split ≈√k × √k; clipped to the layer's shape).
         batch_size: examples per forward/backward (kronecker); the dense engine loops within it.
         shard_size: examples per shard (the unit of resume and of distribution).
@@ -88,8 +90,10 @@ class FeatureConfig:
             raise ValueError("features needs --out (the store folder)")
         if self.grad not in GRADS:
             raise ValueError(f"grad must be one of {GRADS}, got {self.grad!r}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine not in ENGINES + ("representation",):
+            raise ValueError(f"engine must be one of {ENGINES + ('representation',)}, got {self.engine!r}")
+        if self.engine == "representation" and self.grad != "sgd":
+            raise ValueError("the representation engine takes no gradient preconditioner (leave --grad sgd)")
         if self.grad == "adam" and self.engine == "kronecker":
             raise ValueError("--grad adam (elementwise) needs --engine dense; use --grad factored-adam with kronecker")
         if self.grad != "sgd" and not self.checkpoint:
@@ -252,8 +256,12 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
     info = ck.info if ck else {}
     preconds = make_preconditioners(config.grad, modules, ck.exp_avg if ck else None, ck.exp_avg_sq if ck else None,
                                     tuple(info.get("betas", (0.9, 0.999))), info.get("eps", 1e-8))
-    engine_cls = KroneckerEngine if config.engine == "kronecker" else DenseEngine
-    engine = engine_cls(model, modules, projections, preconds)
+    if config.engine == "representation":
+        engine = RepresentationEngine(model)
+        projections = {}
+    else:
+        engine_cls = KroneckerEngine if config.engine == "kronecker" else DenseEngine
+        engine = engine_cls(model, modules, projections, preconds)
 
     examples = load_examples(config.data)
     tokd, stats = tokenize_examples(tok, examples, config.max_length)
@@ -302,6 +310,8 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
         if missing:
             raise RuntimeError(f"features: shards {missing[:5]} are missing after all ranks finished")
         layout, off = [], 0
+        if config.engine == "representation":
+            layout.append({"name": "mean-pooled final hidden state", "k_out": 1, "k_in": dim, "offset": 0})
         for name, pr in projections.items():
             k_out, k_in = pr.P_out.shape[0], pr.P_in.shape[0]
             layout.append({"name": name, "k_out": k_out, "k_in": k_in, "offset": off})
@@ -313,6 +323,8 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
             "bytes_per_example": bpe, "n_examples": len(ids), "ids": ids,
             "sources": [t.source for t in tokd], "tasks": [t.task for t in tokd],
             "dropped": stats.dropped_no_response, "layout": layout,
+            # This process's compute on the shards it wrote (a resumed run counts only its own).
+            "timing": {"rank0_seconds": round(seconds, 3), "rank0_examples": n_todo, "world_size": world},
             "shards": [{"file": shard_name(i), "start": i * config.shard_size,
                         "count": len(ids[i * config.shard_size:(i + 1) * config.shard_size])} for i in range(n_shards)],
         }

@@ -1,4 +1,10 @@
-"""How faithfully a proxy reproduces its target: factor-space gradient cosines and output KL.
+"""How faithfully a proxy reproduces its target: gradient cosines and output KL, and score agreement.
+
+Score agreement (:func:`score_agreement`): the same selection run once with the target and once with
+a proxy; Spearman and Kendall correlation of their scores over the pool, top-1/5/10% overlap and
+Jaccard, and the same per subtask.
+
+Gradient fidelity:
 
 For each held-out example (its own forward and backward pass, so the figures are per example as
 influence is), and each compressed layer: the cosine between the proxy's factor gradients and the
@@ -11,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from .agreement import kendall, overlap_at, spearman
 from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads,
                         require_pair_grads, response_kl, target_weight_grads)
 from .data import TokenizedExample, collate
@@ -89,4 +97,74 @@ def format_report(rep: dict, max_rows: int = 12) -> str:
     shown = items if len(items) <= max_rows else items[: max_rows // 2] + [("...", None)] + items[-max_rows // 2 :]
     for name, v in shown:
         lines.append(f"{name:<48}" if v is None else f"{name:<48} {v['cos_A']:>8.4f} {v['cos_B']:>8.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Score agreement: the same selection run with the target and with a proxy
+# ---------------------------------------------------------------------------------------------
+
+
+def scores_path(path: str | Path) -> Path:
+    """A scores table from a ``scores.csv``, a scores folder, or a run folder (``scores/scores.csv``)."""
+    path = Path(path)
+    for cand in (path, path / "scores.csv", path / "scores" / "scores.csv"):
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"no scores table at {path} (a scores.csv, a scores folder or an iprox run folder)")
+
+
+def score_agreement(target_rows: list[dict], proxy_rows: list[dict]) -> tuple[dict, list[float], list[float]]:
+    """Spearman, Kendall and top-1/5/10% overlap and Jaccard of two score tables over the same ids,
+    overall and per subtask column they share.
+
+    Returns:
+        The report, and the target's and proxy's aggregate scores in id order (for a scatter).
+
+    Raises:
+        ValueError: the tables score different pools.
+    """
+    t = {r["id"]: r for r in target_rows}
+    p = {r["id"]: r for r in proxy_rows}
+    if set(t) != set(p):
+        raise ValueError(f"the two score tables cover different pools ({len(set(t) - set(p))} ids only in the "
+                         f"target's, {len(set(p) - set(t))} only in the proxy's)")
+    ids = sorted(t)
+    a = [t[i]["score"] for i in ids]
+    b = [p[i]["score"] for i in ids]
+    rep = {"n": len(ids), "spearman": spearman(a, b), "kendall": kendall(a, b),
+           "overlap_at": {k: overlap_at(a, b, k) for k in (1, 5, 10)}}
+    fixed = {"id", "source", "task", "score"}
+    shared = [c for c in target_rows[0] if c not in fixed and c in proxy_rows[0]]
+    rep["subtasks"] = {}
+    for c in shared:
+        ca, cb = [float(t[i][c]) for i in ids], [float(p[i][c]) for i in ids]
+        rep["subtasks"][c] = {"spearman": spearman(ca, cb), "kendall": kendall(ca, cb),
+                              "overlap_at_5": overlap_at(ca, cb, 5)["overlap"]}
+    return rep, a, b
+
+
+def plot_scatter(a: list[float], b: list[float], path: str | Path, title: str) -> None:
+    """PNG scatter of proxy against target scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.2))
+    ax.scatter(a, b, s=6, alpha=0.6)
+    ax.set_xlabel("target score")
+    ax.set_ylabel("proxy score")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_agreement(rep: dict) -> str:
+    o = rep["overlap_at"]
+    lines = [f"score agreement over {rep['n']} pool examples: Spearman {rep['spearman']:.4f}, Kendall {rep['kendall']:.4f}",
+             "top-k overlap / Jaccard: " + ", ".join(f"{k}% {o[k]['overlap']:.2f} / {o[k]['jaccard']:.2f}" for k in (1, 5, 10))]
+    for name, v in rep["subtasks"].items():
+        lines.append(f"  subtask {name}: Spearman {v['spearman']:.4f}, Kendall {v['kendall']:.4f}, top-5% overlap {v['overlap_at_5']:.2f}")
     return "\n".join(lines)

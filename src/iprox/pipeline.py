@@ -16,7 +16,8 @@ shared data folder, ``out`` is relative to the working directory)::
     [run]
     out = "runs/demo"
     model = "smollm2-135m-instruct"   # the target
-    selector = "proxy"                # proxy (IProX) | model (featurise [run].model itself, LESS)
+    selector = "proxy"                # proxy (IProX) | model (LESS) | representation (RDS+) | random
+    selector_model = ""               # model / representation: featurise this model (default: the target)
     seed = 0
     [data]
     pool = [{path = "{data}/gsm8k/train.jsonl", sample = 120}, "{data}/bbh/tasks"]
@@ -36,7 +37,6 @@ import hashlib
 import json
 import logging
 import random
-import resource
 import shutil
 import time
 import tomllib
@@ -48,6 +48,7 @@ from . import artifacts
 from .data import load_examples
 from .features import FeatureConfig, compute_features
 from .models import EMBEDDED_MODEL
+from .monitor import PeakRSS
 from .proxy import ProxyConfig, build_proxy
 from .scores import ScoreConfig, score
 from .selection import SelectConfig, format_selection, select
@@ -56,7 +57,10 @@ from .warmup import WarmupConfig, run_warmup
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
-SELECTORS = ("proxy", "model")
+# proxy: IProX (or, with [proxy] init/align settings, the svd / layer-drop / unaligned baselines);
+# model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
+# representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
+SELECTORS = ("proxy", "model", "representation", "random")
 STAGES = ("pool", "proxy", "warmup", "features", "score", "select")
 SECTIONS = {"run", "data", "proxy", "warmup", "features", "score", "select"}
 
@@ -68,6 +72,7 @@ class RunConfig:
     out: str
     model: str = EMBEDDED_MODEL
     selector: str = "proxy"
+    selector_model: str = ""
     seed: int = 0
     pool: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
@@ -145,7 +150,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
             p = str((path.parent / p).resolve())
         return {**spec, "path": p}
 
-    unknown_run = sorted(set(run) - {"out", "model", "selector", "seed", "device"})
+    unknown_run = sorted(set(run) - {"out", "model", "selector", "selector_model", "seed", "device"})
     if unknown_run:
         raise ValueError(f"{path}: [run] has unknown settings {unknown_run}")
     kw = dict(run, pool=[resolve(s) for s in data.get("pool", [])],
@@ -165,8 +170,8 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
     """One hash per stage over its settings and everything upstream of it."""
     sections = {
         "pool": {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed},
-        "proxy": {"model": cfg.model, "selector": cfg.selector, "proxy": cfg.proxy if cfg.selector == "proxy" else None,
-                  "max_length": cfg.max_length},
+        "proxy": {"model": cfg.model, "selector": cfg.selector, "selector_model": cfg.selector_model,
+                  "proxy": cfg.proxy if cfg.selector == "proxy" else None, "max_length": cfg.max_length},
         "warmup": cfg.warmup, "features": cfg.features, "score": cfg.score, "select": cfg.select,
     }
     out, prev = {}, ""
@@ -234,6 +239,24 @@ def _write_pool(cfg: RunConfig, folder: Path) -> tuple[Path, Path]:
     return pool_file, val_file
 
 
+def random_scores(pool_file: Path, folder: Path, seed: int) -> Path:
+    """The random baseline: seeded uniform scores, written as a scores table."""
+    import torch
+
+    from .scores import SCORES_FILE, ScoreResult, write_scores_csv
+
+    settings = {"method": "random", "pool": str(pool_file), "seed": seed}
+    if not artifacts.prepare_stage(folder, "score", settings):
+        exs = load_examples(str(pool_file))
+        g = torch.Generator().manual_seed(seed)
+        s = torch.rand(len(exs), generator=g, dtype=torch.float64)
+        write_scores_csv(folder / SCORES_FILE, ScoreResult([e.id for e in exs], [e.source for e in exs],
+                                                           [e.task for e in exs], [], s[:, None][:, :0], s, []))
+        artifacts.atomic_write_json(folder / "scores.json", {"method": "random", "seed": seed, "n": len(exs)})
+        artifacts.mark_complete(folder)
+    return folder / SCORES_FILE
+
+
 @dataclass
 class RunResult:
     out: Path
@@ -256,47 +279,66 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
     fps = _check_lineage(cfg, out, overwrite)
     artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
     timings: dict[str, float] = {}
-    peaks: dict[str, int] = {}
+    peaks: dict[str, float] = {}
     common = {"device": cfg.device, "progress": cfg.progress}
 
     def timed(name, fn):
         t0 = time.perf_counter()
-        res = fn()
+        with PeakRSS() as mem:
+            res = fn()
         timings[name] = round(time.perf_counter() - t0, 2)
-        peaks[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, high-water mark so far
+        peaks[name] = round(mem.peak, 3)
         return res
 
     pool_file, val_file = timed("pool", lambda: _write_pool(cfg, out / "pool"))
-    if cfg.selector == "proxy":
-        pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.proxy, "model": cfg.model,
-                              "data": [str(pool_file)], "out": str(out / "proxy"), **common})
-        timed("proxy", lambda: build_proxy(pcfg))
-        feature_model = str(out / "proxy")
-    else:
-        feature_model = cfg.model
-    wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.warmup, "model": feature_model,
-                           "data": [str(pool_file)], "out": str(out / "warmup"), **common})
-    checkpoints = timed("warmup", lambda: run_warmup(wcfg))
     feats = dict(cfg.features)
     train_grad = feats.pop("train_grad", "factored-adam")
     feats.setdefault("seed", cfg.seed)
     feats.setdefault("max_length", cfg.max_length)
-    train_stores, val_stores = [], []
-
-    def featurise():
-        for ck in checkpoints:
-            e = ck.name.split("-")[1]
-            for kind, data, grad, dest in (("train", pool_file, train_grad, train_stores), ("val", val_file, "sgd", val_stores)):
-                store = out / "features" / f"{kind}-{e}"
-                fc = FeatureConfig(**{**feats, "model": feature_model, "checkpoint": str(ck), "data": [str(data)],
-                                      "out": str(store), "grad": grad, **common})
+    if cfg.selector == "random":
+        scores_csv = timed("score", lambda: random_scores(pool_file, out / "scores", cfg.seed))
+    elif cfg.selector == "representation":
+        def represent():
+            stores = []
+            for data, kind in ((pool_file, "train"), (val_file, "val")):
+                fc = FeatureConfig(**{**feats, "model": cfg.selector_model or cfg.model, "data": [str(data)],
+                                      "out": str(out / "features" / kind), "engine": "representation", **common})
                 log.info("%s", compute_features(fc).format())
-                dest.append(str(store))
+                stores.append(str(out / "features" / kind))
+            return stores
 
-    timed("features", featurise)
-    scfg = ScoreConfig(**{**cfg.score, "train": train_stores, "val": val_stores, "out": str(out / "scores"),
-                          "progress": cfg.progress})
-    scores_csv = timed("score", lambda: score(scfg))
+        train_store, val_store = timed("features", represent)
+        scfg = ScoreConfig(**{"aggregate": cfg.score.get("aggregate", "max"), "train": [train_store],
+                              "val": [val_store], "out": str(out / "scores"), "progress": cfg.progress})
+        scores_csv = timed("score", lambda: score(scfg))
+    else:
+        if cfg.selector == "proxy":
+            pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.proxy, "model": cfg.model,
+                                  "data": [str(pool_file)], "out": str(out / "proxy"), **common})
+            timed("proxy", lambda: build_proxy(pcfg))
+            feature_model = str(out / "proxy")
+        else:
+            feature_model = cfg.selector_model or cfg.model
+        wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.warmup, "model": feature_model,
+                               "data": [str(pool_file)], "out": str(out / "warmup"), **common})
+        checkpoints = timed("warmup", lambda: run_warmup(wcfg))
+        train_stores, val_stores = [], []
+
+        def featurise():
+            for ck in checkpoints:
+                e = ck.name.split("-")[1]
+                for kind, data, grad, dest in (("train", pool_file, train_grad, train_stores),
+                                               ("val", val_file, "sgd", val_stores)):
+                    store = out / "features" / f"{kind}-{e}"
+                    fc = FeatureConfig(**{**feats, "model": feature_model, "checkpoint": str(ck), "data": [str(data)],
+                                          "out": str(store), "grad": grad, **common})
+                    log.info("%s", compute_features(fc).format())
+                    dest.append(str(store))
+
+        timed("features", featurise)
+        scfg = ScoreConfig(**{**cfg.score, "train": train_stores, "val": val_stores, "out": str(out / "scores"),
+                              "progress": cfg.progress})
+        scores_csv = timed("score", lambda: score(scfg))
     sel_dir = out / "selection"
     sel = SelectConfig(**{**cfg.select, "scores": str(scores_csv), "data": [s["path"] for s in cfg.pool],
                           "out": str(sel_dir / "selected.jsonl")})
@@ -311,6 +353,6 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
     manifest = timed("select", do_select)
     meta = json.loads((out / PIPELINE_FILE).read_text())
     meta["timings"] = timings
-    meta["peak_rss_kib"] = peaks
+    meta["peak_rss_gib"] = peaks  # during each stage (a skipped stage shows the process's memory then)
     artifacts.atomic_write_json(out / PIPELINE_FILE, meta)
     return RunResult(out, manifest, timings)

@@ -227,6 +227,43 @@ def _restore(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Opt
     return info
 
 
+def train_epochs(model: nn.Module, opt: torch.optim.Optimizer, tokd, pad_id: int, device: str, *, epochs: int,
+                 lr: float, warmup_ratio: float, batch_size: int, grad_accum: int, seed: int, start_epoch: int = 0,
+                 on_epoch=None) -> None:
+    """AdamW on the mean response-token loss, linear schedule, epochs in a seeded order.
+
+    The order of epoch ``e`` is a pure function of (seed, e), so training can restart at any epoch
+    boundary. ``on_epoch(epoch, step, lrs, mean_loss, seconds)`` is called after each epoch.
+    """
+    per_epoch = max(1, math.ceil(len(tokd) / (batch_size * grad_accum)))
+    total = per_epoch * epochs
+    model.train()
+    for epoch in range(start_epoch, epochs):
+        order = epoch_order(len(tokd), epoch, seed)
+        micro = batches([tokd[i] for i in order], batch_size)
+        lrs, losses, t0 = [], [], time.perf_counter()
+        for s in range(per_epoch):
+            step = epoch * per_epoch + s
+            lr_now = lr_at(step, total, lr, warmup_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            group = micro[s * grad_accum:(s + 1) * grad_accum]
+            n_ex = sum(len(b) for b in group)
+            for b in group:
+                enc = {k: v.to(device) for k, v in collate(b, pad_id).items()}
+                logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                # Mean over examples of each example's mean response-token loss.
+                loss = per_example_loss(logits, enc["labels"]).sum() / n_ex
+                loss.backward()
+                losses.append(loss.item() * n_ex / len(b))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            lrs.append(lr_now)
+        if on_epoch:
+            on_epoch(epoch + 1, (epoch + 1) * per_epoch, lrs, sum(losses) / len(losses), time.perf_counter() - t0)
+    model.eval()
+
+
 def run_warmup(config: WarmupConfig) -> list[Path]:
     """Trains and writes one checkpoint per epoch; skips work already done.
 
@@ -256,44 +293,24 @@ def run_warmup(config: WarmupConfig) -> list[Path]:
     if not tokd:
         raise ValueError("no warm-up example has a response token within max_length")
     artifacts.atomic_write_json(out / "train_ids.json", [t.id for t in tokd])
-    per_epoch = max(1, math.ceil(len(tokd) / (config.batch_size * config.grad_accum)))
-    total = per_epoch * config.epochs
     opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     done = checkpoint_dirs(out)
-    start_epoch = len(done)
     if done:
         _restore(done[-1], params, opt)
-        log.info("warmup: resuming after epoch %d", start_epoch)
+        log.info("warmup: resuming after epoch %d", len(done))
     beta1, beta2 = opt.param_groups[0]["betas"]
-    model.train()
-    for epoch in range(start_epoch, config.epochs):
-        order = epoch_order(len(tokd), epoch, config.seed)
-        micro = batches([tokd[i] for i in order], config.batch_size)
-        lrs, losses, t0 = [], [], time.perf_counter()
-        for s in range(per_epoch):
-            step = epoch * per_epoch + s
-            lr = lr_at(step, total, config.lr, config.warmup_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            group = micro[s * config.grad_accum:(s + 1) * config.grad_accum]
-            n_ex = sum(len(b) for b in group)
-            for b in group:
-                enc = {k: v.to(device) for k, v in collate(b, tok.pad_token_id).items()}
-                logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-                # Mean over examples of each example's mean response-token loss.
-                loss = per_example_loss(logits, enc["labels"]).sum() / n_ex
-                loss.backward()
-                losses.append(loss.item() * n_ex / len(b))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            lrs.append(lr)
-        info = {"epoch": epoch + 1, "step": (epoch + 1) * per_epoch, "lr": sum(lrs) / len(lrs), "lr_end": lrs[-1],
+
+    def save(epoch: int, step: int, lrs: list[float], loss: float, seconds: float) -> None:
+        info = {"epoch": epoch, "step": step, "lr": sum(lrs) / len(lrs), "lr_end": lrs[-1],
                 "betas": [beta1, beta2], "eps": opt.param_groups[0]["eps"], "model": model_spec, "lora": lora,
                 "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
-                "trains": "lora" if lora else "factors", "n_train": len(tokd),
-                "train_loss": sum(losses) / len(losses), "seconds": round(time.perf_counter() - t0, 2)}
-        _save_epoch(out / f"checkpoint-{epoch + 1}", params, opt, info)
-        log.info("warmup epoch %d/%d: loss %.4f, mean lr %.3g (%.1fs)", epoch + 1, config.epochs,
-                 info["train_loss"], info["lr"], info["seconds"])
+                "trains": "lora" if lora else "factors", "n_train": len(tokd), "train_loss": loss,
+                "seconds": round(seconds, 2)}
+        _save_epoch(out / f"checkpoint-{epoch}", params, opt, info)
+        log.info("warmup epoch %d/%d: loss %.4f, mean lr %.3g (%.1fs)", epoch, config.epochs, loss, info["lr"], seconds)
+
+    train_epochs(model, opt, tokd, tok.pad_token_id, device, epochs=config.epochs, lr=config.lr,
+                 warmup_ratio=config.warmup_ratio, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                 seed=config.seed, start_epoch=len(done), on_epoch=save)
     artifacts.mark_complete(out)
     return checkpoint_dirs(out)

@@ -1,0 +1,105 @@
+"""A fine-tuned model: the target trained on a selected subset, saved as a plain model folder.
+
+LoRA (peft, on every compressible projection) by default, merged into the weights before saving so
+the folder loads anywhere without peft; ``method="full"`` trains every weight instead. The folder
+holds the model (safetensors), its config, the tokenizer, ``finetune.json`` (settings, losses,
+time), ``stage.json`` and ``COMPLETE``; ``iprox evaluate --model DIR`` evaluates it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+from .data import load_examples, tokenize_examples
+from .models import EMBEDDED_MODEL, default_device
+from .proxy import load_model_or_proxy
+from .warmup import apply_lora, mark_trainable, train_epochs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of ``iprox finetune`` (defaults suit a 135M model on a few hundred examples)."""
+
+    data: list[str] = field(default_factory=list)
+    out: str = ""
+    model: str = EMBEDDED_MODEL
+    method: str = "lora"
+    epochs: int = 3
+    lr: float = 2e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 512
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = ""
+    trust_remote_code: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data or not self.out:
+            raise ValueError("finetune needs --data (e.g. selected.jsonl) and --out")
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
+        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.lora_rank < 1:
+            raise ValueError("finetune: epochs, batch_size, grad_accum, lora_rank >= 1 and lr > 0")
+
+
+def finetune(config: FinetuneConfig) -> Path:
+    """Trains and saves; a rerun with the same settings is skipped. Returns the model folder."""
+    from .proxy import is_proxy_folder
+
+    if is_proxy_folder(config.model):
+        raise ValueError(f"{config.model} is a proxy; finetune trains a plain model (the target)")
+    out = Path(config.out)
+    cfg = asdict(config)
+    if artifacts.prepare_stage(out, "finetune", cfg, config.overwrite):
+        return out
+    device = config.device or default_device()
+    model, tok = load_model_or_proxy(config.model, config.dtype, device, config.trust_remote_code)
+    tokd, _ = tokenize_examples(tok, load_examples(config.data), config.max_length)
+    if not tokd:
+        raise ValueError(f"no example in {config.data} has a response token within max_length")
+    torch.manual_seed(config.seed)
+    lora = config.method == "lora"
+    if lora:
+        model = apply_lora(model, config.lora_rank, config.lora_alpha).to(device)
+        params = mark_trainable(model, True)
+    else:
+        params = {n: p for n, p in model.named_parameters()}
+        for p in params.values():
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    train_epochs(model, opt, tokd, tok.pad_token_id, device, epochs=config.epochs, lr=config.lr,
+                 warmup_ratio=config.warmup_ratio, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                 seed=config.seed, on_epoch=lambda e, s, lrs, loss, sec: losses.append(loss))
+    if lora:
+        model = model.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    artifacts.atomic_write_json(out / "finetune.json", {"n_train": len(tokd), "epoch_losses": losses,
+                                                        "seconds": round(time.perf_counter() - t0, 2),
+                                                        "config": artifacts.comparable(cfg)})
+    log.info("finetune: %d examples, %d epochs, losses %s", len(tokd), config.epochs,
+             ", ".join(f"{x:.3f}" for x in losses))
+    artifacts.mark_complete(out)
+    return out
