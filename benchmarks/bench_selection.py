@@ -1,0 +1,304 @@
+"""Selection benchmark: does a proxy select as the target would, does its selection help the target,
+and at what cost?
+
+On the embedded SmolLM2-135M-Instruct (the target), a pool of GSM8K train problems and examples of
+all 20 BBH tasks, and BBH target tasks each given by 4 validation examples (held-out test examples
+of those tasks are never in the pool). One ``iprox run`` per selector, each in its own process (so
+its time and peak memory are its own); the validation set holds every target task, so one run
+scores the pool for all of them (a per-task column in scores.csv). Then, per selector and target
+task, the top 5% by that task's column fine-tunes the target (LoRA), which is evaluated on the
+task's held-out examples (response loss, exact-match accuracy by greedy decoding).
+
+Reports (``BENCHMARKS.md`` section and ``benchmarks/results/selection*.json/png``):
+1. fidelity of each proxy selector's scores to the target's (Spearman, Kendall, top-k overlap);
+2. per selector and task: share of the top 5% drawn from the task, held-out loss and accuracy
+   after fine-tuning, against random data and no fine-tuning;
+3. each pipeline stage's time and peak memory, as ratios to the target-only pipeline.
+
+``--quick`` (under 30 minutes on 2 CPU cores): a smaller pool, fewer selectors. Work is kept in
+``--work`` and every step skips when already done, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import find_data, update_benchmarks_md  # noqa: E402
+
+from iprox.data import load_examples  # noqa: E402
+from iprox.fidelity import score_agreement  # noqa: E402
+from iprox.scores import read_scores  # noqa: E402
+from iprox.selection import rank  # noqa: E402
+
+log = logging.getLogger("bench_selection")
+RESULTS = ROOT / "benchmarks" / "results"
+IPROX = [sys.executable, "-m", "iprox.cli"]
+
+ALIGN = "align_examples = 16\nalign_steps = 8\nlr = 1e-4\n"
+
+
+def selectors(quick: bool) -> dict[str, dict]:
+    """name → config fragments. ``proxy`` holds the [proxy] section body."""
+    s = {
+        "random": {"selector": "random"},
+        "target (LESS)": {"selector": "model"},
+        "representation (RDS+)": {"selector": "representation"},
+        "IProX ipsvd+align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\n" + ALIGN},
+    }
+    if quick:
+        return s
+    s.update({
+        "IProX ipsvd+align 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\n" + ALIGN},
+        "IProX ipsvd+align 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\n" + ALIGN},
+        "ipsvd, no align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\n"},
+        "svd 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"svd\"\n"},
+        "svd+align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"svd\"\n" + ALIGN},
+        "layer-drop 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"layer-drop\"\n"},
+        "ipsvd, no align 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\n"},
+        "ipsvd, no align 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\n"},
+        "svd 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\ninit = \"svd\"\n"},
+        "svd 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\ninit = \"svd\"\n"},
+        "layer-drop 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\ninit = \"layer-drop\"\n"},
+        "layer-drop 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\ninit = \"layer-drop\"\n"},
+    })
+    return s
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def sh(cmd: list[str], log_path: Path) -> None:
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
+
+
+def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, sel: dict, epochs: int, probe: int) -> None:
+    proxy = sel.get("proxy", "sparsity = 0.5\n")
+    path.write_text(f"""[run]
+out = "{out}"
+model = "{target}"
+selector = "{sel['selector']}"
+seed = 0
+[data]
+pool = ["{pool}"]
+validation = ["{val}"]
+max_length = 320
+[proxy]
+{proxy}probe_examples = {probe}
+probe_tokens = 4096
+batch_size = 4
+[warmup]
+fraction = 0.05
+epochs = {epochs}
+lr = 2e-5
+[features]
+proj_dim = 64
+batch_size = 8
+train_grad = "factored-adam"
+[score]
+method = "tracin"
+aggregate = "max"
+[select]
+fraction = 0.05
+""")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", default="")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    mode = "quick" if args.quick else "full"
+    work = Path(args.work or f"/tmp/iprox-bench-selection-{mode}")
+    work.mkdir(parents=True, exist_ok=True)
+    data = find_data()
+    t_all = time.perf_counter()
+    tasks = ["boolean_expressions", "hyperbaton"] if args.quick else ["boolean_expressions", "hyperbaton", "formal_fallacies"]
+    n_gsm, per_task = (60, 6) if args.quick else (100, 10)
+    n_val, n_test = 4, (30 if args.quick else 40)
+    epochs = 1 if args.quick else 2
+
+    # Data: validation and test examples of the target tasks, then a pool without any of them.
+    bbh = load_examples(str(data / "bbh" / "tasks"))
+    by_task: dict[str, list] = {}
+    for e in bbh:
+        by_task.setdefault(e.task, []).append(e)
+    rng = random.Random(0)
+    val, test = [], {}
+    for t in tasks:
+        exs = rng.sample(by_task[t], n_val + n_test)
+        val += exs[:n_val]
+        test[t] = exs[n_val:]
+    held = {e.id for e in val} | {e.id for t in tasks for e in test[t]}
+    pool = rng.sample(load_examples(str(data / "gsm8k" / "train.jsonl")), n_gsm)
+    for t in sorted(by_task):
+        pool += rng.sample([e for e in by_task[t] if e.id not in held], per_task)
+
+    def dump(path: Path, exs) -> Path:
+        path.write_text("".join(json.dumps({"id": e.id, "source": e.source, "task": e.task, "messages": e.messages}) + "\n"
+                                for e in exs))
+        return path
+
+    pool_f, val_f = dump(work / "pool.jsonl", pool), dump(work / "val.jsonl", val)
+    test_f = {t: dump(work / f"test-{t}.jsonl", test[t]) for t in tasks}
+    target = work / "target"
+    if not (target / "config.json").exists():  # the target as an HF folder: every process loads it in seconds
+        from iprox.models import EMBEDDED_MODEL, load_model
+
+        m, tok, _ = load_model(EMBEDDED_MODEL)
+        m.save_pretrained(target)
+        tok.save_pretrained(target)
+        del m
+
+    sels = selectors(args.quick)
+    runs: dict[str, dict] = {}
+    for name, sel in sels.items():
+        out = work / "runs" / slug(name)
+        cfg = work / "configs" / f"{slug(name)}.toml"
+        cfg.parent.mkdir(exist_ok=True)
+        write_config(cfg, out, target, pool_f, val_f, sel, epochs, probe=16)
+        log.info("selector %s", name)
+        sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
+        meta = json.loads((out / "pipeline.json").read_text())
+        runs[name] = {"out": str(out), "timings": meta["timings"], "peak_rss_gib": meta["peak_rss_gib"]}
+
+    # 1. Fidelity to the target's scores.
+    ref = read_scores(Path(runs["target (LESS)"]["out"]) / "scores")
+    fidelity = {}
+    for name in sels:
+        if name in ("target (LESS)",):
+            continue
+        rep, _, _ = score_agreement(ref, read_scores(Path(runs[name]["out"]) / "scores"))
+        fidelity[name] = rep
+
+    # 2. Downstream: per selector and task, fine-tune on the top 5% by that task's column.
+    k = max(1, int(0.05 * len(pool)))
+    raw = {json.loads(line)["id"]: line for line in pool_f.read_text().splitlines()}
+    down: dict[str, dict] = {}
+    for t in tasks:
+        down[t] = {}
+        ev = work / "eval" / f"none-{t}.json"
+        ev.parent.mkdir(exist_ok=True)
+        if not ev.exists():
+            sh(IPROX + ["evaluate", "--model", str(target), "--data", str(test_f[t]), "--accuracy", "--max-new-tokens", "8",
+                        "--no-progress", "--out", str(ev)], work / "log.txt")
+        e = json.loads(ev.read_text())
+        down[t]["no fine-tuning"] = {"share": None, "loss": e["token_loss"], "accuracy": e["accuracy"]}
+        for name in sels:
+            rows = read_scores(Path(runs[name]["out"]) / "scores")
+            col = t if t in rows[0] else "score"  # random has no subtask columns
+            top = rank([{"id": r["id"], "score": float(r[col])} for r in rows])[:k]
+            sel_f = work / "eval" / f"sel-{slug(name)}-{t}.jsonl"
+            sel_f.write_text("".join(raw[r["id"]] + "\n" for r in top))
+            share = sum(1 for r in top if json.loads(raw[r["id"]])["task"] == t) / k
+            ft = work / "ft" / f"{slug(name)}-{t}"
+            sh(IPROX + ["finetune", "--model", str(target), "--data", str(sel_f), "--out", str(ft), "--epochs", "3",
+                        "--lr", "2e-4", "--max-length", "320"], work / "log.txt")
+            ev = work / "eval" / f"{slug(name)}-{t}.json"
+            if not ev.exists():
+                sh(IPROX + ["evaluate", "--model", str(ft), "--data", str(test_f[t]), "--accuracy", "--max-new-tokens",
+                            "8", "--no-progress", "--out", str(ev)], work / "log.txt")
+            e = json.loads(ev.read_text())
+            down[t][name] = {"share": share, "loss": e["token_loss"], "accuracy": e["accuracy"]}
+            log.info("%s / %s: share %.2f, loss %.3f, accuracy %.3f", name, t, share, e["token_loss"], e["accuracy"])
+
+    results = {"mode": mode, "tasks": tasks, "pool": len(pool), "per_task_in_pool": per_task, "gsm8k_in_pool": n_gsm,
+               "validation_per_task": n_val, "test_per_task": n_test, "top_k": k, "epochs": epochs,
+               "runs": runs, "fidelity": fidelity, "downstream": down, "total_seconds": time.perf_counter() - t_all}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = f"selection_{mode}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    body = report(results, stem)
+    print(body)
+    update_benchmarks_md(f"selection-{mode}", body)
+
+
+def report(r: dict, stem: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"## Selection, fine-tuning and cost (issue 6, {r['mode']} mode)", "",
+             f"`benchmarks/bench_selection.py{' --quick' if r['mode'] == 'quick' else ''}`: target SmolLM2-135M-Instruct; "
+             f"pool of {r['pool']} ({r['gsm8k_in_pool']} GSM8K train, {r['per_task_in_pool']} from each of the 20 BBH tasks); "
+             f"target tasks {', '.join(r['tasks'])}, {r['validation_per_task']} validation and {r['test_per_task']} "
+             f"held-out test examples each (neither in the pool); warm-up 5% of the pool, {r['epochs']} epoch(s); "
+             f"top 5% = {r['top_k']} examples per task; LoRA fine-tune 3 epochs, lr 2e-4. Total {r['total_seconds'] / 60:.0f} min.",
+             "", "### 1. Fidelity to the target's scores (all target tasks; max over subtasks)", "",
+             "| selector | Spearman | Kendall | top-1% | top-5% | top-10% | " +
+             " | ".join(f"Spearman {t}" for t in r["tasks"]) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(r["tasks"])]
+    for name, v in r["fidelity"].items():
+        o = v["overlap_at"]
+        sub = [f"{v['subtasks'][t]['spearman']:.3f}" if t in v["subtasks"] else "–" for t in r["tasks"]]
+        lines.append(f"| {name} | {v['spearman']:.3f} | {v['kendall']:.3f} | {o['1']['overlap']:.2f} | "
+                     f"{o['5']['overlap']:.2f} | {o['10']['overlap']:.2f} | " + " | ".join(sub) + " |")
+    lines += ["", "### 2. Top 5% per task: share from the task, then held-out loss / exact-match accuracy after fine-tuning", "",
+              "| selector | " + " | ".join(f"{t}: share, loss, acc" for t in r["tasks"]) + " |",
+              "|---|" + "---|" * len(r["tasks"])]
+    names = list(next(iter(r["downstream"].values())).keys())
+    for name in names:
+        cells = []
+        for t in r["tasks"]:
+            d = r["downstream"][t][name]
+            share = "–" if d["share"] is None else f"{d['share']:.2f}"
+            cells.append(f"{share}, {d['loss']:.3f}, {d['accuracy']:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    base = 1 / 20 * r["per_task_in_pool"] * 20 / r["pool"]
+    lines.append(f"\nA task's share of the pool is {base:.3f}; random selection draws about that.")
+    # 3. Cost
+    ref = r["runs"]["target (LESS)"]
+    tot_ref = sum(ref["timings"].values())
+    lines += ["", "### 3. Cost of each pipeline stage, as a ratio to the target-only pipeline (time; peak RSS)", "",
+              "| selector | total time | proxy | warm-up | features | score | peak RSS |", "|---|---|---|---|---|---|---|"]
+    for name, v in r["runs"].items():
+        t = v["timings"]
+        cells = [f"{sum(t.values()) / tot_ref:.2f} ({sum(t.values()) / 60:.1f} min)"]
+        for st in ("proxy", "warmup", "features", "score"):
+            if st not in t:
+                cells.append("–")
+            elif st in ref["timings"] and ref["timings"][st] > 0:
+                cells.append(f"{t[st] / ref['timings'][st]:.2f}")
+            else:
+                cells.append(f"{t[st]:.0f}s")
+        peak = max(v["peak_rss_gib"].values())
+        cells.append(f"{peak / max(ref['peak_rss_gib'].values()):.2f} ({peak:.1f} GiB)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    # Plots
+    fig, axes = plt.subplots(1, 1 + len(r["tasks"]), figsize=(5 + 4.5 * len(r["tasks"]), 4.2))
+    fn = list(r["fidelity"])
+    axes[0].barh(range(len(fn)), [r["fidelity"][n]["spearman"] for n in fn], color="tab:blue")
+    axes[0].set_yticks(range(len(fn)), fn, fontsize=7)
+    axes[0].set_xlabel("Spearman with the target's scores")
+    axes[0].set_title("1. fidelity")
+    for ax, t in zip(axes[1:], r["tasks"]):
+        d = r["downstream"][t]
+        ax.barh(range(len(names)), [d[n]["accuracy"] for n in names], color="tab:green")
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("held-out exact-match accuracy after fine-tuning")
+        ax.set_title(f"2. {t}")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    plt.close(fig)
+    lines += ["", f"![fidelity and downstream accuracy](benchmarks/results/{stem}.png)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
