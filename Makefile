@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-integration bench clean
+.PHONY: setup demo test test-integration bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ bench: setup
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
 	$(BIN)/python benchmarks/bench_features.py
+	$(BIN)/python benchmarks/bench_selection.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/bench_selection.py --quick
 
 clean:
 	rm -rf $(VENV) runs

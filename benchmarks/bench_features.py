@@ -152,6 +152,8 @@ def main() -> None:
                      out=str(work / "f-target-kron-fadam"), **common)
     ref = featurise("target dense adam", results, checkpoint=tck, grad="adam", engine="dense",
                     out=str(work / "f-target-dense-adam"), **common)
+    featurise("target kronecker factored-adam, batch 1", results, checkpoint=tck, grad="factored-adam",
+              out=str(work / "f-target-kron-fadam-b1"), **{**common, "batch_size": 1})
     plain = featurise("target kronecker sgd", results, checkpoint=tck, out=str(work / "f-target-kron-sgd"), **common)
     s_ref, s_fast, s_plain = scores_of(ref, tval), scores_of(fast, tval), scores_of(plain, tval)
     results["agreement"]["target kronecker factored-adam vs dense adam"] = agreement(s_fast, s_ref)

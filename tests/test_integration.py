@@ -45,3 +45,34 @@ def test_sparsity_half_proxy_from_a_few_dozen_examples(tmp_path, target, capsys)
     with capsys.disabled():
         print(f"\nheld-out GSM8K response loss: target {t_loss:.3f}, ipsvd proxy (sparsity 0.5) {p_loss:.3f}")
     assert torch.isfinite(torch.tensor(p_loss)) and p_loss > t_loss
+
+
+def test_kronecker_features_match_dense_on_the_real_model(target):
+    """Real architecture (GQA, tied embeddings, SiLU MLP): both engines give the same features."""
+    from iprox.data import collate, load_examples, tokenize_examples
+    from iprox.projection import DenseEngine, KroneckerEngine, feature_modules, make_preconditioners, make_projections
+
+    model, tok, _ = target
+    exs = load_examples(str(SHARED_DATA / "gsm8k" / "test.jsonl"))[:3]
+    tokd, _ = tokenize_examples(tok, exs, 192)
+    modules = feature_modules(model)
+    assert len(modules) == 210
+    proj = make_projections(modules, 16, 0)
+    pc = make_preconditioners("sgd", modules)
+    enc = collate(tokd, tok.pad_token_id)
+    kron = KroneckerEngine(model, modules, proj, pc)(enc)
+    dense = DenseEngine(model, modules, proj, pc)(enc)
+    cos = torch.nn.functional.cosine_similarity(kron, dense, dim=1)
+    assert cos.min() > 0.9999, cos
+    torch.testing.assert_close(kron, dense, rtol=1e-2, atol=1e-3 * dense.abs().max().item())
+
+
+def test_the_dequantised_embedded_model_saves_as_a_plain_folder(target, tmp_path):
+    """Fine-tuned and benchmark copies of the target are written with save_pretrained."""
+    from iprox.models import load_model
+
+    model, tok, _ = target
+    model.save_pretrained(tmp_path / "t")
+    reloaded, _, _ = load_model(str(tmp_path / "t"))
+    w = model.model.layers[3].mlp.down_proj.weight
+    assert torch.equal(reloaded.model.layers[3].mlp.down_proj.weight, w)

@@ -152,6 +152,11 @@ def load_model(
     # it would make a saved proxy look quantised to from_pretrained.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if source.gguf_file:
+        # The GGUF "quantizer" only dequantised on load; left attached, it makes save_pretrained
+        # refuse a model that now holds plain float weights (fine-tuned or warm-up models).
+        model.hf_quantizer = None
+        model.is_quantized = False
     model.to(device).eval()
     tok = load_tokenizer(source, trust_remote_code)
     return model, tok, source

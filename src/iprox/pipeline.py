@@ -277,7 +277,13 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     fps = _check_lineage(cfg, out, overwrite)
+    old = json.loads((out / PIPELINE_FILE).read_text()) if (out / PIPELINE_FILE).exists() else {}
     artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
+    # Stages finished by an earlier invocation keep the time and memory they took then, so the
+    # record describes the run, not the last (skipping) invocation.
+    dirs = {"pool": out / "pool", "proxy": out / "proxy", "warmup": out / "warmup", "features": out / "scores",
+            "score": out / "scores", "select": out / "selection"}
+    done_before = {st: artifacts.is_complete(d) for st, d in dirs.items()}
     timings: dict[str, float] = {}
     peaks: dict[str, float] = {}
     common = {"device": cfg.device, "progress": cfg.progress}
@@ -286,8 +292,15 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
         t0 = time.perf_counter()
         with PeakRSS() as mem:
             res = fn()
-        timings[name] = round(time.perf_counter() - t0, 2)
-        peaks[name] = round(mem.peak, 3)
+        if done_before[name] and name in old.get("timings", {}):
+            timings[name], peaks[name] = old["timings"][name], old.get("peak_rss_gib", {}).get(name, 0.0)
+        else:
+            timings[name] = round(time.perf_counter() - t0, 2)
+            peaks[name] = round(mem.peak, 3)
+        meta = json.loads((out / PIPELINE_FILE).read_text())
+        # peak RSS during each stage (a skipped stage keeps its earlier figure)
+        meta.update(timings=timings, peak_rss_gib=peaks)
+        artifacts.atomic_write_json(out / PIPELINE_FILE, meta)  # after every stage: survives interruption
         return res
 
     pool_file, val_file = timed("pool", lambda: _write_pool(cfg, out / "pool"))
@@ -351,8 +364,4 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
         return man
 
     manifest = timed("select", do_select)
-    meta = json.loads((out / PIPELINE_FILE).read_text())
-    meta["timings"] = timings
-    meta["peak_rss_gib"] = peaks  # during each stage (a skipped stage shows the process's memory then)
-    artifacts.atomic_write_json(out / PIPELINE_FILE, meta)
     return RunResult(out, manifest, timings)
