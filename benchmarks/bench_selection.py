@@ -44,7 +44,7 @@ log = logging.getLogger("bench_selection")
 RESULTS = ROOT / "benchmarks" / "results"
 IPROX = [sys.executable, "-m", "iprox.cli"]
 
-ALIGN = "align_examples = 16\nalign_steps = 8\nlr = 1e-4\n"
+ALIGN = "align_examples = 16\nalign_steps = 8\nlr = 1e-4\n"  # batch 2 (set below): 8 steps see all 16
 
 
 def selectors(quick: bool) -> dict[str, dict]:
@@ -86,7 +86,8 @@ def sh(cmd: list[str], log_path: Path) -> None:
         raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
 
 
-def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, sel: dict, epochs: int, probe: int) -> None:
+def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, sel: dict, epochs: int, probe: int,
+                 max_len: int) -> None:
     proxy = sel.get("proxy", "sparsity = 0.5\n")
     path.write_text(f"""[run]
 out = "{out}"
@@ -96,11 +97,11 @@ seed = 0
 [data]
 pool = ["{pool}"]
 validation = ["{val}"]
-max_length = 320
+max_length = {max_len}
 [proxy]
 {proxy}probe_examples = {probe}
 probe_tokens = 4096
-batch_size = 4
+batch_size = 2
 [warmup]
 fraction = 0.05
 epochs = {epochs}
@@ -129,9 +130,10 @@ def main() -> None:
     data = find_data()
     t_all = time.perf_counter()
     tasks = ["boolean_expressions", "hyperbaton"] if args.quick else ["boolean_expressions", "hyperbaton", "formal_fallacies"]
-    n_gsm, per_task = (60, 6) if args.quick else (100, 10)
-    n_val, n_test = 4, (30 if args.quick else 40)
+    n_gsm, per_task = (40, 5) if args.quick else (100, 10)
+    n_val, n_test = 4, (24 if args.quick else 40)
     epochs = 1 if args.quick else 2
+    max_len = 256 if args.quick else 320
 
     # Data: validation and test examples of the target tasks, then a pool without any of them.
     bbh = load_examples(str(data / "bbh" / "tasks"))
@@ -171,7 +173,7 @@ def main() -> None:
         out = work / "runs" / slug(name)
         cfg = work / "configs" / f"{slug(name)}.toml"
         cfg.parent.mkdir(exist_ok=True)
-        write_config(cfg, out, target, pool_f, val_f, sel, epochs, probe=16)
+        write_config(cfg, out, target, pool_f, val_f, sel, epochs, probe=16, max_len=max_len)
         log.info("selector %s", name)
         sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
         meta = json.loads((out / "pipeline.json").read_text())
@@ -208,7 +210,7 @@ def main() -> None:
             share = sum(1 for r in top if json.loads(raw[r["id"]])["task"] == t) / k
             ft = work / "ft" / f"{slug(name)}-{t}"
             sh(IPROX + ["finetune", "--model", str(target), "--data", str(sel_f), "--out", str(ft), "--epochs", "3",
-                        "--lr", "2e-4", "--max-length", "320"], work / "log.txt")
+                        "--lr", "2e-4", "--max-length", str(max_len)], work / "log.txt")
             ev = work / "eval" / f"{slug(name)}-{t}.json"
             if not ev.exists():
                 sh(IPROX + ["evaluate", "--model", str(ft), "--data", str(test_f[t]), "--accuracy", "--max-new-tokens",
