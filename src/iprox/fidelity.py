@@ -133,7 +133,8 @@ def score_agreement(target_rows: list[dict], proxy_rows: list[dict]) -> tuple[di
     a = [t[i]["score"] for i in ids]
     b = [p[i]["score"] for i in ids]
     rep = {"n": len(ids), "spearman": spearman(a, b), "kendall": kendall(a, b),
-           "overlap_at": {k: overlap_at(a, b, k) for k in (1, 5, 10)}}
+           # keyed "1", "5", "10" (percent), as they read back from REPORT.json
+           "overlap_at": {str(k): overlap_at(a, b, k) for k in (1, 5, 10)}}
     fixed = {"id", "source", "task", "score"}
     shared = [c for c in target_rows[0] if c not in fixed and c in proxy_rows[0]]
     rep["subtasks"] = {}
@@ -164,7 +165,7 @@ def plot_scatter(a: list[float], b: list[float], path: str | Path, title: str) -
 def format_agreement(rep: dict) -> str:
     o = rep["overlap_at"]
     lines = [f"score agreement over {rep['n']} pool examples: Spearman {rep['spearman']:.4f}, Kendall {rep['kendall']:.4f}",
-             "top-k overlap / Jaccard: " + ", ".join(f"{k}% {o[k]['overlap']:.2f} / {o[k]['jaccard']:.2f}" for k in (1, 5, 10))]
+             "top-k overlap / Jaccard: " + ", ".join(f"{k}% {o[k]['overlap']:.2f} / {o[k]['jaccard']:.2f}" for k in ("1", "5", "10"))]
     for name, v in rep["subtasks"].items():
         lines.append(f"  subtask {name}: Spearman {v['spearman']:.4f}, Kendall {v['kendall']:.4f}, top-5% overlap {v['overlap_at_5']:.2f}")
     return "\n".join(lines)
