@@ -47,14 +47,25 @@ IPROX = [sys.executable, "-m", "iprox.cli"]
 ALIGN = "align_examples = 16\nalign_steps = 8\nlr = 1e-4\n"  # batch 2 (set below): 8 steps see all 16
 
 
-def selectors(quick: bool) -> dict[str, dict]:
-    """name → config fragments. ``proxy`` holds the [proxy] section body."""
+def selectors(quick: bool, baselines: bool = False) -> dict[str, dict]:
+    """name → config fragments. ``proxy`` holds the [proxy] section body.
+
+    ``baselines`` adds, in quick mode, the proxy baselines at 0.5 and IProX at 0.3 and 0.7.
+    """
     s = {
         "random": {"selector": "random"},
         "target (LESS)": {"selector": "model"},
         "representation (RDS+)": {"selector": "representation"},
         "IProX ipsvd+align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\n" + ALIGN},
     }
+    if quick and baselines:
+        s.update({
+            "ipsvd, no align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\n"},
+            "svd 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"svd\"\n"},
+            "layer-drop 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"layer-drop\"\n"},
+            "IProX ipsvd+align 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\n" + ALIGN},
+            "IProX ipsvd+align 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\n" + ALIGN},
+        })
     if quick:
         return s
     s.update({
@@ -121,6 +132,8 @@ fraction = 0.05
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baselines", action="store_true",
+                    help="quick mode: also the svd / layer-drop / unaligned proxies at 0.5 and IProX at 0.3 and 0.7")
     ap.add_argument("--work", default="")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -167,7 +180,7 @@ def main() -> None:
         tok.save_pretrained(target)
         del m
 
-    sels = selectors(args.quick)
+    sels = selectors(args.quick, args.baselines)
     runs: dict[str, dict] = {}
     for name, sel in sels.items():
         out = work / "runs" / slug(name)

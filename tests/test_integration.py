@@ -73,6 +73,7 @@ def test_the_dequantised_embedded_model_saves_as_a_plain_folder(target, tmp_path
 
     model, tok, _ = target
     model.save_pretrained(tmp_path / "t")
+    tok.save_pretrained(tmp_path / "t")
     reloaded, _, _ = load_model(str(tmp_path / "t"))
     w = model.model.layers[3].mlp.down_proj.weight
     assert torch.equal(reloaded.model.layers[3].mlp.down_proj.weight, w)
