@@ -47,10 +47,23 @@ IPROX = [sys.executable, "-m", "iprox.cli"]
 ALIGN = "align_examples = 16\nalign_steps = 8\nlr = 1e-4\n"  # batch 2 (set below): 8 steps see all 16
 
 
-def selectors(quick: bool, baselines: bool = False) -> dict[str, dict]:
-    """name → config fragments. ``proxy`` holds the [proxy] section body.
+METHODS = {  # proxy method → [proxy] lines besides sparsity
+    "IProX ipsvd+align": ALIGN,
+    "ipsvd, no align": "",
+    "svd": 'init = "svd"\n',
+    "svd+align": 'init = "svd"\n' + ALIGN,
+    "layer-drop": 'init = "layer-drop"\n',
+}
+SPARSITIES = (0.3, 0.5, 0.7)
 
-    ``baselines`` adds, in quick mode, the proxy baselines at 0.5 and IProX at 0.3 and 0.7.
+
+def selectors(quick: bool, baselines: bool = False) -> dict[str, dict]:
+    """name → config fragments. ``proxy`` holds the [proxy] section body; ``downstream`` False skips the
+    fine-tuning of that selector's top 5% (the sparsity sweep of the baselines is measured for fidelity only).
+
+    Quick mode alone: random, target, RDS+ and IProX at 0.5. ``baselines`` (and full mode) add every proxy
+    method of ``METHODS`` at every sparsity of ``SPARSITIES``; all of IProX and every method at 0.5 are
+    fine-tuned on, the other baselines' sparsities are scored for fidelity.
     """
     s = {
         "random": {"selector": "random"},
@@ -58,30 +71,12 @@ def selectors(quick: bool, baselines: bool = False) -> dict[str, dict]:
         "representation (RDS+)": {"selector": "representation"},
         "IProX ipsvd+align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\n" + ALIGN},
     }
-    if quick and baselines:
-        s.update({
-            "ipsvd, no align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\n"},
-            "svd 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"svd\"\n"},
-            "layer-drop 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"layer-drop\"\n"},
-            "IProX ipsvd+align 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\n" + ALIGN},
-            "IProX ipsvd+align 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\n" + ALIGN},
-        })
-    if quick:
+    if quick and not baselines:
         return s
-    s.update({
-        "IProX ipsvd+align 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\n" + ALIGN},
-        "IProX ipsvd+align 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\n" + ALIGN},
-        "ipsvd, no align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\n"},
-        "svd 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"svd\"\n"},
-        "svd+align 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"svd\"\n" + ALIGN},
-        "layer-drop 0.5": {"selector": "proxy", "proxy": "sparsity = 0.5\ninit = \"layer-drop\"\n"},
-        "ipsvd, no align 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\n"},
-        "ipsvd, no align 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\n"},
-        "svd 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\ninit = \"svd\"\n"},
-        "svd 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\ninit = \"svd\"\n"},
-        "layer-drop 0.3": {"selector": "proxy", "proxy": "sparsity = 0.3\ninit = \"layer-drop\"\n"},
-        "layer-drop 0.7": {"selector": "proxy", "proxy": "sparsity = 0.7\ninit = \"layer-drop\"\n"},
-    })
+    for method, lines in METHODS.items():
+        for sp in SPARSITIES:
+            s[f"{method} {sp}"] = {"selector": "proxy", "proxy": f"sparsity = {sp}\n" + lines,
+                                   "downstream": sp == 0.5 or method == "IProX ipsvd+align"}
     return s
 
 
@@ -133,7 +128,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--baselines", action="store_true",
-                    help="quick mode: also the svd / layer-drop / unaligned proxies at 0.5 and IProX at 0.3 and 0.7")
+                    help="quick mode: also every proxy baseline (svd, svd+align, layer-drop, unaligned ipsvd) at 0.3, 0.5 and 0.7")
     ap.add_argument("--work", default="")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -214,7 +209,7 @@ def main() -> None:
                         "--no-progress", "--out", str(ev)], work / "log.txt")
         e = json.loads(ev.read_text())
         down[t]["no fine-tuning"] = {"share": None, "loss": e["token_loss"], "accuracy": e["accuracy"]}
-        for name in sels:
+        for name in (n for n, v in sels.items() if v.get("downstream", True)):
             rows = read_scores(Path(runs[name]["out"]) / "scores")
             col = t if t in rows[0] else "score"  # random has no subtask columns
             top = rank([{"id": r["id"], "score": float(r[col])} for r in rows])[:k]
@@ -265,6 +260,7 @@ def report(r: dict, stem: str) -> str:
         sub = [f"{v['subtasks'][t]['spearman']:.3f}" if t in v["subtasks"] else "–" for t in r["tasks"]]
         lines.append(f"| {name} | {v['spearman']:.3f} | {v['kendall']:.3f} | {o['1']['overlap']:.2f} | "
                      f"{o['5']['overlap']:.2f} | {o['10']['overlap']:.2f} | " + " | ".join(sub) + " |")
+    lines += sweep_table(r)
     lines += ["", "### 2. Top 5% per task: share from the task, then held-out loss / exact-match accuracy after fine-tuning", "",
               "| selector | " + " | ".join(f"{t}: share, loss, acc" for t in r["tasks"]) + " |",
               "|---|" + "---|" * len(r["tasks"])]
@@ -297,7 +293,7 @@ def report(r: dict, stem: str) -> str:
         cells.append(f"{peak / max(ref['peak_rss_gib'].values()):.2f} ({peak:.1f} GiB)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     # Plots
-    fig, axes = plt.subplots(1, 1 + len(r["tasks"]), figsize=(5 + 4.5 * len(r["tasks"]), 4.2))
+    fig, axes = plt.subplots(1, 1 + len(r["tasks"]), figsize=(5 + 4.5 * len(r["tasks"]), max(4.2, 0.28 * len(r["fidelity"]))))
     fn = list(r["fidelity"])
     axes[0].barh(range(len(fn)), [r["fidelity"][n]["spearman"] for n in fn], color="tab:blue")
     axes[0].set_yticks(range(len(fn)), fn, fontsize=7)
@@ -313,7 +309,56 @@ def report(r: dict, stem: str) -> str:
     fig.savefig(RESULTS / f"{stem}.png", dpi=110)
     plt.close(fig)
     lines += ["", f"![fidelity and downstream accuracy](benchmarks/results/{stem}.png)"]
+    if sweep_plot(r, RESULTS / f"{stem}_sparsity.png"):
+        lines += ["", f"![fidelity against sparsity](benchmarks/results/{stem}_sparsity.png)"]
     return "\n".join(lines)
+
+
+def sweep(r: dict) -> dict[str, dict[float, dict]]:
+    """method → sparsity → fidelity report, for the proxy selectors named "<method> <sparsity>"."""
+    out: dict[str, dict[float, dict]] = {}
+    for name, v in r["fidelity"].items():
+        method, _, sp = name.rpartition(" ")
+        if method in METHODS:
+            out.setdefault(method, {})[float(sp)] = v
+    return out
+
+
+def sweep_table(r: dict) -> list[str]:
+    sw = sweep(r)
+    sps = sorted({sp for m in sw.values() for sp in m})
+    if len(sps) < 2:
+        return []
+    lines = ["", "Each proxy method against sparsity (fraction of parameters removed): Spearman with the target's "
+             "scores, then top-5% overlap.", "",
+             "| proxy method | " + " | ".join(f"{sp}" for sp in sps) + " |", "|---|" + "---|" * len(sps)]
+    for method, by in sw.items():
+        cells = [f"{by[sp]['spearman']:.3f}, {by[sp]['overlap_at']['5']['overlap']:.2f}" if sp in by else "–" for sp in sps]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def sweep_plot(r: dict, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
+    sw = sweep(r)
+    if not any(len(by) > 1 for by in sw.values()):
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, by in sw.items():
+        sps = sorted(by)
+        axes[0].plot(sps, [by[sp]["spearman"] for sp in sps], marker="o", label=method)
+        axes[1].plot(sps, [by[sp]["overlap_at"]["5"]["overlap"] for sp in sps], marker="o", label=method)
+    for ax, what in zip(axes, ("Spearman with the target's scores", "top-5% overlap with the target")):
+        ax.set_xlabel("sparsity (fraction of parameters removed)")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("1. fidelity of each proxy method against sparsity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":
