@@ -279,3 +279,7 @@ def test_torchrun_two_processes_equal_one(setup_store, tmp_path):
     torch.testing.assert_close(b[1], a[1], rtol=1e-5, atol=1e-6 * a[1].abs().max().item())
     man = read_manifest(tmp_path / "two")
     assert len(man["shards"]) == 4
+    # Under torchrun too, a rerun with other settings is refused: the command fails and says why.
+    changed = [c if c != "16" else "8" for c in cmd]
+    r = subprocess.run(changed, capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "other settings" in r.stderr, r.stderr[-3000:]

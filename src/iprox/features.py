@@ -233,13 +233,22 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
     rank, world = _dist()
     out = Path(config.out)
     cfg = asdict(config)
-    skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True) if rank == 0 else None
+    skip, refusal, error = None, None, None
+    if rank == 0:
+        try:
+            skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
+        except Exception as e:  # every rank must hear of it, or the others wait forever at the next collective
+            refusal, error = f"{type(e).__name__}: {e}", e
     if world > 1:
         import torch.distributed as dist
 
-        flag = [skip]
+        flag = [skip, refusal]
         dist.broadcast_object_list(flag, src=0)
-        skip = flag[0]
+        skip, refusal = flag
+    if error is not None:
+        raise error
+    if refusal is not None:
+        raise RuntimeError(f"rank 0 refused the features stage: {refusal}")
     if skip:
         man = read_manifest(out)
         return FeatureSummary(str(out), man["n_examples"], man["dim"], True, 0.0, 0.0, man["bytes_per_example"])
