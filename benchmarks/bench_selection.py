@@ -16,9 +16,9 @@ Reports (``BENCHMARKS.md`` section and ``benchmarks/results/selection*.json/png`
 3. each pipeline stage's time and peak memory, as ratios to the target-only pipeline.
 
 ``--quick`` (under 30 minutes on 2 CPU cores): a smaller pool, four selectors. ``--quick --baselines``
-adds every proxy baseline at sparsity 0.3, 0.5 and 0.7 (its 18 selection pipelines took 69 minutes,
-the fine-tuning about as long again). ``--only`` runs a subset of the mode's selectors; ``--report``
-rewrites the report from the results JSON. Work is kept in ``--work`` and every step skips when
+adds every proxy baseline at sparsity 0.3, 0.5 and 0.7 (its 18 selection pipelines took 69 minutes;
+fine-tuning and evaluation add about 1.5 minutes per selector and task, some 35 minutes). ``--only``
+runs a subset of the mode's selectors; ``--report`` rewrites the report from the results JSON. Work is kept in ``--work`` and every step skips when
 already done, so an interrupted run resumes.
 """
 

@@ -234,10 +234,12 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
     out = Path(config.out)
     cfg = asdict(config)
     skip, refusal, error = None, None, None
+    # A refusal on rank 0 reaches every rank, which raises with its reason (torchrun's agent would end
+    # the other ranks anyway, but another launcher might leave them waiting at the next collective).
     if rank == 0:
         try:
             skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
-        except Exception as e:  # every rank must hear of it, or the others wait forever at the next collective
+        except Exception as e:
             refusal, error = f"{type(e).__name__}: {e}", e
     if world > 1:
         import torch.distributed as dist
