@@ -178,9 +178,8 @@ def _cmd_fidelity(args) -> int:
 
 def _add_warmup(sub) -> None:
     p = sub.add_parser("warmup", help="short LoRA (or proxy-factor) warm-up; one checkpoint per epoch for TracIn")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="a proxy folder or any model spec")
-    p.add_argument("--data", action="append", required=True, help="the candidate pool (repeatable)")
-    p.add_argument("--out", required=True, help="warm-up folder (checkpoint-<epoch>/ inside)")
+    _add_stage_args(p, "a proxy folder or any model spec", "the candidate pool (repeatable)",
+                    "warm-up folder (checkpoint-<epoch>/ inside)", "data order and LoRA init seed")
     p.add_argument("--fraction", type=float, default=0.05, help="share of the pool to train on (LESS: 5%%)")
     p.add_argument("--examples", type=int, default=0, help="or exactly this many examples")
     p.add_argument("--epochs", type=int, default=4)
@@ -193,13 +192,6 @@ def _add_warmup(sub) -> None:
                    help="for a proxy: train its factors A, B (default) or LoRA adapters on them")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _cmd_warmup(args) -> int:
@@ -213,10 +205,9 @@ def _cmd_warmup(args) -> int:
 
 def _add_features(sub) -> None:
     p = sub.add_parser("features", help="per-example projected gradients into a sharded, resumable store")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="a proxy folder or any model spec")
+    _add_stage_args(p, "a proxy folder or any model spec", "examples to featurise (repeatable)", "the store folder",
+                    "projection seed (train and validation must share it)")
     p.add_argument("--checkpoint", default="", help="a warm-up checkpoint folder (adapter/factors + Adam state)")
-    p.add_argument("--data", action="append", required=True, help="examples to featurise (repeatable)")
-    p.add_argument("--out", required=True, help="the store folder")
     p.add_argument("--grad", default="sgd", choices=["sgd", "adam", "factored-adam"])
     p.add_argument("--engine", default="kronecker", choices=["kronecker", "dense", "representation"],
                    help="kronecker (fast), dense (LESS-style reference), representation (RDS+ baseline: pooled hidden states)")
@@ -224,13 +215,6 @@ def _add_features(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=256, help="examples per shard (resume unit)")
     p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--seed", type=int, default=0, help="projection seed (train and validation must share it)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _cmd_features(args) -> int:
@@ -238,6 +222,20 @@ def _cmd_features(args) -> int:
 
     print(compute_features(FeatureConfig(**_fields(args, FeatureConfig))).format())
     return 0
+
+
+def _add_stage_args(p, model_help: str, data_help: str, out_help: str, seed_help: str) -> None:
+    """The arguments of :class:`~iprox.runtime.ModelStageConfig`, shared by warmup, features and finetune."""
+    p.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
+    p.add_argument("--data", action="append", required=True, help=data_help)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--max-length", type=int, default=512, help="tokens per example")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="", help="default: CUDA when present, else CPU")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
+    p.add_argument("--no-progress", action="store_true")
 
 
 def _fields(args, cls) -> dict:
@@ -263,9 +261,8 @@ def find_shared_data() -> Path:
 
 def _add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a model on selected records (LoRA, merged; or full)")
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--data", action="append", required=True, help="training records, e.g. selected.jsonl")
-    p.add_argument("--out", required=True, help="model folder to write")
+    _add_stage_args(p, "the model to fine-tune (the target)", "training records, e.g. selected.jsonl (repeatable)",
+                    "model folder to write", "data order and LoRA init seed")
     p.add_argument("--method", default="lora", choices=["lora", "full"])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -273,10 +270,6 @@ def _add_finetune(sub) -> None:
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="")
-    p.add_argument("--overwrite", action="store_true")
 
 
 def _cmd_finetune(args) -> int:

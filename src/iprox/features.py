@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -33,6 +33,7 @@ from . import artifacts
 from .data import batches, collate, load_examples, tokenize_examples
 from .models import EMBEDDED_MODEL, default_device, weights_hash
 from .representation import RepresentationEngine
+from .runtime import ModelStageConfig
 from .projection import (ENGINES, GRADS, DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
                          make_projections)
 
@@ -44,8 +45,10 @@ STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
-class FeatureConfig:
+class FeatureConfig(ModelStageConfig):
     """Settings of ``iprox features``.
+
+    The shared fields (max_length, seed, dtype, device, ...) are :class:`~iprox.runtime.ModelStageConfig`'s.
 
     Attributes:
         data: examples to featurise (files or folders).
@@ -63,9 +66,6 @@ class FeatureConfig:
         seed: the projection seed; train and validation stores must share it to be comparable.
     """
 
-    data: list[str] = field(default_factory=list)
-    out: str = ""
-    model: str = EMBEDDED_MODEL
     checkpoint: str = ""
     grad: str = "sgd"
     engine: str = "kronecker"
@@ -73,21 +73,9 @@ class FeatureConfig:
     batch_size: int = 8
     shard_size: int = 256
     store_dtype: str = "float16"
-    seed: int = 0
-    max_length: int = 512
-    dtype: str = "float32"
-    device: str = ""
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if not self.data:
-            raise ValueError("features needs --data")
-        if not self.out:
-            raise ValueError("features needs --out (the store folder)")
+        self.check_io("features", "the examples to featurise", "the store folder")
         if self.grad not in GRADS:
             raise ValueError(f"grad must be one of {GRADS}, got {self.grad!r}")
         if self.engine not in ENGINES + ("representation",):

@@ -11,27 +11,29 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import artifacts
 from .data import load_examples, tokenize_examples
-from .models import EMBEDDED_MODEL, default_device
+from .models import default_device
 from .proxy import load_model_or_proxy
+from .runtime import ModelStageConfig
 from .warmup import apply_lora, mark_trainable, train_epochs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneConfig:
-    """Settings of ``iprox finetune`` (defaults suit a 135M model on a few hundred examples)."""
+class FinetuneConfig(ModelStageConfig):
+    """Settings of ``iprox finetune`` (defaults suit a 135M model on a few hundred examples).
 
-    data: list[str] = field(default_factory=list)
-    out: str = ""
-    model: str = EMBEDDED_MODEL
+    The shared fields (data, out, model, max_length, seed, dtype, device, ...) are
+    :class:`~iprox.runtime.ModelStageConfig`'s.
+    """
+
     method: str = "lora"
     epochs: int = 3
     lr: float = 2e-4
@@ -41,19 +43,9 @@ class FinetuneConfig:
     lora_alpha: float = 32.0
     batch_size: int = 4
     grad_accum: int = 1
-    max_length: int = 512
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = ""
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if not self.data or not self.out:
-            raise ValueError("finetune needs --data (e.g. selected.jsonl) and --out")
+        self.check_io("finetune", "the records to train on, e.g. selected.jsonl", "the model folder to write")
         if self.method not in ("lora", "full"):
             raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.lora_rank < 1:

@@ -28,7 +28,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,9 @@ from . import artifacts
 from .alignment import epoch_order
 from .data import batches, collate, load_examples, tokenize_examples
 from .evaluation import per_example_loss
-from .models import EMBEDDED_MODEL, compressible_modules
+from .models import compressible_modules
 from .proxy import is_proxy_folder, load_model_or_proxy
+from .runtime import ModelStageConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 @dataclass
-class WarmupConfig:
+class WarmupConfig(ModelStageConfig):
     """Settings of ``iprox warmup``.
+
+    The shared fields (max_length, seed, dtype, device, ...) are :class:`~iprox.runtime.ModelStageConfig`'s.
 
     Attributes:
         model: a proxy folder, or any model spec ``load_model`` accepts.
@@ -68,9 +71,6 @@ class WarmupConfig:
         batch_size / grad_accum: micro-batch and accumulation; one optimiser step per group.
     """
 
-    data: list[str] = field(default_factory=list)
-    out: str = ""
-    model: str = EMBEDDED_MODEL
     fraction: float = 0.05
     examples: int = 0
     epochs: int = 4
@@ -82,21 +82,9 @@ class WarmupConfig:
     proxy_trains: str = "factors"
     batch_size: int = 4
     grad_accum: int = 1
-    max_length: int = 512
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = ""
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
 
     def __post_init__(self):
-        if isinstance(self.data, str):
-            self.data = [self.data]
-        if not self.data:
-            raise ValueError("warmup needs --data (the candidate pool)")
-        if not self.out:
-            raise ValueError("warmup needs --out (the warm-up folder)")
+        self.check_io("warmup", "the candidate pool", "the warm-up folder")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.examples < 0 or self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
