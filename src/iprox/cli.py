@@ -235,7 +235,8 @@ def _add_stage_args(p, model_help: str, data_help: str, out_help: str, seed_help
     p.add_argument("--device", default="", help="default: CUDA when present, else CPU")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (features draws one; warm-up and fine-tuning log per epoch)")
 
 
 def _fields(args, cls) -> dict:

@@ -32,10 +32,10 @@ from safetensors.torch import save_file
 from . import artifacts
 from .data import batches, collate, load_examples, tokenize_examples
 from .models import EMBEDDED_MODEL, default_device, weights_hash
-from .representation import RepresentationEngine
-from .runtime import ModelStageConfig
 from .projection import (ENGINES, GRADS, DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
                          make_projections)
+from .representation import RepresentationEngine
+from .runtime import ModelStageConfig
 
 log = logging.getLogger(__name__)
 
