@@ -45,7 +45,8 @@ from iprox.projection import KroneckerEngine, feature_modules, make_precondition
 from iprox.projection import _loss_sum  # noqa: E402
 from iprox.proxy import ProxyConfig, build_proxy, load_proxy  # noqa: E402
 from iprox.scores import ScoreConfig, compute_scores  # noqa: E402
-from iprox.warmup import WarmupConfig, load_checkpoint, run_warmup  # noqa: E402
+from iprox.loading import load_checkpoint  # noqa: E402
+from iprox.warmup import WarmupConfig, run_warmup  # noqa: E402
 
 log = logging.getLogger("bench_features")
 RESULTS = ROOT / "benchmarks" / "results"

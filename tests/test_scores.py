@@ -197,11 +197,11 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     real_features = P.compute_features
     calls = []
 
-    def dies_on_val(fc):
+    def dies_on_val(fc, session=None):
         calls.append(Path(fc.out).name)
         if Path(fc.out).name == "val-2":
             raise KeyboardInterrupt
-        return real_features(fc)
+        return real_features(fc, session)
 
     monkeypatch.setattr(P, "compute_features", dies_on_val)
     with pytest.raises(KeyboardInterrupt):
@@ -220,8 +220,8 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(warmup_mod, "_save_epoch", never)
     skipped = []
 
-    def record(fc):
-        summary = real_features(fc)
+    def record(fc, session=None):
+        summary = real_features(fc, session)
         skipped.append((Path(fc.out).name, summary.skipped))
         return summary
 

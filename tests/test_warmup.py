@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from iprox.cli import main
 from iprox.features import load_features, read_manifest
 from iprox.proxy import ProxyConfig, build_proxy
-from iprox.warmup import WarmupConfig, checkpoint_dirs, load_checkpoint, lr_at, run_warmup
+from iprox.loading import checkpoint_dirs, load_checkpoint
+from iprox.training import lr_at
+from iprox.warmup import WarmupConfig, run_warmup
 
 
 def _wcfg(model, data, out, **kw):

@@ -18,13 +18,14 @@ from .evaluation import heldout_loss
 from .features import FeatureConfig, compute_features, iter_features, load_features
 from .models import load_model
 from .pipeline import RunConfig, load_config, run
-from .proxy import ProxyConfig, build_proxy, load_model_or_proxy, load_proxy
+from .loading import Session, load_checkpoint, load_model_or_proxy
+from .proxy import ProxyConfig, build_proxy, load_proxy
 from .scores import ScoreConfig, compute_scores, read_scores, score
 from .selection import SelectConfig, select
-from .warmup import WarmupConfig, load_checkpoint, run_warmup
+from .warmup import WarmupConfig, run_warmup
 
 __all__ = [
-    "Example", "FeatureConfig", "ProxyConfig", "RunConfig", "ScoreConfig", "SelectConfig", "WarmupConfig",
+    "Example", "FeatureConfig", "ProxyConfig", "RunConfig", "ScoreConfig", "SelectConfig", "Session", "WarmupConfig",
     "build_proxy", "compute_features", "compute_scores", "heldout_loss", "iter_features", "load_checkpoint",
     "load_config", "load_examples", "load_features", "load_model", "load_model_or_proxy", "load_proxy",
     "read_scores", "run", "run_warmup", "score", "select", "tokenize_examples",

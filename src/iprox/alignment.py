@@ -39,6 +39,7 @@ from .data import TokenizedExample, collate
 from .evaluation import per_example_loss
 from .lowrank import FactorizedLinear
 from .models import projection_weight
+from .training import MasterAdamW, epoch_order
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,13 @@ def factor_space_cosines(gAB, tAB) -> tuple[torch.Tensor, torch.Tensor]:
         gAB: per layer ``(g_A, g_B)``, the proxy's factor gradients.
         tAB: per layer ``(G Bᵀ, Aᵀ G)`` from :func:`projected_target_grads`.
     """
-    cos_a = [F.cosine_similarity(gA.flatten(), tA.flatten(), dim=0, eps=1e-20) for (gA, _), (tA, _) in zip(gAB, tAB)]
-    cos_b = [F.cosine_similarity(gB.flatten(), tB.flatten(), dim=0, eps=1e-20) for (_, gB), (_, tB) in zip(gAB, tAB)]
+    def cos(a, b):
+        # float32 at least: a bf16 model's gradients are cast up before the sums of squares.
+        acc = torch.promote_types(a.dtype, torch.float32)
+        return F.cosine_similarity(a.flatten().to(acc), b.flatten().to(acc), dim=0, eps=1e-20)
+
+    cos_a = [cos(gA, tA) for (gA, _), (tA, _) in zip(gAB, tAB)]
+    cos_b = [cos(gB, tB) for (_, gB), (_, tB) in zip(gAB, tAB)]
     return torch.stack(cos_a), torch.stack(cos_b)
 
 
@@ -177,12 +183,6 @@ class AlignSettings:
     seed: int
 
 
-def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
-    """Example order of one epoch: a pure function of (seed, epoch), so a step fixes the position."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
     return max(1, math.ceil(n_examples / (batch_size * grad_accum)))
 
@@ -200,46 +200,27 @@ def _factor_params(pairs) -> dict[str, nn.Parameter]:
     return {f"{p.name}.{f}.weight": getattr(p.proxy, f).weight for p in pairs for f in ("A", "B")}
 
 
-def save_checkpoint(folder: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> None:
-    """Factors, AdamW state keyed by parameter name, step and RNG state; written atomically."""
+def save_checkpoint(folder: Path, step: int, opt: MasterAdamW) -> None:
+    """Factors (float32 masters), AdamW's moments by name, step and RNG state; written atomically."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in params.items()}, str(tmp / "factors.safetensors"))
-    names = {id(p): k for k, p in params.items()}
-    state, scalars = {}, {}
-    for p, st in opt.state.items():
-        for key, val in st.items():
-            if torch.is_tensor(val):
-                state[f"{names[id(p)]}::{key}"] = val.detach().contiguous()
-            else:
-                scalars[f"{names[id(p)]}::{key}"] = val
-    state["__rng__"] = torch.get_rng_state()
-    save_file(state, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, "scalars": scalars,
-                                                "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                                                                 for g in opt.param_groups]}))
+    opt.save(tmp, "factors.safetensors", "optimizer.safetensors")
+    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({"step": step}))  # written last: marks the folder whole
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
 
-def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> int:
+def load_checkpoint(folder: Path, opt: MasterAdamW) -> int:
     """Restores a checkpoint written by :func:`save_checkpoint`; returns the step to continue from."""
-    factors = load_file(str(folder / "factors.safetensors"))
-    if set(factors) != set(params):
-        raise ValueError(f"{folder}: checkpoint factors do not match the proxy's layers")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(factors[k])
-    meta = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("__rng__"))
-    for k, p in params.items():
-        st = {key.split("::", 1)[1]: v.to(p.device) for key, v in tensors.items() if key.split("::", 1)[0] == k}
-        st.update({key.split("::", 1)[1]: v for key, v in meta["scalars"].items() if key.split("::", 1)[0] == k})
-        if st:
-            opt.state[p] = st
-    return int(meta["step"])
+    step = int(json.loads((folder / "state.json").read_text())["step"])
+    try:
+        opt.restore(folder, "factors.safetensors", "optimizer.safetensors", step)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"{folder}: the alignment checkpoint does not match the proxy's layers ({e})") from None
+    torch.set_rng_state(load_file(str(folder / "rng.safetensors"))["cpu"])
+    return step
 
 
 def run_alignment(
@@ -274,7 +255,8 @@ def run_alignment(
     attn_before = getattr(proxy.config, "_attn_implementation", None)
     if attn_before not in (None, "eager"):
         proxy.set_attn_implementation("eager")
-    opt = torch.optim.AdamW(list(params.values()), lr=settings.lr, weight_decay=settings.weight_decay)
+    # float32 master factors and moments, whatever the proxy's dtype
+    opt = MasterAdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     ckpt = out / CKPT_DIR
     log_path = out / LOG_FILE
     start = 0
@@ -284,7 +266,7 @@ def run_alignment(
         # one is complete (state.json is written last).
         tmp.rename(ckpt)
     if (ckpt / "state.json").exists():
-        start = load_checkpoint(ckpt, params, opt)
+        start = load_checkpoint(ckpt, opt)
         log.info("resuming alignment at step %d of %d from %s", start, settings.steps, ckpt)
     rows = _read_log(log_path)[:start]
     device = next(proxy.parameters()).device
@@ -296,7 +278,7 @@ def run_alignment(
         for step in bar:
             t0 = time.perf_counter()
             epoch, micro = _micro_batches(examples, step, settings)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             tot, ga, kl = 0.0, 0.0, 0.0
             for mb in micro:
                 enc = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
@@ -312,7 +294,7 @@ def run_alignment(
                          "seconds": time.perf_counter() - t0})
             bar.set_postfix(ga=f"{ga:.4f}", kl=f"{kl:.4f}")
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-                save_checkpoint(ckpt, step + 1, params, opt)
+                save_checkpoint(ckpt, step + 1, opt)
                 _write_log(log_path, rows)
     finally:
         bar.close()

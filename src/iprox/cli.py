@@ -36,8 +36,8 @@ def _add_build_proxy(sub) -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
+    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
     p.add_argument("--trust-remote-code", action="store_true")
     g = p.add_argument_group("stage 2 (alignment)")
     g.add_argument("--align-steps", type=int, default=0, help="optimiser steps (0: stage 1 only)")
@@ -77,8 +77,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
+    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
     p.add_argument("--accuracy", action="store_true",
                    help="also exact-match accuracy of greedy answers (BBH targets, GSM8K final numbers)")
@@ -87,14 +87,12 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    import torch
-
     from .data import load_examples, tokenize_examples
     from .evaluation import heldout_loss
-    from .proxy import load_model_or_proxy
+    from .loading import load_model_or_proxy
+    from .models import default_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_model_or_proxy(args.model, args.dtype, device)
+    model, tok = load_model_or_proxy(args.model, args.dtype, args.device or default_device())
     examples = load_examples(args.data)
     if args.limit:
         examples = examples[: args.limit]
@@ -126,18 +124,17 @@ def _add_fidelity(sub) -> None:
     p.add_argument("--limit", type=int, default=32, help="first N examples (0: all)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--device", default="")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
+    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
     p.add_argument("--out", required=True, help="REPORT.json to write")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _cmd_fidelity(args) -> int:
-    import torch
-
     from .artifacts import atomic_write_json
     from .data import load_examples, tokenize_examples
     from .fidelity import format_agreement, format_report, gradient_fidelity, plot_scatter, score_agreement, scores_path
-    from .models import load_model
+    from .models import default_device, load_model
     from .proxy import load_proxy
     from .scores import read_scores
 
@@ -161,12 +158,12 @@ def _cmd_fidelity(args) -> int:
             atomic_write_json(args.out, rep)
             print(f"report: {args.out}")
             return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     examples = load_examples(args.data)
     if args.limit:
         examples = examples[: args.limit]
-    proxy, ptok = load_proxy(args.proxy, device=device, with_tokenizer=True)
-    target, _, _ = load_model(args.target, "float32", device)
+    proxy, ptok = load_proxy(args.proxy, args.dtype, device=device, with_tokenizer=True)
+    target, _, _ = load_model(args.target, args.dtype, device)
     tokd, _ = tokenize_examples(ptok, examples, args.max_length)
     rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, args.temperature, not args.no_progress))
     rep.update(proxy=args.proxy, target=args.target)
@@ -231,8 +228,8 @@ def _add_stage_args(p, model_help: str, data_help: str, out_help: str, seed_help
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--max-length", type=int, default=512, help="tokens per example")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="", help="default: CUDA when present, else CPU")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
+    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
     p.add_argument("--no-progress", action="store_true",
@@ -248,16 +245,6 @@ def _fields(args, cls) -> dict:
     if "progress" in {f.name for f in dataclasses.fields(cls)}:
         out["progress"] = not vals.get("no_progress", False)
     return out
-
-
-def find_shared_data() -> Path:
-    """The benchmark/demo data folder: ``$IPROX_DATA``, else ``../shared/data`` from here or the repo."""
-    cands = [os.environ.get("IPROX_DATA", ""), "../shared/data",
-             str(Path(__file__).resolve().parents[3] / "shared" / "data")]
-    for c in cands:
-        if c and (Path(c) / "gsm8k").is_dir():
-            return Path(c).resolve()
-    raise FileNotFoundError("demo data not found: set IPROX_DATA to the folder holding gsm8k/ and bbh/")
 
 
 def _add_finetune(sub) -> None:

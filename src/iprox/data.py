@@ -283,6 +283,18 @@ def load_examples(specs: str | Sequence[str]) -> list[Example]:
     return out
 
 
+def find_shared_data() -> Path:
+    """The benchmark/demo data folder: ``$IPROX_DATA``, else ``../shared/data`` from here or the repo."""
+    import os
+
+    cands = [os.environ.get("IPROX_DATA", ""), "../shared/data",
+             str(Path(__file__).resolve().parents[3] / "shared" / "data")]
+    for c in cands:
+        if c and (Path(c) / "gsm8k").is_dir():
+            return Path(c).resolve()
+    raise FileNotFoundError("demo data not found: set IPROX_DATA to the folder holding gsm8k/ and bbh/")
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenisation
 # ---------------------------------------------------------------------------------------------

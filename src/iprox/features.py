@@ -30,8 +30,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import artifacts
-from .data import batches, collate, load_examples, tokenize_examples
-from .models import EMBEDDED_MODEL, default_device, weights_hash
+from .data import batches, collate
+from .loading import Session
+from .models import EMBEDDED_MODEL, default_device
 from .projection import (ENGINES, GRADS, DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
                          make_projections)
 from .representation import RepresentationEngine
@@ -196,27 +197,31 @@ class FeatureSummary:
                 f"({self.seconds:.1f}s, {self.examples_per_s:.2f} examples/s, {self.bytes_per_example} bytes/example)")
 
 
-def _load(config: FeatureConfig, device: str):
+def _load(config: FeatureConfig, device: str, session: Session):
     """Model, tokenizer, identity and optimiser state for the config (checkpoint or plain model)."""
-    from .proxy import load_model_or_proxy
-    from .warmup import load_checkpoint
-
     if config.checkpoint:
-        ck = load_checkpoint(config.checkpoint, config.dtype, device, config.trust_remote_code)
+        ck = session.checkpoint(config.checkpoint, config.dtype, device, config.trust_remote_code)
         if config.model and config.model != EMBEDDED_MODEL and config.model != ck.info["model"] and \
                 Path(config.model).resolve() != Path(ck.info["model"]).resolve():
             raise ValueError(f"--model {config.model} is not the checkpoint's model {ck.info['model']}")
         ident = {"model": ck.info["model"], "checkpoint": config.checkpoint, "epoch": ck.info["epoch"],
-                 "lr": ck.info["lr"], "trains": ck.info["trains"]}
+                 "lr": ck.info["lr"], "trains": ck.info["trains"], "model_hash": ck.identity}
         return ck.model, ck.tokenizer, ident, ck
-    model, tok = load_model_or_proxy(config.model, config.dtype, device, config.trust_remote_code)
-    return model, tok, {"model": config.model, "checkpoint": "", "epoch": 0, "lr": None, "trains": None}, None
+    model, tok = session.model(config.model, config.dtype, device, config.trust_remote_code, pristine=True)
+    identity = session.identity(config.model, config.dtype, device, config.trust_remote_code)
+    return model, tok, {"model": config.model, "checkpoint": "", "epoch": 0, "lr": None, "trains": None,
+                        "model_hash": identity}, None
 
 
-def compute_features(config: FeatureConfig) -> FeatureSummary:
+def compute_features(config: FeatureConfig, session: Session | None = None) -> FeatureSummary:
     """Featurises ``config.data`` into the store ``config.out``; resumes at the first missing shard.
 
     Under torchrun every rank calls this with the same config; each computes its share of shards.
+
+    Args:
+        config: the stage's settings.
+        session: models and tokenised data shared with other stages of this process (``iprox
+            run``): a checkpoint's tensors are copied into the resident model instead of loading it.
     """
     rank, world = _dist()
     out = Path(config.out)
@@ -247,11 +252,13 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
     device = config.device or default_device()
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    model, tok, ident, ck = _load(config, device)
+    session = session or Session(keep=False)
+    model, tok, ident, ck = _load(config, device, session)
     model.eval()
     modules = feature_modules(model)
-    dtype = next(model.parameters()).dtype
-    projections = make_projections(modules, config.proj_dim, config.seed, dtype, device)
+    # Projections and preconditioners stay float32 whatever the model's dtype: the hooks cast them
+    # to the activations' dtype for the projection and accumulate the outer products in float32.
+    projections = make_projections(modules, config.proj_dim, config.seed, torch.float32, device)
     info = ck.info if ck else {}
     preconds = make_preconditioners(config.grad, modules, ck.exp_avg if ck else None, ck.exp_avg_sq if ck else None,
                                     tuple(info.get("betas", (0.9, 0.999))), info.get("eps", 1e-8))
@@ -262,8 +269,7 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
         engine_cls = KroneckerEngine if config.engine == "kronecker" else DenseEngine
         engine = engine_cls(model, modules, projections, preconds)
 
-    examples = load_examples(config.data)
-    tokd, stats = tokenize_examples(tok, examples, config.max_length)
+    tokd, stats = session.tokenized(tok, config.data, config.max_length)
     if not tokd:
         raise ValueError(f"features: no example in {config.data} has a response token within max_length {config.max_length}")
     ids = [t.id for t in tokd]
@@ -317,7 +323,7 @@ def compute_features(config: FeatureConfig) -> FeatureSummary:
             off += k_out * k_in
         manifest = {
             "format_version": STORE_FORMAT_VERSION, **ident,
-            "model_hash": weights_hash(model), "grad": config.grad, "engine": config.engine,
+            "grad": config.grad, "engine": config.engine,
             "proj_dim": config.proj_dim, "seed": config.seed, "dim": dim, "dtype": config.store_dtype,
             "bytes_per_example": bpe, "n_examples": len(ids), "ids": ids,
             "sources": [t.source for t in tokd], "tasks": [t.task for t in tokd],

@@ -18,10 +18,10 @@ import torch
 
 from . import artifacts
 from .data import load_examples, tokenize_examples
+from .loading import apply_lora, is_proxy_folder, load_model_or_proxy, mark_trainable
 from .models import default_device
-from .proxy import load_model_or_proxy
 from .runtime import ModelStageConfig
-from .warmup import apply_lora, mark_trainable, train_epochs
+from .training import MasterAdamW, train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class FinetuneConfig(ModelStageConfig):
     lora_alpha: float = 32.0
     batch_size: int = 4
     grad_accum: int = 1
+    max_grad_norm: float = 1.0  # clip the gradient norm (as HF Trainer/TRL do); 0: no clipping
 
     def __post_init__(self):
         self.check_io("finetune", "the records to train on, e.g. selected.jsonl", "the model folder to write")
@@ -54,8 +55,6 @@ class FinetuneConfig(ModelStageConfig):
 
 def finetune(config: FinetuneConfig) -> Path:
     """Trains and saves; a rerun with the same settings is skipped. Returns the model folder."""
-    from .proxy import is_proxy_folder
-
     if is_proxy_folder(config.model):
         raise ValueError(f"{config.model} is a proxy; finetune trains a plain model (the target)")
     out = Path(config.out)
@@ -76,12 +75,14 @@ def finetune(config: FinetuneConfig) -> Path:
         params = {n: p for n, p in model.named_parameters()}
         for p in params.values():
             p.requires_grad_(True)
-    opt = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    # float32 master weights and moments (a bf16 model's own weights would round small updates away)
+    opt = MasterAdamW(params, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
     losses: list[float] = []
     t0 = time.perf_counter()
     train_epochs(model, opt, tokd, tok.pad_token_id, device, epochs=config.epochs, lr=config.lr,
                  warmup_ratio=config.warmup_ratio, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                 seed=config.seed, on_epoch=lambda e, s, lrs, loss, sec: losses.append(loss))
+                 seed=config.seed, on_epoch=lambda e, s, lrs, loss, sec: losses.append(loss),
+                 progress=config.progress, desc="finetune")
     if lora:
         model = model.merge_and_unload()
     for p in model.parameters():

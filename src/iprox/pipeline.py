@@ -19,6 +19,9 @@ shared data folder, ``out`` is relative to the working directory)::
     selector = "proxy"                # proxy (IProX) | model (LESS) | representation (RDS+) | random
     selector_model = ""               # model / representation: featurise this model (default: the target)
     seed = 0
+    dtype = "auto"                    # every model-running stage: float32 | bfloat16 (bf16) | float16 | auto
+                                      # (auto: bf16 on a GPU that has it, else float32); a section's own
+                                      # dtype wins
     [data]
     pool = [{path = "{data}/gsm8k/train.jsonl", sample = 120}, "{data}/bbh/tasks"]
     validation = [{path = "{data}/bbh/tasks/navigate.json", sample = 4}]
@@ -40,14 +43,16 @@ import random
 import shutil
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import artifacts
-from .data import load_examples
+from .data import find_shared_data, load_examples
 from .features import FeatureConfig, compute_features
-from .models import EMBEDDED_MODEL
+from .loading import LOADS, Session
+from .models import EMBEDDED_MODEL, resolve_dtype
 from .monitor import PeakRSS
 from .proxy import ProxyConfig, build_proxy
 from .scores import ScoreConfig, score
@@ -83,9 +88,11 @@ class RunConfig:
     score: dict = field(default_factory=dict)
     select: dict = field(default_factory=lambda: {"fraction": 0.05})
     device: str = ""
+    dtype: str = "float32"
     progress: bool = True
 
     def __post_init__(self):
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if self.selector not in SELECTORS:
             raise ValueError(f"[run] selector must be one of {SELECTORS}, got {self.selector!r}")
         if not self.pool or not self.validation:
@@ -143,14 +150,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         spec = _spec(spec, "data")
         p = spec["path"]
         if "{data}" in p:
-            from .cli import find_shared_data
-
             p = p.replace("{data}", str(find_shared_data()))
         if not p.startswith("hf:") and not Path(p).is_absolute():
             p = str((path.parent / p).resolve())
         return {**spec, "path": p}
 
-    unknown_run = sorted(set(run) - {"out", "model", "selector", "selector_model", "seed", "device"})
+    unknown_run = sorted(set(run) - {"out", "model", "selector", "selector_model", "seed", "device", "dtype"})
     if unknown_run:
         raise ValueError(f"{path}: [run] has unknown settings {unknown_run}")
     kw = dict(run, pool=[resolve(s) for s in data.get("pool", [])],
@@ -171,7 +176,9 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
     sections = {
         "pool": {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed},
         "proxy": {"model": cfg.model, "selector": cfg.selector, "selector_model": cfg.selector_model,
-                  "proxy": cfg.proxy if cfg.selector == "proxy" else None, "max_length": cfg.max_length},
+                  "proxy": cfg.proxy if cfg.selector == "proxy" else None, "max_length": cfg.max_length,
+                  # only a non-default dtype enters the hash, so runs made before [run] dtype existed still match
+                  **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {})},
         "warmup": cfg.warmup, "features": cfg.features, "score": cfg.score, "select": cfg.select,
     }
     out, prev = {}, ""
@@ -179,6 +186,21 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
         prev = hashlib.sha256((prev + json.dumps(sections[st], sort_keys=True)).encode()).hexdigest()[:16]
         out[st] = prev
     return out
+
+
+def _reset_accelerator_peak() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    return False
+
+
+def _accelerator_peak() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30
 
 
 def _stage_dirs(run: Path) -> dict[str, list[Path]]:
@@ -271,9 +293,15 @@ class RunResult:
         return "\n".join(lines)
 
 
-def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
-    """Runs (or resumes) the whole pipeline; returns the selection manifest and stage times."""
+def run(config: RunConfig | str | Path, overwrite: bool = False, session: Session | None = None) -> RunResult:
+    """Runs (or resumes) the whole pipeline; returns the selection manifest and stage times.
+
+    Each model is loaded once: the target for stage 1 and 2 (then released), the proxy (or the
+    selector model) from the warm-up through every checkpoint's features, with each checkpoint's
+    trained tensors copied into it in place; the pool is read and tokenised once.
+    """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
+    session = session or Session()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     fps = _check_lineage(cfg, out, overwrite)
@@ -281,15 +309,25 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
     artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
     # Stages finished by an earlier invocation keep the time and memory they took then, so the
     # record describes the run, not the last (skipping) invocation.
-    dirs = {"pool": out / "pool", "proxy": out / "proxy", "warmup": out / "warmup", "features": out / "scores",
-            "score": out / "scores", "select": out / "selection"}
-    done_before = {st: artifacts.is_complete(d) for st, d in dirs.items()}
+    # A stage counts as done before this invocation when its folder is complete; features, whose
+    # stores are many folders, when the scores (the next stage) are.
+    done_before = {st: all(artifacts.is_complete(d) for d in ds) if ds else False
+                   for st, ds in _stage_dirs(out).items()}
+    done_before["features"] = done_before["features"] and all(
+        artifacts.is_complete(d) for d in (out / "features").glob("*") if d.is_dir())
     timings: dict[str, float] = {}
     peaks: dict[str, float] = {}
+    accel_peaks: dict[str, float] = dict(old.get("peak_accelerator_gib", {}))
+    loads_at_start = Counter(LOADS)
+
+    def LOADS_IN_RUN():  # noqa: N802  (model loads from disk during this invocation)
+        return {k: v - loads_at_start.get(k, 0) for k, v in LOADS.items() if v > loads_at_start.get(k, 0)}
     common = {"device": cfg.device, "progress": cfg.progress}
+    dtype = {"dtype": cfg.dtype}  # a section's own dtype overrides it
 
     def timed(name, fn):
         t0 = time.perf_counter()
+        accel = _reset_accelerator_peak()
         with PeakRSS() as mem:
             res = fn()
         if done_before[name] and name in old.get("timings", {}):
@@ -297,9 +335,13 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
         else:
             timings[name] = round(time.perf_counter() - t0, 2)
             peaks[name] = round(mem.peak, 3)
+            if accel:
+                accel_peaks[name] = round(_accelerator_peak(), 3)
         meta = json.loads((out / PIPELINE_FILE).read_text())
         # peak RSS during each stage (a skipped stage keeps its earlier figure)
-        meta.update(timings=timings, peak_rss_gib=peaks)
+        meta.update(timings=timings, peak_rss_gib=peaks, loads=dict(LOADS_IN_RUN()))
+        if accel_peaks:
+            meta["peak_accelerator_gib"] = accel_peaks
         artifacts.atomic_write_json(out / PIPELINE_FILE, meta)  # after every stage: survives interruption
         return res
 
@@ -314,9 +356,9 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
         def represent():
             stores = []
             for data, kind in ((pool_file, "train"), (val_file, "val")):
-                fc = FeatureConfig(**{**feats, "model": cfg.selector_model or cfg.model, "data": [str(data)],
+                fc = FeatureConfig(**{**dtype, **feats, "model": cfg.selector_model or cfg.model, "data": [str(data)],
                                       "out": str(out / "features" / kind), "engine": "representation", **common})
-                log.info("%s", compute_features(fc).format())
+                log.info("%s", compute_features(fc, session).format())
                 stores.append(str(out / "features" / kind))
             return stores
 
@@ -326,15 +368,16 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
         scores_csv = timed("score", lambda: score(scfg))
     else:
         if cfg.selector == "proxy":
-            pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.proxy, "model": cfg.model,
-                                  "data": [str(pool_file)], "out": str(out / "proxy"), **common})
-            timed("proxy", lambda: build_proxy(pcfg))
+            pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **dtype, **cfg.proxy,
+                                  "model": cfg.model, "data": [str(pool_file)], "out": str(out / "proxy"), **common})
+            timed("proxy", lambda: build_proxy(pcfg, session=session))
+            session.drop(cfg.model)  # the target is not needed past stage 2
             feature_model = str(out / "proxy")
         else:
             feature_model = cfg.selector_model or cfg.model
-        wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **cfg.warmup, "model": feature_model,
-                               "data": [str(pool_file)], "out": str(out / "warmup"), **common})
-        checkpoints = timed("warmup", lambda: run_warmup(wcfg))
+        wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **dtype, **cfg.warmup,
+                               "model": feature_model, "data": [str(pool_file)], "out": str(out / "warmup"), **common})
+        checkpoints = timed("warmup", lambda: run_warmup(wcfg, session))
         train_stores, val_stores = [], []
 
         def featurise():
@@ -343,9 +386,9 @@ def run(config: RunConfig | str | Path, overwrite: bool = False) -> RunResult:
                 for kind, data, grad, dest in (("train", pool_file, train_grad, train_stores),
                                                ("val", val_file, "sgd", val_stores)):
                     store = out / "features" / f"{kind}-{e}"
-                    fc = FeatureConfig(**{**feats, "model": feature_model, "checkpoint": str(ck), "data": [str(data)],
-                                          "out": str(store), "grad": grad, **common})
-                    log.info("%s", compute_features(fc).format())
+                    fc = FeatureConfig(**{**dtype, **feats, "model": feature_model, "checkpoint": str(ck),
+                                          "data": [str(data)], "out": str(store), "grad": grad, **common})
+                    log.info("%s", compute_features(fc, session).format())
                     dest.append(str(store))
 
         timed("features", featurise)

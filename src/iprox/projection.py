@@ -159,9 +159,11 @@ def make_preconditioners(kind: str, modules: dict[str, nn.Module], exp_avg=None,
         key = f"{n}.weight"
         if key not in exp_avg:
             raise ValueError(f"the checkpoint's optimizer state has no entry for {key}")
+        # Adam's moments stay in (at least) float32: v spans many orders of magnitude.
         ref = projection_weight(mod)
-        out[n] = Preconditioner(kind, out_in(mod, exp_avg[key]).to(ref), out_in(mod, exp_avg_sq[key]).to(ref),
-                                betas[0], betas[1], eps)
+        acc = torch.promote_types(ref.dtype, torch.float32)
+        out[n] = Preconditioner(kind, out_in(mod, exp_avg[key]).to(ref.device, acc),
+                                out_in(mod, exp_avg_sq[key]).to(ref.device, acc), betas[0], betas[1], eps)
     return out
 
 
@@ -191,6 +193,7 @@ class KroneckerEngine:
                  preconds: dict[str, Preconditioner]):
         self.model, self.modules = model, modules
         self.P_out, self.P_in, self.scale, self.offset = {}, {}, {}, {}
+        self._cast: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
         for name in modules:
             pr, pc = projections[name], preconds[name]
             if pc.kind == "adam":
@@ -199,10 +202,18 @@ class KroneckerEngine:
                 self.P_out[name], self.P_in[name], self.scale[name], self.offset[name] = pr.P_out, pr.P_in, 1.0, None
             else:
                 d_out, d_in = pc.factors()
-                P_out, P_in = pr.P_out * d_out[None, :], pr.P_in * d_in[None, :]
+                P_out, P_in = pr.P_out * d_out[None, :].to(pr.P_out), pr.P_in * d_in[None, :].to(pr.P_in)
                 self.P_out[name], self.P_in[name] = P_out, P_in
                 self.scale[name] = 1 - pc.beta1
-                self.offset[name] = pc.beta1 * (P_out @ pc.m @ P_in.T)
+                self.offset[name] = pc.beta1 * (P_out.double() @ pc.m.to(P_out.device).double() @ P_in.double().T)
+
+    def _as(self, name: str, side: str, dtype: torch.dtype) -> torch.Tensor:
+        """``P_out``/``P_in`` of a layer in the activations' dtype (cast once, then cached)."""
+        key = (name, side, dtype)
+        if key not in self._cast:
+            P = (self.P_out if side == "out" else self.P_in)[name]
+            self._cast[key] = P if P.dtype == dtype else P.to(dtype)
+        return self._cast[key]
 
     @property
     def dim(self) -> int:
@@ -215,7 +226,9 @@ class KroneckerEngine:
             enc: ``input_ids``, ``attention_mask``, ``labels`` (B, T), right-padded.
 
         Returns:
-            (B, dim) features in the model's dtype.
+            (B, dim) float32 features (float64 for a float64 model). The per-token projections run
+            in the activations' dtype (bfloat16 on a bf16 model: they are most of the engine's
+            work); their outer products are summed over tokens in float32.
         """
         feats: dict[str, torch.Tensor] = {}
         mask = enc["attention_mask"][..., None]
@@ -223,12 +236,14 @@ class KroneckerEngine:
 
         def hook(name):
             def fwd(_mod, inputs, output):
+                x = inputs[0]
                 # Padding positions carry no loss; masking their inputs also zeroes their outer products.
-                ph = (inputs[0] * mask.to(inputs[0].dtype)) @ self.P_in[name].T  # (B, T, k_in)
+                ph = (x * mask.to(x.dtype)) @ self._as(name, "in", x.dtype).T  # (B, T, k_in)
 
                 def bwd(grad):
-                    pd = grad @ self.P_out[name].T  # (B, T, k_out)
-                    feats[name] = torch.einsum("bto,bti->boi", pd, ph)
+                    pd = grad @ self._as(name, "out", grad.dtype).T  # (B, T, k_out)
+                    acc = torch.promote_types(pd.dtype, torch.float32)
+                    feats[name] = torch.einsum("bto,bti->boi", pd.to(acc), ph.to(acc))
 
                 output.register_hook(bwd)
             return fwd
@@ -251,7 +266,7 @@ class KroneckerEngine:
         for name in self.modules:
             f = feats[name] * self.scale[name]
             if self.offset[name] is not None:
-                f = f + self.offset[name]
+                f = f + self.offset[name].to(f)
             parts.append(f.reshape(B, -1))
         return torch.cat(parts, dim=1)
 
@@ -293,6 +308,10 @@ class DenseEngine:
             parts = []
             for name, g in grads.items():
                 pr = self.projections[name]
-                parts.append((pr.P_out @ self.preconds[name].apply(g) @ pr.P_in.T).reshape(-1))
+                # Preconditioning and projection in float32 (or the model's float64): a bf16 model's
+                # gradient is upcast once, and the Adam moments are float32 already.
+                acc = torch.promote_types(g.dtype, torch.float32)
+                g = self.preconds[name].apply(g.to(acc))
+                parts.append((pr.P_out.to(acc) @ g @ pr.P_in.to(acc).T).reshape(-1))
             rows.append(torch.cat(parts))
         return torch.stack(rows)

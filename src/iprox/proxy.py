@@ -24,6 +24,7 @@ import logging
 import math
 import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .data import load_examples, tokenize_examples
 from .ipsvd import ipsvd_from_bases, random_factors, svd_factors, whitening_basis
+from .loading import PROXY_FILE, Session, is_proxy_folder
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
     DTYPES,
@@ -44,8 +46,9 @@ from .models import (
     count_parameters,
     decoder_layers,
     get_submodule_parent,
-    load_model,
     projection_weight,
+    default_device,
+    resolve_dtype,
     resolve_model,
     weights_hash,
 )
@@ -54,7 +57,6 @@ from .probe import collect_moments
 log = logging.getLogger(__name__)
 
 PROXY_FORMAT_VERSION = 1
-PROXY_FILE = "proxy.json"
 STAGE1_DONE = "STAGE1_DONE"
 WEIGHTS_FILE = "model.safetensors"
 INITS = ("ipsvd", "svd", "random", "layer-drop")
@@ -159,8 +161,7 @@ class ProxyConfig:
             raise ValueError(f"ridge must be > 0 (it keeps the inverse square roots finite), got {self.ridge}")
         if self.ipsvd_form not in ("full", "skinny"):
             raise ValueError(f"ipsvd_form must be 'full' or 'skinny', got {self.ipsvd_form!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if self.align_steps < 0 or self.align_epochs < 0:
@@ -331,7 +332,8 @@ def drop_layers(model: nn.Module, sparsity: float) -> tuple[list[int], list[dict
     return keep, records
 
 
-def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=None) -> ProxySummary:
+def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=None,
+                session: Session | None = None) -> ProxySummary:
     """Runs stage 1 (and stage 2 when ``align_steps``/``align_epochs`` ask for it) into ``config.out``.
 
     An interrupted run resumes: a finished stage 1 is loaded from the folder instead of rebuilt, and
@@ -342,6 +344,8 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         model, tokenizer: an already loaded target (tests, benchmarks); loaded from
             ``config.model`` when None. The passed model's weights are not modified (it is moved
             to ``config.device``).
+        session: models shared with other stages of this process: the target comes from it, and
+            the finished proxy is left in it for the warm-up.
 
     Returns:
         A summary; ``skipped`` is True when ``config.out`` already held this exact proxy.
@@ -359,13 +363,16 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
     log.info("build-proxy config: %s", json.dumps(artifacts.comparable(resolved)))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = config.device or default_device()
+    session = session or Session(keep=False)
     if model is None:
-        target, tokenizer, _ = load_model(config.model, config.dtype, device, config.trust_remote_code)
+        target, tokenizer = session.model(config.model, config.dtype, device, config.trust_remote_code)
+        target_identity = lambda: session.identity(config.model, config.dtype, device, config.trust_remote_code)  # noqa: E731
     else:
         if tokenizer is None:
             raise ValueError("pass the tokenizer together with the model")
         target = model.to(device)
+        target_identity = lambda: weights_hash(target)  # noqa: E731
     timings["load"] = time.perf_counter() - t0
     order = probe_split(len(examples), config.seed) if examples else []
 
@@ -374,7 +381,7 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         meta = json.loads((out / PROXY_FILE).read_text())
         proxy = load_proxy(out, config.dtype, device)
     else:
-        proxy, meta = _stage1(config, target, tokenizer, examples, order, timings)
+        proxy, meta = _stage1(config, target, target_identity, tokenizer, examples, order, timings)
         save_proxy(proxy, tokenizer, out, meta)
         artifacts.atomic_write_text(out / STAGE1_DONE, "ok\n")
 
@@ -402,17 +409,21 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
                           "seconds_per_step": res["seconds_per_step"], "attention": res["attention"],
                           "seconds": time.perf_counter() - t0}
         save_proxy(proxy, tokenizer, out, meta)
+    meta["uid"] = uuid.uuid4().hex  # names these exact weights for the stores made from them
+    artifacts.atomic_write_json(out / PROXY_FILE, meta)
     artifacts.mark_complete(out)
+    session.register(str(out), proxy, tokenizer, config.dtype, device)
     # The final factors are in model.safetensors now; the resume point (factors plus two Adam
     # moments) would triple the folder's size for nothing.
     shutil.rmtree(out / "align_checkpoint", ignore_errors=True)
     return _summary_from_meta(str(out), meta, skipped=False)
 
 
-def _stage1(config: ProxyConfig, target: nn.Module, tokenizer, examples, order, timings) -> tuple[nn.Module, dict]:
+def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, examples, order,
+            timings) -> tuple[nn.Module, dict]:
     """Builds the stage-1 proxy (a modified copy of ``target``) and its metadata."""
     t0 = time.perf_counter()
-    target_hash = weights_hash(target)
+    target_hash = target_identity()
     target_params = count_parameters(target)
     timings["hash"] = time.perf_counter() - t0
 
@@ -516,10 +527,6 @@ def save_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any
     artifacts.atomic_write_json(out / PROXY_FILE, meta)
 
 
-def is_proxy_folder(path: str | Path) -> bool:
-    return (Path(path) / PROXY_FILE).is_file()
-
-
 def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", with_tokenizer: bool = False):
     """Rebuilds a proxy from its folder, without the target.
 
@@ -546,7 +553,7 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
         raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not {PROXY_FORMAT_VERSION}; rebuild it")
     state = load_file(str(path / WEIGHTS_FILE))
     saved_dtype = next(iter(state.values())).dtype
-    torch_dtype = DTYPES[dtype] if dtype else saved_dtype
+    torch_dtype = DTYPES[resolve_dtype(dtype, device)] if dtype else saved_dtype
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=meta["config"].get("trust_remote_code", False))
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype,
                                              trust_remote_code=meta["config"].get("trust_remote_code", False))
@@ -576,15 +583,3 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
 
         return model, prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     return model
-
-
-def load_model_or_proxy(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    """Loads a proxy folder with :func:`load_proxy`, anything else with :func:`~iprox.models.load_model`.
-
-    Returns:
-        ``(model, tokenizer)``.
-    """
-    if is_proxy_folder(spec):
-        return load_proxy(spec, dtype, device, with_tokenizer=True)
-    model, tok, _ = load_model(spec, dtype, device, trust_remote_code)
-    return model, tok

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .models import EMBEDDED_MODEL
+from .models import EMBEDDED_MODEL, resolve_dtype
 
 
 @dataclass(kw_only=True)
@@ -19,7 +19,8 @@ class ModelStageConfig:
         model: a proxy folder, or any model spec ``load_model`` accepts.
         max_length: tokens per example (a longer prompt is cut from the left first).
         seed: the stage's seed (data order, LoRA init, projections).
-        dtype / device: how the model is loaded ("" device: CUDA when present, else CPU).
+        dtype / device: how the model is loaded ("" device: CUDA when present, else CPU; dtype also
+            bf16, fp16 or auto, resolved when the config is made so that stage.json records it).
         trust_remote_code: passed to transformers for hub models with custom code.
         overwrite: replace an output folder that holds a result with other settings.
         progress: show progress bars.
@@ -38,6 +39,7 @@ class ModelStageConfig:
 
     def check_io(self, stage: str, data_hint: str, out_hint: str) -> None:
         """Accepts one path for ``data``; refuses a missing ``data`` or ``out`` with the stage's words."""
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.data:

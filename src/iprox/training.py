@@ -1,0 +1,201 @@
+"""The one training loop (warm-up and fine-tuning) and the optimiser that keeps float32 master weights.
+
+Low-precision models (bfloat16, float16) run their forward and backward passes in their own dtype, but
+an update of lr 2e-5 times an Adam step of about 1 is below bfloat16's resolution for any weight
+above ~0.004: applied to bf16 weights directly it rounds away. :class:`MasterAdamW` therefore keeps
+a float32 copy of every low-precision trainable tensor and AdamW's moments in float32, steps the
+copies, and writes them back (rounded) into the model. Float32 and float64 parameters are stepped
+in place as usual. Its state is saved and restored by parameter *name* (``exp_avg.<name>``,
+``exp_avg_sq.<name>``) so that the gradient features can read the Adam moments of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import batches, collate
+from .evaluation import per_example_loss
+
+log = logging.getLogger(__name__)
+
+_FULL = (torch.float32, torch.float64)
+
+
+class MasterAdamW:
+    """AdamW over float32 master copies of low-precision parameters, state keyed by name.
+
+    Args:
+        params: the trainable parameters by name (their ``.grad`` is read at :meth:`step`).
+        lr, weight_decay, betas, eps: AdamW's settings.
+        max_grad_norm: clip the global gradient norm to this before the step (0: no clipping).
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], lr: float, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float = 0.0):
+        self.params = dict(params)
+        self.master: dict[str, torch.Tensor] = {}
+        for n, p in self.params.items():
+            self.master[n] = p if p.dtype in _FULL else p.detach().float().clone().requires_grad_(True)
+        self.opt = torch.optim.AdamW(list(self.master.values()), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        self.max_grad_norm = max_grad_norm
+
+    @property
+    def param_groups(self):
+        return self.opt.param_groups
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return tuple(self.opt.param_groups[0]["betas"])
+
+    @property
+    def eps(self) -> float:
+        return float(self.opt.param_groups[0]["eps"])
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def zero_grad(self) -> None:
+        for n, p in self.params.items():
+            p.grad = None
+            self.master[n].grad = None
+
+    def step(self) -> float:
+        """Moves the gradients to the master copies (float32), clips, steps, writes the weights back.
+
+        Returns:
+            The global gradient norm before clipping (float('nan') when no parameter has a gradient).
+        """
+        grads = []
+        for n, p in self.params.items():
+            m = self.master[n]
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+            if m.grad is not None:
+                grads.append(m.grad)
+        if not grads:
+            return float("nan")
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([self.master[n] for n in self.params], self.max_grad_norm)
+        self.opt.step()
+        with torch.no_grad():
+            for n, p in self.params.items():
+                if self.master[n] is not p:
+                    p.copy_(self.master[n])
+        return float(norm)
+
+    # -- state by name ---------------------------------------------------------------------------
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained tensors at full precision (the master copies), by name."""
+        return {n: m.detach() for n, m in self.master.items()}
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """``exp_avg.<name>`` and ``exp_avg_sq.<name>`` (float32; zeros before the first step)."""
+        out = {}
+        for n, m in self.master.items():
+            st = self.opt.state.get(m, {})
+            out[f"exp_avg.{n}"] = st.get("exp_avg", torch.zeros_like(m)).detach()
+            out[f"exp_avg_sq.{n}"] = st.get("exp_avg_sq", torch.zeros_like(m)).detach()
+        return out
+
+    def step_count(self) -> int:
+        for m in self.master.values():
+            st = self.opt.state.get(m)
+            if st and "step" in st:
+                return int(st["step"])
+        return 0
+
+    def load(self, tensors: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int) -> None:
+        """Restores trained tensors (into the master copies and the model) and the Adam moments.
+
+        Raises:
+            ValueError: names or shapes do not match the parameters.
+        """
+        if set(tensors) != set(self.params):
+            raise ValueError(f"saved tensors do not match the trainable parameters: "
+                             f"{len(set(self.params) - set(tensors))} missing, {len(set(tensors) - set(self.params))} unexpected")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                if tuple(tensors[n].shape) != tuple(p.shape):
+                    raise ValueError(f"saved tensor {n} has shape {tuple(tensors[n].shape)}, expected {tuple(p.shape)}")
+                m = self.master[n]
+                m.copy_(tensors[n])
+                if m is not p:
+                    p.copy_(m)
+                self.opt.state[m] = {"step": torch.tensor(float(step)),
+                                     "exp_avg": moments[f"exp_avg.{n}"].to(m.device, m.dtype).clone(),
+                                     "exp_avg_sq": moments[f"exp_avg_sq.{n}"].to(m.device, m.dtype).clone()}
+
+    def save(self, folder: Path, tensors_file: str, moments_file: str) -> None:
+        """Writes the trained tensors and the moments as two safetensors files in ``folder``."""
+        save_file({n: t.contiguous().cpu() for n, t in self.named_tensors().items()}, str(folder / tensors_file))
+        save_file({n: t.contiguous().cpu() for n, t in self.moments().items()}, str(folder / moments_file))
+
+    def restore(self, folder: Path, tensors_file: str, moments_file: str, step: int) -> None:
+        self.load(load_file(str(folder / tensors_file)), load_file(str(folder / moments_file)), step)
+
+
+def lr_at(step: int, total: int, peak: float, warmup_ratio: float) -> float:
+    """Linear warm-up to ``peak`` then linear decay to 0 (the LESS/HF default schedule), 0-based step."""
+    n_warm = math.ceil(total * warmup_ratio)
+    if step < n_warm:
+        return peak * (step + 1) / n_warm
+    return peak * max(0.0, (total - step) / max(1, total - n_warm))
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """Example order of one epoch: a pure function of (seed, epoch), so a step fixes the position."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def train_epochs(model: nn.Module, opt: MasterAdamW, tokd, pad_id: int, device: str, *, epochs: int,
+                 lr: float, warmup_ratio: float, batch_size: int, grad_accum: int, seed: int, start_epoch: int = 0,
+                 on_epoch=None, progress: bool = False, desc: str = "train") -> None:
+    """AdamW on the mean response-token loss, linear schedule, epochs in a seeded order.
+
+    The order of epoch ``e`` is a pure function of (seed, e), so training can restart at any epoch
+    boundary. ``on_epoch(epoch, step, lrs, mean_loss, seconds)`` is called after each epoch.
+    """
+    from tqdm.auto import tqdm
+
+    per_epoch = max(1, math.ceil(len(tokd) / (batch_size * grad_accum)))
+    total = per_epoch * epochs
+    model.train()
+    bar = tqdm(total=(epochs - start_epoch) * len(tokd), desc=desc, unit="ex", disable=not progress)
+    for epoch in range(start_epoch, epochs):
+        order = epoch_order(len(tokd), epoch, seed)
+        micro = batches([tokd[i] for i in order], batch_size)
+        lrs, losses, t0 = [], [], time.perf_counter()
+        for s in range(per_epoch):
+            step = epoch * per_epoch + s
+            lr_now = lr_at(step, total, lr, warmup_ratio)
+            opt.set_lr(lr_now)
+            group = micro[s * grad_accum:(s + 1) * grad_accum]
+            n_ex = sum(len(b) for b in group)
+            for b in group:
+                enc = {k: v.to(device) for k, v in collate(b, pad_id).items()}
+                logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                # Mean over examples of each example's mean response-token loss.
+                loss = per_example_loss(logits, enc["labels"]).sum() / n_ex
+                loss.backward()
+                losses.append(loss.item() * n_ex / len(b))
+                bar.update(len(b))
+            opt.step()
+            opt.zero_grad()
+            lrs.append(lr_now)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses) / len(losses):.4f}")
+        if on_epoch:
+            on_epoch(epoch + 1, (epoch + 1) * per_epoch, lrs, sum(losses) / len(losses), time.perf_counter() - t0)
+    bar.close()
+    model.eval()
