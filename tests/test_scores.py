@@ -163,6 +163,7 @@ def _write_config(tmp_path: Path, model_dir: Path, **over) -> Path:
 out = "{tmp_path / 'run'}"
 model = "{model_dir}"
 selector = "{over.get('selector', 'proxy')}"
+{over.get('run_extra', '')}
 [data]
 pool = [{{path = "pool.jsonl", sample = 24}}]
 validation = ["val.jsonl"]
