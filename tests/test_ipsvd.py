@@ -6,7 +6,15 @@ import torch
 from iprox.ipsvd import (ipsvd_from_moments, ipsvd_from_samples, random_factors, svd_factors,
                          weighted_error)
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These oracles compare to 1e-8: float64 for this module's tests only."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _problem(m=12, n=9, N=40, seed=0):

@@ -33,6 +33,8 @@ def _add_build_proxy(sub) -> None:
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to this multiple")
     p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge on the probe moments")
     p.add_argument("--ipsvd-form", default="full", choices=["full", "skinny"])
+    p.add_argument("--factor-dtype", default="float32", choices=["float32", "float64"],
+                   help="dtype of the eigendecompositions and SVDs, on the model's device")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -59,6 +61,7 @@ def _cmd_build_proxy(args) -> int:
     cfg = ProxyConfig(model=args.model, data=args.data, out=args.out, sparsity=args.sparsity, init=args.init,
                       probe_examples=args.probe_examples, probe_tokens=args.probe_tokens,
                       rank_multiple=args.rank_multiple, ridge=args.ridge, ipsvd_form=args.ipsvd_form,
+                      factor_dtype=args.factor_dtype,
                       max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
                       device=args.device, trust_remote_code=args.trust_remote_code,
                       align_steps=args.align_steps, align_epochs=args.align_epochs,

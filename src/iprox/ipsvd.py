@@ -19,12 +19,17 @@ The ridge is *relative*: ``λ = ridge · tr(C)/dim``. Output gradients of a mean
 magnitude smaller than activations, so an absolute ridge would swamp ``C_δ`` and silently turn
 IPSVD into an input-only weighting; a relative one makes the factors independent of loss scaling.
 
-All functions compute in float64 and return float64 factors ``A`` (m×r) and ``B`` (r×n).
+The moment routes compute in a chosen dtype on the moments' device: float64 is the reference,
+float32 (the default of ``build-proxy``) is what an accelerator does fast, and is tested against it
+on ill-conditioned moments. The eigendecompositions are batched over same-sized moments, and the
+whitened core's SVD is kept rank-free (:class:`Decomposition`) so one probe serves every sparsity.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 
@@ -44,16 +49,19 @@ def _relative_ridge(eigvals: torch.Tensor, ridge: float, dim: int) -> float:
     return ridge * total / dim
 
 
-def whitening_basis(C: torch.Tensor, ridge: float = 1e-3, form: str = "full") -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenbasis ``V`` (d×k) and ``D = sqrt(eig + λ)`` (k,) of a ridged second moment.
-
-    ``V diag(D) Vᵀ`` is the square root of ``C + λI`` (restricted to the probed span when
-    ``form="skinny"``). Projections that read the same input share this; compute it once.
-    """
-    C = C.to(torch.float64)
+def _prepare(C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """Symmetrised ``C / s`` in ``dtype`` and the scale ``s`` (its mean diagonal): eigenvalues near 1
+    keep float32 well inside its range whatever the loss scale (gradient moments can be ~1e-12)."""
+    C = C.to(dtype)
     C = 0.5 * (C + C.T)
-    evals, V = torch.linalg.eigh(C)
-    lam = _relative_ridge(evals, ridge, C.shape[0])
+    s = float(torch.diagonal(C).mean())
+    s = s if s > 0 and math.isfinite(s) else 1.0
+    return C / s, s
+
+
+def _basis_from_eig(evals: torch.Tensor, V: torch.Tensor, scale: float, ridge: float, form: str):
+    evals = evals * scale
+    lam = _relative_ridge(evals, ridge, V.shape[0])
     if form == "skinny":
         keep = evals > _SPAN_TOL * evals.max().clamp_min(0)
         if not bool(keep.any()):
@@ -64,20 +72,74 @@ def whitening_basis(C: torch.Tensor, ridge: float = 1e-3, form: str = "full") ->
     return V, torch.sqrt(evals.clamp_min(0) + lam)
 
 
-def _factors_from_core(Vd, Dd, W, Vh, Dh, rank):
+def whitening_basis(C: torch.Tensor, ridge: float = 1e-3, form: str = "full",
+                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenbasis ``V`` (d×k) and ``D = sqrt(eig + λ)`` (k,) of a ridged second moment.
+
+    ``V diag(D) Vᵀ`` is the square root of ``C + λI`` (restricted to the probed span when
+    ``form="skinny"``). Projections that read the same input share this; compute it once.
+    Computed on ``C``'s device in ``dtype``.
+    """
+    return whitening_bases([C], ridge, form, dtype)[0]
+
+
+def whitening_bases(moments: list[torch.Tensor], ridge: float = 1e-3, form: str = "full",
+                    dtype: torch.dtype = torch.float64, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`whitening_basis` of many moments: same-sized ones are eigendecomposed together, ``batch``
+    at a time (one batched ``eigh`` launch instead of many small ones on a GPU)."""
+    out: list = [None] * len(moments)
+    by_size: dict[tuple, list[int]] = {}
+    for i, C in enumerate(moments):
+        by_size.setdefault((tuple(C.shape), str(C.device)), []).append(i)
+    for idx in by_size.values():
+        for a in range(0, len(idx), batch):
+            chunk = idx[a:a + batch]
+            prepared = [_prepare(moments[i], dtype) for i in chunk]
+            evals, V = torch.linalg.eigh(torch.stack([c for c, _ in prepared]))
+            for j, i in enumerate(chunk):
+                out[i] = _basis_from_eig(evals[j], V[j], prepared[j][1], ridge, form)
+    return out
+
+
+@dataclass
+class Decomposition:
+    """IPSVD of one layer at every rank at once: ``A_r = left[:, :r] S_r^{1/2}``, ``B_r = S_r^{1/2} right[:r]``.
+
+    The whitened core's SVD does not depend on the rank, so one decomposition serves every sparsity
+    of a probe (:func:`truncate`). Shapes: left (m, k), s (k,), right (k, n).
+    """
+
+    left: torch.Tensor
+    s: torch.Tensor
+    right: torch.Tensor
+
+
+def ipsvd_decomposition(W: torch.Tensor, basis_h: tuple[torch.Tensor, torch.Tensor],
+                        basis_d: tuple[torch.Tensor, torch.Tensor]) -> Decomposition:
+    """The rank-free IPSVD of ``W`` (m, n) from both sides' :func:`whitening_basis`, in the bases' dtype."""
+    (Vh, Dh), (Vd, Dd) = basis_h, basis_d
+    W = W.detach().to(Vh.dtype)
     core = (Dd[:, None] * (Vd.T @ W @ Vh)) * Dh[None, :]
     P, S, Qt = torch.linalg.svd(core, full_matrices=False)
-    r = min(rank, S.shape[0])
+    return Decomposition((Vd / Dd[None, :]) @ P, S, Qt @ (Vh / Dh[None, :]).T)
+
+
+def truncate(dec: Decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced rank-``rank`` factors ``(A, B)`` of a :class:`Decomposition` (zero-padded when the
+    probed span is smaller than the rank)."""
+    r = min(rank, dec.s.shape[0])
     if r < rank:
         log.warning("probed span has dimension %d < requested rank %d; factors padded with zeros", r, rank)
-    sq = torch.sqrt(S[:r])
-    A = (Vd / Dd[None, :]) @ (P[:, :r] * sq[None, :])
-    B = (sq[:, None] * Qt[:r]) @ (Vh / Dh[None, :]).T
-    A, B = balance_factors(A, B)
+    sq = torch.sqrt(dec.s[:r])
+    A, B = balance_factors(dec.left[:, :r] * sq[None, :], sq[:, None] * dec.right[:r])
     if r < rank:
         A = torch.cat([A, A.new_zeros(A.shape[0], rank - r)], dim=1)
         B = torch.cat([B, B.new_zeros(rank - r, B.shape[1])], dim=0)
     return A, B
+
+
+def _factors_from_core(Vd, Dd, W, Vh, Dh, rank):
+    return truncate(ipsvd_decomposition(W, (Vh, Dh), (Vd, Dd)), rank)
 
 
 def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +155,8 @@ def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, tor
     """
     na = A.norm(dim=0)
     nb = B.norm(dim=1)
-    s = torch.where((na > 0) & (nb > 0), torch.sqrt(nb / na.clamp_min(1e-300)), torch.ones_like(na))
+    tiny = torch.finfo(A.dtype).tiny
+    s = torch.where((na > 0) & (nb > 0), torch.sqrt(nb / na.clamp_min(tiny)), torch.ones_like(na))
     return A * s[None, :], B / s[:, None]
 
 
@@ -104,6 +167,7 @@ def ipsvd_from_moments(
     rank: int,
     ridge: float = 1e-3,
     form: str = "full",
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IPSVD factors from second moments.
 
@@ -114,19 +178,18 @@ def ipsvd_from_moments(
         rank: r.
         ridge: relative ridge (fraction of the mean eigenvalue added to every eigenvalue).
         form: ``"full"`` (full-ridge) or ``"skinny"`` (restricted to the probed span).
+        dtype: compute dtype (float32 on an accelerator keeps the factors; see the tests).
 
     Returns:
-        ``(A, B)``, float64, shapes (m, r) and (r, n).
+        ``(A, B)`` in ``dtype``, shapes (m, r) and (r, n).
     """
-    return ipsvd_from_bases(W, whitening_basis(C_h, ridge, form), whitening_basis(C_d, ridge, form), rank)
+    return ipsvd_from_bases(W, whitening_basis(C_h, ridge, form, dtype), whitening_basis(C_d, ridge, form, dtype), rank)
 
 
 def ipsvd_from_bases(W: torch.Tensor, basis_h: tuple[torch.Tensor, torch.Tensor],
                      basis_d: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """IPSVD factors from precomputed :func:`whitening_basis` results of both sides."""
-    W = W.detach().to(torch.float64)
-    (Vh, Dh), (Vd, Dd) = basis_h, basis_d
-    return _factors_from_core(Vd, Dd, W, Vh, Dh, rank)
+    return truncate(ipsvd_decomposition(W, basis_h, basis_d), rank)
 
 
 def ipsvd_from_samples(

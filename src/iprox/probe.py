@@ -8,7 +8,8 @@ mean loss weighing the same). For every compressible projection, hooks accumulat
 
 over N sampled token positions. Positions are sampled *per sequence* (the same number from each
 example, all of them when it is shorter), so long examples do not dominate. Moments are accumulated
-in float64 in fixed memory, which lets the probe use as many tokens as it likes — in particular at
+in float64 in fixed memory (one input moment per distinct input: q/k/v and gate/up share theirs),
+which lets the probe use as many tokens as it likes — in particular at
 least as many as the widest layer, so that no input direction goes unvisited (see ``ipsvd``).
 """
 
@@ -86,6 +87,7 @@ def collect_moments(
     gen = torch.Generator().manual_seed(seed)
     acc_h: dict[str, torch.Tensor] = {}
     acc_d: dict[str, torch.Tensor] = {}
+    group: dict[str, str] = {}  # module -> the module whose input accumulator it shares
     state: dict[str, torch.Tensor] = {}
     total = 0
 
@@ -107,8 +109,10 @@ def collect_moments(
             key = (x.data_ptr(), tuple(x.shape))
             cache = state["h_cache"]
             if key not in cache or cache[key][0] is not x:
-                cache[key] = (x, gram(x[sel]))
-            acc_h[name] = acc_h.get(name, 0) + cache[key][1]
+                # The first module to read this tensor owns the group's one accumulator.
+                cache[key] = (x, name)
+                acc_h[name] = acc_h.get(name, 0) + gram(x[sel])
+            group[name] = cache[key][1]
 
             def grad_hook(g):
                 acc_d[name] = acc_d.get(name, 0) + gram(g[sel])
@@ -145,4 +149,7 @@ def collect_moments(
     if missing:
         raise RuntimeError(f"no output gradient reached {missing[0]} (and {len(missing) - 1} more); is it used by the loss?")
     log.info("probed %d token positions from %d examples (%d per sequence at most)", total, len(examples), per_seq)
-    return {n: Moments(acc_h[n] / total, acc_d[n] / total, total) for n in modules}
+    # Modules that read the same input (q/k/v, gate/up) share one C_h tensor object, so memory holds
+    # one per distinct input and the factorisation can eigendecompose it once.
+    C_h = {g: acc_h[g] / total for g in set(group.values())}
+    return {n: Moments(C_h[group[n]], acc_d[n] / total, total) for n in modules}

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .data import load_examples, tokenize_examples
-from .ipsvd import ipsvd_from_bases, random_factors, svd_factors, whitening_basis
+from .ipsvd import Decomposition, ipsvd_decomposition, random_factors, svd_factors, truncate, whitening_bases
 from .loading import PROXY_FILE, Session, is_proxy_folder
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
@@ -80,6 +80,8 @@ class ProxyConfig:
             the compression exact on small ones).
         ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
         ipsvd_form: ``full`` (full-ridge solution) or ``skinny`` (the paper's span-restricted form).
+        factor_dtype: dtype of the eigendecompositions and SVDs, on the model's device: float32
+            (fast on accelerators; tested against float64 on ill-conditioned moments) or float64.
         max_length: token budget per example; longer ones lose prompt tokens first.
         batch_size: sequences per forward/backward pass (probe and alignment).
         seed: seeds the probe slice, the token sampling and random factors.
@@ -109,6 +111,7 @@ class ProxyConfig:
     rank_multiple: int = 1
     ridge: float = 1e-3
     ipsvd_form: str = "full"
+    factor_dtype: str = "float32"
     max_length: int = 512
     batch_size: int = 4
     seed: int = 0
@@ -159,6 +162,8 @@ class ProxyConfig:
             raise ValueError("rank_multiple must be >= 1")
         if self.ridge <= 0:
             raise ValueError(f"ridge must be > 0 (it keeps the inverse square roots finite), got {self.ridge}")
+        if self.factor_dtype not in ("float32", "float64"):
+            raise ValueError(f"factor_dtype must be 'float32' or 'float64', got {self.factor_dtype!r}")
         if self.ipsvd_form not in ("full", "skinny"):
             raise ValueError(f"ipsvd_form must be 'full' or 'skinny', got {self.ipsvd_form!r}")
         self.dtype = resolve_dtype(self.dtype, self.device)
@@ -244,6 +249,8 @@ def factorize_model(
     ipsvd_form: str = "full",
     seed: int = 0,
     progress: bool = False,
+    factor_dtype: str = "float32",
+    decompositions: dict[str, Decomposition] | None = None,
 ) -> list[dict[str, Any]]:
     """Replaces the compressible projections of ``model`` by factored ones, in place.
 
@@ -253,6 +260,11 @@ def factorize_model(
         init: ``ipsvd``, ``svd`` or ``random``.
         moments: ``{name: Moments}`` from :func:`~iprox.probe.collect_moments` (ipsvd only).
         rank_multiple, ridge, ipsvd_form, seed: see :class:`ProxyConfig`.
+        factor_dtype: ``float32`` or ``float64``, the dtype of the eigendecompositions and SVDs (on
+            the moments' device).
+        decompositions: a dict to keep each layer's rank-free IPSVD in (and to reuse it from when
+            it is already there): building the same probe at another sparsity then costs no
+            eigendecomposition or SVD.
 
     Returns:
         One record per compressible layer (name, shape, rank or None when left dense, parameters).
@@ -262,29 +274,35 @@ def factorize_model(
     gen = torch.Generator().manual_seed(seed)
     records = []
     mods = compressible_modules(model)
-    # q/k/v (and gate/up) read the same input, so their C_h are equal: eigendecompose once. The
-    # cache holds the last few distinct moments, which is where the sharing happens.
-    basis_cache: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = []
-
-    def basis(C: torch.Tensor):
-        for C_seen, b in basis_cache:
-            if C_seen.shape == C.shape and torch.equal(C_seen, C):
-                return b
-        b = whitening_basis(C, ridge, ipsvd_form)
-        basis_cache.append((C, b))
-        del basis_cache[:-4]
-        return b
-
-    for name, mod in tqdm(list(mods.items()), desc=f"factorise ({init})", unit="layer", disable=not progress):
-        W = projection_weight(mod).detach()
-        m, n = W.shape
-        rank = rank_for_sparsity(m, n, sparsity, rank_multiple)
-        records.append(_layer_record(name, mod, rank))
+    ranks = {}
+    for name, mod in mods.items():
+        m, n = projection_weight(mod).shape
+        ranks[name] = rank_for_sparsity(m, n, sparsity, rank_multiple)
+        records.append(_layer_record(name, mod, ranks[name]))
+    decompositions = {} if decompositions is None else decompositions
+    if init == "ipsvd":
+        # One eigendecomposition per distinct moment tensor (q/k/v and gate/up share their input
+        # moment object), batched over same-sized ones.
+        todo = [n for n in mods if ranks[n] is not None and n not in decompositions]
+        distinct: dict[int, torch.Tensor] = {}
+        for n in todo:
+            for C in (moments[n].C_h, moments[n].C_d):
+                distinct.setdefault(id(C), C)
+        t0 = time.perf_counter()
+        bases = dict(zip(distinct, whitening_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
+        log.info("eigendecomposed %d distinct moments in %.1fs (%s)", len(distinct), time.perf_counter() - t0, factor_dtype)
+        for n in tqdm(todo, desc="factorise (ipsvd)", unit="layer", disable=not progress):
+            W = projection_weight(mods[n]).detach().to(moments[n].C_h.device)
+            decompositions[n] = ipsvd_decomposition(W, bases[id(moments[n].C_h)], bases[id(moments[n].C_d)])
+        del bases
+    for name, mod in mods.items():
+        rank = ranks[name]
         if rank is None:
             continue
+        W = projection_weight(mod).detach()
+        m, n = W.shape
         if init == "ipsvd":
-            mo = moments[name]
-            A, B = ipsvd_from_bases(W, basis(mo.C_h), basis(mo.C_d), rank)
+            A, B = truncate(decompositions[name], rank)
         elif init == "svd":
             A, B = svd_factors(W, rank)
         elif init == "random":
@@ -293,7 +311,7 @@ def factorize_model(
             raise ValueError(f"factorize_model does not handle init {init!r}")
         bias = getattr(mod, "bias", None)
         new = FactorizedLinear(n, m, rank, bias=bias is not None, dtype=W.dtype, device=W.device)
-        new.set_factors(A.to(W.dtype), B.to(W.dtype), None if bias is None else bias.detach())
+        new.set_factors(A.to(W), B.to(W), None if bias is None else bias.detach())
         parent, child = get_submodule_parent(model, name)
         setattr(parent, child, new)
     return records
@@ -458,7 +476,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
         kept, records = drop_layers(proxy, config.sparsity)
     else:
         records = factorize_model(proxy, config.sparsity, config.init, moments, config.rank_multiple,
-                                  config.ridge, config.ipsvd_form, config.seed, config.progress)
+                                  config.ridge, config.ipsvd_form, config.seed, config.progress, config.factor_dtype)
     del moments
     timings["factorise"] = time.perf_counter() - t0
     meta = {
@@ -468,6 +486,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
         "rank_multiple": config.rank_multiple,
         "ipsvd_form": config.ipsvd_form if config.init == "ipsvd" else None,
         "ridge": config.ridge if config.init == "ipsvd" else None,
+        "factor_dtype": config.factor_dtype if config.init == "ipsvd" else None,
         "target": {"model": config.model, "class": type(target).__name__, "weights_sha256": target_hash,
                    "params": target_params},
         "proxy_params": count_parameters(proxy),
