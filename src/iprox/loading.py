@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,8 @@ class Session:
         self.keep = keep
         self._entries: dict[tuple[str, str, str], _Entry] = {}
         self._data: dict[tuple, tuple] = {}
+        #: seconds spent loading models and computing their identities: fixed costs, whatever the pool
+        self.overhead_s = 0.0
 
     # -- models --------------------------------------------------------------------------------
 
@@ -183,7 +186,9 @@ class Session:
             log.info("reloading %s: an earlier stage changed the resident copy", spec)
             e = None
         if e is None:
+            t0 = time.perf_counter()
             model, tok = load_model_or_proxy(spec, dtype, device, trust_remote_code)
+            self.overhead_s += time.perf_counter() - t0
             e = _Entry(model, tok, spec)
             if self.keep:
                 self._entries[key] = e
@@ -224,8 +229,10 @@ class Session:
         if e.identity is None:
             if e.dirty or e.lora is not None:
                 raise RuntimeError(f"the identity of {e.spec} was asked after a stage changed it")
+            t0 = time.perf_counter()
             uid = proxy_uid(e.spec)
             e.identity = f"proxy:{uid}" if uid else weights_hash(e.model)
+            self.overhead_s += time.perf_counter() - t0
         return e.identity
 
     def _will_change(self, e: _Entry) -> None:

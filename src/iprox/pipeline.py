@@ -318,6 +318,7 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
     timings: dict[str, float] = {}
     peaks: dict[str, float] = {}
     accel_peaks: dict[str, float] = dict(old.get("peak_accelerator_gib", {}))
+    overheads: dict[str, float] = dict(old.get("model_load_s", {}))
     loads_at_start = Counter(LOADS)
 
     def LOADS_IN_RUN():  # noqa: N802  (model loads from disk during this invocation)
@@ -328,6 +329,7 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
     def timed(name, fn):
         t0 = time.perf_counter()
         accel = _reset_accelerator_peak()
+        overhead0 = session.overhead_s
         with PeakRSS() as mem:
             res = fn()
         if done_before[name] and name in old.get("timings", {}):
@@ -335,11 +337,14 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
         else:
             timings[name] = round(time.perf_counter() - t0, 2)
             peaks[name] = round(mem.peak, 3)
+            overheads[name] = round(session.overhead_s - overhead0, 2)
             if accel:
                 accel_peaks[name] = round(_accelerator_peak(), 3)
         meta = json.loads((out / PIPELINE_FILE).read_text())
         # peak RSS during each stage (a skipped stage keeps its earlier figure)
-        meta.update(timings=timings, peak_rss_gib=peaks, loads=dict(LOADS_IN_RUN()))
+        # model_load_s: the part of each stage's time spent loading models and hashing their
+        # weights (a fixed cost: it does not grow with the pool)
+        meta.update(timings=timings, model_load_s=overheads, peak_rss_gib=peaks, loads=dict(LOADS_IN_RUN()))
         if accel_peaks:
             meta["peak_accelerator_gib"] = accel_peaks
         artifacts.atomic_write_json(out / PIPELINE_FILE, meta)  # after every stage: survives interruption
