@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -121,7 +122,16 @@ def make_target(folder: Path, geometry: str, dtype: str, tokenizer_dir: Path) ->
     torch.manual_seed(0)
     device = default_device()
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(DTYPES[dtype])
+        model = LlamaForCausalLM(cfg)
+    # GPT-2's depth scaling of the projections that write into the residual stream (std 0.02/√(2L)).
+    # With transformers' plain init a random 30-layer model's backward pass overflows float32 (the
+    # output gradients reach inf by layer 11 of 30, the probe's moments turn NaN); trained models do
+    # not do that, and the cost measured here does not depend on the weights' scale.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(1.0 / math.sqrt(2 * cfg.num_hidden_layers))
+    model = model.to(DTYPES[dtype])
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     del model

@@ -205,8 +205,7 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
         return real_features(fc, session)
 
     monkeypatch.setattr(P, "compute_features", dies_on_val)
-    with pytest.raises(KeyboardInterrupt):
-        main(["run", str(cfg), "--no-progress"])
+    assert main(["run", str(cfg), "--no-progress"]) == 130  # an interrupt is one line and exit 130, not a traceback
     run = tmp_path / "run"
     assert all(artifacts.is_complete(run / d) for d in ("pool", "proxy", "warmup", "features/train-1", "features/val-1", "features/train-2"))
     assert not (run / "scores").exists()

@@ -30,4 +30,9 @@ __all__ = [
     "load_config", "load_examples", "load_features", "load_model", "load_model_or_proxy", "load_proxy",
     "read_scores", "run", "run_warmup", "score", "select", "tokenize_examples",
 ]
-__version__ = "0.2.0"
+from importlib.metadata import PackageNotFoundError, version as _version
+
+try:
+    __version__ = _version("iprox")
+except PackageNotFoundError:  # run from a source tree without installing (PYTHONPATH=src)
+    __version__ = "0.3.0"

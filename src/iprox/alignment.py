@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -206,7 +206,7 @@ def save_checkpoint(folder: Path, step: int, opt: MasterAdamW) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     opt.save(tmp, "factors.safetensors", "optimizer.safetensors")
-    save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    artifacts.save_tensors({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({"step": step}))  # written last: marks the folder whole
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

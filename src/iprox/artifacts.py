@@ -32,23 +32,63 @@ FORMAT_VERSION = 1
 IGNORED_KEYS = {"out", "overwrite", "progress", "device", "checkpoint_every"}
 
 
-class ConfigMismatchError(RuntimeError):
+class ConfigMismatchError(ValueError):
     """A stage folder holds a result made with other settings."""
 
 
+class ArtifactError(RuntimeError):
+    """An artifact on disk is unreadable, incomplete or inconsistent; the message names the file."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def set_umask_mode(path: str | Path) -> None:
+    """Gives a file the mode a plain ``open()`` would have (0666 less the umask).
+
+    ``tempfile.mkstemp`` creates 0600 files, and so do some writers; a result renamed into place
+    would otherwise be unreadable to the user's group whatever their umask says.
+    """
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename."""
+    """Writes ``text`` to ``path`` through a temporary file and a rename (mode from the umask)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        set_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically (temporary name, rename) with the umask's mode."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    save_file(tensors, str(tmp), metadata=metadata)
+    set_umask_mode(tmp)
+    os.replace(tmp, path)
+
+
+def set_umask_modes(folder: str | Path) -> None:
+    """:func:`set_umask_mode` on every file in ``folder`` (after a library wrote it, e.g. save_pretrained)."""
+    for p in Path(folder).iterdir():
+        if p.is_file():
+            set_umask_mode(p)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -61,6 +101,26 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE_FILE).exists()
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    """JSON from an artifact file; an unreadable one is an :class:`ArtifactError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: this {what} is not valid JSON ({e.msg}, line {e.lineno}); "
+                            f"remove it, or pass --overwrite to rebuild the stage") from None
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path}: this {what} is not UTF-8 text; remove it, or pass --overwrite") from None
+
+
+# Files a stage writes before any of its real work: a folder holding only these has nothing to resume.
+_BOOKKEEPING = {STAGE_FILE, "train_ids.json"}
+
+
+def _holds_only_bookkeeping(folder: Path) -> bool:
+    return all(p.name in _BOOKKEEPING or p.name.startswith(".") for p in folder.iterdir())
 
 
 def prepare_stage(folder: str | Path, stage: str, config: dict[str, Any], overwrite: bool = False,
@@ -80,14 +140,21 @@ def prepare_stage(folder: str | Path, stage: str, config: dict[str, Any], overwr
             ``overwrite`` is False.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder; choose another output folder")
     meta_path = folder / STAGE_FILE
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "stage settings file")
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{meta_path} is not an iprox stage settings file; remove it or pass --overwrite")
         same = meta.get("stage") == stage and comparable(meta.get("config", {})) == comparable(config)
         if same and is_complete(folder):
             log.info("%s: complete with the same settings in %s; skipping", stage, folder)
             return True
-        if not same and not resumable and not is_complete(folder) and meta.get("stage") == stage:
+        unfinished_here = not is_complete(folder) and meta.get("stage") == stage
+        if not same and unfinished_here and (not resumable or _holds_only_bookkeeping(folder)):
+            # Nothing of value: an earlier attempt that stopped before any work (a typo'd path,
+            # say) must not lock the folder to its settings.
             log.warning("%s: replacing the unfinished result in %s", stage, folder)
             shutil.rmtree(folder)
         elif not same:
@@ -101,8 +168,10 @@ def prepare_stage(folder: str | Path, stage: str, config: dict[str, Any], overwr
                 )
             log.warning("%s: overwriting %s (settings changed)", stage, folder)
             shutil.rmtree(folder)
-        elif overwrite:
+        elif overwrite and not resumable:
             shutil.rmtree(folder)
+        # same settings, unfinished, resumable: keep the partial work (even with --overwrite, which
+        # is about replacing results made with *other* settings)
     elif folder.exists() and any(folder.iterdir()):
         if not overwrite:
             raise ConfigMismatchError(f"{folder} exists, is not empty and was not written by iprox; pass --overwrite or choose another folder")
@@ -111,6 +180,51 @@ def prepare_stage(folder: str | Path, stage: str, config: dict[str, Any], overwr
     (folder / COMPLETE_FILE).unlink(missing_ok=True)
     atomic_write_json(meta_path, {"stage": stage, "format_version": FORMAT_VERSION, "config": config})
     return False
+
+
+class LockedError(RuntimeError):
+    """Another process holds a folder's lock."""
+
+
+class FolderLock:
+    """An exclusive lock on a folder for the length of a ``with`` block (``fcntl.flock`` on ``.lock``).
+
+    The kernel drops the lock when its holder exits, however it exits (a kill -9 included), so a
+    lock never outlives its process. The holder's PID is written into the file for the message.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / ".lock"
+        self._f = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise LockedError(f"{self.folder} is in use by another iprox process (PID {holder}); wait for it to "
+                              f"finish or choose another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._f = f
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        if self._f is not None:
+            fcntl.flock(self._f, fcntl.LOCK_UN)
+            self._f.close()
+            self._f = None
 
 
 def mark_complete(folder: str | Path) -> None:

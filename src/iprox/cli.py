@@ -361,9 +361,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# Exit codes: 2 for what the user can fix in the command, config or data (as argparse uses);
+# 3 for a failure while running (I/O, a damaged artifact, a held lock); 4 for anything unexpected.
+EXIT_USAGE, EXIT_RUNTIME, EXIT_BUG, EXIT_INTERRUPTED = 2, 3, 4, 130
+
+
+def exit_code(e: BaseException) -> int:
+    from .artifacts import ArtifactError, LockedError
+
+    if isinstance(e, (ArtifactError, LockedError)):
+        return EXIT_RUNTIME
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, TypeError)):
+        return EXIT_USAGE
+    if isinstance(e, (OSError, RuntimeError)):
+        return EXIT_RUNTIME
+    return EXIT_BUG
+
+
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="iprox", description="Influence-preserving proxies for data selection")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"iprox {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build_proxy(sub)
     _add_evaluate(sub)
@@ -382,12 +402,18 @@ def main(argv: list[str] | None = None) -> int:
                 "score": _cmd_score, "finetune": _cmd_finetune, "select": _cmd_select, "run": _cmd_run}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        # Bad input and refused reruns: one clear line, not a traceback (use -v for the traceback).
+    except KeyboardInterrupt:
+        print(f"iprox {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001  (the one error policy: a line, a code; -v for the traceback)
         if args.verbose:
             raise
-        print(f"iprox {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = exit_code(e)
+        text = str(e) if code == EXIT_USAGE else f"{type(e).__name__}: {e}"
+        print(f"iprox {args.command}: error: {text}", file=sys.stderr)
+        if code == EXIT_BUG:
+            print("  (an unexpected failure; rerun with -v for the traceback and report it)", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

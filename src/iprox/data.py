@@ -83,11 +83,19 @@ class TokenizedExample:
 # ---------------------------------------------------------------------------------------------
 
 
+# Characters that print nothing: a response made of them is empty.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
+def _blank(text: str) -> bool:
+    return not text.strip().strip(_INVISIBLE).strip()
+
+
 def _need_str(rec: dict, key: str, where: str, allow_empty: bool = False) -> str:
     val = rec.get(key)
     if not isinstance(val, str):
         raise DataError(f"{where}: field {key!r} must be a string, got {type(val).__name__}")
-    if not allow_empty and not val.strip():
+    if not allow_empty and _blank(val):
         raise DataError(f"{where}: field {key!r} is empty")
     return val
 
@@ -147,10 +155,14 @@ def normalize_record(rec: Any, where: str) -> tuple[list[dict[str, str]], str | 
         )
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"{where}: the last turn must be the assistant's response")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+    if _blank(msgs[-1]["content"]):
         raise DataError(f"{where}: empty response")
-    if not msgs[-1]["content"].strip():
-        raise DataError(f"{where}: empty response")
+    for m in msgs:
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: a {m['role']} turn holds an unpaired surrogate (an invalid \\ud8xx escape); "
+                            f"fix the text") from None
     return msgs, task
 
 
@@ -169,7 +181,9 @@ def _source_name(path: Path) -> str:
 def _make_example(rec: dict, raw: str, origin: str, default_id: str, source: str, task: str | None) -> Example:
     msgs, fmt_task = normalize_record(rec, origin)
     rid = rec.get("id")
-    ex_id = str(rid) if rid is not None and str(rid) != "" else default_id
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
+        raise DataError(f"{origin}: field 'id' must be a string or a whole number, got {type(rid).__name__}")
+    ex_id = str(rid) if rid is not None and str(rid).strip() != "" else default_id
     src = rec["source"] if isinstance(rec.get("source"), str) else source
     tsk = rec["task"] if isinstance(rec.get("task"), str) else (task or fmt_task or src)
     return Example(id=ex_id, source=src, task=tsk, messages=msgs, raw=raw, origin=origin)
@@ -178,12 +192,16 @@ def _make_example(rec: dict, raw: str, origin: str, default_id: str, source: str
 def _read_jsonl(path: Path) -> list[Example]:
     out = []
     source = _source_name(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
-            text = line.rstrip("\n").rstrip("\r")
+            where = f"{path}:{lineno}"
+            try:
+                text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is accepted
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
+            text = text.rstrip("\n").rstrip("\r")
             if not text.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(text)
             except json.JSONDecodeError as e:
@@ -193,7 +211,11 @@ def _read_jsonl(path: Path) -> list[Example]:
 
 
 def _read_json(path: Path) -> list[Example]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -242,12 +264,26 @@ def _read_hub(spec: str) -> list[Example]:
 
 
 def read_file(path: str | Path) -> list[Example]:
-    """Examples of one file (``.jsonl``, ``.json`` or ``.parquet``)."""
+    """Examples of one file (``.jsonl``, ``.json`` or ``.parquet``, in any letter case).
+
+    Raises:
+        DataError: unsupported type, malformed content, or a file that holds no record.
+    """
     path = Path(path)
     readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
-    if path.suffix not in readers:
-        raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
-    return readers[path.suffix](path)
+    suffix = path.suffix.lower()
+    if suffix not in readers:
+        hint = " (decompress it first)" if suffix in (".gz", ".zst", ".bz2", ".xz") else ""
+        raise DataError(f"{path}: unsupported file type {path.suffix!r}{hint}; use .jsonl, .json or .parquet")
+    try:
+        out = readers[suffix](path)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001  (pyarrow's and the OS's errors: name the file)
+        raise DataError(f"{path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not out:
+        raise DataError(f"{path}: holds no records")
+    return out
 
 
 def load_examples(specs: str | Sequence[str]) -> list[Example]:
@@ -264,9 +300,16 @@ def load_examples(specs: str | Sequence[str]) -> list[Example]:
         if spec.startswith("hf:"):
             out.extend(_read_hub(spec))
             continue
+        if not spec.strip():
+            raise DataError("an empty data path; give a file or folder")
         p = Path(spec).expanduser()
         if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix in _SUFFIXES)
+            entries = sorted(p.iterdir())
+            files = [f for f in entries if f.is_file() and f.suffix.lower() in _SUFFIXES]
+            skipped = [f.name for f in entries if f not in files and not f.name.startswith(".")]
+            if skipped:
+                log.warning("%s: skipping %d entries that are not .jsonl/.json/.parquet files (subfolders are not "
+                            "read): %s", p, len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
             if not files:
                 raise DataError(f"{p}: folder holds no .jsonl, .json or .parquet files")
             for f in files:
@@ -277,7 +320,9 @@ def load_examples(specs: str | Sequence[str]) -> list[Example]:
             raise DataError(f"{spec}: no such file or folder")
     dup = [k for k, v in Counter(e.id for e in out).items() if v > 1]
     if dup:
-        raise DataError(f"duplicate example ids (first: {dup[0]!r}, {len(dup)} in all); ids must be unique across inputs")
+        where = [e.origin for e in out if e.id == dup[0]][:2]
+        raise DataError(f"duplicate example ids (first: {dup[0]!r} at {' and '.join(where)}; {len(dup)} in all); "
+                        f"ids must be unique across inputs (give records an 'id' field)")
     counts = Counter(e.source for e in out)
     log.info("read %d examples (%s)", len(out), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     return out

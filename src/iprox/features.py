@@ -27,7 +27,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import artifacts
 from .data import batches, collate
@@ -36,7 +35,7 @@ from .models import EMBEDDED_MODEL, default_device
 from .projection import (ENGINES, GRADS, DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
                          make_projections)
 from .representation import RepresentationEngine
-from .runtime import ModelStageConfig
+from .runtime import ModelStageConfig, check_data_paths
 
 log = logging.getLogger(__name__)
 
@@ -128,22 +127,31 @@ def shard_name(i: int) -> str:
 
 
 def _shard_ids(path: Path) -> list[str] | None:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return json.loads(meta["ids"]) if "ids" in meta else None
+    """The ids a shard holds, or None when it cannot be read (a truncated or foreign file: recompute it)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            rows = f.get_slice("features").get_shape()[0]
+        ids = json.loads(meta["ids"]) if "ids" in meta else None
+    except Exception as e:  # noqa: BLE001  (any unreadable shard is recomputed, and the log says why)
+        log.warning("features: %s is unreadable (%s); it will be recomputed", path, e)
+        return None
+    return ids if isinstance(ids, list) and len(ids) == rows else None
 
 
 def _write_shard(path: Path, feats: torch.Tensor, ids: list[str]) -> None:
-    tmp = path.parent / f".{path.name}.tmp"
-    save_file({"features": feats.contiguous()}, str(tmp), metadata={"ids": json.dumps(ids)})
-    os.replace(tmp, path)
+    artifacts.save_tensors({"features": feats.contiguous()}, path, metadata={"ids": json.dumps(ids)})
 
 
 def read_manifest(store: str | Path) -> dict:
     store = Path(store)
     if not artifacts.is_complete(store) or not (store / MANIFEST_FILE).is_file():
         raise FileNotFoundError(f"{store} is not a complete feature store (run `iprox features` into it)")
-    man = json.loads((store / MANIFEST_FILE).read_text())
+    man = artifacts.read_json(store / MANIFEST_FILE, "store manifest")
+    missing = [k for k in ("format_version", "ids", "shards", "dim", "layout", "seed", "proj_dim") if k not in man] \
+        if isinstance(man, dict) else ["everything"]
+    if missing:
+        raise artifacts.ArtifactError(f"{store / MANIFEST_FILE} lacks {', '.join(missing)}; recompute the store")
     if man.get("format_version") != STORE_FORMAT_VERSION:
         raise ValueError(f"{store}: store format {man.get('format_version')} is not {STORE_FORMAT_VERSION}; recompute it")
     return man
@@ -157,12 +165,31 @@ def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32
     store = Path(store)
     man = read_manifest(store)
     for sh in man["shards"]:
-        with safe_open(str(store / sh["file"]), framework="pt") as f:
-            ids = json.loads(f.metadata()["ids"])
-            sl = f.get_slice("features")
-            for a in range(0, len(ids), chunk_rows):
-                b = min(len(ids), a + chunk_rows)
-                yield ids[a:b], sl[a:b].to(dtype)
+        path = store / sh["file"]
+        want = man["ids"][sh["start"]:sh["start"] + sh["count"]]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                ids = json.loads((f.metadata() or {}).get("ids", "null"))
+                sl = f.get_slice("features")
+                shape = sl.get_shape()
+                # Verified on read: the shard holds the manifest's ids in order, one row each, of the
+                # manifest's width; a swapped, truncated or foreign shard never scores the wrong examples.
+                if ids != want or shape[0] != len(want) or shape[1] != man["dim"]:
+                    raise artifacts.ArtifactError(
+                        f"{path} does not hold the rows the manifest lists ({len(want)} ids from {want[:1]}); "
+                        f"the store is damaged: recompute it (iprox features --overwrite)")
+                for a in range(0, len(ids), chunk_rows):
+                    b = min(len(ids), a + chunk_rows)
+                    x = sl[a:b].to(dtype)
+                    if not bool(torch.isfinite(x).all()):
+                        bad = ids[a + int((~torch.isfinite(x)).any(dim=1).nonzero()[0])]
+                        raise artifacts.ArtifactError(f"{path}: the features of {bad!r} are not finite (NaN or inf); "
+                                                      f"recompute the store, in float32 if this came from float16")
+                    yield ids[a:b], x
+        except artifacts.ArtifactError:
+            raise
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types; name the file)
+            raise artifacts.ArtifactError(f"{path} is unreadable ({e}); recompute the store") from None
 
 
 def load_features(store: str | Path, dtype=torch.float32) -> tuple[list[str], torch.Tensor]:
@@ -231,6 +258,13 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
     # the other ranks anyway, but another launcher might leave them waiting at the next collective).
     if rank == 0:
         try:
+            if config.checkpoint:
+                from .loading import read_checkpoint_info
+
+                read_checkpoint_info(config.checkpoint)
+                check_data_paths(config.data)
+            else:
+                config.check_inputs()
             skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
         except Exception as e:
             refusal, error = f"{type(e).__name__}: {e}", e

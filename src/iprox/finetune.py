@@ -59,6 +59,7 @@ def finetune(config: FinetuneConfig) -> Path:
         raise ValueError(f"{config.model} is a proxy; finetune trains a plain model (the target)")
     out = Path(config.out)
     cfg = asdict(config)
+    config.check_inputs()
     if artifacts.prepare_stage(out, "finetune", cfg, config.overwrite):
         return out
     device = config.device or default_device()
@@ -89,6 +90,7 @@ def finetune(config: FinetuneConfig) -> Path:
         p.requires_grad_(False)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    artifacts.set_umask_modes(out)
     artifacts.atomic_write_json(out / "finetune.json", {"n_train": len(tokd), "epoch_losses": losses,
                                                         "seconds": round(time.perf_counter() - t0, 2),
                                                         "config": artifacts.comparable(cfg)})

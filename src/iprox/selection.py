@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import artifacts
 from .data import load_examples
+from .runtime import check_types
 from .scores import read_scores
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class SelectConfig:
     top_k: int = 0
 
     def __post_init__(self):
+        check_types(self)
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.scores or not self.data or not self.out:
@@ -59,6 +61,10 @@ def select(config: SelectConfig) -> dict:
     rows = read_scores(config.scores)
     if not rows:
         raise ValueError(f"{config.scores} holds no scores")
+    bad = [r["id"] for r in rows if not math.isfinite(r["score"])]
+    if bad:
+        raise ValueError(f"{config.scores}: {len(bad)} scores are not finite (first: {bad[0]!r}); a selection from "
+                         f"them would be arbitrary: recompute the features and scores")
     k = config.top_k or max(1, math.floor(config.fraction * len(rows) + 1e-9))
     k = min(k, len(rows))
     top = rank(rows)[:k]

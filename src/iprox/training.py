@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .data import batches, collate
@@ -138,8 +138,10 @@ class MasterAdamW:
 
     def save(self, folder: Path, tensors_file: str, moments_file: str) -> None:
         """Writes the trained tensors and the moments as two safetensors files in ``folder``."""
-        save_file({n: t.contiguous().cpu() for n, t in self.named_tensors().items()}, str(folder / tensors_file))
-        save_file({n: t.contiguous().cpu() for n, t in self.moments().items()}, str(folder / moments_file))
+        from .artifacts import save_tensors
+
+        save_tensors({n: t.contiguous().cpu() for n, t in self.named_tensors().items()}, folder / tensors_file)
+        save_tensors({n: t.contiguous().cpu() for n, t in self.moments().items()}, folder / moments_file)
 
     def restore(self, folder: Path, tensors_file: str, moments_file: str, step: int) -> None:
         self.load(load_file(str(folder / tensors_file)), load_file(str(folder / moments_file)), step)

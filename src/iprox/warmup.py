@@ -121,6 +121,7 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
     """
     out = Path(config.out)
     cfg = asdict(config)
+    config.check_inputs()
     if artifacts.prepare_stage(out, "warmup", cfg, config.overwrite, resumable=True):
         return checkpoint_dirs(out)
     session = session or Session(keep=False)
@@ -143,7 +144,7 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
     artifacts.atomic_write_json(out / "train_ids.json", [t.id for t in tokd])
     opt = MasterAdamW(params, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
     if done:
-        info = json.loads((done[-1] / CHECKPOINT_FILE).read_text())
+        info = artifacts.read_json(done[-1] / CHECKPOINT_FILE, "checkpoint description")
         opt.restore(done[-1], TRAINABLE_FILE, OPTIMIZER_FILE, info["step"])
         log.info("warmup: resuming after epoch %d", len(done))
     beta1, beta2 = opt.betas
