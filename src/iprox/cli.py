@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from pathlib import Path
+
+from .runtime import add_config_args, config_from_args
 
 log = logging.getLogger("iprox")
 
@@ -19,57 +20,23 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("transformers").setLevel(logging.WARNING)
 
 
+ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "lambda_kl", "temperature", "lr", "weight_decay",
+                "grad_accum", "checkpoint_every")
+
+
 def _add_build_proxy(sub) -> None:
-    p = sub.add_parser("build-proxy", help="stage 1: compress a target model into a proxy with IPSVD")
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="target: smollm2-135m-instruct (embedded), a .gguf file, a model folder or a hub id")
-    p.add_argument("--data", action="append", default=[], help="probe data file or folder (repeatable)")
-    p.add_argument("--out", required=True, help="proxy folder to write")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of each layer's parameters removed")
-    p.add_argument("--init", default="ipsvd", choices=["ipsvd", "svd", "random", "layer-drop"])
-    p.add_argument("--probe-examples", type=int, default=0,
-                   help="probe set size (0: a tenth of the alignment set, at least 8, as in the paper)")
-    p.add_argument("--probe-tokens", type=int, default=4096, help="token positions sampled over the probe set")
-    p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to this multiple")
-    p.add_argument("--ridge", type=float, default=1e-3, help="relative ridge on the probe moments")
-    p.add_argument("--ipsvd-form", default="full", choices=["full", "skinny"])
-    p.add_argument("--factor-dtype", default="float32", choices=["float32", "float64"],
-                   help="dtype of the eigendecompositions and SVDs, on the model's device")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
-    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
-    p.add_argument("--trust-remote-code", action="store_true")
-    g = p.add_argument_group("stage 2 (alignment)")
-    g.add_argument("--align-steps", type=int, default=0, help="optimiser steps (0: stage 1 only)")
-    g.add_argument("--align-epochs", type=float, default=0.0, help="or: passes over the alignment set")
-    g.add_argument("--align-examples", type=int, default=0, help="alignment set size (0: 1%% of the data)")
-    g.add_argument("--lambda-kl", type=float, default=0.1, help="weight of the KL anchor")
-    g.add_argument("--temperature", type=float, default=2.0, help="KL softmax temperature")
-    g.add_argument("--lr", type=float, default=1e-4)
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--checkpoint-every", type=int, default=10, help="checkpoint every K steps (resume point)")
-    p.add_argument("--overwrite", action="store_true", help="replace a proxy made with other settings")
-    p.add_argument("--no-progress", action="store_true")
+    from .proxy import ProxyConfig
+
+    p = sub.add_parser("build-proxy", help="stage 1 (IPSVD), and stage 2 (alignment) when asked for steps",
+                       description="Compress a target model into a proxy: influence-preserving SVD of every "
+                                   "projection, then optionally align the factors' gradients with the target's.")
+    add_config_args(p, ProxyConfig, required=("out",), groups={"stage 2 (alignment)": ALIGN_FIELDS})
 
 
 def _cmd_build_proxy(args) -> int:
     from .proxy import ProxyConfig, build_proxy
 
-    cfg = ProxyConfig(model=args.model, data=args.data, out=args.out, sparsity=args.sparsity, init=args.init,
-                      probe_examples=args.probe_examples, probe_tokens=args.probe_tokens,
-                      rank_multiple=args.rank_multiple, ridge=args.ridge, ipsvd_form=args.ipsvd_form,
-                      factor_dtype=args.factor_dtype,
-                      max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
-                      device=args.device, trust_remote_code=args.trust_remote_code,
-                      align_steps=args.align_steps, align_epochs=args.align_epochs,
-                      align_examples=args.align_examples, lambda_kl=args.lambda_kl, temperature=args.temperature,
-                      lr=args.lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
-                      checkpoint_every=args.checkpoint_every, overwrite=args.overwrite,
-                      progress=not args.no_progress)
-    print(build_proxy(cfg).format())
+    print(build_proxy(ProxyConfig(**config_from_args(args, ProxyConfig))).format())
     return 0
 
 
@@ -177,136 +144,77 @@ def _cmd_fidelity(args) -> int:
 
 
 def _add_warmup(sub) -> None:
+    from .warmup import WarmupConfig
+
     p = sub.add_parser("warmup", help="short LoRA (or proxy-factor) warm-up; one checkpoint per epoch for TracIn")
-    _add_stage_args(p, "a proxy folder or any model spec", "the candidate pool (repeatable)",
-                    "warm-up folder (checkpoint-<epoch>/ inside)", "data order and LoRA init seed")
-    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool to train on (LESS: 5%%)")
-    p.add_argument("--examples", type=int, default=0, help="or exactly this many examples")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (linear warm-up and decay)")
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--proxy-trains", default="factors", choices=["factors", "lora"],
-                   help="for a proxy: train its factors A, B (default) or LoRA adapters on them")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
+    add_config_args(p, WarmupConfig, required=("data", "out"))
 
 
 def _cmd_warmup(args) -> int:
     from .warmup import WarmupConfig, run_warmup
 
-    cfg = WarmupConfig(**_fields(args, WarmupConfig))
+    cfg = WarmupConfig(**config_from_args(args, WarmupConfig))
     for d in run_warmup(cfg):
         print(d)
     return 0
 
 
 def _add_features(sub) -> None:
+    from .features import FeatureConfig
+
     p = sub.add_parser("features", help="per-example projected gradients into a sharded, resumable store")
-    _add_stage_args(p, "a proxy folder or any model spec", "examples to featurise (repeatable)", "the store folder",
-                    "projection seed (train and validation must share it)")
-    p.add_argument("--checkpoint", default="", help="a warm-up checkpoint folder (adapter/factors + Adam state)")
-    p.add_argument("--grad", default="sgd", choices=["sgd", "adam", "factored-adam"])
-    p.add_argument("--engine", default="kronecker", choices=["kronecker", "dense", "representation"],
-                   help="kronecker (fast), dense (LESS-style reference), representation (RDS+ baseline: pooled hidden states)")
-    p.add_argument("--proj-dim", type=int, default=64, help="projected dimensions per layer")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--shard-size", type=int, default=256, help="examples per shard (resume unit)")
-    p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
+    add_config_args(p, FeatureConfig, required=("data", "out"))
 
 
 def _cmd_features(args) -> int:
     from .features import FeatureConfig, compute_features
 
-    print(compute_features(FeatureConfig(**_fields(args, FeatureConfig))).format())
+    print(compute_features(FeatureConfig(**config_from_args(args, FeatureConfig))).format())
     return 0
 
 
-def _add_stage_args(p, model_help: str, data_help: str, out_help: str, seed_help: str) -> None:
-    """The arguments of :class:`~iprox.runtime.ModelStageConfig`, shared by warmup, features and finetune."""
-    p.add_argument("--model", default="smollm2-135m-instruct", help=model_help)
-    p.add_argument("--data", action="append", required=True, help=data_help)
-    p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--max-length", type=int, default=512, help="tokens per example")
-    p.add_argument("--seed", type=int, default=0, help=seed_help)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
-    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help="replace an output made with other settings")
-    p.add_argument("--no-progress", action="store_true",
-                   help="hide the progress bar (features draws one; warm-up and fine-tuning log per epoch)")
-
-
-def _fields(args, cls) -> dict:
-    """The argparse values a config dataclass takes (``--no-progress`` becomes ``progress``)."""
-    import dataclasses
-
-    vals = vars(args)
-    out = {f.name: vals[f.name] for f in dataclasses.fields(cls) if f.name in vals}
-    if "progress" in {f.name for f in dataclasses.fields(cls)}:
-        out["progress"] = not vals.get("no_progress", False)
-    return out
-
-
 def _add_finetune(sub) -> None:
+    from .finetune import FinetuneConfig
+
     p = sub.add_parser("finetune", help="fine-tune a model on selected records (LoRA, merged; or full)")
-    _add_stage_args(p, "the model to fine-tune (the target)", "training records, e.g. selected.jsonl (repeatable)",
-                    "model folder to write", "data order and LoRA init seed")
-    p.add_argument("--method", default="lora", choices=["lora", "full"])
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora-rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=1)
+    add_config_args(p, FinetuneConfig, required=("data", "out"))
 
 
 def _cmd_finetune(args) -> int:
     from .finetune import FinetuneConfig, finetune
 
-    print(f"fine-tuned model: {finetune(FinetuneConfig(**_fields(args, FinetuneConfig)))}")
+    print(f"fine-tuned model: {finetune(FinetuneConfig(**config_from_args(args, FinetuneConfig)))}")
     return 0
 
 
 def _add_score(sub) -> None:
+    from .scores import ScoreConfig
+
     p = sub.add_parser("score", help="TracIn or influence-function scores of the pool on the validation set")
-    p.add_argument("--train", nargs="+", required=True, help="pool feature stores, one per checkpoint")
-    p.add_argument("--val", nargs="+", required=True, help="validation feature stores, same checkpoints, same order")
-    p.add_argument("--out", required=True, help="scores folder (scores.csv inside)")
-    p.add_argument("--method", default="tracin", choices=["tracin", "if"])
-    p.add_argument("--aggregate", default="max", choices=["max", "mean"], help="across validation subtasks")
-    p.add_argument("--checkpoint-weights", default="auto",
-                   help="auto (each checkpoint's learning rate) or comma-separated weights")
-    p.add_argument("--damping", type=float, default=0.1, help="if: ridge as a fraction of the mean eigenvalue")
-    p.add_argument("--chunk-rows", type=int, default=4096)
-    p.add_argument("--overwrite", action="store_true")
+    add_config_args(p, ScoreConfig, required=("train", "val", "out"),
+                    overrides={"train": {"nargs": "+", "action": "store"}, "val": {"nargs": "+", "action": "store"}})
 
 
 def _cmd_score(args) -> int:
     from .scores import ScoreConfig, read_scores, score
 
-    path = score(ScoreConfig(**_fields(args, ScoreConfig)))
+    path = score(ScoreConfig(**config_from_args(args, ScoreConfig)))
     rows = read_scores(path)
     print(f"scored {len(rows)} examples: {path}")
     return 0
 
 
 def _add_select(sub) -> None:
-    p = sub.add_parser("select", help="write the top-scored records, unchanged, as JSONL")
-    p.add_argument("--scores", required=True, help="scores folder or scores.csv")
-    p.add_argument("--data", action="append", required=True, help="the pool the scores are for (repeatable)")
-    p.add_argument("--out", required=True, help="selected.jsonl (selected.json is written beside it)")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--fraction", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
+    from .selection import SelectConfig
+
+    p = sub.add_parser("select", help="write the top-scored records (unchanged, or as chat records) as JSONL")
+    add_config_args(p, SelectConfig, required=("scores", "data", "out"))
 
 
 def _cmd_select(args) -> int:
     from .selection import SelectConfig, format_selection, select
 
-    man = select(SelectConfig(**_fields(args, SelectConfig)))
+    man = select(SelectConfig(**config_from_args(args, SelectConfig)))
     print(format_selection(man))
     print(f"written: {args.out}")
     return 0

@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -67,12 +67,12 @@ class FeatureConfig(ModelStageConfig):
     """
 
     checkpoint: str = ""
-    grad: str = "sgd"
-    engine: str = "kronecker"
+    grad: Literal["sgd", "adam", "factored-adam"] = "sgd"
+    engine: Literal["kronecker", "dense", "representation"] = "kronecker"
     proj_dim: int = 64
     batch_size: int = 8
     shard_size: int = 256
-    store_dtype: str = "float16"
+    store_dtype: Literal["float16", "float32"] = "float16"
 
     def __post_init__(self):
         self.check_io("features", "the examples to featurise", "the store folder")

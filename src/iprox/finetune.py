@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -30,11 +31,23 @@ log = logging.getLogger(__name__)
 class FinetuneConfig(ModelStageConfig):
     """Settings of ``iprox finetune`` (defaults suit a 135M model on a few hundred examples).
 
-    The shared fields (data, out, model, max_length, seed, dtype, device, ...) are
-    :class:`~iprox.runtime.ModelStageConfig`'s.
+    The shared fields (max_length, seed, dtype, device, ...) are :class:`~iprox.runtime.ModelStageConfig`'s.
+
+    Attributes:
+        model: the model to fine-tune (the target; not a proxy).
+        data: the records to train on, e.g. selected.jsonl.
+        out: the model folder to write (a plain Hugging Face folder).
+        method: ``lora`` (adapters, merged into the weights before saving) or ``full``.
+        epochs: passes over the data.
+        lr: peak learning rate of the linear schedule.
+        warmup_ratio: share of steps with a rising learning rate.
+        weight_decay: AdamW's weight decay.
+        lora_rank / lora_alpha: LoRA shape.
+        batch_size / grad_accum: micro-batch and accumulation; one optimiser step per group.
+        max_grad_norm: clip the global gradient norm to this (0: no clipping).
     """
 
-    method: str = "lora"
+    method: Literal["lora", "full"] = "lora"
     epochs: int = 3
     lr: float = 2e-4
     warmup_ratio: float = 0.03

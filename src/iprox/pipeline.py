@@ -51,6 +51,7 @@ from typing import Any
 from . import artifacts
 from .data import find_shared_data, load_examples
 from .features import FeatureConfig, compute_features
+from .projection import GRADS
 from .loading import LOADS, Session
 from .models import EMBEDDED_MODEL, resolve_dtype
 from .runtime import check_data_paths, check_types
@@ -109,13 +110,19 @@ class RunConfig:
         for s in self.pool + self.validation:
             check_data_paths([s["path"]])
         # Let each stage config check its own section now, before any work starts.
+        if self.max_length < 8:
+            raise ValueError(f"[data] max_length must be >= 8 (a prompt and a response), got {self.max_length}")
         feats = dict(self.features)
         train_grad = feats.pop("train_grad", "factored-adam")
+        if train_grad not in GRADS:
+            raise ValueError(f"[features] train_grad must be one of {GRADS}, got {train_grad!r}")
         if "grad" in feats:
             raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
         checks = (("proxy", ProxyConfig, {"data": ["x"]}, self.proxy),
                   ("warmup", WarmupConfig, {"data": ["x"], "out": "x"}, self.warmup),
-                  ("score", ScoreConfig, {"train": ["x"], "val": ["x"], "out": "x"}, self.score),
+                  # checkpoint_weights are checked against the warm-up's epochs below
+                  ("score", ScoreConfig, {"train": ["x"], "val": ["x"], "out": "x"},
+                   {k: v for k, v in self.score.items() if k != "checkpoint_weights"}),
                   ("features", FeatureConfig, {"data": ["x"], "out": "x", "checkpoint": "x", "grad": train_grad}, feats),
                   ("select", SelectConfig, {"scores": "x", "data": ["x"], "out": "x"}, self.select))
         built = {}
@@ -125,7 +132,12 @@ class RunConfig:
                 built[name] = cls(**{**extra, **values})
             except (ValueError, TypeError) as e:
                 raise ValueError(f"[{name}] {e}") from None
-        weights = built["score"].checkpoint_weights
+        weights = self.score.get("checkpoint_weights", "auto")
+        n_ckpt = built["warmup"].epochs if self.selector in ("proxy", "model") else 1
+        try:
+            ScoreConfig(train=["x"] * n_ckpt, val=["x"] * n_ckpt, out="x", checkpoint_weights=weights)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"[score] {e}") from None
         if isinstance(weights, list) and self.selector in ("proxy", "model") and len(weights) != built["warmup"].epochs:
             raise ValueError(f"[score] checkpoint_weights has {len(weights)} weights but [warmup] epochs = "
                              f"{built['warmup'].epochs} makes {built['warmup'].epochs} checkpoints")

@@ -237,8 +237,9 @@ class KroneckerEngine:
         def hook(name):
             def fwd(_mod, inputs, output):
                 x = inputs[0]
-                # Padding positions carry no loss; masking their inputs also zeroes their outer products.
-                ph = (x * mask.to(x.dtype)) @ self._as(name, "in", x.dtype).T  # (B, T, k_in)
+                # Padding positions carry no loss; masking their projected inputs zeroes their outer
+                # products. (Masking after the projection touches k_in values per token, not n.)
+                ph = (x @ self._as(name, "in", x.dtype).T) * mask.to(x.dtype)  # (B, T, k_in)
 
                 def bwd(grad):
                     pd = grad @ self._as(name, "out", grad.dtype).T  # (B, T, k_out)

@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file
@@ -57,7 +57,13 @@ from .probe import collect_moments
 
 log = logging.getLogger(__name__)
 
-PROXY_FORMAT_VERSION = 1
+PROXY_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: the dense target's config.json beside the factors (before 0.3)
+TARGET_CONFIG_FILE = "target_config.json"
+# config.json of a proxy folder names this model type, which transformers does not know: a plain
+# from_pretrained fails with that name instead of silently building a randomly initialised dense
+# model from the target's config. iprox.load_proxy reads target_config.json instead.
+PROXY_MODEL_TYPE = "iprox_proxy"
 STAGE1_DONE = "STAGE1_DONE"
 WEIGHTS_FILE = "model.safetensors"
 INITS = ("ipsvd", "svd", "random", "layer-drop")
@@ -106,13 +112,13 @@ class ProxyConfig:
     data: list[str] = field(default_factory=list)
     out: str = "proxy"
     sparsity: float = 0.5
-    init: str = "ipsvd"
+    init: Literal["ipsvd", "svd", "random", "layer-drop"] = "ipsvd"
     probe_examples: int = 0
     probe_tokens: int = 4096
     rank_multiple: int = 1
     ridge: float = 1e-3
-    ipsvd_form: str = "full"
-    factor_dtype: str = "float32"
+    ipsvd_form: Literal["full", "skinny"] = "full"
+    factor_dtype: Literal["float32", "float64"] = "float32"
     max_length: int = 512
     batch_size: int = 4
     seed: int = 0
@@ -248,10 +254,10 @@ def factorize_model(
     moments: dict[str, Any] | None = None,
     rank_multiple: int = 1,
     ridge: float = 1e-3,
-    ipsvd_form: str = "full",
+    ipsvd_form: Literal["full", "skinny"] = "full",
     seed: int = 0,
     progress: bool = False,
-    factor_dtype: str = "float32",
+    factor_dtype: Literal["float32", "float64"] = "float32",
     decompositions: dict[str, Decomposition] | None = None,
 ) -> list[dict[str, Any]]:
     """Replaces the compressible projections of ``model`` by factored ones, in place.
@@ -541,7 +547,11 @@ def save_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any
     state = _unique_state(model)
     artifacts.save_tensors(state, out / WEIGHTS_FILE,
                            metadata={"format": "pt", "iprox_format_version": str(PROXY_FORMAT_VERSION)})
-    model.config.save_pretrained(out)
+    model.config.to_json_file(out / TARGET_CONFIG_FILE)
+    artifacts.atomic_write_json(out / "config.json", {
+        "model_type": PROXY_MODEL_TYPE, "architectures": ["IProxFactoredProxy"],
+        "iprox": f"an IProX proxy of a {type(model).__name__}: load it with iprox.load_proxy('{out.name}'); "
+                 f"the model's own config is {TARGET_CONFIG_FILE}"})
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     artifacts.set_umask_modes(out)
@@ -570,14 +580,24 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
     if not is_proxy_folder(path):
         raise FileNotFoundError(f"{path} is not a proxy folder (no {PROXY_FILE})")
     meta = artifacts.read_json(path / PROXY_FILE, "proxy description")
-    if meta.get("format_version") != PROXY_FORMAT_VERSION:
-        raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not {PROXY_FORMAT_VERSION}; rebuild it")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not one of "
+                         f"{READABLE_VERSIONS}; rebuild it")
     state = load_file(str(path / WEIGHTS_FILE))
     saved_dtype = next(iter(state.values())).dtype
     torch_dtype = DTYPES[resolve_dtype(dtype, device)] if dtype else saved_dtype
-    cfg = AutoConfig.from_pretrained(path, trust_remote_code=meta["config"].get("trust_remote_code", False))
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype,
-                                             trust_remote_code=meta["config"].get("trust_remote_code", False))
+    trust = meta.get("config", {}).get("trust_remote_code", False)
+    if (path / TARGET_CONFIG_FILE).is_file():
+        from transformers import CONFIG_MAPPING
+
+        raw = artifacts.read_json(path / TARGET_CONFIG_FILE, "model config")
+        if raw.get("model_type") not in CONFIG_MAPPING:
+            raise ValueError(f"{path / TARGET_CONFIG_FILE}: model type {raw.get('model_type')!r} is not one "
+                             f"transformers knows; custom-code models are not supported as proxies")
+        cfg = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    else:  # format 1
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust)
     for rec in meta["layers"]:
         if rec["rank"]:  # None: left dense; 0: block dropped (layer-drop)
             parent, child = get_submodule_parent(model, rec["name"])

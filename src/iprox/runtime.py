@@ -27,6 +27,8 @@ def _type_ok(value, tp) -> tuple[bool, object]:
     """Whether ``value`` fits the annotation ``tp``; returns ``(ok, value)`` with ints widened to float
     where a float is wanted and integral floats narrowed to int where an int is."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}, value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         for arm in typing.get_args(tp):
             ok, v = _type_ok(value, arm)
@@ -65,6 +67,8 @@ _TYPE_WORDS = {float: "a number", int: "a whole number", bool: "true or false", 
 
 
 def _describe(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         (arm,) = typing.get_args(tp) or (object,)
         return f"a list of {_describe(arm).removeprefix('a ')}s"
@@ -146,3 +150,107 @@ class ModelStageConfig:
 
             if not is_proxy_folder(self.model):
                 resolve_model(self.model)
+
+
+# ---------------------------------------------------------------------------------------------
+# One source of settings: command-line flags generated from the settings dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def field_help(cls) -> dict[str, str]:
+    """Help text per field, read from the ``Attributes:`` sections of ``cls``'s and its bases' docstrings.
+
+    A line ``name: text`` (or ``a / b: text``, ``a, b: text`` for fields described together) starts
+    an entry; deeper-indented lines continue it.
+    """
+    import inspect
+    import re
+
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        doc = inspect.getdoc(klass) or ""
+        if "Attributes:" not in doc or klass.__doc__ is None:
+            continue
+        body = doc.split("Attributes:", 1)[1].splitlines()
+        names, text, indent = [], [], None
+        for line in body:
+            if not line.strip():
+                continue
+            m = re.match(r"^(\s*)([a-z_][a-z0-9_]*(?:\s*[/,]\s*[a-z_][a-z0-9_]*)*):\s*(.*)$", line)
+            ind = len(line) - len(line.lstrip())
+            if m and (indent is None or ind <= indent):
+                for n in names:
+                    out[n] = " ".join(text)
+                indent = ind
+                names = [n.strip() for n in re.split(r"[/,]", m.group(2))]
+                text = [m.group(3).strip()]
+            elif names and ind > (indent or 0):
+                text.append(line.strip())
+            elif not m and indent is not None and ind <= indent:
+                break  # the section ended
+        for n in names:
+            out[n] = " ".join(text)
+    return out
+
+
+def add_config_args(parser, cls, *, skip: tuple[str, ...] = (), required: tuple[str, ...] = (),
+                    overrides: dict[str, dict] | None = None, groups: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Adds one flag per field of the settings dataclass ``cls`` to ``parser``.
+
+    Flags are ``--field-name``; types, choices (``Literal``) and defaults come from the dataclass,
+    help from its docstring, so settings are declared once. Booleans that default to False are
+    switches (``--overwrite``); ``progress`` becomes ``--no-progress``; ``list[str]`` fields repeat
+    (``--data a --data b``).
+
+    Args:
+        skip: fields that get no flag.
+        required: fields whose flag is required.
+        overrides: extra or replacing ``add_argument`` keywords per field.
+        groups: argument-group title -> fields, to structure ``--help``.
+    """
+    from dataclasses import MISSING
+
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    overrides = overrides or {}
+    where = {}
+    for title, names in (groups or {}).items():
+        g = parser.add_argument_group(title)
+        for n in names:
+            where[n] = g
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        target = where.get(f.name, parser)
+        tp = hints[f.name]
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        text = helps.get(f.name, "")
+        kw: dict = {}
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            if default:
+                flag, kw = "--no-" + f.name.replace("_", "-"), {"action": "store_false", "dest": f.name}
+            else:
+                kw = {"action": "store_true"}
+        elif typing.get_origin(tp) is list:
+            kw = {"action": "append", "default": [], "metavar": f.name.split("_")[0].upper()}
+            text += " (repeatable)"
+        elif typing.get_origin(tp) is typing.Literal:
+            kw = {"choices": list(typing.get_args(tp)), "default": default}
+            text += f" (default: {default})"
+        else:
+            base = tp if tp in (int, float, str) else str
+            kw = {"type": base, "default": default}
+            if default not in ("", None):
+                text += f" (default: {default})"
+        if f.name in required:
+            kw["required"] = True
+            kw.pop("default", None)
+        kw.update(overrides.get(f.name, {}))
+        target.add_argument(flag, help=text.strip() or None, **kw)
+
+
+def config_from_args(args, cls) -> dict:
+    """The parsed values of the fields of ``cls`` (as :func:`add_config_args` named them)."""
+    vals = vars(args)
+    return {f.name: vals[f.name] for f in fields(cls) if f.name in vals}

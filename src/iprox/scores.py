@@ -13,7 +13,8 @@ features, or ``(F+λI)⁻¹`` times their mean) and the pool is streamed past it
 one chunk plus the (n_pool × n_subtasks) result, however large the pool.
 
 Output folder: ``scores.csv`` (``id, source, task, score, <one column per subtask>`` in store order),
-``scores.json`` (method, weights, subtasks, summary), ``stage.json`` and ``COMPLETE``.
+``scores.parquet`` (the same table), ``scores.json`` (method, weights, subtasks, summary), ``stage.json``
+and ``COMPLETE``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -50,13 +52,15 @@ class ScoreConfig:
             or explicit weights, one per checkpoint.
         damping: ``if`` only: λ as a fraction of the mean eigenvalue of F.
         chunk_rows: pool rows scored at once.
+        overwrite: replace a scores folder made with other settings.
+        progress: show progress (unused: scoring logs one line per checkpoint).
     """
 
     train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
     out: str = ""
-    method: str = "tracin"
-    aggregate: str = "max"
+    method: Literal["tracin", "if"] = "tracin"
+    aggregate: Literal["max", "mean"] = "max"
     checkpoint_weights: str | list[float] = "auto"
     damping: float = 0.1
     chunk_rows: int = 4096
@@ -81,9 +85,9 @@ class ScoreConfig:
             try:
                 self.checkpoint_weights = [float(w) for w in self.checkpoint_weights.split(",")]
             except ValueError:
-                raise ValueError(f"checkpoint weights must be 'auto' or numbers like 1e-5,5e-6; got {self.checkpoint_weights!r}") from None
+                raise ValueError(f"checkpoint_weights must be 'auto' or numbers like 1e-5,5e-6; got {self.checkpoint_weights!r}") from None
         if isinstance(self.checkpoint_weights, list) and len(self.checkpoint_weights) != len(self.train):
-            raise ValueError(f"{len(self.checkpoint_weights)} checkpoint weights for {len(self.train)} checkpoints")
+            raise ValueError(f"{len(self.checkpoint_weights)} checkpoint_weights for {len(self.train)} checkpoints")
         if self.damping <= 0 or self.chunk_rows < 1:
             raise ValueError("damping must be > 0 and chunk_rows >= 1")
         self.train = [str(Path(p).resolve()) for p in self.train]
@@ -180,6 +184,22 @@ def write_scores_csv(path: Path, res: ScoreResult) -> None:
     artifacts.atomic_write_text(path, buf.getvalue())
 
 
+def write_scores_parquet(path: Path, res: ScoreResult) -> None:
+    """The same table as ``scores.csv`` in Parquet (float64 scores; for pandas, polars, DuckDB)."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"id": res.ids, "source": res.sources, "task": res.tasks, "score": res.score.tolist()}
+    for j, name in enumerate(_column_names(res.subtasks)):
+        cols[name] = res.per_subtask[:, j].tolist()
+    tmp = path.parent / f".{path.name}.tmp"
+    pq.write_table(pa.table(cols), tmp)
+    artifacts.set_umask_mode(tmp)
+    os.replace(tmp, path)
+
+
 def read_scores(path: str | Path) -> list[dict]:
     """Rows of a scores table (a ``scores.csv`` or the folder holding it); ``score`` as float."""
     path = Path(path)
@@ -211,6 +231,7 @@ def score(config: ScoreConfig) -> Path:
     if not artifacts.prepare_stage(out, "score", cfg, config.overwrite):
         res = compute_scores(config)
         write_scores_csv(out / SCORES_FILE, res)
+        write_scores_parquet(out / "scores.parquet", res)
         s = res.score
         artifacts.atomic_write_json(out / "scores.json", {
             "method": config.method, "aggregate": config.aggregate, "weights": res.weights,

@@ -9,11 +9,13 @@ and tasks, and the score range.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from . import artifacts
 from .data import load_examples
@@ -22,16 +24,30 @@ from .scores import read_scores
 
 log = logging.getLogger(__name__)
 
+FORMATS = ("original", "messages")
+
 
 @dataclass
 class SelectConfig:
-    """Settings of ``iprox select``: exactly one of ``fraction`` and ``top_k``."""
+    """Settings of ``iprox select``: exactly one of ``fraction`` and ``top_k``.
+
+    Attributes:
+        scores: a scores folder or ``scores.csv``.
+        data: the pool the scores are for (files or folders).
+        out: the JSONL file to write (``selected.json`` is written beside it).
+        fraction: share of the pool to keep, e.g. 0.05.
+        top_k: or exactly this many examples.
+        format: ``original`` (each record as it was in the pool, byte for byte) or ``messages``
+            (normalised chat records ``{"id", "messages"}``, one schema whatever the pool mixed:
+            what TRL's SFTTrainer takes).
+    """
 
     scores: str = ""
     data: list[str] = field(default_factory=list)
     out: str = ""
     fraction: float = 0.0
     top_k: int = 0
+    format: Literal["original", "messages"] = "original"
 
     def __post_init__(self):
         check_types(self)
@@ -45,6 +61,8 @@ class SelectConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
 
 
 def rank(rows: list[dict]) -> list[dict]:
@@ -79,7 +97,11 @@ def select(config: SelectConfig) -> dict:
                          f"pass the pool the scores were computed on")
     picked = [by_id[r["id"]] for r in top]
     out = Path(config.out)
-    artifacts.atomic_write_text(out, "".join(ex.raw + "\n" for ex in picked))
+    if config.format == "messages":
+        lines = [json.dumps({"id": ex.id, "messages": ex.messages}, ensure_ascii=False) for ex in picked]
+    else:
+        lines = [ex.raw for ex in picked]
+    artifacts.atomic_write_text(out, "".join(line + "\n" for line in lines))
     manifest = {
         "selected": k, "pool": len(rows), "fraction": k / len(rows),
         "by_source": dict(Counter(ex.source for ex in picked).most_common()),

@@ -7,7 +7,9 @@ force during its epoch. Each ``checkpoint-<epoch>/`` folder holds:
 * ``optimizer.safetensors``: AdamW's ``exp_avg.<name>`` and ``exp_avg_sq.<name>`` (the state the
   Adam-preconditioned features need), keyed by the same names;
 * ``checkpoint.json``: epoch, optimiser step, the mean and final learning rate of the epoch, Adam's
-  betas and eps, and what trained.
+  betas and eps, and what trained;
+* for LoRA, the peft adapter (``adapter_config.json``, ``adapter_model.safetensors``): the folder
+  loads with ``PeftModel.from_pretrained(base_model, folder)``.
 
 What trains:
 
@@ -30,6 +32,7 @@ import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from . import artifacts
 from .data import tokenize_examples
@@ -57,6 +60,7 @@ class WarmupConfig(ModelStageConfig):
         epochs: epochs, one checkpoint each (LESS: 4).
         lr: peak learning rate of the linear schedule (LESS: 2e-5).
         warmup_ratio: share of steps with a linearly rising learning rate (LESS: 0.03).
+        weight_decay: AdamW's weight decay (LESS: 0).
         lora_rank / lora_alpha: LoRA shape. LESS uses 128/512 on 7B models; 8/32 suits 135M.
         proxy_trains: for a proxy, ``factors`` or ``lora`` (see the module docstring).
         batch_size / grad_accum: micro-batch and accumulation; one optimiser step per group.
@@ -71,7 +75,7 @@ class WarmupConfig(ModelStageConfig):
     weight_decay: float = 0.0
     lora_rank: int = 8
     lora_alpha: float = 32.0
-    proxy_trains: str = "factors"
+    proxy_trains: Literal["factors", "lora"] = "factors"
     batch_size: int = 4
     grad_accum: int = 1
     max_grad_norm: float = 0.0
@@ -97,13 +101,18 @@ def trains_lora(model_spec: str, proxy_trains: str) -> bool:
     return not is_proxy_folder(model_spec) or proxy_trains == "lora"
 
 
-def _save_epoch(folder: Path, opt: MasterAdamW, info: dict) -> None:
-    """Writes one checkpoint folder atomically: trained tensors (float32 masters), Adam moments, info."""
+def _save_epoch(folder: Path, opt: MasterAdamW, info: dict, model=None) -> None:
+    """Writes one checkpoint folder atomically: trained tensors (float32 masters), Adam moments, info,
+    and for LoRA the peft adapter itself (``adapter_config.json``, ``adapter_model.safetensors``), so
+    ``PeftModel.from_pretrained(base, checkpoint)`` and LESS's scripts read it as it is."""
     tmp = folder.parent / f".{folder.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     opt.save(tmp, TRAINABLE_FILE, OPTIMIZER_FILE)
+    if info.get("lora") and model is not None:
+        model.save_pretrained(tmp)
+        artifacts.set_umask_modes(tmp)
     artifacts.atomic_write_json(tmp / CHECKPOINT_FILE, info)
     tmp.rename(folder)  # the folder appears whole or not at all
 
@@ -155,7 +164,7 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
                 "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "seed": config.seed,
                 "trains": "lora" if lora else "factors", "n_train": len(tokd), "train_loss": loss,
                 "dtype": config.dtype, "uid": uuid.uuid4().hex, "seconds": round(seconds, 2)}
-        _save_epoch(out / f"checkpoint-{epoch}", opt, info)
+        _save_epoch(out / f"checkpoint-{epoch}", opt, info, model)
         log.info("warmup epoch %d/%d: loss %.4f, mean lr %.3g (%.1fs)", epoch, config.epochs, loss, info["lr"], seconds)
 
     train_epochs(model, opt, tokd, tok.pad_token_id, device, epochs=config.epochs, lr=config.lr,
