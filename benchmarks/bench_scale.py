@@ -123,11 +123,16 @@ def make_target(folder: Path, geometry: str, dtype: str, tokenizer_dir: Path) ->
     device = default_device()
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
-    # GPT-2's depth scaling of the projections that write into the residual stream (std 0.02/√(2L)).
-    # With transformers' plain init a random 30-layer model's backward pass overflows float32 (the
-    # output gradients reach inf by layer 11 of 30, the probe's moments turn NaN); trained models do
-    # not do that, and the cost measured here does not depend on the weights' scale.
+    # A random init whose backward pass stays finite. transformers' plain init (every weight std 0.02)
+    # keeps the residual stream at rms 0.02, so every RMSNorm multiplies the output gradient by ~50
+    # on the way down: through 30 layers it passes float32's range (measured: ×30 per layer, inf by
+    # layer 0 of the 135M geometry) and the probe's moments turn NaN. Trained models have a residual
+    # stream of rms ~1. Here: embeddings std 1, GPT-2's 1/√(2L) on the projections that write into
+    # the residual stream, and the final norm scaled so that the (tied) head's logits have std ~1.
+    # The cost measured does not depend on any of this.
     with torch.no_grad():
+        model.get_input_embeddings().weight.normal_(0.0, 1.0)
+        model.model.norm.weight.fill_(1.0 / math.sqrt(cfg.hidden_size))
         for name, p in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(1.0 / math.sqrt(2 * cfg.num_hidden_layers))
