@@ -208,7 +208,7 @@ def config_cases(root: Path, model_dir: Path, n: int, rng: random.Random) -> lis
     items = [(sec, key, v) for (sec, key), vals in _BAD_SETTINGS.items() for v in vals]
     structural = [
         ("unknown section", "[bogus]\nx = 1\n", "bogus"),
-        ("unknown key", "[proxy]\nsparsity_x = 0.5\n", "sparsity_x"),
+        ("unknown key", None, "sparsity_x"),
         ("section as a value", "proxy = 5\n", "proxy"),
         ("pool not a list", None, "pool"),
         ("sample not a count", None, "sample"),
@@ -233,6 +233,8 @@ def config_cases(root: Path, model_dir: Path, n: int, rng: random.Random) -> lis
                 text = base.replace(str(pool), str(d / "nope.jsonl"))
             elif what == "duplicate key":
                 text = base.replace("[run]\n", f"[run]\nout = {json.dumps(str(out))}\n", 1)
+            elif what == "unknown key":
+                text = base.replace("[proxy]\n", "[proxy]\nsparsity_x = 0.5\n")
             elif what == "missing out":
                 text = base.replace(f"out = {json.dumps(str(out))}\n", "")
             elif text is not None:
@@ -339,11 +341,26 @@ def _corruptions(store: Path, rng: random.Random):
         return s.name
 
     def flip(d: Path):
+        import struct
+
         s = d / rng.choice(shards)
         b = bytearray(s.read_bytes())
-        # The header: its JSON says what the file holds, and damage there must not pass unseen.
-        for _ in range(rng.randint(1, 4)):
-            b[rng.randint(8, min(len(b) - 1, 200))] ^= rng.randint(1, 255)  # always a different byte
+        n = struct.unpack("<Q", bytes(b[:8]))[0]
+        # The header's JSON says what the file holds: damage to a character that means something
+        # (not its whitespace padding, which a flip can turn into other whitespace) must not pass unseen.
+        pos = [i for i in range(8, 8 + n) if b[i] not in b" \t\n\r"]
+        for _ in range(rng.randint(1, 3)):
+            b[rng.choice(pos)] ^= rng.randint(1, 255)  # always a different byte
+        s.write_bytes(bytes(b))
+        return s.name
+
+    def flip_data(d: Path):
+        import struct
+
+        s = d / rng.choice(shards)
+        b = bytearray(s.read_bytes())
+        n = struct.unpack("<Q", bytes(b[:8]))[0]
+        b[rng.randrange(8 + n, len(b))] ^= 1 << rng.randrange(8)  # one bit of one value: silent without a checksum
         s.write_bytes(bytes(b))
         return s.name
 
@@ -394,7 +411,8 @@ def _corruptions(store: Path, rng: random.Random):
         (d / "COMPLETE").unlink()
         return str(d)
 
-    return [("truncated shard", truncate), ("damaged shard header", flip), ("swapped shards", swap),
+    return [("truncated shard", truncate), ("damaged shard header", flip), ("one flipped bit in the values", flip_data),
+            ("swapped shards", swap),
             ("deleted shard", delete), ("NaN or inf feature", nan), ("garbage manifest", manifest_garbage),
             ("manifest lacks a key", manifest_key), ("manifest ids changed", manifest_ids),
             ("no completion marker", incomplete)]

@@ -111,8 +111,10 @@ def test_bf16_run_completes_and_loads_each_model_once(tmp_path, selector):
     res = run(load_config(_write_config(tmp_path, model_dir, selector=selector, run_extra='dtype = "bf16"'),
                           {"progress": False}))
     run_dir = tmp_path / "run"
-    picked = [json.loads(line)["id"] for line in (run_dir / "selection" / "selected.jsonl").read_text().splitlines()]
-    assert picked == [t["id"] for t in res.selection["top"][:5]]
+    # The selected records are the pool's lines named by the scores' top ids ("pool.jsonl:<line>"), in order.
+    pool_lines = (tmp_path / "pool.jsonl").read_text().splitlines()
+    picked = (run_dir / "selection" / "selected.jsonl").read_text().splitlines()
+    assert picked == [pool_lines[int(t["id"].split(":")[1]) - 1] for t in res.selection["top"][:5]]
     loads = {k: v - before.get(k, 0) for k, v in LOADS.items() if v != before.get(k, 0)}
     # The target is read from disk once. The proxy built from it, the warm-up's model, and both
     # checkpoints' train and validation features all use resident copies.

@@ -13,7 +13,7 @@ from iprox.ipsvd import weighted_error
 from iprox.lowrank import FactorizedLinear
 from iprox.models import compressible_modules, count_parameters, projection_weight
 from iprox.probe import collect_moments
-from iprox.proxy import ProxyConfig, build_proxy, factorize_model, load_proxy
+from iprox.proxy import PROXY_FORMAT_VERSION, ProxyConfig, build_proxy, factorize_model, load_proxy
 
 
 def _batch(tok, path, n=6):
@@ -67,7 +67,7 @@ def test_build_save_load_roundtrip(tmp_path, data_file, family, init):
     meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
     proxy = load_proxy(tmp_path / "proxy")
     assert count_parameters(proxy) == meta["proxy_params"] == s.proxy_params < s.target_params
-    assert meta["method"] == init and meta["format_version"] == 1
+    assert meta["method"] == init and meta["format_version"] == PROXY_FORMAT_VERSION
     assert meta["target"]["params"] == count_parameters(model)
     assert len(meta["target"]["weights_sha256"]) == 64
     assert meta["config"]["sparsity"] == 0.5

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -140,7 +141,19 @@ def _shard_ids(path: Path) -> list[str] | None:
 
 
 def _write_shard(path: Path, feats: torch.Tensor, ids: list[str]) -> None:
-    artifacts.save_tensors({"features": feats.contiguous()}, path, metadata={"ids": json.dumps(ids)})
+    feats = feats.contiguous()
+    artifacts.save_tensors({"features": feats}, path, metadata={"ids": json.dumps(ids), "crc32": str(_crc(feats))})
+
+
+def _crc(x: torch.Tensor, value: int = 0) -> int:
+    """CRC-32 of a tensor's bytes (continuing from ``value``): catches damage the file format cannot see."""
+    return zlib.crc32(x.contiguous().view(torch.uint8).numpy().tobytes(), value)
+
+
+def _shard_crc(path: Path) -> int | None:
+    with safe_open(str(path), framework="pt") as f:
+        crc = (f.metadata() or {}).get("crc32")
+    return int(crc) if crc is not None else None
 
 
 def read_manifest(store: str | Path) -> dict:
@@ -169,7 +182,11 @@ def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32
         want = man["ids"][sh["start"]:sh["start"] + sh["count"]]
         try:
             with safe_open(str(path), framework="pt") as f:
-                ids = json.loads((f.metadata() or {}).get("ids", "null"))
+                meta = f.metadata() or {}
+                ids = json.loads(meta.get("ids", "null"))
+                if sh.get("crc32") is not None and meta.get("crc32") != str(sh["crc32"]):
+                    raise artifacts.ArtifactError(f"{path}: its checksum is not the one the manifest recorded "
+                                                  f"(a damaged or foreign shard); recompute the store")
                 sl = f.get_slice("features")
                 shape = sl.get_shape()
                 # Verified on read: the shard holds the manifest's ids in order, one row each, of the
@@ -178,9 +195,16 @@ def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32
                     raise artifacts.ArtifactError(
                         f"{path} does not hold the rows the manifest lists ({len(want)} ids from {want[:1]}); "
                         f"the store is damaged: recompute it (iprox features --overwrite)")
+                crc = 0
                 for a in range(0, len(ids), chunk_rows):
                     b = min(len(ids), a + chunk_rows)
-                    x = sl[a:b].to(dtype)
+                    raw = sl[a:b]
+                    crc = _crc(raw, crc)
+                    if b == len(ids) and sh.get("crc32") is not None and crc != sh["crc32"]:
+                        # checked before the last chunk is handed out, so a damaged shard never scores
+                        raise artifacts.ArtifactError(f"{path}: its values do not match the checksum the manifest "
+                                                      f"recorded (the file was damaged); recompute the store")
+                    x = raw.to(dtype)
                     if not bool(torch.isfinite(x).all()):
                         bad = ids[a + int((~torch.isfinite(x)).any(dim=1).nonzero()[0])]
                         raise artifacts.ArtifactError(f"{path}: the features of {bad!r} are not finite (NaN or inf); "
@@ -365,7 +389,8 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
             # This process's compute on the shards it wrote (a resumed run counts only its own).
             "timing": {"rank0_seconds": round(seconds, 3), "rank0_examples": n_todo, "world_size": world},
             "shards": [{"file": shard_name(i), "start": i * config.shard_size,
-                        "count": len(ids[i * config.shard_size:(i + 1) * config.shard_size])} for i in range(n_shards)],
+                        "count": len(ids[i * config.shard_size:(i + 1) * config.shard_size]),
+                        "crc32": _shard_crc(out / shard_name(i))} for i in range(n_shards)],
         }
         artifacts.atomic_write_json(out / MANIFEST_FILE, manifest)
         artifacts.mark_complete(out)
