@@ -157,33 +157,36 @@ def flops_per_token(model, seq_len: float) -> float:
     return 2 * mm + attn
 
 
-def time_floor(model, modules, ck, items, pad_id, device, batch_size, proj_dim, repeats=1) -> dict:
-    """Seconds for the same batches: plain forward + backward without weight gradients, and the
-    Kronecker engine (factored Adam), interleaved batch by batch so that noise hits both alike."""
-    pc = make_preconditioners("factored-adam", modules, ck.exp_avg, ck.exp_avg_sq, tuple(ck.info["betas"]), ck.info["eps"])
-    eng = KroneckerEngine(model, modules, make_projections(modules, proj_dim, 0, torch.float32, device), pc)
-    t_floor = t_kron = 0.0
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    try:
-        for _ in range(repeats):
-            for b in batches(items, batch_size, sort_by_length=True):
-                enc = {k: v.to(device) for k, v in collate(b, pad_id).items()}
+def time_interleaved(engines: dict, items, pad_id, device, batch_size, proj_dim) -> dict:
+    """Seconds per model over the same batches: the Kronecker engine (factored Adam) and a plain forward
+    + backward without weight gradients, each batch run by every model in turn (one pass to warm up,
+    one timed), so that noise on a shared machine hits every model alike."""
+    kron, floor = {}, {}
+    for name, (model, modules, ck) in engines.items():
+        pc = make_preconditioners("factored-adam", modules, ck.exp_avg, ck.exp_avg_sq, tuple(ck.info["betas"]),
+                                  ck.info["eps"])
+        kron[name] = KroneckerEngine(model, modules, make_projections(modules, proj_dim, 0, torch.float32, device), pc)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    t_floor = {n: 0.0 for n in engines}
+    t_kron = {n: 0.0 for n in engines}
+    bs = batches(items, batch_size, sort_by_length=True)
+    for rep, batch_list in ((0, bs[:1]), (1, bs)):  # rep 0 warms up caches and allocators, untimed
+        for b in batch_list:
+            enc = {k: v.to(device) for k, v in collate(b, pad_id).items()}
+            for name, (model, _, _) in engines.items():
                 _sync(device)
                 t0 = time.perf_counter()
                 emb = model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
                 _loss_sum(model, enc, emb).backward()
                 _sync(device)
-                t_floor += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                eng(enc).cpu()
+                t1 = time.perf_counter()
+                kron[name](enc).cpu()
                 _sync(device)
-                t_kron += time.perf_counter() - t0
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-    return {"floor_s": t_floor, "kron_s": t_kron, "kron_over_floor": t_kron / t_floor}
+                if rep:
+                    t_floor[name] += t1 - t0
+                    t_kron[name] += time.perf_counter() - t1
+    return {n: {"floor_s": t_floor[n], "kron_s": t_kron[n], "kron_over_floor": t_kron[n] / t_floor[n]} for n in engines}
 
 
 def _sync(device: str) -> None:
@@ -332,6 +335,7 @@ def main() -> None:
     for sp in SPARSITIES:
         m, _ = session.model(str(proxies[sp]), dtype, device)
         shapes[f"proxy {sp}"] = (flops_per_token(m, mean_len), sum(p.numel() for p in m.parameters()))
+    checkpoints = {}
     for name, spec in [("target", target_dir)] + [(f"proxy {sp}", proxies[sp]) for sp in SPARSITIES]:
         wdir = work / f"warmup-{name.replace(' ', '-')}"
         shutil.rmtree(wdir, ignore_errors=True)
@@ -346,14 +350,10 @@ def main() -> None:
                                        shard_size=1 << 20, max_length=args.max_length, dtype=dtype, progress=False), session)
         man = read_manifest(fdir)
         t = man["timing"]
-        ck = session.checkpoint(ck_dir, dtype, device)
-        modules = feature_modules(ck.model)
-        floor = time_floor(ck.model, modules, ck, pool_tok, tok.pad_token_id, device, args.batch_size, 64)
-        res["models"][name] = {"examples_per_s": t["rank0_examples"] / t["rank0_seconds"], "dim": man["dim"],
+        res["models"][name] = {"store_examples_per_s": t["rank0_examples"] / t["rank0_seconds"], "dim": man["dim"],
                                "flops_per_token": shapes[name][0], "params": shapes[name][1],
-                               "peak_accelerator_gib": _accel_peak(device), **floor}
-        log.info("%s: %.2f examples/s (kronecker/floor %.2f)", name, res["models"][name]["examples_per_s"],
-                 floor["kron_over_floor"])
+                               "peak_accelerator_gib": _accel_peak(device)}
+        checkpoints[name] = ck_dir
         if name == "target":
             # 3. Kronecker against dense at equal dimensions, same checkpoint, same examples.
             items = pool_tok[: args.dense_examples]
@@ -370,8 +370,18 @@ def main() -> None:
                 tt = read_manifest(d)["timing"]
                 rates[engine] = tt["rank0_examples"] / tt["rank0_seconds"]
             res["kronecker_vs_dense"] = {**rates, "ratio": rates["kronecker"] / rates["dense"], "n": len(items)}
-        session.drop(str(spec))
-    del target, session
+    # The throughput ratios: every model's Kronecker features and its plain forward + backward (no weight
+    # gradients), batch by batch in turn, so that the machine's noise falls on all of them alike.
+    engines = {}
+    for name, ck_dir in checkpoints.items():
+        ck = session.checkpoint(ck_dir, dtype, device)
+        engines[name] = (ck.model, feature_modules(ck.model), ck)
+    timed = time_interleaved(engines, pool_tok, tok.pad_token_id, device, args.batch_size, 64)
+    for name, tm in timed.items():
+        m = res["models"][name]
+        m.update(tm, examples_per_s=len(pool_tok) / tm["kron_s"])
+        log.info("%s: %.2f examples/s (kronecker/floor %.2f)", name, m["examples_per_s"], tm["kron_over_floor"])
+    del target, session, engines
 
     # 4. Pipelines, each in its own process.
     res["pipelines"] = {}
@@ -412,7 +422,7 @@ def summarise(res: dict) -> None:
         fixed[name] = sum(ld.values()) + tm.get("proxy", 0.0) - ld.get("proxy", 0.0)
     build = fixed["iprox"] - fixed["target"]
     gain = per_ex["target"] - per_ex["iprox"]
-    proxy_feat_per_ex = 1.0 / res["models"]["proxy 0.5"]["examples_per_s"]
+    proxy_feat_per_ex = 1.0 / res["models"]["proxy 0.5"]["store_examples_per_s"]
     ckpts = 2  # the pipelines' warm-up epochs: one train store per checkpoint
     res["summary"] = {
         "per_example_s": per_ex, "per_example_ratio": per_ex["iprox"] / per_ex["target"],
@@ -433,11 +443,12 @@ def report(allres: dict) -> str:
                   f"`python benchmarks/bench_scale.py --geometry {r['geometry']} --dtype {r['dtype']} --pool {s['pool']} "
                   f"--max-length {s['max_length']} --batch-size {s['batch_size']}` — {r['params']:,} parameters, "
                   f"pool {r['pool']} (mean {r['mean_tokens']:.0f} tokens).", "",
-                  "| model | examples/s | × target | FLOP ratio | share of FLOP ratio | Kronecker / plain fwd+bwd (no weight grads) | dims |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | examples/s (interleaved) | × target | FLOP ratio | share of FLOP ratio | Kronecker / plain fwd+bwd (no weight grads) | examples/s (`iprox features` store) | dims |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, m in r["models"].items():
             lines.append(f"| {name} | {m['examples_per_s']:.2f} | {m['speedup']:.2f} | {m['flop_ratio']:.2f} | "
-                         f"{m['share_of_flop_ratio']:.0%} | {m['kron_over_floor']:.2f} | {m['dim']} |")
+                         f"{m['share_of_flop_ratio']:.0%} | {m['kron_over_floor']:.2f} | "
+                         f"{m.get('store_examples_per_s', float('nan')):.2f} | {m['dim']} |")
         kd = r["kronecker_vs_dense"]
         f = r["factorise_s"]
         lines += ["", f"- Kronecker vs dense (LESS loop, elementwise Adam) on the target at equal dimensions, "

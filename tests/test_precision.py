@@ -125,3 +125,29 @@ def test_bf16_run_completes_and_loads_each_model_once(tmp_path, selector):
         assert json.loads((run_dir / st / "stage.json").read_text())["config"]["dtype"] == "bfloat16"
     scores = (run_dir / "scores" / "scores.csv").read_text().splitlines()[1:]
     assert len(scores) == 24 and all("nan" not in r for r in scores)
+
+
+def test_a_resident_proxy_carries_no_gradients_into_the_warmup(tmp_path):
+    """Found by the kill tier: a warm-up on the proxy alignment left resident started with alignment's
+    last gradients on the factors, so it differed from a warm-up on the same proxy loaded from disk."""
+    from conftest import chat_records, write_jsonl
+
+    from iprox.loading import Session
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(24))
+    session = Session()
+    build_proxy(ProxyConfig(model=str(model_dir), data=[str(data)], out=str(tmp_path / "proxy"), probe_examples=4,
+                            align_examples=4, align_steps=2, batch_size=2, max_length=96, progress=False),
+                session=session)
+    resident, _ = session.model(str(tmp_path / "proxy"))
+    assert all(p.grad is None for p in resident.parameters())
+    # The warm-up from the resident proxy equals the warm-up from the proxy loaded from disk.
+    def warm(name, s):
+        return run_warmup(WarmupConfig(model=str(tmp_path / "proxy"), data=[str(data)], out=str(tmp_path / name),
+                                       examples=10, epochs=1, lr=1e-3, batch_size=4, max_length=96, progress=False), s)[-1]
+
+    a, b = warm("w-resident", session), warm("w-disk", Session())
+    ta, tb = load_file(str(a / "trainable.safetensors")), load_file(str(b / "trainable.safetensors"))
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0)

@@ -298,6 +298,7 @@ def run_alignment(
                 _write_log(log_path, rows)
     finally:
         bar.close()
+        opt.zero_grad()  # the proxy stays resident for the warm-up: no stale gradients on its factors
         for p, r in zip(target.parameters(), target_req):   # leave the caller's target as it was
             p.requires_grad_(r)
         if attn_before not in (None, "eager"):

@@ -361,6 +361,11 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
 
 
 def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) -> RunResult:
+    # Under the lock no other process writes here, so a temporary file is what a killed run left
+    # between writing and renaming it. (Temporary *folders* are the stages' own resume points.)
+    for tmp in out.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
     fps = _check_lineage(cfg, out, overwrite)
     old = artifacts.read_json(out / PIPELINE_FILE, "run record") if (out / PIPELINE_FILE).exists() else {}
     artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})

@@ -173,6 +173,9 @@ def train_epochs(model: nn.Module, opt: MasterAdamW, tokd, pad_id: int, device: 
 
     per_epoch = max(1, math.ceil(len(tokd) / (batch_size * grad_accum)))
     total = per_epoch * epochs
+    # A resident model may carry gradients from an earlier stage (alignment's last backward): they
+    # must not leak into the first step.
+    opt.zero_grad()
     model.train()
     bar = tqdm(total=(epochs - start_epoch) * len(tokd), desc=desc, unit="ex", disable=not progress)
     for epoch in range(start_epoch, epochs):
