@@ -153,3 +153,18 @@ def test_collate_pads_right_with_masked_labels(tokenizer):
     assert enc["input_ids"].shape[0] == 2
     assert enc["attention_mask"][0, n0:].sum() == 0 and (enc["labels"][0, n0:] == -100).all()
     assert (enc["input_ids"][0, n0:] == tokenizer.pad_token_id).all()
+
+
+def test_same_file_name_in_two_folders_gets_folder_qualified_ids(tmp_path):
+    from iprox.data import load_examples
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "train.jsonl").write_text('{"question": "q", "answer": "x"}\n{"question": "r", "answer": "y"}\n')
+    alone = load_examples(str(tmp_path / "a"))
+    assert [e.id for e in alone] == ["train.jsonl:1", "train.jsonl:2"]  # no clash: ids as before
+    both = load_examples([str(tmp_path / "a"), str(tmp_path / "b" / "train.jsonl")])
+    assert [e.id for e in both] == ["a/train.jsonl:1", "a/train.jsonl:2", "b/train.jsonl:1", "b/train.jsonl:2"]
+    (tmp_path / "c.jsonl").write_text('{"id": "train.jsonl:1", "question": "q", "answer": "x"}\n')
+    with pytest.raises(Exception, match="duplicate example ids"):  # an explicit id still clashes honestly
+        load_examples([str(tmp_path / "a"), str(tmp_path / "c.jsonl")])

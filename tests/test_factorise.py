@@ -83,3 +83,24 @@ def test_one_decomposition_serves_every_sparsity():
     assert set(a) == set(b) and any(k.endswith(".A.weight") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_probing_block_by_block_builds_the_same_proxy(tmp_path):
+    """Bounded memory: one decoder block's moments at a time give exactly the one-pass proxy."""
+    from conftest import write_jsonl
+
+    from iprox.proxy import ProxyConfig, build_proxy
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(24))
+    tok = make_tokenizer()
+    states = {}
+    for per_pass in (0, 1):
+        out = tmp_path / f"proxy-{per_pass}"
+        build_proxy(ProxyConfig(data=[str(data)], out=str(out), probe_examples=6, probe_tokens=300, max_length=96,
+                                probe_blocks_per_pass=per_pass, progress=False), model=tiny_llama(seed=0), tokenizer=tok)
+        from safetensors.torch import load_file
+
+        states[per_pass] = load_file(str(out / "model.safetensors"))
+    assert set(states[0]) == set(states[1]) and any(k.endswith(".A.weight") for k in states[0])
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k

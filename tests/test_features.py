@@ -283,3 +283,16 @@ def test_torchrun_two_processes_equal_one(setup_store, tmp_path):
     changed = [c if c != "16" else "8" for c in cmd]
     r = subprocess.run(changed, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode != 0 and "other settings" in r.stderr, r.stderr[-3000:]
+
+
+def test_total_dim_bounds_the_store_whatever_the_depth(tmp_path):
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    data = write_jsonl(tmp_path / "d.jsonl", chat_records(6))
+    for total in (64, 500):
+        out = tmp_path / f"t{total}"
+        compute_features(FeatureConfig(model=str(model_dir), data=[str(data)], out=str(out), total_dim=total,
+                                       max_length=64, progress=False))
+        man = read_manifest(out)
+        n_layers = len(man["layout"])  # 14 projections in the tiny 2-block Llama
+        assert man["dim"] <= total and man["dim"] >= total // 2 and man["proj_dim"] == total // n_layers
+        assert load_features(out)[1].shape == (6, man["dim"])

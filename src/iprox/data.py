@@ -61,6 +61,7 @@ class Example:
     messages: list[dict[str, str]]
     raw: str = ""
     origin: str = ""
+    id_is_default: bool = False  # no id field: the id names the file and line
 
 
 @dataclass
@@ -183,10 +184,11 @@ def _make_example(rec: dict, raw: str, origin: str, default_id: str, source: str
     rid = rec.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         raise DataError(f"{origin}: field 'id' must be a string or a whole number, got {type(rid).__name__}")
-    ex_id = str(rid) if rid is not None and str(rid).strip() != "" else default_id
+    has_id = rid is not None and str(rid).strip() != ""
+    ex_id = str(rid) if has_id else default_id
     src = rec["source"] if isinstance(rec.get("source"), str) else source
     tsk = rec["task"] if isinstance(rec.get("task"), str) else (task or fmt_task or src)
-    return Example(id=ex_id, source=src, task=tsk, messages=msgs, raw=raw, origin=origin)
+    return Example(id=ex_id, source=src, task=tsk, messages=msgs, raw=raw, origin=origin, id_is_default=not has_id)
 
 
 def _read_jsonl(path: Path) -> list[Example]:
@@ -286,6 +288,32 @@ def read_file(path: str | Path) -> list[Example]:
     return out
 
 
+def _file_of(origin: str) -> str:
+    return origin.rsplit("#", 1)[0] if "#" in origin else origin.rsplit(":", 1)[0]
+
+
+def _qualify_colliding_default_ids(examples: list[Example]) -> list[Example]:
+    """Files of the same name in different folders give the same file-and-line ids; those (and only
+    those) are renamed to their path relative to the files' common folder (``a/train.jsonl:3``), so
+    inputs that never collided keep their ids."""
+    import os
+
+    files_of: dict[str, set[str]] = {}
+    for e in examples:
+        if e.id_is_default:
+            files_of.setdefault(e.id, set()).add(_file_of(e.origin))
+    clashing = {f for files in files_of.values() if len(files) > 1 for f in files}
+    if not clashing:
+        return examples
+    root = os.path.commonpath([str(Path(f).resolve().parent) for f in clashing])
+    for e in examples:
+        f = _file_of(e.origin)
+        if e.id_is_default and f in clashing:
+            rel = Path(os.path.relpath(Path(f).resolve(), root)).as_posix()
+            e.id = f"{rel}:{e.id.rsplit(':', 1)[1]}"
+    return examples
+
+
 def load_examples(specs: str | Sequence[str]) -> list[Example]:
     """Reads one or more files, folders or ``hf:`` specs into examples, in the order given.
 
@@ -318,6 +346,7 @@ def load_examples(specs: str | Sequence[str]) -> list[Example]:
             out.extend(read_file(p))
         else:
             raise DataError(f"{spec}: no such file or folder")
+    out = _qualify_colliding_default_ids(out)
     dup = [k for k, v in Counter(e.id for e in out).items() if v > 1]
     if dup:
         where = [e.origin for e in out if e.id == dup[0]][:2]

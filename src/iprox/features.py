@@ -61,6 +61,8 @@ class FeatureConfig(ModelStageConfig):
         engine: ``kronecker`` (fast, hooks), ``dense`` (per-example reference), or
             ``representation`` (the RDS+ baseline: mean-pooled final hidden states, no gradients).
         proj_dim: projected dimensions per layer (split ≈√k × √k; clipped to the layer's shape).
+        total_dim: or a budget for the whole model (0: use proj_dim), shared equally by the layers,
+            so the store's size does not grow with the model's depth (LESS keeps 8,192 in all).
         batch_size: examples per forward/backward (kronecker); the dense engine loops within it.
         shard_size: examples per shard (the unit of resume and of distribution).
         store_dtype: ``float16`` (half the bytes) or ``float32``.
@@ -71,6 +73,7 @@ class FeatureConfig(ModelStageConfig):
     grad: Literal["sgd", "adam", "factored-adam"] = "sgd"
     engine: Literal["kronecker", "dense", "representation"] = "kronecker"
     proj_dim: int = 64
+    total_dim: int = 0
     batch_size: int = 8
     shard_size: int = 256
     store_dtype: Literal["float16", "float32"] = "float16"
@@ -89,10 +92,21 @@ class FeatureConfig(ModelStageConfig):
             raise ValueError(f"--grad {self.grad} needs --checkpoint (a warm-up checkpoint with Adam state)")
         if self.proj_dim < 1 or self.batch_size < 1 or self.shard_size < 1:
             raise ValueError("proj_dim, batch_size and shard_size must be >= 1")
+        if self.total_dim < 0:
+            raise ValueError(f"total_dim must be >= 0 (0: proj_dim per layer), got {self.total_dim}")
         if self.store_dtype not in STORE_DTYPES:
             raise ValueError(f"store_dtype must be one of {sorted(STORE_DTYPES)}, got {self.store_dtype!r}")
         if self.checkpoint:
             self.checkpoint = str(Path(self.checkpoint).resolve())
+
+
+def layer_dim(config: FeatureConfig, n_layers: int) -> int:
+    """Dimensions per featurised layer: ``proj_dim``, or ``total_dim`` shared equally (at least 1 each)."""
+    if config.total_dim:
+        if config.total_dim < n_layers:
+            log.warning("total_dim %d is below the %d featurised layers: 1 dimension each", config.total_dim, n_layers)
+        return max(1, config.total_dim // n_layers)
+    return config.proj_dim
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +330,8 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
     modules = feature_modules(model)
     # Projections and preconditioners stay float32 whatever the model's dtype: the hooks cast them
     # to the activations' dtype for the projection and accumulate the outer products in float32.
-    projections = make_projections(modules, config.proj_dim, config.seed, torch.float32, device)
+    per_layer = layer_dim(config, len(modules))
+    projections = make_projections(modules, per_layer, config.seed, torch.float32, device)
     info = ck.info if ck else {}
     preconds = make_preconditioners(config.grad, modules, ck.exp_avg if ck else None, ck.exp_avg_sq if ck else None,
                                     tuple(info.get("betas", (0.9, 0.999))), info.get("eps", 1e-8))
@@ -382,7 +397,7 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
         manifest = {
             "format_version": STORE_FORMAT_VERSION, **ident,
             "grad": config.grad, "engine": config.engine,
-            "proj_dim": config.proj_dim, "seed": config.seed, "dim": dim, "dtype": config.store_dtype,
+            "proj_dim": per_layer, "total_dim": config.total_dim, "seed": config.seed, "dim": dim, "dtype": config.store_dtype,
             "bytes_per_example": bpe, "n_examples": len(ids), "ids": ids,
             "sources": [t.source for t in tokd], "tasks": [t.task for t in tokd],
             "dropped": stats.dropped_no_response, "layout": layout,

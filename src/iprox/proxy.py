@@ -83,6 +83,9 @@ class ProxyConfig:
             in the paper, a tenth of the alignment set's size, at least 8).
         probe_tokens: token positions sampled over the probe set, spread evenly per sequence. Use at
             least the widest layer's width so that no input direction goes unprobed.
+        probe_blocks_per_pass: collect the probe statistics of this many decoder blocks per pass over
+            the probe set (0: all in one pass). Memory then holds a few blocks' moments instead of
+            all of them (an 8B model's take ~190 GB in float64), for one probe pass per group.
         rank_multiple: round ranks up to this multiple (128 suits GPU kernels on big models; 1 keeps
             the compression exact on small ones).
         ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
@@ -115,6 +118,7 @@ class ProxyConfig:
     init: Literal["ipsvd", "svd", "random", "layer-drop"] = "ipsvd"
     probe_examples: int = 0
     probe_tokens: int = 4096
+    probe_blocks_per_pass: int = 0
     rank_multiple: int = 1
     ridge: float = 1e-3
     ipsvd_form: Literal["full", "skinny"] = "full"
@@ -164,6 +168,8 @@ class ProxyConfig:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.init == "ipsvd" and not self.data:
             raise ValueError("ipsvd needs probe data: pass --data FILE_OR_FOLDER")
+        if self.probe_blocks_per_pass < 0:
+            raise ValueError(f"probe_blocks_per_pass must be >= 0 (0: all blocks in one pass), got {self.probe_blocks_per_pass}")
         if self.probe_examples < 0 or self.probe_tokens < 1:
             raise ValueError("probe_examples must be >= 0 (0: automatic) and probe_tokens >= 1")
         if self.rank_multiple < 1:
@@ -259,6 +265,7 @@ def factorize_model(
     progress: bool = False,
     factor_dtype: Literal["float32", "float64"] = "float32",
     decompositions: dict[str, Decomposition] | None = None,
+    names: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Replaces the compressible projections of ``model`` by factored ones, in place.
 
@@ -273,6 +280,7 @@ def factorize_model(
         decompositions: a dict to keep each layer's rank-free IPSVD in (and to reuse it from when
             it is already there): building the same probe at another sparsity then costs no
             eigendecomposition or SVD.
+        names: factorise only these modules (their records alone are returned); None: all.
 
     Returns:
         One record per compressible layer (name, shape, rank or None when left dense, parameters).
@@ -282,6 +290,8 @@ def factorize_model(
     gen = torch.Generator().manual_seed(seed)
     records = []
     mods = compressible_modules(model)
+    if names is not None:
+        mods = {n: m for n, m in mods.items() if n in names}
     ranks = {}
     for name, mod in mods.items():
         m, n = projection_weight(mod).shape
@@ -454,18 +464,36 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
     timings["hash"] = time.perf_counter() - t0
 
     probe_info: dict[str, Any] = {"examples": 0, "tokens": 0, "ids": []}
-    moments = None
+    proxy = copy.deepcopy(target)
+    for p in proxy.parameters():
+        p.requires_grad_(False)
+    kept = None
+    timings["probe"] = timings["factorise"] = 0.0
     if config.init == "ipsvd":
-        t0 = time.perf_counter()
         n_probe, _ = config.split_sizes(len(examples))
         probe = [examples[i] for i in order[:n_probe]]
         if len(probe) < n_probe:
             log.warning("only %d examples available for a probe set of %d", len(probe), n_probe)
         tok, stats = tokenize_examples(tokenizer, probe, config.max_length)
         mods = compressible_modules(target)
-        moments = collect_moments(target, mods, tok, config.probe_tokens, batch_size=config.batch_size,
-                                  pad_id=tokenizer.pad_token_id, seed=config.seed, progress=config.progress)
-        n_tok = next(iter(moments.values())).n_tokens
+        records_by_name = {}
+        # Probe statistics for a few decoder blocks per pass (all in one pass by default): memory
+        # holds the moments of those blocks only, and each pass is factorised before the next.
+        # Every pass samples the same token positions (same seed), so the moments equal one pass's.
+        for chunk in _block_chunks(target, mods, config.probe_blocks_per_pass):
+            t0 = time.perf_counter()
+            moments = collect_moments(target, chunk, tok, config.probe_tokens, batch_size=config.batch_size,
+                                      pad_id=tokenizer.pad_token_id, seed=config.seed, progress=config.progress)
+            timings["probe"] += time.perf_counter() - t0
+            n_tok = next(iter(moments.values())).n_tokens
+            t0 = time.perf_counter()
+            for rec in factorize_model(proxy, config.sparsity, config.init, moments, config.rank_multiple, config.ridge,
+                                       config.ipsvd_form, config.seed, config.progress, config.factor_dtype,
+                                       names=set(chunk)):
+                records_by_name[rec["name"]] = rec
+            del moments
+            timings["factorise"] += time.perf_counter() - t0
+        records = [records_by_name[n] for n in mods]
         widest = max(projection_weight(m).shape[1] for m in mods.values())
         if n_tok < widest and config.ipsvd_form == "skinny":
             log.warning("probe used %d tokens, fewer than the widest layer's %d inputs: the skinny form "
@@ -473,20 +501,14 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
         probe_info = {"examples": len(tok), "tokens": n_tok, "ids": [t.id for t in tok],
                       "prompt_truncated": stats.prompt_truncated, "response_truncated": stats.response_truncated,
                       "dropped": stats.dropped_no_response}
-        timings["probe"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    proxy = copy.deepcopy(target)
-    for p in proxy.parameters():
-        p.requires_grad_(False)
-    kept = None
-    if config.init == "layer-drop":
-        kept, records = drop_layers(proxy, config.sparsity)
     else:
-        records = factorize_model(proxy, config.sparsity, config.init, moments, config.rank_multiple,
-                                  config.ridge, config.ipsvd_form, config.seed, config.progress, config.factor_dtype)
-    del moments
-    timings["factorise"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if config.init == "layer-drop":
+            kept, records = drop_layers(proxy, config.sparsity)
+        else:
+            records = factorize_model(proxy, config.sparsity, config.init, None, config.rank_multiple,
+                                      config.ridge, config.ipsvd_form, config.seed, config.progress, config.factor_dtype)
+        timings["factorise"] = time.perf_counter() - t0
     meta = {
         "format_version": PROXY_FORMAT_VERSION,
         "method": config.init,
@@ -506,6 +528,20 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
         "config": asdict(config),
     }
     return proxy, meta
+
+
+def _block_chunks(model: nn.Module, mods: dict[str, nn.Module], per_pass: int) -> list[dict[str, nn.Module]]:
+    """The compressible modules grouped ``per_pass`` decoder blocks at a time (0: one group)."""
+    if per_pass <= 0:
+        return [mods]
+    prefix, layers = decoder_layers(model)
+    chunks: list[dict[str, nn.Module]] = []
+    for start in range(0, len(layers), per_pass):
+        blocks = {str(i) for i in range(start, min(start + per_pass, len(layers)))}
+        chunk = {n: m for n, m in mods.items() if n[len(prefix) + 1:].split(".")[0] in blocks}
+        if chunk:
+            chunks.append(chunk)
+    return chunks
 
 
 def _summary_from_meta(out: str, meta: dict[str, Any], skipped: bool) -> ProxySummary:
