@@ -281,7 +281,7 @@ def run_alignment(
             opt.zero_grad()
             tot, ga, kl = 0.0, 0.0, 0.0
             for mb in micro:
-                enc = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
+                enc = collate(mb, pad_id, device)
                 loss, l_ga, l_kl = alignment_loss(proxy, target, pairs, enc, settings.lambda_kl, settings.temperature)
                 (loss / len(micro)).backward()
                 tot, ga, kl = tot + float(loss.detach()) / len(micro), ga + float(l_ga) / len(micro), kl + float(l_kl) / len(micro)

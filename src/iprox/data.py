@@ -453,8 +453,9 @@ def tokenize_examples(tokenizer, examples: Iterable[Example], max_length: int = 
     return out, stats
 
 
-def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pads a batch: ``input_ids``, ``attention_mask`` and ``labels`` (B, T) int64."""
+def collate(batch: Sequence[TokenizedExample], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-pads a batch: ``input_ids``, ``attention_mask`` and ``labels`` (B, T) int64, on ``device``
+    when given (else the CPU)."""
     T = max(len(b.input_ids) for b in batch)
     ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), T), dtype=torch.long)
@@ -464,7 +465,8 @@ def collate(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.T
         ids[i, :n] = torch.tensor(b.input_ids)
         mask[i, :n] = 1
         labels[i, :n] = torch.tensor(b.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return out if device is None else {k: v.to(device) for k, v in out.items()}
 
 
 def batches(items: Sequence[TokenizedExample], batch_size: int, sort_by_length: bool = False) -> list[list[TokenizedExample]]:

@@ -56,7 +56,7 @@ def heldout_loss(model: torch.nn.Module, examples: Sequence[TokenizedExample], b
     tot, ntok, ex_sum = 0.0, 0, 0.0
     for batch in tqdm(batches(examples, batch_size, sort_by_length=True), desc="held-out loss", unit="batch",
                       disable=not progress, leave=False):
-        enc = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
+        enc = collate(batch, pad_id, device)
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         tl = token_losses(logits, enc["labels"])
         mask = enc["labels"][:, 1:] != -100

@@ -372,7 +372,7 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
         rows: dict[str, torch.Tensor] = {}
         # Similar lengths batched together cut padding; rows go back to store order below.
         for b in batches(items, config.batch_size, sort_by_length=True):
-            enc = {k: v.to(device) for k, v in collate(b, tok.pad_token_id).items()}
+            enc = collate(b, tok.pad_token_id, device)
             f = engine(enc).detach().to("cpu", store_dtype)
             for ex, row in zip(b, f):
                 rows[ex.id] = row

@@ -24,9 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .agreement import kendall, overlap_at, spearman
-from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads,
-                        require_pair_grads, response_kl, target_weight_grads)
+from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads, response_kl,
+                        target_weight_grads)
 from .data import TokenizedExample, collate
+from .models import frozen
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,18 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
     if not examples:
         raise ValueError("no examples for the fidelity report")
     pairs = layer_pairs(proxy, target)
-    req_t = [p.requires_grad for p in target.parameters()]
-    req_p = [p.requires_grad for p in proxy.parameters()]
-    require_pair_grads(proxy, target, pairs)
     target.eval()
     proxy.eval()
     device = next(proxy.parameters()).device
     sum_a = torch.zeros(len(pairs), dtype=torch.float64)
     sum_b = torch.zeros(len(pairs), dtype=torch.float64)
     glob, kls = [], []
-    try:
+    # Only the paired layers need gradients (the target's weights for G, the proxy's factors);
+    # both models get their caller's flags back afterwards.
+    trainable = [t for pr in pairs for t in (pr.target.weight, pr.proxy.A.weight, pr.proxy.B.weight)]
+    with frozen(target, proxy, trainable=trainable):
         for ex in tqdm(examples, desc="fidelity", unit="ex", disable=not progress):
-            enc = {k: v.to(device) for k, v in collate([ex], pad_id).items()}
+            enc = collate([ex], pad_id, device)
             G, t_logits, _ = target_weight_grads(target, pairs, enc)
             gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=False)
             with torch.no_grad():
@@ -70,11 +71,6 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
                     nb += float(tA.pow(2).sum() + tB.pow(2).sum())
                 glob.append(num / max(math.sqrt(na * nb), 1e-30))
                 kls.append(float(response_kl(t_logits, p_logits, enc["labels"], temperature)) / temperature**2)
-    finally:
-        for p, r in zip(target.parameters(), req_t):
-            p.requires_grad_(r)
-        for p, r in zip(proxy.parameters(), req_p):
-            p.requires_grad_(r)
     n = len(examples)
     layers = {pr.name: {"cos_A": float(sum_a[i] / n), "cos_B": float(sum_b[i] / n)} for i, pr in enumerate(pairs)}
     return {

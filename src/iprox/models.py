@@ -17,6 +17,7 @@ matched, so Llama, Qwen2 and GPT-2 (whose fused ``c_attn`` is a ``Conv1D``) all 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import importlib.util
@@ -290,6 +291,22 @@ def weights_hash(model: nn.Module) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def frozen(*models: nn.Module, trainable: list | tuple = ()):
+    """Within the block every parameter of ``models`` is frozen except ``trainable``; afterwards each
+    has the ``requires_grad`` flag it had before (the caller's model is left as it was)."""
+    flags = {p: p.requires_grad for m in models for p in m.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .data import TokenizedExample, batches, collate
 from .evaluation import per_example_loss
+from .models import frozen
 
 log = logging.getLogger(__name__)
 
@@ -122,29 +123,24 @@ def collect_moments(
         return hook
 
     handles = [m.register_forward_hook(fwd_hook(n)) for n, m in modules.items()]
-    req = [p.requires_grad for p in model.parameters()]
     # Only activations need gradients; parameter gradients would cost memory for nothing. The
     # embeddings' output must require grad so that the backward pass reaches the first block.
-    for p in model.parameters():
-        p.requires_grad_(False)
     emb = model.get_input_embeddings()
-    emb_handle = emb.register_forward_hook(lambda mod, i, o: o.requires_grad_(True))
+    handles.append(emb.register_forward_hook(lambda mod, i, o: o.requires_grad_(True)))
     model.eval()  # no dropout: the moments describe the deterministic model
     try:
-        for batch in tqdm(batches(examples, batch_size), desc="probe fwd+bwd", unit="batch", disable=not progress):
-            enc = {k: v.to(device) for k, v in collate(batch, pad_id).items()}
-            state["mask"] = sample_positions(enc["attention_mask"], per_seq, gen)
-            state["h_cache"] = {}
-            total += int(state["mask"].sum())
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            per_example_loss(logits, enc["labels"]).sum().backward()
-            state["h_cache"] = {}
+        with frozen(model):
+            for batch in tqdm(batches(examples, batch_size), desc="probe fwd+bwd", unit="batch", disable=not progress):
+                enc = collate(batch, pad_id, device)
+                state["mask"] = sample_positions(enc["attention_mask"], per_seq, gen)
+                state["h_cache"] = {}
+                total += int(state["mask"].sum())
+                logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+                per_example_loss(logits, enc["labels"]).sum().backward()
+                state["h_cache"] = {}
     finally:
         for h in handles:
             h.remove()
-        emb_handle.remove()
-        for p, r in zip(model.parameters(), req):
-            p.requires_grad_(r)
     missing = [n for n in modules if n not in acc_d]
     if missing:
         raise RuntimeError(f"no output gradient reached {missing[0]} (and {len(missing) - 1} more); is it used by the loss?")

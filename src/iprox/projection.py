@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .evaluation import per_example_loss
-from .models import compressible_modules, projection_weight
+from .models import compressible_modules, frozen, projection_weight
 
 GRADS = ("sgd", "adam", "factored-adam")
 ENGINES = ("kronecker", "dense")
@@ -249,19 +249,15 @@ class KroneckerEngine:
                 output.register_hook(bwd)
             return fwd
 
-        flags = {p: p.requires_grad for p in self.model.parameters()}
-        try:
-            for p in flags:
-                p.requires_grad_(False)
-            for name, mod in self.modules.items():
-                handles.append(mod.register_forward_hook(hook(name)))
-            embeds = self.model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
-            _loss_sum(self.model, enc, embeds).backward()
-        finally:
-            for h in handles:
-                h.remove()
-            for p, f in flags.items():
-                p.requires_grad_(f)
+        with frozen(self.model):
+            try:
+                for name, mod in self.modules.items():
+                    handles.append(mod.register_forward_hook(hook(name)))
+                embeds = self.model.get_input_embeddings()(enc["input_ids"]).detach().requires_grad_(True)
+                _loss_sum(self.model, enc, embeds).backward()
+            finally:
+                for h in handles:
+                    h.remove()
         B = enc["input_ids"].shape[0]
         parts = []
         for name in self.modules:
@@ -286,21 +282,13 @@ class DenseEngine:
     def gradients(self, enc: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Each example's (out, in) weight gradients, by layer: one unpadded backward per example."""
         weights = [mod.weight for mod in self.modules.values()]
-        flags = {p: p.requires_grad for p in self.model.parameters()}
         out = []
-        try:
-            for p in flags:
-                p.requires_grad_(False)
-            for w in weights:
-                w.requires_grad_(True)
+        with frozen(self.model, trainable=weights):
             for i in range(enc["input_ids"].shape[0]):
                 n = int(enc["attention_mask"][i].sum())
                 one = {k: v[i:i + 1, :n] for k, v in enc.items()}
                 grads = torch.autograd.grad(_loss_sum(self.model, one), weights)
                 out.append({name: out_in(mod, g) for (name, mod), g in zip(self.modules.items(), grads)})
-        finally:
-            for p, f in flags.items():
-                p.requires_grad_(f)
         return out
 
     def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -189,7 +189,7 @@ def train_epochs(model: nn.Module, opt: MasterAdamW, tokd, pad_id: int, device: 
             group = micro[s * grad_accum:(s + 1) * grad_accum]
             n_ex = sum(len(b) for b in group)
             for b in group:
-                enc = {k: v.to(device) for k, v in collate(b, pad_id).items()}
+                enc = collate(b, pad_id, device)
                 logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
                 # Mean over examples of each example's mean response-token loss.
                 loss = per_example_loss(logits, enc["labels"]).sum() / n_ex
