@@ -57,3 +57,15 @@ def test_build_proxy_with_alignment_then_fidelity(tmp_path, data_file, capsys):
     assert abs(rep["grad_cosine"] - sum(per_layer) / len(per_layer)) < 1e-9  # the headline is the layers' mean
     assert len(rep["layers"]) == 14
     assert "gradient cosine (mean over layers)" in capsys.readouterr().out
+
+
+def test_every_command_has_help_with_defaults(capsys):
+    import pytest
+
+    for cmd in ("build-proxy", "warmup", "features", "finetune", "score", "select", "evaluate", "fidelity", "run", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0, cmd
+    out = capsys.readouterr().out
+    assert "--sparsity SPARSITY" in out and "(default: 0.5)" in out and "--no-progress" in out
+    assert "{ipsvd,svd,random,layer-drop}" in out  # choices from the settings' Literal type

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,6 @@ class _Entry:
     dirty: bool = False            # a stage changed trainable tensors since the load
     identity: str | None = None    # weights hash / proxy uid of the pristine model
     lora: tuple | None = None      # (rank, alpha, seed) when wrapped with LoRA
-    tokenized: dict = field(default_factory=dict)
 
 
 class Session:
@@ -231,10 +230,6 @@ class Session:
             e.identity = f"proxy:{uid}" if uid else weights_hash(e.model)
             self.overhead_s += time.perf_counter() - t0
         return e.identity
-
-    def _will_change(self, e: _Entry) -> None:
-        self._identity_of(e)  # fixed before any change
-        e.dirty = True
 
     def trainable_model(self, spec: str, dtype: str, device: str, trust_remote_code: bool, lora: tuple | None,
                         pristine: bool):

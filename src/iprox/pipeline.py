@@ -372,11 +372,11 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) ->
     # Stages finished by an earlier invocation keep the time and memory they took then, so the
     # record describes the run, not the last (skipping) invocation.
     # A stage counts as done before this invocation when its folder is complete; features, whose
-    # stores are many folders, when the scores (the next stage) are.
-    done_before = {st: all(artifacts.is_complete(d) for d in ds) if ds else False
-                   for st, ds in _stage_dirs(out).items()}
-    done_before["features"] = done_before["features"] and all(
-        artifacts.is_complete(d) for d in (out / "features").glob("*") if d.is_dir())
+    # stores are one folder each, when every store there is. (A stage's time is kept from an earlier
+    # invocation only if that invocation recorded it, i.e. finished the stage.)
+    done_before = {st: all(artifacts.is_complete(d) for d in ds) for st, ds in _stage_dirs(out).items()}
+    stores = [d for d in (out / "features").glob("*") if d.is_dir()]
+    done_before["features"] = bool(stores) and all(artifacts.is_complete(d) for d in stores)
     timings: dict[str, float] = {}
     peaks: dict[str, float] = {}
     accel_peaks: dict[str, float] = dict(old.get("peak_accelerator_gib", {}))
