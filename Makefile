@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-integration test-fuzz test-reliability bench bench-quick bench-scale clean
+.PHONY: setup demo test test-integration test-fuzz test-reliability test-regression bench bench-quick bench-scale clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,10 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/python benchmarks/bench_selection.py --quick
+
+# the demo's selection (ids) and proxy losses on the embedded model (~10 minutes)
+test-regression: setup
+	$(BIN)/python -m pytest -q -m regression
 
 # proxy vs target cost by geometry (CPU: the 135M geometry in float32; see README for the GPU command)
 bench-scale: setup

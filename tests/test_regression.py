@@ -1,0 +1,36 @@
+"""Regression tier: the demo on the embedded model selects what it selected (about 10 minutes on 2 CPUs).
+
+Run with ``make test-regression``. The ids are those of the demo at 0.2 (float64 factorisation) and
+0.3 (float32 factorisation, resident models): the same ten, in a slightly different order.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import SHARED_DATA
+
+pytestmark = pytest.mark.regression
+
+DEMO_SELECTION = {
+    "multistep_arithmetic_two:101", "multistep_arithmetic_two:21", "multistep_arithmetic_two:139",
+    "multistep_arithmetic_two:11", "multistep_arithmetic_two:39", "multistep_arithmetic_two:163",
+    "boolean_expressions:47", "boolean_expressions:165", "boolean_expressions:104", "boolean_expressions:244",
+}
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="needs ../shared/data")
+def test_demo_selects_the_same_ten_examples(tmp_path, monkeypatch):
+    from iprox.cli import DEMO_CONFIG
+    from iprox.pipeline import load_config, run
+
+    monkeypatch.setenv("IPROX_DATA", str(SHARED_DATA))
+    res = run(load_config(DEMO_CONFIG, {"out": str(tmp_path / "demo"), "progress": False}))
+    picked = (tmp_path / "demo" / "selection" / "selected.jsonl").read_text().splitlines()
+    assert {t["id"] for t in res.selection["top"]} == DEMO_SELECTION and len(picked) == 10
+    # The proxy's stage-2 losses as measured at 0.2 and 0.3 (0.7020 / 2.634-2.637), within bounds.
+    meta = json.loads((tmp_path / "demo" / "proxy" / "proxy.json").read_text())
+    assert 0.65 < meta["stage2"]["final_grad_align"] < 0.75
+    assert 2.4 < meta["stage2"]["final_kl"] < 2.9
+    assert json.loads((tmp_path / "demo" / "pipeline.json").read_text())["loads"] == {"smollm2-135m-instruct": 1}
