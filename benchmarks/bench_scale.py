@@ -59,7 +59,7 @@ from iprox.models import DTYPES, compressible_modules, default_device, projectio
 from iprox.monitor import PeakRSS  # noqa: E402
 from iprox.probe import collect_moments  # noqa: E402
 from iprox.projection import KroneckerEngine, _loss_sum, feature_modules, make_preconditioners, make_projections  # noqa: E402
-from iprox.proxy import _layer_record, factorize_model, save_proxy  # noqa: E402
+from iprox.proxy import factorize_model, save_proxy  # noqa: E402
 from iprox.warmup import WarmupConfig, run_warmup  # noqa: E402
 
 log = logging.getLogger("bench_scale")
@@ -161,7 +161,7 @@ def time_interleaved(engines: dict, items, pad_id, device, batch_size, proj_dim)
     """Seconds per model over the same batches: the Kronecker engine (factored Adam) and a plain forward
     + backward without weight gradients, each batch run by every model in turn (one pass to warm up,
     one timed), so that noise on a shared machine hits every model alike."""
-    kron, floor = {}, {}
+    kron = {}
     for name, (model, modules, ck) in engines.items():
         pc = make_preconditioners("factored-adam", modules, ck.exp_avg, ck.exp_avg_sq, tuple(ck.info["betas"]),
                                   ck.info["eps"])

@@ -377,7 +377,6 @@ def _corruptions(store: Path, rng: random.Random):
         return s
 
     def nan(d: Path):
-        import torch
         from safetensors.torch import load_file, save_file
 
         s = d / rng.choice(shards)

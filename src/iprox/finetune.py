@@ -8,7 +8,6 @@ time), ``stage.json`` and ``COMPLETE``; ``iprox evaluate --model DIR`` evaluates
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -60,8 +59,6 @@ class FinetuneConfig(ModelStageConfig):
 
     def __post_init__(self):
         self.check_io("finetune", "the records to train on, e.g. selected.jsonl", "the model folder to write")
-        if self.method not in ("lora", "full"):
-            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
         if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.lora_rank < 1:
             raise ValueError("finetune: epochs, batch_size, grad_accum, lora_rank >= 1 and lr > 0")
 

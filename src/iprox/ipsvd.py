@@ -138,10 +138,6 @@ def truncate(dec: Decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return A, B
 
 
-def _factors_from_core(Vd, Dd, W, Vh, Dh, rank):
-    return truncate(ipsvd_decomposition(W, (Vh, Dh), (Vd, Dd)), rank)
-
-
 def balance_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescales each rank-one component so that ``‖A[:, i]‖ = ‖B[i, :]‖``; ``AB`` is unchanged.
 
@@ -220,7 +216,7 @@ def ipsvd_from_samples(
 
     Uh, Dh = side(H)
     Ud, Dd = side(Delta)
-    return _factors_from_core(Ud, Dd, W, Uh, Dh, rank)
+    return truncate(ipsvd_decomposition(W, (Uh, Dh), (Ud, Dd)), rank)
 
 
 def svd_factors(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

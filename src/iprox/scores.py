@@ -20,7 +20,6 @@ and ``COMPLETE``.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,10 +76,6 @@ class ScoreConfig:
             raise ValueError(f"score needs one --val store per --train store (got {len(self.train)} train, {len(self.val)} val)")
         if not self.out:
             raise ValueError("score needs --out (the scores folder)")
-        if self.method not in ("tracin", "if"):
-            raise ValueError(f"method must be 'tracin' or 'if', got {self.method!r}")
-        if self.aggregate not in ("max", "mean"):
-            raise ValueError(f"aggregate must be 'max' or 'mean', got {self.aggregate!r}")
         if isinstance(self.checkpoint_weights, str) and self.checkpoint_weights != "auto":
             try:
                 self.checkpoint_weights = [float(w) for w in self.checkpoint_weights.split(",")]

@@ -24,8 +24,6 @@ from .scores import read_scores
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("original", "messages")
-
 
 @dataclass
 class SelectConfig:
@@ -61,8 +59,6 @@ class SelectConfig:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
-        if self.format not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
 
 
 def rank(rows: list[dict]) -> list[dict]:

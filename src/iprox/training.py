@@ -47,10 +47,6 @@ class MasterAdamW:
         self.max_grad_norm = max_grad_norm
 
     @property
-    def param_groups(self):
-        return self.opt.param_groups
-
-    @property
     def betas(self) -> tuple[float, float]:
         return tuple(self.opt.param_groups[0]["betas"])
 
@@ -67,23 +63,13 @@ class MasterAdamW:
             p.grad = None
             self.master[n].grad = None
 
-    def step(self) -> float:
-        """Moves the gradients to the master copies (float32), clips, steps, writes the weights back.
-
-        Returns:
-            The global gradient norm before clipping (float('nan') when no parameter has a gradient).
-        """
-        grads = []
+    def step(self) -> None:
+        """Moves the gradients to the master copies (float32), clips, steps, writes the weights back."""
         for n, p in self.params.items():
             m = self.master[n]
             if m is not p:
                 m.grad = None if p.grad is None else p.grad.float()
                 p.grad = None
-            if m.grad is not None:
-                grads.append(m.grad)
-        if not grads:
-            return float("nan")
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([self.master[n] for n in self.params], self.max_grad_norm)
         self.opt.step()
@@ -91,7 +77,6 @@ class MasterAdamW:
             for n, p in self.params.items():
                 if self.master[n] is not p:
                     p.copy_(self.master[n])
-        return float(norm)
 
     # -- state by name ---------------------------------------------------------------------------
 
@@ -107,13 +92,6 @@ class MasterAdamW:
             out[f"exp_avg.{n}"] = st.get("exp_avg", torch.zeros_like(m)).detach()
             out[f"exp_avg_sq.{n}"] = st.get("exp_avg_sq", torch.zeros_like(m)).detach()
         return out
-
-    def step_count(self) -> int:
-        for m in self.master.values():
-            st = self.opt.state.get(m)
-            if st and "step" in st:
-                return int(st["step"])
-        return 0
 
     def load(self, tensors: dict[str, torch.Tensor], moments: dict[str, torch.Tensor], step: int) -> None:
         """Restores trained tensors (into the master copies and the model) and the Adam moments.

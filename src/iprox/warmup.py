@@ -90,8 +90,6 @@ class WarmupConfig(ModelStageConfig):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
-        if self.proxy_trains not in ("factors", "lora"):
-            raise ValueError(f"proxy_trains must be 'factors' or 'lora', got {self.proxy_trains!r}")
 
     def n_train(self, n_pool: int) -> int:
         return min(n_pool, self.examples) if self.examples else max(1, round(self.fraction * n_pool))
