@@ -188,3 +188,18 @@ def test_stage2_settings_are_checked():
         ProxyConfig(data=["x"], align_steps=3, align_epochs=1)
     with pytest.raises(ValueError, match="layer-drop"):
         ProxyConfig(data=["x"], init="layer-drop", align_steps=3)
+
+
+def test_fidelity_warning_fires_on_random_factors_not_on_an_exact_proxy(tmp_path):
+    from iprox.fidelity import fidelity_warning
+
+    target = tiny_llama(dtype=torch.float64)
+    _, tokd, tok = _enc(tmp_path, n=3)
+    exact = gradient_fidelity(_full_rank_proxy(target), target, tokd, tok.pad_token_id, progress=False)
+    assert fidelity_warning(exact) is None
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    t32 = tiny_llama()
+    build_proxy(_align_cfg(tmp_path, data, align_steps=0, init="random"), model=t32, tokenizer=tok)
+    rand = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
+    msg = fidelity_warning(rand)
+    assert msg is not None and "unlikely to be the target's" in msg, rand["grad_cosine_global"]

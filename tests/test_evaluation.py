@@ -98,6 +98,19 @@ def test_fidelity_report_of_two_score_tables(tmp_path, capsys):
     assert set(rep["overlap_at"]) == {"1", "5", "10"} and rep["overlap_at"]["10"]["k"] == 4
     assert rep["subtasks"]["a"]["spearman"] == pytest.approx(rep["spearman"])
     assert (tmp_path / "REPORT.png").stat().st_size > 1000
+    # The head: Spearman over the target's top 20% (8 of 40), by hand.
+    head = sorted(range(40), key=lambda i: -float(t[i]))[:8]
+    assert rep["head_spearman"] == pytest.approx(spearman(t[head].tolist(), p[head].tolist()))
+    # A second target run gives the ceiling, and the proxy's figures as a share of it.
+    again = t + 0.2 * torch.randn(40, generator=g)
+    table(tmp_path / "T2", again)
+    assert main(["fidelity", "--target-scores", str(tmp_path / "T"), "--proxy-scores", str(tmp_path / "P"),
+                 "--target-again-scores", str(tmp_path / "T2"), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["ceiling"]["spearman"] == pytest.approx(spearman(t.tolist(), again.tolist()))
+    assert rep["of_ceiling"]["spearman"] == pytest.approx(rep["spearman"] / rep["ceiling"]["spearman"])
+    assert rep["of_ceiling"]["spearman"] < 1  # the noisier proxy is below the target's own agreement
+    assert "ceiling (the target against itself" in capsys.readouterr().out
     # Different pools are refused.
     (tmp_path / "P" / "scores.csv").write_text("id,score\nzzz,1\n")
     assert main(["fidelity", "--target-scores", str(tmp_path / "T"), "--proxy-scores", str(tmp_path / "P"),

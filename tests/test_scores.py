@@ -274,3 +274,16 @@ def test_agreement_measures_against_hand_values():
     assert spearman(a, b) == pytest.approx(1 - 6 * 2 / (5 * 24))
     ov = overlap_at([5, 4, 3, 2, 1, 0, 0, 0, 0, 0], [5, 0, 4, 0, 0, 0, 0, 0, 0, 3], 30)
     assert ov == {"k": 3, "overlap": pytest.approx(2 / 3), "jaccard": pytest.approx(2 / 4)}
+
+
+def test_task_share_and_head_spearman_by_hand():
+    from iprox.agreement import head_spearman, task_share
+
+    scores = [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+    tasks = ["a", "b", "a", "a", "b", "b", "b", "b", "b", "b"]
+    assert task_share(scores, tasks, "a", percent=30) == pytest.approx(2 / 3)  # top 3: a, b, a
+    assert task_share(scores, tasks, "b", percent=10) == 0.0  # top 1: a
+    # Over the reference's top 20% (2 examples) the other ranks them reversed: -1; over the whole
+    # pool it agrees on everything else.
+    other = [8, 9, 7, 6, 5, 4, 3, 2, 1, 0]
+    assert head_spearman(scores, other) == pytest.approx(-1.0)

@@ -88,12 +88,18 @@ def _add_fidelity(sub) -> None:
     p = sub.add_parser("fidelity", help="a proxy against its target: score agreement and/or gradient cosine and KL")
     p.add_argument("--target-scores", default="", help="scores of a target-selected run (scores.csv, scores or run folder)")
     p.add_argument("--proxy-scores", default="", help="scores of the same selection run with the proxy")
+    p.add_argument("--target-again-scores", default="",
+                   help="the target run again with other seeds: its agreement with --target-scores is the ceiling "
+                        "the proxy's figures are reported against")
     p.add_argument("--target", default="smollm2-135m-instruct")
     p.add_argument("--proxy", default="", help="proxy folder (gradient cosines and KL on --data)")
     p.add_argument("--data", action="append", default=[], help="held-out data for the gradient report (repeatable)")
     p.add_argument("--limit", type=int, default=32, help="first N examples (0: all)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--warn-below", type=float, default=None,
+                   help="warn when the all-layer gradient cosine on --data is below this (default: 0.5, "
+                        "iprox.fidelity.WARN_COSINE)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
     p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
     p.add_argument("--out", required=True, help="REPORT.json to write")
@@ -103,12 +109,13 @@ def _add_fidelity(sub) -> None:
 def _cmd_fidelity(args) -> int:
     from .artifacts import atomic_write_json
     from .data import load_examples, tokenize_examples
-    from .fidelity import format_agreement, format_report, gradient_fidelity, plot_scatter, score_agreement, scores_path
+    from .fidelity import (WARN_COSINE, fidelity_warning, format_agreement, format_report, gradient_fidelity,
+                           plot_scatter, score_agreement, scores_path)
     from .models import default_device, load_model
     from .proxy import load_proxy
     from .scores import read_scores
 
-    by_scores = bool(args.target_scores or args.proxy_scores)
+    by_scores = bool(args.target_scores or args.proxy_scores or args.target_again_scores)
     if by_scores and not (args.target_scores and args.proxy_scores):
         raise ValueError("score agreement needs both --target-scores and --proxy-scores")
     if bool(args.proxy) != bool(args.data):
@@ -118,7 +125,8 @@ def _cmd_fidelity(args) -> int:
     rep: dict = {}
     if by_scores:
         tp, pp = scores_path(args.target_scores), scores_path(args.proxy_scores)
-        agree, a, b = score_agreement(read_scores(tp), read_scores(pp))
+        again = read_scores(scores_path(args.target_again_scores)) if args.target_again_scores else None
+        agree, a, b = score_agreement(read_scores(tp), read_scores(pp), again)
         png = Path(args.out).with_suffix(".png")
         plot_scatter(a, b, png, f"Spearman {agree['spearman']:.3f}, Kendall {agree['kendall']:.3f}")
         rep.update(agree, target_scores=str(tp), proxy_scores=str(pp), scatter=str(png))
@@ -137,8 +145,12 @@ def _cmd_fidelity(args) -> int:
     tokd, _ = tokenize_examples(ptok, examples, args.max_length)
     rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, args.temperature, not args.no_progress))
     rep.update(proxy=args.proxy, target=args.target)
+    warning = fidelity_warning(rep, WARN_COSINE if args.warn_below is None else args.warn_below)
+    rep["warning"] = warning
     atomic_write_json(args.out, rep)
     print(format_report(rep))
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"report: {args.out}")
     return 0
 

@@ -56,7 +56,8 @@ class FeatureConfig(ModelStageConfig):
         model: a proxy folder or any model spec; ignored in favour of the checkpoint's model when
             ``checkpoint`` is given (they must agree if both are set).
         checkpoint: a warm-up checkpoint folder (LoRA or factors, plus Adam state), or "".
-        grad: ``sgd`` (validation features, LESS), ``adam`` (dense only) or ``factored-adam``.
+        grad: ``sgd`` (validation features, LESS), ``adam`` (LESS's elementwise Adam, exact on both
+            engines) or ``factored-adam`` (a row × column approximation of it, kept for comparison).
         engine: ``kronecker`` (fast, hooks), ``dense`` (per-example reference), or
             ``representation`` (the RDS+ baseline: mean-pooled final hidden states, no gradients).
         proj_dim: projected dimensions per layer (split ≈√k × √k; clipped to the layer's shape).
@@ -81,8 +82,6 @@ class FeatureConfig(ModelStageConfig):
         self.check_io("features", "the examples to featurise", "the store folder")
         if self.engine == "representation" and self.grad != "sgd":
             raise ValueError("the representation engine takes no gradient preconditioner (leave --grad sgd)")
-        if self.grad == "adam" and self.engine == "kronecker":
-            raise ValueError("--grad adam (elementwise) needs --engine dense; use --grad factored-adam with kronecker")
         if self.grad != "sgd" and not self.checkpoint:
             raise ValueError(f"--grad {self.grad} needs --checkpoint (a warm-up checkpoint with Adam state)")
         if self.proj_dim < 1 or self.batch_size < 1 or self.shard_size < 1:

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .agreement import kendall, overlap_at, spearman
+from .agreement import agreement, task_share
 from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads, response_kl,
                         target_weight_grads)
 from .data import TokenizedExample, collate
@@ -83,6 +83,21 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
     }
 
 
+# Below this all-layer gradient cosine on held-out examples a proxy is flagged as unlikely to rank
+# the pool like its target (see BENCHMARKS.md "Fidelity" for how the cosine tracked score agreement).
+WARN_COSINE = 0.5
+
+
+def fidelity_warning(rep: dict, threshold: float = WARN_COSINE) -> str | None:
+    """A warning for a gradient report whose all-layer cosine is below ``threshold``, else None."""
+    cos = rep["grad_cosine_global"]
+    if math.isnan(cos) or cos < threshold:
+        return (f"the proxy's gradients point away from the target's (all-layer cosine {cos:.3f} < {threshold:g} on "
+                f"{rep['n_examples']} held-out examples): its selection is unlikely to be the target's. Align it "
+                f"longer (build-proxy --align-steps/--align-epochs) or compress less (--sparsity) before scoring a pool")
+    return None
+
+
 def format_report(rep: dict, max_rows: int = 12) -> str:
     """A printed table: overall figures, then the layers (first and last few when there are many)."""
     lines = [f"gradient cosine (mean over layers): {rep['grad_cosine']:.4f}",
@@ -110,9 +125,17 @@ def scores_path(path: str | Path) -> Path:
     raise FileNotFoundError(f"no scores table at {path} (a scores.csv, a scores folder or an iprox run folder)")
 
 
-def score_agreement(target_rows: list[dict], proxy_rows: list[dict]) -> tuple[dict, list[float], list[float]]:
-    """Spearman, Kendall and top-1/5/10% overlap and Jaccard of two score tables over the same ids,
-    overall and per subtask column they share.
+def score_agreement(target_rows: list[dict], proxy_rows: list[dict],
+                    target_again_rows: list[dict] | None = None) -> tuple[dict, list[float], list[float]]:
+    """How the proxy's scores rank the pool like the target's, overall and per subtask column they
+    share: Spearman and Kendall, Spearman over the target's top 20% (the head, where selection
+    happens), top-1/5/10% overlap and Jaccard, and per subtask the share of each top 5% that comes
+    from the subtask's own task (when the rows carry task tags).
+
+    Args:
+        target_again_rows: the target run again with other seeds (warm-up, projection). Its agreement
+            with the first target run is the ceiling a proxy can be held to; the report then gives
+            it under ``ceiling`` and each proxy figure as a share of it under ``of_ceiling``.
 
     Returns:
         The report, and the target's and proxy's aggregate scores in id order (for a scatter).
@@ -120,25 +143,53 @@ def score_agreement(target_rows: list[dict], proxy_rows: list[dict]) -> tuple[di
     Raises:
         ValueError: the tables score different pools.
     """
-    t = {r["id"]: r for r in target_rows}
-    p = {r["id"]: r for r in proxy_rows}
-    if set(t) != set(p):
-        raise ValueError(f"the two score tables cover different pools ({len(set(t) - set(p))} ids only in the "
-                         f"target's, {len(set(p) - set(t))} only in the proxy's)")
+    t = _by_id(target_rows)
+    p = _by_id(proxy_rows)
+    tables = [("the proxy's", p)]
+    if target_again_rows is not None:
+        tables.append(("the second target run's", _by_id(target_again_rows)))
+    for what, other in tables:
+        if set(t) != set(other):
+            raise ValueError(f"the target's score table and {what} cover different pools ({len(set(t) - set(other))} "
+                             f"ids only in the target's, {len(set(other) - set(t))} only in {what})")
     ids = sorted(t)
-    a = [t[i]["score"] for i in ids]
-    b = [p[i]["score"] for i in ids]
-    rep = {"n": len(ids), "spearman": spearman(a, b), "kendall": kendall(a, b),
-           # keyed "1", "5", "10" (percent), as they read back from REPORT.json
-           "overlap_at": {str(k): overlap_at(a, b, k) for k in (1, 5, 10)}}
+    tasks = [t[i].get("task", "") for i in ids]
     fixed = {"id", "source", "task", "score"}
-    shared = [c for c in target_rows[0] if c not in fixed and c in proxy_rows[0]]
-    rep["subtasks"] = {}
-    for c in shared:
-        ca, cb = [float(t[i][c]) for i in ids], [float(p[i][c]) for i in ids]
-        rep["subtasks"][c] = {"spearman": spearman(ca, cb), "kendall": kendall(ca, cb),
-                              "overlap_at_5": overlap_at(ca, cb, 5)["overlap"]}
-    return rep, a, b
+    others = [proxy_rows] + ([target_again_rows] if target_again_rows is not None else [])
+    shared = [c for c in target_rows[0] if c not in fixed and all(c in rows[0] for rows in others)]
+
+    def column(rows, c):
+        return [float(rows[i][c]) for i in ids]
+
+    def compare(other: dict) -> dict:
+        rep = {"n": len(ids), **agreement(column(t, "score"), column(other, "score")), "subtasks": {}}
+        for c in shared:
+            ref, got = column(t, c), column(other, c)
+            sub = agreement(ref, got)
+            if c in tasks:
+                sub["task_share_at_5"] = {"target": task_share(ref, tasks, c), "other": task_share(got, tasks, c)}
+            rep["subtasks"][c] = sub
+        return rep
+
+    rep = compare(p)
+    if target_again_rows is not None:
+        ceil = compare(tables[1][1])
+        rep["ceiling"] = ceil
+        rep["of_ceiling"] = {"spearman": _ratio(rep["spearman"], ceil["spearman"]),
+                             "head_spearman": _ratio(rep["head_spearman"], ceil["head_spearman"]),
+                             "overlap_at_5": _ratio(rep["overlap_at"]["5"]["overlap"], ceil["overlap_at"]["5"]["overlap"])}
+    return rep, column(t, "score"), column(p, "score")
+
+
+def _by_id(rows: list[dict]) -> dict[str, dict]:
+    out = {r["id"]: r for r in rows}
+    if len(out) != len(rows):
+        raise ValueError("a score table lists an id twice")
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) and b > 0 else float("nan")
 
 
 def plot_scatter(a: list[float], b: list[float], path: str | Path, title: str) -> None:
@@ -159,9 +210,21 @@ def plot_scatter(a: list[float], b: list[float], path: str | Path, title: str) -
 
 
 def format_agreement(rep: dict) -> str:
-    o = rep["overlap_at"]
-    lines = [f"score agreement over {rep['n']} pool examples: Spearman {rep['spearman']:.4f}, Kendall {rep['kendall']:.4f}",
-             "top-k overlap / Jaccard: " + ", ".join(f"{k}% {o[k]['overlap']:.2f} / {o[k]['jaccard']:.2f}" for k in ("1", "5", "10"))]
+    def line(r: dict) -> str:
+        o = r["overlap_at"]
+        return (f"Spearman {r['spearman']:.3f}, head (target's top 20%) {r['head_spearman']:.3f}, "
+                f"Kendall {r['kendall']:.3f}; top-1/5/10% overlap " + " / ".join(f"{o[k]['overlap']:.2f}" for k in ("1", "5", "10")))
+
+    lines = [f"score agreement over {rep['n']} pool examples: {line(rep)}"]
     for name, v in rep["subtasks"].items():
-        lines.append(f"  subtask {name}: Spearman {v['spearman']:.4f}, Kendall {v['kendall']:.4f}, top-5% overlap {v['overlap_at_5']:.2f}")
+        share = v.get("task_share_at_5")
+        extra = f"; top 5% from {name}: target {share['target']:.2f}, proxy {share['other']:.2f}" if share else ""
+        lines.append(f"  subtask {name}: {line(v)}{extra}")
+    if "ceiling" in rep:
+        lines.append(f"ceiling (the target against itself, other seeds): {line(rep['ceiling'])}")
+        for name, v in rep["ceiling"]["subtasks"].items():
+            lines.append(f"  subtask {name}: {line(v)}")
+        oc = rep["of_ceiling"]
+        lines.append(f"proxy as a share of the ceiling: Spearman {oc['spearman']:.0%}, head {oc['head_spearman']:.0%}, "
+                     f"top-5% overlap {oc['overlap_at_5']:.0%}")
     return "\n".join(lines)

@@ -16,11 +16,19 @@ inner products in expectation. The example's feature is the concatenation over l
 
 Preconditioners (``grad``), with the checkpoint's Adam moments ``m``, ``v`` (LESS's formula, no
 bias correction): ``sgd`` is ``G``; ``adam`` is ``(β1 m + (1−β1) G) / sqrt(β2 v + (1−β2) G² + eps)``
-(dense only: the elementwise division breaks the Kronecker structure); ``factored-adam`` replaces
+(the elementwise division breaks the Kronecker structure: see below for how the fast engine still
+applies it exactly); ``factored-adam`` replaces
 the denominator by a rank-one, Adafactor-style ``sqrt((β2 R_i/√S + ε)(C_j/√S + ε))`` with ``R``, ``C``
 the row and column sums of ``v`` and ``S`` its total, ``ε = sqrt(eps)``, and drops the example's own
 ``(1−β2) G²`` term. It becomes a row and a column scaling, folded into ``P_out`` and ``P_in``, and
 ``β1 m`` becomes a constant offset per layer; so it runs on the Kronecker engine.
+
+``adam`` on the Kronecker engine is exact, not approximated: the hooks form each example's gradient
+of the layer from the same batched forward and backward, ``G_b = Σ_t δ_bt h_btᵀ`` (one einsum over the
+batch, in float32, a bounded number of examples at a time), apply the elementwise formula, project and
+drop it. No per-example backward runs; the extra work is one weight-gradient-sized product per layer,
+which for LoRA matrices (what the warm-up trains) is a small fraction of the forward. Its features
+equal the dense engine's to float rounding.
 
 Projections depend only on (seed, layer name, layer shape, k): not on device, batch or shard.
 """
@@ -193,12 +201,14 @@ class KroneckerEngine:
                  preconds: dict[str, Preconditioner]):
         self.model, self.modules = model, modules
         self.P_out, self.P_in, self.scale, self.offset = {}, {}, {}, {}
+        self.exact: dict[str, Preconditioner] = {}  # layers whose per-example gradient is formed (adam)
         self._cast: dict[tuple[str, str, torch.dtype], torch.Tensor] = {}
         for name in modules:
             pr, pc = projections[name], preconds[name]
             if pc.kind == "adam":
-                raise ValueError("elementwise adam needs --engine dense; the kronecker engine takes --grad factored-adam")
-            if pc.kind == "sgd":
+                self.exact[name] = pc
+                self.P_out[name], self.P_in[name], self.scale[name], self.offset[name] = pr.P_out, pr.P_in, 1.0, None
+            elif pc.kind == "sgd":
                 self.P_out[name], self.P_in[name], self.scale[name], self.offset[name] = pr.P_out, pr.P_in, 1.0, None
             else:
                 d_out, d_in = pc.factors()
@@ -219,6 +229,28 @@ class KroneckerEngine:
     def dim(self) -> int:
         return sum(self.P_out[n].shape[0] * self.P_in[n].shape[0] for n in self.modules)
 
+    # Bytes of one float32 (examples × out × in) block of per-example gradients: the elementwise
+    # Adam formula makes a few temporaries of that size, so examples go through in chunks.
+    exact_chunk_bytes = 256 << 20
+
+    def _exact_features(self, name: str, grad: torch.Tensor, xm: torch.Tensor) -> torch.Tensor:
+        """(B, k_out, k_in) features of one layer with the elementwise Adam preconditioner.
+
+        ``grad`` (B, T, m) is the loss gradient at the layer's output, ``xm`` (B, T, n) its masked
+        input. Each example's ``G = gradᵀ xm`` is formed in float32 (float64 for a float64 model).
+        """
+        pc = self.exact[name]
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        P_out, P_in = self.P_out[name].to(acc), self.P_in[name].to(acc)
+        B, _, m = grad.shape
+        n = xm.shape[-1]
+        step = max(1, self.exact_chunk_bytes // max(1, m * n * torch.finfo(acc).bits // 8))
+        out = []
+        for a in range(0, B, step):
+            G = torch.einsum("btm,btn->bmn", grad[a:a + step].to(acc), xm[a:a + step].to(acc))
+            out.append(P_out @ pc.apply(G) @ P_in.T)
+        return torch.cat(out)
+
     def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """Features of a batch.
 
@@ -237,6 +269,14 @@ class KroneckerEngine:
         def hook(name):
             def fwd(_mod, inputs, output):
                 x = inputs[0]
+                if name in self.exact:
+                    xm = x * mask.to(x.dtype)
+
+                    def bwd_exact(grad):
+                        feats[name] = self._exact_features(name, grad, xm)
+
+                    output.register_hook(bwd_exact)
+                    return
                 # Padding positions carry no loss; masking their projected inputs zeroes their outer
                 # products. (Masking after the projection touches k_in values per token, not n.)
                 ph = (x @ self._as(name, "in", x.dtype).T) * mask.to(x.dtype)  # (B, T, k_in)
