@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import subprocess
 import sys
 import time
@@ -36,9 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import find_data, update_benchmarks_md  # noqa: E402
+from common import find_data, selection_data, update_benchmarks_md  # noqa: E402
 
-from iprox.data import load_examples  # noqa: E402
 from iprox.fidelity import score_agreement  # noqa: E402
 from iprox.scores import read_scores  # noqa: E402
 from iprox.selection import rank  # noqa: E402
@@ -154,37 +152,7 @@ def main() -> None:
     epochs = 1 if args.quick else 2
     max_len = 256 if args.quick else 320
 
-    # Data: validation and test examples of the target tasks, then a pool without any of them.
-    bbh = load_examples(str(data / "bbh" / "tasks"))
-    by_task: dict[str, list] = {}
-    for e in bbh:
-        by_task.setdefault(e.task, []).append(e)
-    rng = random.Random(0)
-    val, test = [], {}
-    for t in tasks:
-        exs = rng.sample(by_task[t], n_val + n_test)
-        val += exs[:n_val]
-        test[t] = exs[n_val:]
-    held = {e.id for e in val} | {e.id for t in tasks for e in test[t]}
-    pool = rng.sample(load_examples(str(data / "gsm8k" / "train.jsonl")), n_gsm)
-    for t in sorted(by_task):
-        pool += rng.sample([e for e in by_task[t] if e.id not in held], per_task)
-
-    def dump(path: Path, exs) -> Path:
-        path.write_text("".join(json.dumps({"id": e.id, "source": e.source, "task": e.task, "messages": e.messages}) + "\n"
-                                for e in exs))
-        return path
-
-    pool_f, val_f = dump(work / "pool.jsonl", pool), dump(work / "val.jsonl", val)
-    test_f = {t: dump(work / f"test-{t}.jsonl", test[t]) for t in tasks}
-    target = work / "target"
-    if not (target / "config.json").exists():  # the target as an HF folder: every process loads it in seconds
-        from iprox.models import EMBEDDED_MODEL, load_model
-
-        m, tok, _ = load_model(EMBEDDED_MODEL)
-        m.save_pretrained(target)
-        tok.save_pretrained(target)
-        del m
+    pool, pool_f, val_f, test_f, target = selection_data(work, data, tasks, n_gsm, per_task, n_val, n_test)
 
     sels = selectors(args.quick, args.baselines)
     if args.only:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -31,3 +33,47 @@ def update_benchmarks_md(section: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS_MD.write_text(text)
+
+
+def selection_data(work: Path, data: Path, tasks: list[str], n_gsm: int, per_task: int, n_val: int, n_test: int):
+    """The selection benchmarks' data, written under ``work``: per target task ``n_val`` validation
+    and ``n_test`` held-out test examples of BBH, and a pool of ``n_gsm`` GSM8K train problems plus
+    ``per_task`` examples of every BBH task, none of them held out; and the embedded target saved as
+    an HF folder (every process then loads it in seconds).
+
+    Returns:
+        (pool examples, pool file, validation file, {task: test file}, target folder).
+    """
+    from iprox.data import load_examples
+
+    bbh = load_examples(str(data / "bbh" / "tasks"))
+    by_task: dict[str, list] = {}
+    for e in bbh:
+        by_task.setdefault(e.task, []).append(e)
+    rng = random.Random(0)
+    val, test = [], {}
+    for t in tasks:
+        exs = rng.sample(by_task[t], n_val + n_test)
+        val += exs[:n_val]
+        test[t] = exs[n_val:]
+    held = {e.id for e in val} | {e.id for t in tasks for e in test[t]}
+    pool = rng.sample(load_examples(str(data / "gsm8k" / "train.jsonl")), n_gsm)
+    for t in sorted(by_task):
+        pool += rng.sample([e for e in by_task[t] if e.id not in held], per_task)
+
+    def dump(path: Path, exs) -> Path:
+        path.write_text("".join(json.dumps({"id": e.id, "source": e.source, "task": e.task, "messages": e.messages}) + "\n"
+                                for e in exs))
+        return path
+
+    pool_f, val_f = dump(work / "pool.jsonl", pool), dump(work / "val.jsonl", val)
+    test_f = {t: dump(work / f"test-{t}.jsonl", test[t]) for t in tasks}
+    target = work / "target"
+    if not (target / "config.json").exists():
+        from iprox.models import EMBEDDED_MODEL, load_model
+
+        m, tok, _ = load_model(EMBEDDED_MODEL)
+        m.save_pretrained(target)
+        tok.save_pretrained(target)
+        del m
+    return pool, pool_f, val_f, test_f, target

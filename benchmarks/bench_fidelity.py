@@ -1,0 +1,316 @@
+"""Fidelity study: which settings make the proxy's selection the target's, against what ceiling, and at
+what build cost.
+
+The full-mode pool of ``bench_selection.py`` (300 examples: 100 GSM8K train problems and 10 of each
+of the 20 BBH tasks; target tasks boolean_expressions, hyperbaton and formal_fallacies, 4 validation
+examples each, none in the pool) and the embedded SmolLM2-135M-Instruct as the target. Every
+(setting, seed) is one ``iprox run`` in its own process and folder, so the study resumes where it
+stopped: a finished run is read back, an interrupted one resumes through the pipeline's own resume.
+
+References, per target task (the scores' per-task columns):
+
+* ``target``: the target through the same pipeline (LoRA warm-up, Kronecker features with
+  elementwise Adam), seed 0. Seeds 1, 2 (another warm-up order and projection) against seed 0 give
+  the **ceiling**: how well the target agrees with itself.
+* ``exact LESS``: the target with the dense per-example engine (one backward per example), seed 0.
+
+Every proxy run is compared with both, per task: Spearman over the pool, Spearman over the
+reference's top 20% (the head), top-1/5/10% overlap, and the share of its top 5% drawn from the task
+beside the target's. Each proxy's gradient cosine with the target on held-out test examples (``iprox
+fidelity --proxy``) is measured too, to see how well that cheap check predicts score agreement.
+Figures are mean ± spread (half the range) over seeds.
+
+``--settings`` picks settings (default: the core set), ``--seeds`` the seeds, ``--report`` rewrites
+the report from the results JSON. Writes ``benchmarks/results/fidelity.json``, PNGs and the
+"fidelity" section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import find_data, selection_data, update_benchmarks_md  # noqa: E402
+
+from iprox.agreement import spearman  # noqa: E402
+from iprox.fidelity import score_agreement  # noqa: E402
+from iprox.scores import read_scores  # noqa: E402
+
+log = logging.getLogger("bench_fidelity")
+RESULTS = ROOT / "benchmarks" / "results"
+IPROX = [sys.executable, "-m", "iprox.cli"]
+TASKS = ["boolean_expressions", "hyperbaton", "formal_fallacies"]
+
+# The settings every proxy run starts from; a setting below changes some of them.
+BASE = {
+    "run": {"selector": "proxy"},
+    "proxy": {"sparsity": 0.5, "probe_examples": 16, "probe_tokens": 4096, "batch_size": 4,
+              "align_examples": 16, "align_epochs": 5.0, "lambda_kl": 0.1, "lr": 1e-4},
+    "warmup": {"fraction": 0.05, "lr": 2e-5},
+    "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam"},
+}
+NO_ALIGN = {"align_epochs": 0.0, "align_examples": 0}
+
+
+def _settings() -> dict[str, dict]:
+    """name → {"group": sweep it belongs to, section: overrides of BASE}."""
+    s: dict[str, dict] = {
+        "target": {"group": "reference", "run": {"selector": "model"}},
+        "exact LESS": {"group": "reference", "run": {"selector": "model"}, "features": {"engine": "dense"}},
+        "default": {"group": "default"},
+    }
+    for steps in (0, 8, 40):  # the default is 5 epochs over 16 examples at batch 4: 20 steps
+        s[f"align {steps} steps"] = {"group": "alignment length",
+                                     "proxy": NO_ALIGN if steps == 0 else {"align_epochs": 0.0, "align_steps": steps}}
+    s["align set 48"] = {"group": "alignment set", "proxy": {"align_examples": 48}}
+    for lam in (0.0, 1.0):
+        s[f"lambda_kl {lam:g}"] = {"group": "lambda_kl", "proxy": {"lambda_kl": lam}}
+    s["probe 64"] = {"group": "probe", "proxy": {"probe_examples": 64}}
+    for sp in (0.3, 0.7):
+        s[f"sparsity {sp}"] = {"group": "sparsity", "proxy": {"sparsity": sp}}
+    s["warm-up lora"] = {"group": "warm-up", "warmup": {"proxy_trains": "lora"}}
+    s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
+    for e in (2, 4):
+        s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
+    for sp in (0.3, 0.5, 0.7):
+        s[f"svd+align {sp}"] = {"group": "baselines", "proxy": {"sparsity": sp, "init": "svd"}}
+        s[f"layer-drop {sp}"] = {"group": "baselines", "proxy": {"sparsity": sp, "init": "layer-drop", **NO_ALIGN}}
+        if sp != 0.5:
+            s[f"ipsvd+align {sp}"] = {"group": "baselines", "proxy": {"sparsity": sp}}
+    return s
+
+
+SETTINGS = _settings()
+CORE = ["target", "default", "align 0 steps"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
+def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, setting: dict, seed: int,
+                 epochs: int, max_len: int) -> None:
+    sections = {k: dict(v) for k, v in BASE.items()}
+    sections["warmup"].setdefault("epochs", epochs)
+    for sec in ("run", "proxy", "warmup", "features"):
+        sections[sec].update(setting.get(sec, {}))
+    sections["run"].update(out=str(out), model=str(target), seed=seed)
+    sections["data"] = {"pool": [str(pool)], "validation": [str(val)], "max_length": max_len}
+    sections["score"] = {"method": "tracin", "aggregate": "max"}
+    sections["select"] = {"fraction": 0.05}
+    if sections["run"]["selector"] != "proxy":
+        del sections["proxy"]
+    path.write_text("".join(f"[{sec}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in body.items())
+                            for sec, body in sections.items()))
+
+
+def sh(cmd: list[str], log_path: Path) -> None:
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
+
+
+def measure(rows: list[dict], ref: list[dict]) -> dict:
+    """Per-task figures of one score table against a reference table."""
+    rep, _, _ = score_agreement(ref, rows)
+    out = {}
+    for t in TASKS:
+        v = rep["subtasks"][t]
+        out[t] = {"spearman": v["spearman"], "head_spearman": v["head_spearman"],
+                  "overlap_1": v["overlap_at"]["1"]["overlap"], "overlap_5": v["overlap_at"]["5"]["overlap"],
+                  "overlap_10": v["overlap_at"]["10"]["overlap"],
+                  "share_5": v["task_share_at_5"]["other"], "ref_share_5": v["task_share_at_5"]["target"]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--settings", nargs="+", default=CORE, metavar="NAME",
+                    help=f"settings to run (default: {' / '.join(CORE)}); 'all' for every one: {' / '.join(SETTINGS)}")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=1, help="warm-up epochs = checkpoints of the base setting")
+    ap.add_argument("--max-length", type=int, default=320)
+    ap.add_argument("--work", default="/tmp/iprox-bench-fidelity")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    res_path = RESULTS / "fidelity.json"
+    if args.report:
+        finish(json.loads(res_path.read_text()))
+        return
+    names = list(SETTINGS) if args.settings == ["all"] else args.settings
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"unknown setting(s) {unknown}; known: {list(SETTINGS)}")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    pool, pool_f, val_f, test_f, target = selection_data(work, find_data(), TASKS, 100, 10, 4, 40)
+    held = work / "heldout.jsonl"  # 4 test examples per task for the gradient check
+    held.write_text("".join("".join(test_f[t].read_text().splitlines(keepends=True)[:4]) for t in TASKS))
+    results = json.loads(res_path.read_text()) if res_path.exists() else {}
+    results.update(pool=len(pool), tasks=TASKS, epochs=args.epochs, max_length=args.max_length, base=BASE)
+    runs = results.setdefault("runs", {})
+    # The reference first (every comparison needs it), then the rest seed by seed, so an
+    # interrupted study has every setting at its first seeds rather than one setting at all of them.
+    order = [("target", 0)] + [(n, s) for s in args.seeds for n in names if (n, s) != ("target", 0)]
+    for name, seed in order:
+        if name == "exact LESS" and seed != 0:
+            continue
+        key = f"{name} | {seed}"
+        out = work / "runs" / f"{slug(name)}-s{seed}"
+        cfg = work / "configs" / f"{slug(name)}-s{seed}.toml"
+        cfg.parent.mkdir(exist_ok=True)
+        write_config(cfg, out, target, pool_f, val_f, SETTINGS[name], seed, args.epochs, args.max_length)
+        log.info("%s, seed %d", name, seed)
+        sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
+        meta = json.loads((out / "pipeline.json").read_text())
+        rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
+               "timings": meta["timings"], "scores": str(out / "scores")}
+        if SETTINGS[name].get("run", BASE["run"])["selector"] == "proxy":
+            fid = work / "gradcos" / f"{slug(name)}-s{seed}.json"
+            fid.parent.mkdir(exist_ok=True)
+            if not fid.exists():
+                sh(IPROX + ["fidelity", "--proxy", str(out / "proxy"), "--target", str(target), "--data", str(held),
+                            "--limit", "0", "--max-length", str(args.max_length), "--out", str(fid), "--no-progress"],
+                   work / "log.txt")
+            g = json.loads(fid.read_text())
+            rec.update(grad_cosine=g["grad_cosine_global"], kl=g["kl"])
+        runs[key] = rec
+        compare(results)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        res_path.write_text(json.dumps(results, indent=2))
+    finish(results)
+
+
+def compare(results: dict) -> None:
+    """Each run against the target (seed 0) and exact LESS, per task."""
+    runs = results["runs"]
+    refs = {"target": runs.get("target | 0"), "exact LESS": runs.get("exact LESS | 0")}
+    for rec in runs.values():
+        rows = read_scores(rec["scores"])
+        rec["vs"] = {rname: measure(rows, read_scores(ref["scores"])) for rname, ref in refs.items()
+                     if ref is not None and ref is not rec}
+
+
+def _stat(xs: list[float]) -> tuple[float, float, int]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(xs), (max(xs) - min(xs)) / 2, len(xs)
+
+
+def _fmt(xs: list[float], digits: int = 2) -> str:
+    m, h, n = _stat(xs)
+    if n == 0:
+        return "–"
+    return f"{m:.{digits}f}" if n == 1 else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def finish(results: dict) -> None:
+    body = report(results)
+    print(body)
+    update_benchmarks_md("fidelity", body)
+
+
+def report(r: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = r["runs"]
+    by_setting: dict[str, list[dict]] = {}
+    for rec in runs.values():
+        by_setting.setdefault(rec["setting"], []).append(rec)
+    lines = ["## Fidelity: which settings make the proxy's selection the target's (issue 12)", "",
+             f"`benchmarks/bench_fidelity.py`: target SmolLM2-135M-Instruct; pool of {r['pool']} (100 GSM8K train, 10 of "
+             f"each of the 20 BBH tasks), target tasks {', '.join(r['tasks'])} with 4 validation examples each; warm-up "
+             f"5% of the pool, {r['epochs']} checkpoint(s) unless the setting says otherwise; max length {r['max_length']}; "
+             f"top 5% = 15 examples. Base proxy: " + ", ".join(f"{k} {v}" for k, v in r["base"]["proxy"].items()) +
+             f"; train features with {r['base']['features']['train_grad']}. Figures are per target task, "
+             "mean ± half-range over the seeds run (n = seeds); whole-pool Spearman, Spearman over the reference's "
+             "top 20% (head), top-5% overlap, and the share of the top 5% drawn from the task (the reference's in brackets).",
+             ""]
+    for ref in ("target", "exact LESS"):
+        lines += [f"### Against {ref} (seed 0)" if ref == "target" else "### Against exact LESS (dense engine, seed 0)", "",
+                  "| setting | n | build (s) | grad cos | " + " | ".join(f"{t}: Spearman / head / top-5% / share" for t in r["tasks"]) + " |",
+                  "|---|---|---|---|" + "---|" * len(r["tasks"])]
+        for name, recs in by_setting.items():
+            recs = [x for x in recs if ref in x.get("vs", {})]
+            if not recs:
+                continue
+            cells = []
+            for t in r["tasks"]:
+                v = [x["vs"][ref][t] for x in recs]
+                cells.append(f"{_fmt([a['spearman'] for a in v])} / {_fmt([a['head_spearman'] for a in v])} / "
+                             f"{_fmt([a['overlap_5'] for a in v])} / {_fmt([a['share_5'] for a in v])} "
+                             f"({v[0]['ref_share_5']:.2f})")
+            build = _fmt([x["timings"].get("proxy", float("nan")) for x in recs], 0)
+            cos = _fmt([x.get("grad_cosine", float("nan")) for x in recs], 3)
+            label = f"{name} (ceiling)" if name == "target" else name
+            lines.append(f"| {label} | {len(recs)} | {build} | {cos} | " + " | ".join(cells) + " |")
+        lines.append("")
+    # Does the held-out gradient cosine predict score agreement? One point per proxy run.
+    pts = [(x["grad_cosine"], statistics.fmean(x["vs"]["target"][t]["spearman"] for t in r["tasks"]))
+           for x in runs.values() if "grad_cosine" in x and "target" in x.get("vs", {})]
+    if len(pts) >= 3:
+        rho = spearman([p[0] for p in pts], [p[1] for p in pts])
+        lines += [f"Held-out gradient cosine against mean score Spearman (target) over {len(pts)} proxy runs: "
+                  f"Spearman {rho:.2f}.", ""]
+    # Fidelity against build cost.
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, recs in by_setting.items():
+        recs = [x for x in recs if "target" in x.get("vs", {}) and "proxy" in x["timings"]]
+        if not recs:
+            continue
+        ys = [statistics.fmean(x["vs"]["target"][t]["spearman"] for t in r["tasks"]) for x in recs]
+        xs = [x["timings"]["proxy"] for x in recs]
+        m, h, _ = _stat(ys)
+        axes[0].errorbar([statistics.fmean(xs)], [m], yerr=[h], fmt="o", capsize=3)
+        axes[0].annotate(name, (statistics.fmean(xs), m), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if "target" in by_setting:
+        ceil = [statistics.fmean(x["vs"]["target"][t]["spearman"] for t in r["tasks"])
+                for x in by_setting["target"] if "target" in x.get("vs", {})]
+        if ceil:
+            axes[0].axhline(statistics.fmean(ceil), color="grey", ls="--", label="target seed-to-seed (ceiling)")
+            axes[0].legend(fontsize=7)
+    axes[0].set_xlabel("proxy build time (s): probe, factorisation, alignment")
+    axes[0].set_ylabel("Spearman with the target (mean over tasks)")
+    axes[0].set_title("fidelity against build cost")
+    if pts:
+        axes[1].scatter([p[0] for p in pts], [p[1] for p in pts], s=12)
+        axes[1].set_xlabel("held-out gradient cosine (iprox fidelity --proxy)")
+        axes[1].set_ylabel("Spearman with the target (mean over tasks)")
+        axes[1].set_title("does the cheap check predict agreement?")
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "fidelity.png", dpi=110)
+    plt.close(fig)
+    lines += ["![fidelity against build cost](benchmarks/results/fidelity.png)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
