@@ -79,6 +79,7 @@ def _settings() -> dict[str, dict]:
     for sp in (0.3, 0.7):
         s[f"sparsity {sp}"] = {"group": "sparsity", "proxy": {"sparsity": sp}}
     s["warm-up lora"] = {"group": "warm-up", "warmup": {"proxy_trains": "lora"}}
+    s["target-first"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
@@ -91,7 +92,7 @@ def _settings() -> dict[str, dict]:
 
 
 SETTINGS = _settings()
-CORE = ["target", "default", "align 0 steps"]
+CORE = ["target", "default", "target-first", "align 0 steps"]
 
 
 def slug(name: str) -> str:

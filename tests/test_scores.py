@@ -254,6 +254,27 @@ def test_pipeline_with_the_model_itself_as_selector(tmp_path):
     assert res.selection["selected"] == 5 and not (tmp_path / "run" / "proxy").exists()
 
 
+def test_pipeline_target_first_order(tmp_path):
+    """warmup_on = "target": the target's LoRA warm-up, carried by the proxy for every store; each
+    model loaded from disk once."""
+    from iprox.loading import LOADS, model_key
+    from iprox.pipeline import load_config, run
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    before = LOADS[model_key(str(model_dir))]
+    res = run(load_config(_write_config(tmp_path, model_dir, run_extra='warmup_on = "target"'), {"progress": False}))
+    assert res.selection["selected"] == 5
+    info = json.loads((tmp_path / "run" / "warmup" / "checkpoint-2" / "checkpoint.json").read_text())
+    assert info["lora"] and info["model"] == str(model_dir.resolve())
+    for store in ("train-1", "val-1", "train-2", "val-2"):
+        man = json.loads((tmp_path / "run" / "features" / store / "manifest.json").read_text())
+        assert man["trains"] == "target lora, carried" and man["model"] == str(tmp_path / "run" / "proxy")
+    assert LOADS[model_key(str(model_dir))] - before == 1
+    # the order is part of the warm-up's fingerprint: the default order is refused on this folder
+    with pytest.raises(ValueError, match="from stage 'warmup' on"):
+        run(load_config(_write_config(tmp_path, model_dir), {"progress": False}))
+
+
 def test_bad_config_names_the_problem(tmp_path):
     from iprox.pipeline import load_config
 

@@ -117,3 +117,36 @@ def test_cli_warmup_then_dense_adam_and_kronecker_features(tmp_path, data_file, 
     assert not torch.allclose(da, df)  # elementwise and factored Adam differ
     _, ka = load_features(tmp_path / "kronecker-adam")  # the fast engine's exact elementwise Adam
     torch.testing.assert_close(ka, da, rtol=1e-4, atol=1e-5 * da.abs().max().item())
+
+
+def test_a_proxy_carries_the_targets_lora_checkpoint(tmp_path, data_file):
+    """The target-first order: a proxy of the target takes the target's LoRA checkpoint (adapters and
+    Adam state). Through a proxy that left every layer dense (sparsity 0) its features are the
+    target's own, projection for projection; through a compressed proxy they differ."""
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    assert main(["warmup", "--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path / "w"),
+                 "--examples", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "2", "--max-length", "96",
+                 "--no-progress"]) == 0
+    ck = str(tmp_path / "w" / "checkpoint-1")
+    common = ["--checkpoint", ck, "--data", str(data_file), "--grad", "adam", "--proj-dim", "4", "--max-length", "96",
+              "--store-dtype", "float32", "--no-progress"]
+    assert main(["features", "--out", str(tmp_path / "f-target")] + common) == 0
+    stores = {}
+    for sp in ("0", "0.5"):
+        proxy = tmp_path / f"proxy-{sp}"
+        assert main(["build-proxy", "--model", str(model_dir), "--data", str(data_file), "--out", str(proxy),
+                     "--sparsity", sp, "--probe-examples", "4", "--probe-tokens", "100", "--max-length", "96",
+                     "--align-epochs", "0", "--no-progress"]) == 0
+        assert main(["features", "--model", str(proxy), "--out", str(tmp_path / f"f-{sp}")] + common) == 0
+        stores[sp] = load_features(tmp_path / f"f-{sp}")[1]
+        assert read_manifest(tmp_path / f"f-{sp}")["trains"] == "target lora, carried"
+    ids, target = load_features(tmp_path / "f-target")
+    assert target.abs().max() > 0
+    torch.testing.assert_close(stores["0"], target, rtol=1e-4, atol=1e-6 * target.abs().max().item())
+    assert (stores["0.5"] - target).abs().max() > 1e-3 * target.abs().max()
+    # A proxy of another model cannot carry it.
+    other = write_model_folder(tmp_path / "other", "llama", seed=9)
+    assert main(["build-proxy", "--model", str(other), "--data", str(data_file), "--out", str(tmp_path / "p-other"),
+                 "--sparsity", "0.5", "--probe-examples", "4", "--probe-tokens", "100", "--max-length", "96",
+                 "--align-epochs", "0", "--no-progress"]) == 0
+    assert main(["features", "--model", str(tmp_path / "p-other"), "--out", str(tmp_path / "f-x")] + common) == 2

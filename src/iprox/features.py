@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from . import artifacts
 from .data import batches, collate
-from .loading import Session
+from .loading import Session, is_proxy_folder, read_checkpoint_info
 from .models import EMBEDDED_MODEL, default_device
 from .projection import (DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
                          make_projections)
@@ -54,7 +54,9 @@ class FeatureConfig(ModelStageConfig):
         data: examples to featurise (files or folders).
         out: the store folder.
         model: a proxy folder or any model spec; ignored in favour of the checkpoint's model when
-            ``checkpoint`` is given (they must agree if both are set).
+            ``checkpoint`` is given (they must agree if both are set), except that a proxy of the
+            checkpoint's model, given a target's LoRA checkpoint, carries that checkpoint's adapters
+            (the target-first order: the target's own warm-up, its gradients run through the proxy).
         checkpoint: a warm-up checkpoint folder (LoRA or factors, plus Adam state), or "".
         grad: ``sgd`` (validation features, LESS), ``adam`` (LESS's elementwise Adam, exact on both
             engines) or ``factored-adam`` (a row × column approximation of it, kept for comparison).
@@ -256,6 +258,11 @@ class FeatureSummary:
 
 def _load(config: FeatureConfig, device: str, session: Session):
     """Model, tokenizer, identity and optimiser state for the config (checkpoint or plain model)."""
+    if config.checkpoint and config.model and is_proxy_folder(config.model) and carries(config.checkpoint):
+        ck = session.carried_checkpoint(config.model, config.checkpoint, config.dtype, device, config.trust_remote_code)
+        ident = {"model": config.model, "checkpoint": config.checkpoint, "epoch": ck.info["epoch"], "lr": ck.info["lr"],
+                 "trains": "target lora, carried", "model_hash": ck.identity}
+        return ck.model, ck.tokenizer, ident, ck
     if config.checkpoint:
         ck = session.checkpoint(config.checkpoint, config.dtype, device, config.trust_remote_code)
         if config.model and config.model != EMBEDDED_MODEL and config.model != ck.info["model"] and \
@@ -268,6 +275,13 @@ def _load(config: FeatureConfig, device: str, session: Session):
     identity = session.identity(config.model, config.dtype, device, config.trust_remote_code)
     return model, tok, {"model": config.model, "checkpoint": "", "epoch": 0, "lr": None, "trains": None,
                         "model_hash": identity}, None
+
+
+def carries(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint is a LoRA warm-up of a plain model (a target), which a proxy of that
+    target can carry (the target-first order), rather than a warm-up of a proxy itself."""
+    info = read_checkpoint_info(checkpoint)
+    return bool(info["lora"]) and not is_proxy_folder(info["model"])
 
 
 def compute_features(config: FeatureConfig, session: Session | None = None) -> FeatureSummary:
@@ -289,8 +303,6 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
     if rank == 0:
         try:
             if config.checkpoint:
-                from .loading import read_checkpoint_info
-
                 read_checkpoint_info(config.checkpoint)
                 check_data_paths(config.data)
             else:

@@ -63,6 +63,15 @@ def load_model_or_proxy(spec: str, dtype: str = "float32", device: str = "cpu", 
     return model, tok
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """A parameter or module name without peft's wrapper prefix: a target's LoRA layer and the same
+    adapter carried by a proxy then share a name (and so a projection seed)."""
+    return name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+
+
 def is_proxy_folder(path: str | Path) -> bool:
     return (Path(path) / PROXY_FILE).is_file()
 
@@ -292,6 +301,69 @@ class Session:
         model.eval()
         uid = info.get("uid") or f"{path.resolve()}@{info.get('step')}"
         return Checkpoint(model, tok, info, exp_avg, exp_avg_sq, identity=f"{base}+{uid}")
+
+    def carried_checkpoint(self, proxy: str, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                           trust_remote_code: bool = False) -> Checkpoint:
+        """A target's LoRA warm-up checkpoint carried by a proxy of that target (the target-first order).
+
+        Each projection of the proxy that the target's LoRA adapted (a factored layer, or one left
+        dense) gets an :class:`~iprox.lowrank.AdaptedLinear` with the checkpoint's adapter tensors;
+        the Adam moments come with them. The proxy's features are then gradients of the same
+        parameters the target's are, run through the compressed network, and share the target's
+        projections (see :func:`canonical_name`).
+
+        Raises:
+            ValueError: the checkpoint trained factors, or its model is not the proxy's target.
+        """
+        path = Path(path)
+        info = read_checkpoint_info(path)
+        if not info["lora"]:
+            raise ValueError(f"{path} trained a proxy's factors; only a target's LoRA checkpoint can be carried by a proxy")
+        target = read_json(Path(proxy) / PROXY_FILE, "proxy description")["target"]["model"]
+        if model_key(target) != model_key(info["model"]):
+            raise ValueError(f"{path} is a warm-up of {info['model']}, but {proxy} was built from {target}")
+        key = (model_key(proxy), dtype, str(device))
+        e = self._entry(proxy, dtype, device, trust_remote_code, pristine=False)
+        # The resident proxy serves as it is when it carries adapters already (an earlier checkpoint's,
+        # overwritten below); one another stage changed (its own warm-up) is reloaded.
+        if (e.lora is not None and e.lora[0] != "carried") or (e.lora is None and e.dirty):
+            self._entries.pop(key, None)
+            e = self._entry(proxy, dtype, device, trust_remote_code, pristine=True)
+        ident = self._identity_of(e) if e.identity is None else e.identity
+        state = {canonical_name(k): v for k, v in load_file(str(path / TRAINABLE_FILE), device=str(device)).items()}
+        opt = load_file(str(path / OPTIMIZER_FILE), device=str(device))
+        from .lowrank import AdaptedLinear
+
+        for layer in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
+            try:
+                mod = e.model.get_submodule(layer)
+            except AttributeError:
+                raise ValueError(f"{path}: the proxy has no layer {layer} for the checkpoint's adapter") from None
+            if not isinstance(mod, AdaptedLinear):
+                r, n = state[f"{layer}.lora_A.default.weight"].shape
+                m = state[f"{layer}.lora_B.default.weight"].shape[0]
+                parent, _, child = layer.rpartition(".")
+                setattr(e.model.get_submodule(parent), child,
+                        AdaptedLinear(mod, n, m, r, info["lora_alpha"], device=device))
+        e.lora, e.dirty = ("carried", info["lora_rank"], info["lora_alpha"]), True
+        if self.keep:
+            self._entries[key] = e
+        params = {n: p for n, p in e.model.named_parameters() if ".lora_" in n}
+        if set(state) != set(params):
+            raise ValueError(f"{path / TRAINABLE_FILE} does not match the proxy's adapters: "
+                             f"{len(set(params) - set(state))} missing, {len(set(state) - set(params))} unexpected")
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.shape != state[n].shape:
+                    raise ValueError(f"{path / TRAINABLE_FILE}: {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
+                p.copy_(state[n])
+        exp_avg = {canonical_name(k[len("exp_avg."):]): v.float() for k, v in opt.items() if k.startswith("exp_avg.")}
+        exp_avg_sq = {canonical_name(k[len("exp_avg_sq."):]): v.float() for k, v in opt.items() if k.startswith("exp_avg_sq.")}
+        for p in e.model.parameters():
+            p.requires_grad_(False)
+        e.model.eval()
+        uid = info.get("uid") or f"{path.resolve()}@{info.get('step')}"
+        return Checkpoint(e.model, e.tokenizer, info, exp_avg, exp_avg_sq, identity=f"{ident}+{uid}")
 
     # -- data ----------------------------------------------------------------------------------
 

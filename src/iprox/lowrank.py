@@ -74,3 +74,26 @@ def rank_for_sparsity(m: int, n: int, sparsity: float, multiple: int = 1) -> int
     if r * (m + n) >= m * n:
         return None
     return r
+
+
+class AdaptedLinear(nn.Module):
+    """A projection (dense, Conv1D or factored) with a LoRA adapter beside it, laid out as peft lays
+    out its own: ``base_layer``, ``lora_A.default`` (n→r) and ``lora_B.default`` (r→m), so a
+    target's LoRA tensors keep their names (less peft's ``base_model.model.`` prefix) on a proxy.
+
+    ``y = base(x) + (α/r) · lora_B(lora_A(x))``; the adapters stay float32 under a bf16/fp16 base
+    (as peft keeps them), with the input cast to their dtype and the sum cast back.
+    """
+
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, rank: int, alpha: float,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.base_layer = base
+        self.scaling = alpha / rank
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(in_features, rank, bias=False, device=device)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, out_features, bias=False, device=device)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        a, b = self.lora_A["default"], self.lora_B["default"]
+        return y + (b(a(x.to(a.weight.dtype))) * self.scaling).to(y.dtype)

@@ -18,6 +18,9 @@ shared data folder, ``out`` is relative to the working directory)::
     model = "smollm2-135m-instruct"   # the target
     selector = "proxy"                # proxy (IProX) | model (LESS) | representation (RDS+) | random
     selector_model = ""               # model / representation: featurise this model (default: the target)
+    warmup_on = "proxy"               # proxy: the proxy warms up ([warmup] proxy_trains); target: the
+                                      # target warms up (LoRA, as LESS) and the proxy carries its
+                                      # checkpoints (the paper's order: the target's warm-up first)
     seed = 0
     dtype = "auto"                    # every model-running stage: float32 | bfloat16 (bf16) | float16 | auto
                                       # (auto: bf16 on a GPU that has it, else float32); a section's own
@@ -28,7 +31,7 @@ shared data folder, ``out`` is relative to the working directory)::
     max_length = 384
     [proxy]     # ProxyConfig fields (sparsity, init, align_steps, ...)
     [warmup]    # WarmupConfig fields (fraction, epochs, lr, ...)
-    [features]  # FeatureConfig fields, plus train_grad (default factored-adam)
+    [features]  # FeatureConfig fields, plus train_grad (default adam: LESS's elementwise Adam, exact)
     [score]     # method, aggregate, checkpoint_weights, damping
     [select]    # fraction or top_k
 """
@@ -46,7 +49,7 @@ import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from . import artifacts
 from .data import find_shared_data, load_examples
@@ -64,6 +67,9 @@ from .warmup import WarmupConfig, run_warmup
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
+# The pool's features: LESS's elementwise Adam, exact on the fast engine (the row × column
+# factored-adam ranked the pool at Spearman 0.85 against it; see BENCHMARKS.md).
+DEFAULT_TRAIN_GRAD = "adam"
 # proxy: IProX (or, with [proxy] init/align settings, the svd / layer-drop / unaligned baselines);
 # model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
 # representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
@@ -80,6 +86,7 @@ class RunConfig:
     model: str = EMBEDDED_MODEL
     selector: str = "proxy"
     selector_model: str = ""
+    warmup_on: Literal["proxy", "target"] = "proxy"
     seed: int = 0
     pool: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
@@ -113,7 +120,7 @@ class RunConfig:
         if self.max_length < 8:
             raise ValueError(f"[data] max_length must be >= 8 (a prompt and a response), got {self.max_length}")
         feats = dict(self.features)
-        train_grad = feats.pop("train_grad", "factored-adam")
+        train_grad = feats.pop("train_grad", DEFAULT_TRAIN_GRAD)
         if train_grad not in GRADS:
             raise ValueError(f"[features] train_grad must be one of {GRADS}, got {train_grad!r}")
         if "grad" in feats:
@@ -197,7 +204,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
             p = str((path.parent / p).resolve())
         return {**spec, "path": p}
 
-    unknown_run = sorted(set(run) - {"out", "model", "selector", "selector_model", "seed", "device", "dtype"})
+    unknown_run = sorted(set(run) - {"out", "model", "selector", "selector_model", "warmup_on", "seed", "device", "dtype"})
     if unknown_run:
         raise ValueError(f"{path}: [run] has unknown settings {unknown_run}")
     kw = dict(run, pool=[resolve(s) for s in data.get("pool", [])],
@@ -224,7 +231,9 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
                   "proxy": cfg.proxy if cfg.selector == "proxy" else None, "max_length": cfg.max_length,
                   # only a non-default dtype enters the hash, so runs made before [run] dtype existed still match
                   **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {})},
-        "warmup": cfg.warmup, "features": cfg.features, "score": cfg.score, "select": cfg.select,
+        # the default order stays out of the hash, so runs made before warmup_on existed still match
+        "warmup": cfg.warmup if cfg.warmup_on == "proxy" or cfg.selector != "proxy" else {**cfg.warmup, "on": "target"},
+        "features": cfg.features, "score": cfg.score, "select": cfg.select,
     }
     out, prev = {}, ""
     for st in STAGES:
@@ -416,7 +425,7 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) ->
 
     pool_file, val_file = timed("pool", lambda: _write_pool(cfg, out / "pool"))
     feats = dict(cfg.features)
-    train_grad = feats.pop("train_grad", "factored-adam")
+    train_grad = feats.pop("train_grad", DEFAULT_TRAIN_GRAD)
     feats.setdefault("seed", cfg.seed)
     feats.setdefault("max_length", cfg.max_length)
     if cfg.selector == "random":
@@ -440,13 +449,18 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) ->
             pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **dtype, **cfg.proxy,
                                   "model": cfg.model, "data": [str(pool_file)], "out": str(out / "proxy"), **common})
             timed("proxy", lambda: build_proxy(pcfg, session=session))
-            session.drop(cfg.model)  # the target is not needed past stage 2
             feature_model = str(out / "proxy")
+            # target-first: the target's LoRA warm-up, carried by the proxy for the features
+            warm_model = cfg.model if cfg.warmup_on == "target" else feature_model
+            if cfg.warmup_on == "proxy":
+                session.drop(cfg.model)  # the target is not needed past stage 2
         else:
-            feature_model = cfg.selector_model or cfg.model
+            feature_model = warm_model = cfg.selector_model or cfg.model
         wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **dtype, **cfg.warmup,
-                               "model": feature_model, "data": [str(pool_file)], "out": str(out / "warmup"), **common})
+                               "model": warm_model, "data": [str(pool_file)], "out": str(out / "warmup"), **common})
         checkpoints = timed("warmup", lambda: run_warmup(wcfg, session))
+        if warm_model != feature_model:
+            session.drop(cfg.model)
         train_stores, val_stores = [], []
 
         def featurise():

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .evaluation import per_example_loss
+from .loading import canonical_name
 from .models import compressible_modules, frozen, projection_weight
 
 GRADS = ("sgd", "adam", "factored-adam")
@@ -115,7 +116,10 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
 
 def make_projections(modules: dict[str, nn.Module], k: int, seed: int, dtype=torch.float32,
                      device="cpu") -> dict[str, LayerProjection]:
-    return {name: make_projection(name, *layer_shape(mod), k, seed, dtype, device) for name, mod in modules.items()}
+    """One projection per layer, seeded by the layer's name without peft's wrapper prefix, so a
+    target's LoRA adapter and the same adapter carried by a proxy are projected alike."""
+    return {name: make_projection(canonical_name(name), *layer_shape(mod), k, seed, dtype, device)
+            for name, mod in modules.items()}
 
 
 @dataclass
