@@ -282,6 +282,18 @@ def test_killed_run_resumes_to_identical_store(setup_store, tmp_path, monkeypatc
     assert len(calls) == 2  # one batch per missing shard (3 + 2 examples, batch size 3)
     a, b = load_features(tmp_path / "full"), load_features(tmp_path / "cut")
     assert a[0] == b[0] and torch.equal(a[1], b[1])
+    # A shard written by another store format (another projection scheme) is recomputed, not reused.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shard = tmp_path / "cut" / "shard-00000.safetensors"
+    with safe_open(str(shard), framework="pt") as f:
+        meta, X = f.metadata(), f.get_tensor("features")
+    save_file({"features": X}, str(shard), metadata={**meta, "format_version": "1"})
+    (tmp_path / "cut" / "COMPLETE").unlink()
+    written.clear()
+    compute_features(_cfg(model_dir, data, tmp_path / "cut"))
+    assert written == ["shard-00000.safetensors"]
 
 
 def test_torchrun_two_processes_equal_one(setup_store, tmp_path):

@@ -40,7 +40,9 @@ from .runtime import ModelStageConfig, check_data_paths
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
-STORE_FORMAT_VERSION = 1
+# 2: projections seeded by the layer's name without peft's prefix (a target's LoRA and a proxy
+# carrying it share them); shards record the version, so a resume never mixes schemes.
+STORE_FORMAT_VERSION = 2
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -142,6 +144,9 @@ def _shard_ids(path: Path) -> list[str] | None:
             meta = f.metadata() or {}
             rows = f.get_slice("features").get_shape()[0]
         ids = json.loads(meta["ids"]) if "ids" in meta else None
+        if meta.get("format_version") != str(STORE_FORMAT_VERSION):
+            log.warning("features: %s was written by another store format; it will be recomputed", path)
+            return None
     except Exception as e:  # noqa: BLE001  (any unreadable shard is recomputed, and the log says why)
         log.warning("features: %s is unreadable (%s); it will be recomputed", path, e)
         return None
@@ -150,7 +155,8 @@ def _shard_ids(path: Path) -> list[str] | None:
 
 def _write_shard(path: Path, feats: torch.Tensor, ids: list[str]) -> None:
     feats = feats.contiguous()
-    artifacts.save_tensors({"features": feats}, path, metadata={"ids": json.dumps(ids), "crc32": str(_crc(feats))})
+    artifacts.save_tensors({"features": feats}, path, metadata={"ids": json.dumps(ids), "crc32": str(_crc(feats)),
+                                                                "format_version": str(STORE_FORMAT_VERSION)})
 
 
 def _crc(x: torch.Tensor, value: int = 0) -> int:
