@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -54,7 +53,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def featurise(name: str, results: dict, **kw) -> str:
     with PeakRSS() as mem:
-        s = compute_features(FeatureConfig(progress=False, **kw))
+        compute_features(FeatureConfig(progress=False, **kw))
     man = read_manifest(kw["out"])
     t = man["timing"]
     rate = t["rank0_examples"] / t["rank0_seconds"] if t["rank0_seconds"] else float("nan")

@@ -32,15 +32,13 @@ import json
 import logging
 import math
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import find_data, selection_data, update_benchmarks_md  # noqa: E402
+from common import find_data, selection_data, sh, update_benchmarks_md  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.fidelity import score_agreement  # noqa: E402
@@ -123,14 +121,6 @@ def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, set
         del sections["proxy"]
     path.write_text("".join(f"[{sec}]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in body.items())
                             for sec, body in sections.items()))
-
-
-def sh(cmd: list[str], log_path: Path) -> None:
-    t0 = time.perf_counter()
-    with open(log_path, "a") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
 
 
 def measure(rows: list[dict], ref: list[dict]) -> dict:

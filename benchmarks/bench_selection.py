@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import find_data, selection_data, update_benchmarks_md  # noqa: E402
+from common import find_data, selection_data, sh, update_benchmarks_md  # noqa: E402
 
 from iprox.fidelity import score_agreement  # noqa: E402
 from iprox.scores import read_scores  # noqa: E402
@@ -83,14 +82,6 @@ def selectors(quick: bool, baselines: bool = False) -> dict[str, dict]:
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
-
-
-def sh(cmd: list[str], log_path: Path) -> None:
-    t0 = time.perf_counter()
-    with open(log_path, "a") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
 
 
 def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, sel: dict, epochs: int, probe: int,

@@ -6,6 +6,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +79,12 @@ def selection_data(work: Path, data: Path, tasks: list[str], n_gsm: int, per_tas
         tok.save_pretrained(target)
         del m
     return pool, pool_f, val_f, test_f, target
+
+
+def sh(cmd: list[str], log_path: Path) -> None:
+    """Runs a command from the repository root, appending its output to ``log_path``; exits on failure."""
+    t0 = time.perf_counter()
+    with open(log_path, "a") as f:
+        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")

@@ -284,20 +284,7 @@ class Session:
         lora = (info["lora_rank"], info["lora_alpha"], info.get("seed", 0)) if info["lora"] else None
         model, tok, base = self.trainable_model(info["model"], dtype, device, trust_remote_code, lora, pristine=False)
         params = mark_trainable(model, info["lora"])
-        state = load_file(str(path / TRAINABLE_FILE), device=str(device))
-        if set(state) != set(params):
-            raise ValueError(f"{path / TRAINABLE_FILE} does not match the model: "
-                             f"{len(set(params) - set(state))} missing, {len(set(state) - set(params))} unexpected tensors")
-        with torch.no_grad():
-            for n, p in params.items():
-                if p.shape != state[n].shape:
-                    raise ValueError(f"{path / TRAINABLE_FILE}: {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
-                p.copy_(state[n])
-        opt = load_file(str(path / OPTIMIZER_FILE), device=str(device))
-        exp_avg = {n: opt[f"exp_avg.{n}"].float() for n in params}
-        exp_avg_sq = {n: opt[f"exp_avg_sq.{n}"].float() for n in params}
-        for p in params.values():
-            p.requires_grad_(False)
+        exp_avg, exp_avg_sq = _fill(params, path, device)
         model.eval()
         uid = info.get("uid") or f"{path.resolve()}@{info.get('step')}"
         return Checkpoint(model, tok, info, exp_avg, exp_avg_sq, identity=f"{base}+{uid}")
@@ -331,7 +318,6 @@ class Session:
             e = self._entry(proxy, dtype, device, trust_remote_code, pristine=True)
         ident = self._identity_of(e) if e.identity is None else e.identity
         state = {canonical_name(k): v for k, v in load_file(str(path / TRAINABLE_FILE), device=str(device)).items()}
-        opt = load_file(str(path / OPTIMIZER_FILE), device=str(device))
         from .lowrank import AdaptedLinear
 
         for layer in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
@@ -348,19 +334,10 @@ class Session:
         e.lora, e.dirty = ("carried", info["lora_rank"], info["lora_alpha"]), True
         if self.keep:
             self._entries[key] = e
-        params = {n: p for n, p in e.model.named_parameters() if ".lora_" in n}
-        if set(state) != set(params):
-            raise ValueError(f"{path / TRAINABLE_FILE} does not match the proxy's adapters: "
-                             f"{len(set(params) - set(state))} missing, {len(set(state) - set(params))} unexpected")
-        with torch.no_grad():
-            for n, p in params.items():
-                if p.shape != state[n].shape:
-                    raise ValueError(f"{path / TRAINABLE_FILE}: {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
-                p.copy_(state[n])
-        exp_avg = {canonical_name(k[len("exp_avg."):]): v.float() for k, v in opt.items() if k.startswith("exp_avg.")}
-        exp_avg_sq = {canonical_name(k[len("exp_avg_sq."):]): v.float() for k, v in opt.items() if k.startswith("exp_avg_sq.")}
         for p in e.model.parameters():
             p.requires_grad_(False)
+        params = {n: p for n, p in e.model.named_parameters() if ".lora_" in n}
+        exp_avg, exp_avg_sq = _fill(params, path, device, canonical_name)
         e.model.eval()
         uid = info.get("uid") or f"{path.resolve()}@{info.get('step')}"
         return Checkpoint(e.model, e.tokenizer, info, exp_avg, exp_avg_sq, identity=f"{ident}+{uid}")
@@ -386,6 +363,34 @@ class Session:
         if self.keep:
             self._data[key] = (tokd, stats, tokenizer)  # the tokenizer kept alive, so its id() stays unique
         return tokd, stats
+
+
+def _fill(params: dict[str, nn.Parameter], path: Path, device: str, rename=lambda n: n):
+    """Copies a checkpoint's trained tensors into ``params`` (names passed through ``rename``), freezes
+    them, and returns its Adam moments ``(exp_avg, exp_avg_sq)`` by the same names, in float32.
+
+    Raises:
+        ValueError: the checkpoint's tensors are not the parameters' (names or shapes).
+    """
+    state = {rename(k): v for k, v in load_file(str(path / TRAINABLE_FILE), device=str(device)).items()}
+    if set(state) != set(params):
+        raise ValueError(f"{path / TRAINABLE_FILE} does not match the model: "
+                         f"{len(set(params) - set(state))} missing, {len(set(state) - set(params))} unexpected tensors")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != state[n].shape:
+                raise ValueError(f"{path / TRAINABLE_FILE}: {n} has shape {tuple(state[n].shape)}, expected {tuple(p.shape)}")
+            p.copy_(state[n])
+            p.requires_grad_(False)
+    opt = load_file(str(path / OPTIMIZER_FILE), device=str(device))
+    moments = []
+    for kind in ("exp_avg", "exp_avg_sq"):
+        got = {rename(k[len(kind) + 1:]): v.float() for k, v in opt.items() if k.startswith(f"{kind}.")}
+        missing = set(params) - set(got)
+        if missing:
+            raise ValueError(f"{path / OPTIMIZER_FILE} has no {kind} for {sorted(missing)[:3]}")
+        moments.append({n: got[n] for n in params})
+    return moments[0], moments[1]
 
 
 def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu",

