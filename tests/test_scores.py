@@ -308,3 +308,14 @@ def test_task_share_and_head_spearman_by_hand():
     # pool it agrees on everything else.
     other = [8, 9, 7, 6, 5, 4, 3, 2, 1, 0]
     assert head_spearman(scores, other) == pytest.approx(-1.0)
+
+
+def test_top_k_without_a_full_sort_equals_the_sorted_head():
+    import random
+
+    from iprox.selection import rank
+
+    rng = random.Random(0)
+    rows = [{"id": f"x{i:04d}", "score": float(rng.randint(0, 50))} for i in range(2000)]  # many ties
+    for k in (1, 7, 100, 2000):
+        assert rank(rows, k) == rank(rows)[:k]

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,9 @@ def set_umask_mode(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and a rename (mode from the umask)."""
+def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
+    """Writes ``text`` (a string, or pieces written one after another, so a large table need not be
+    held whole) to ``path`` through a temporary file and a rename (mode from the umask)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; give a file name")
@@ -64,7 +65,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            if isinstance(text, str):
+                f.write(text)
+            else:
+                f.writelines(text)
         set_umask_mode(tmp)
         os.replace(tmp, path)
     except BaseException:

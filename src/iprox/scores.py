@@ -167,16 +167,25 @@ def _column_names(subtasks: list[str]) -> list[str]:
     return [f"task:{s}" if s in RESERVED else s for s in subtasks]
 
 
-def write_scores_csv(path: Path, res: ScoreResult) -> None:
+def write_scores_csv(path: Path, res: ScoreResult, chunk_rows: int = 65536) -> None:
+    """Writes ``scores.csv`` a chunk of rows at a time (a 1M-example pool is never one string)."""
     import io
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(list(RESERVED) + _column_names(res.subtasks))
-    for i, ident in enumerate(res.ids):
-        w.writerow([ident, res.sources[i], res.tasks[i], repr(float(res.score[i]))]
-                   + [repr(float(x)) for x in res.per_subtask[i]])
-    artifacts.atomic_write_text(path, buf.getvalue())
+    def pieces():
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(list(RESERVED) + _column_names(res.subtasks))
+        sub = res.per_subtask
+        for a in range(0, len(res.ids), chunk_rows):
+            b = min(len(res.ids), a + chunk_rows)
+            for i, s_i, row in zip(range(a, b), res.score[a:b].tolist(), sub[a:b].tolist()):
+                w.writerow([res.ids[i], res.sources[i], res.tasks[i], repr(s_i)] + [repr(x) for x in row])
+            yield buf.getvalue()
+            buf.seek(0)
+            buf.truncate()
+        yield buf.getvalue()
+
+    artifacts.atomic_write_text(path, pieces())
 
 
 def write_scores_parquet(path: Path, res: ScoreResult) -> None:
@@ -186,9 +195,9 @@ def write_scores_parquet(path: Path, res: ScoreResult) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = {"id": res.ids, "source": res.sources, "task": res.tasks, "score": res.score.tolist()}
+    cols = {"id": res.ids, "source": res.sources, "task": res.tasks, "score": pa.array(res.score.numpy())}
     for j, name in enumerate(_column_names(res.subtasks)):
-        cols[name] = res.per_subtask[:, j].tolist()
+        cols[name] = pa.array(res.per_subtask[:, j].contiguous().numpy())
     tmp = path.parent / f".{path.name}.tmp"
     pq.write_table(pa.table(cols), tmp)
     artifacts.set_umask_mode(tmp)

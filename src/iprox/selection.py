@@ -9,6 +9,7 @@ and tasks, and the score range.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import math
@@ -61,9 +62,11 @@ class SelectConfig:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
 
 
-def rank(rows: list[dict]) -> list[dict]:
-    """Rows by descending score, ties broken by ascending id."""
-    return sorted(rows, key=lambda r: (-r["score"], r["id"]))
+def rank(rows: list[dict], k: int | None = None) -> list[dict]:
+    """Rows by descending score, ties broken by ascending id; only the first ``k`` when given, found
+    in O(n log k) without sorting the whole pool."""
+    key = lambda r: (-r["score"], r["id"])  # noqa: E731
+    return sorted(rows, key=key) if k is None else heapq.nsmallest(k, rows, key=key)
 
 
 def select(config: SelectConfig) -> dict:
@@ -81,7 +84,7 @@ def select(config: SelectConfig) -> dict:
                          f"them would be arbitrary: recompute the features and scores")
     k = config.top_k or max(1, math.floor(config.fraction * len(rows) + 1e-9))
     k = min(k, len(rows))
-    top = rank(rows)[:k]
+    top = rank(rows, k)
     by_id = {}
     for ex in load_examples(config.data):
         if ex.id in by_id:
