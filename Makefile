@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-integration test-fuzz test-reliability test-regression bench bench-quick bench-scale clean
+.PHONY: setup demo test test-integration test-fuzz test-reliability test-regression bench bench-quick bench-scale bench-fidelity bench-scoring clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,16 @@ test-regression: setup
 # proxy vs target cost by geometry (CPU: the 135M geometry in float32; see README for the GPU command)
 bench-scale: setup
 	$(BIN)/python benchmarks/bench_scale.py --geometry 135m --dtype float32 --pool 64 --max-length 192
+
+# which settings make the proxy rank like the target, against the target's own seed-to-seed agreement
+# (resumable; the core settings × 3 seeds take ~2-3 hours on 2 CPU cores; SETTINGS=all for the sweep)
+SETTINGS ?= target default target-first "align 0 steps"
+bench-fidelity: setup
+	$(BIN)/python benchmarks/bench_fidelity.py --settings $(SETTINGS)
+
+# scoring time and memory for synthetic stores of 10k, 100k and 1M examples (4 GB of disk at 1M; run alone)
+bench-scoring: setup
+	$(BIN)/python benchmarks/bench_scoring.py
 
 clean:
 	rm -rf $(VENV) runs
