@@ -57,6 +57,7 @@ from iprox.features import FeatureConfig, compute_features, read_manifest  # noq
 from iprox.loading import Session  # noqa: E402
 from iprox.models import DTYPES, compressible_modules, default_device, projection_weight, resolve_dtype  # noqa: E402
 from iprox.monitor import PeakRSS  # noqa: E402
+from iprox.plan import llama_config as plan_geometry  # noqa: E402
 from iprox.probe import collect_moments  # noqa: E402
 from iprox.projection import KroneckerEngine, _loss_sum, feature_modules, make_preconditioners, make_projections  # noqa: E402
 from iprox.proxy import factorize_model, save_proxy  # noqa: E402
@@ -66,25 +67,14 @@ log = logging.getLogger("bench_scale")
 RESULTS = ROOT / "benchmarks" / "results"
 VOCAB = 49152
 
-# Llama geometries (hidden, MLP, layers, heads, KV heads, tied embeddings), vocabulary 49,152 throughout
-# so that the SmolLM2 tokenizer serves every one.
-GEOMETRIES = {
-    "tiny": (256, 1024, 4, 8, 4, True),
-    "135m": (576, 1536, 30, 9, 3, True),        # SmolLM2-135M
-    "1b": (2048, 8192, 16, 32, 8, True),        # Llama-3.2-1B
-    "3b": (3072, 8192, 28, 24, 8, True),        # Llama-3.2-3B
-    "8b": (4096, 14336, 32, 32, 8, False),      # Llama-3.1-8B
-}
+# The benchmark's short names for iprox.plan's geometries; the vocabulary is 49,152 throughout, so
+# that the SmolLM2 tokenizer serves every one.
+GEOMETRIES = {"tiny": "tiny", "135m": "smollm2-135m", "1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
 SPARSITIES = (0.3, 0.5, 0.7)
 
 
 def llama_config(geometry: str):
-    from transformers import LlamaConfig
-
-    h, ff, L, nh, kv, tied = GEOMETRIES[geometry]
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=ff, num_hidden_layers=L,
-                       num_attention_heads=nh, num_key_value_heads=kv, max_position_embeddings=4096,
-                       tie_word_embeddings=tied, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return plan_geometry(GEOMETRIES[geometry], vocab=VOCAB)
 
 
 def export_inputs(folder: Path, n_pool: int, n_val: int) -> None:

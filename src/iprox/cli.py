@@ -155,6 +155,26 @@ def _cmd_fidelity(args) -> int:
     return 0
 
 
+def _add_plan(sub) -> None:
+    from .plan import PlanConfig
+
+    p = sub.add_parser("plan", help="per-stage peak memory, FLOPs and store size from the model's config alone")
+    add_config_args(p, PlanConfig)
+    p.add_argument("--out", default="", help="also write the plan as JSON here")
+
+
+def _cmd_plan(args) -> int:
+    from .plan import PlanConfig, format_plan, plan
+
+    res = plan(PlanConfig(**config_from_args(args, PlanConfig)))
+    print(format_plan(res))
+    if args.out:
+        from .artifacts import atomic_write_json
+
+        atomic_write_json(args.out, res)
+    return 0
+
+
 def _add_warmup(sub) -> None:
     from .warmup import WarmupConfig
 
@@ -308,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_build_proxy(sub)
     _add_evaluate(sub)
     _add_fidelity(sub)
+    _add_plan(sub)
     _add_warmup(sub)
     _add_features(sub)
     _add_finetune(sub)
@@ -318,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo,
-                "warmup": _cmd_warmup, "features": _cmd_features,
+                "plan": _cmd_plan, "warmup": _cmd_warmup, "features": _cmd_features,
                 "score": _cmd_score, "finetune": _cmd_finetune, "select": _cmd_select, "run": _cmd_run}
     try:
         return handlers[args.command](args)

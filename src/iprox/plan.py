@@ -1,0 +1,354 @@
+"""``iprox plan``: what each stage of a run will need, before it runs, from the model's config alone.
+
+For a model spec (a folder or ``config.json``, a hub id, the embedded model, or a named geometry such
+as ``llama-3.1-8b``) the model is built on the *meta* device: every tensor has a shape and a dtype but
+no memory, so an 8B model costs nothing to build. The plan gives per stage:
+
+* **peak memory** on the stage's device: resident weights (exact, from the meta model's
+  parameters), the activations a forward keeps for its backward (exact for the model's code: a
+  forward on the meta device records every tensor saved for the backward, deduplicated by storage),
+  the loss's float32 logits and their gradients, and the stage's own state: the probe's float64
+  moments for the blocks of one pass (one input moment per distinct input, as the probe shares them)
+  and the float32 eigendecomposition of the largest; optimiser state (float32 masters of low-precision
+  trained tensors, two Adam moments); the proxy's copy of the target during stage 1;
+* **FLOPs**, by ``2 × parameters × tokens`` per forward (a backward to the inputs only doubles it, one
+  with weight gradients triples it), with every example taken at ``max_length`` (an upper bound);
+* the **feature store**: dimensions per example from the featurised layers' shapes, bytes per
+  checkpoint and in all.
+
+What it leaves out: allocator fragmentation and caching, CUDA context and library workspaces (a few
+hundred MB to a few GB on a GPU), and the transient peak of individual kernels. On the CPU the
+estimate is tested against measured peaks (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .lowrank import rank_for_sparsity
+from .models import DTYPES, EMBEDDED_MODEL, compressible_modules, decoder_layers, resolve_dtype
+from .projection import side_dims
+from .runtime import check_types
+
+GIB = 2**30
+VOCAB = 49152
+# Llama geometries (hidden, MLP, layers, heads, KV heads, tied embeddings), for plans and benchmarks
+# without any file: random-init models of these shapes cost what the real ones cost.
+GEOMETRIES = {
+    "tiny": (256, 1024, 4, 8, 4, True, VOCAB),
+    "smollm2-135m": (576, 1536, 30, 9, 3, True, 49152),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, True, 128256),
+    "llama-3.2-3b": (3072, 8192, 28, 24, 8, True, 128256),
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, False, 128256),
+}
+
+
+def llama_config(name: str, vocab: int | None = None):
+    """A ``LlamaConfig`` of a named geometry (``vocab`` overrides its vocabulary)."""
+    from transformers import LlamaConfig
+
+    h, ff, L, nh, kv, tied, v = GEOMETRIES[name]
+    return LlamaConfig(vocab_size=vocab or v, hidden_size=h, intermediate_size=ff, num_hidden_layers=L,
+                       num_attention_heads=nh, num_key_value_heads=kv, max_position_embeddings=4096,
+                       tie_word_embeddings=tied, rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def model_config(spec: str):
+    """The transformers config of a model spec, without its weights."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    if spec in GEOMETRIES:
+        return llama_config(spec)
+    if spec == EMBEDDED_MODEL:
+        return llama_config("smollm2-135m")
+    p = Path(spec).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p / "config.json"
+    if p.is_file():
+        raw = json.loads(p.read_text(encoding="utf-8"))
+        if raw.get("model_type") not in CONFIG_MAPPING:
+            raise ValueError(f"{p}: model type {raw.get('model_type')!r} is not one transformers knows")
+        return CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    if p.exists() or spec.startswith((".", "/")):
+        raise FileNotFoundError(f"{spec}: no config.json there (a plan needs the model's config, not its weights)")
+    return AutoConfig.from_pretrained(spec)  # a hub id: the one download the user asked for
+
+
+def meta_model(config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@dataclass
+class PlanConfig:
+    """Settings of ``iprox plan`` (the run's settings that decide its cost).
+
+    Attributes:
+        model: the target: a folder or config.json, a hub id, the embedded model, or one of the named
+            geometries (tiny, smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b).
+        dtype: the models' dtype (bf16 on a GPU; float32 on a CPU).
+        pool: candidate examples.
+        validation: validation examples.
+        max_length: tokens per example (every example is costed at this length).
+        sparsity: the proxy's sparsity.
+        probe_examples: examples in the probe set.
+        probe_blocks_per_pass: decoder blocks probed per pass (0: all in one pass).
+        batch_size: sequences per pass of the probe and the alignment.
+        align_steps: alignment steps.
+        warmup_fraction, warmup_epochs, warmup_batch, lora_rank: the warm-up (epochs = checkpoints).
+        proxy_trains: what the proxy's warm-up trains (factors or LoRA on them).
+        features_batch, proj_dim, total_dim, store_dtype: the feature stores.
+        budget_gib: memory one device has; the plan names the probe setting that fits it.
+    """
+
+    model: str = EMBEDDED_MODEL
+    dtype: str = "bf16"
+    pool: int = 10000
+    validation: int = 12
+    max_length: int = 512
+    sparsity: float = 0.5
+    probe_examples: int = 16
+    probe_blocks_per_pass: int = 0
+    batch_size: int = 4
+    align_steps: int = 20
+    warmup_fraction: float = 0.05
+    warmup_epochs: int = 4
+    warmup_batch: int = 4
+    lora_rank: int = 8
+    proxy_trains: Literal["factors", "lora"] = "factors"
+    features_batch: int = 8
+    proj_dim: int = 64
+    total_dim: int = 0
+    store_dtype: Literal["float16", "float32"] = "float16"
+    budget_gib: float = 80.0
+
+    def __post_init__(self):
+        check_types(self)
+        self.dtype = resolve_dtype(self.dtype, "cuda")
+        if min(self.pool, self.max_length, self.batch_size, self.features_batch, self.warmup_batch, self.warmup_epochs) < 1:
+            raise ValueError("pool, max_length, batch sizes and warmup_epochs must be >= 1")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring a model on the meta device
+# ---------------------------------------------------------------------------------------------
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def param_bytes(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(_nbytes(p) for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def saved_activation_bytes(model: nn.Module, batch: int, length: int) -> int:
+    """Bytes the forward of a ``(batch, length)`` batch keeps for its backward (meta device, exact for
+    the model's code), the backward reaching the inputs as the probe's and the features' do."""
+    seen: dict[int, int] = {}
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}  # saved too, but resident anyway
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in weights:
+            seen[st._cdata] = st.nbytes()
+        return t
+
+    ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=emb)  # no mask: a data-dependent check on it cannot run on meta tensors
+    return sum(seen.values())
+
+
+def input_groups(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Module → the first module that reads the same input tensor (q/k/v, gate/up), from a meta forward."""
+    owner: dict[int, tuple[torch.Tensor, str]] = {}
+    group: dict[str, str] = {}
+
+    def hook(name):
+        def fwd(_m, inputs, _o):
+            x = inputs[0]
+            if id(x) not in owner:
+                owner[id(x)] = (x, name)  # the tensor is held, so its id is not reused in this pass
+            group[name] = owner[id(x)][1]
+        return fwd
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return group
+
+
+def _shape(mod: nn.Module) -> tuple[int, int]:
+    w = mod.weight
+    return (w.shape[0], w.shape[1]) if isinstance(mod, nn.Linear) else (w.shape[1], w.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelFacts:
+    params: int
+    weight_bytes: int
+    vocab: int
+    blocks: int
+    layers: dict[str, tuple[int, int]]          # compressible projection → (out, in)
+    groups: dict[str, str]                       # projection → owner of its input moment
+    saved_per_token: float                       # activation bytes kept per token (batch of 1 × length)
+    block_of: dict[str, int]
+
+
+def model_facts(model: nn.Module, length: int) -> ModelFacts:
+    mods = compressible_modules(model)
+    prefix, blocks = decoder_layers(model)
+    cfg = model.config
+    vocab = int(getattr(cfg, "vocab_size", 0) or model.get_output_embeddings().weight.shape[0])
+    return ModelFacts(
+        params=sum(p.numel() for p in model.parameters()), weight_bytes=param_bytes(model), vocab=vocab,
+        blocks=len(blocks), layers={n: _shape(m) for n, m in mods.items()}, groups=input_groups(model, mods),
+        saved_per_token=saved_activation_bytes(model, 1, length) / length,
+        block_of={n: int(n[len(prefix) + 1:].split(".")[0]) for n in mods})
+
+
+def _moment_bytes(f: ModelFacts, blocks: set[int]) -> int:
+    """float64 moments of the given blocks: one input moment per distinct input, one per output."""
+    total = 0
+    for n, (m, k) in f.layers.items():
+        if f.block_of[n] in blocks:
+            total += 8 * m * m + (8 * k * k if f.groups[n] == n else 0)
+    return total
+
+
+def _ranks(f: ModelFacts, sparsity: float) -> dict[str, int | None]:
+    return {n: rank_for_sparsity(m, k, sparsity) for n, (m, k) in f.layers.items()}
+
+
+def _proxy_params(f: ModelFacts, sparsity: float) -> int:
+    removed = 0
+    ranks = _ranks(f, sparsity)
+    for n, (m, k) in f.layers.items():
+        r = ranks[n]
+        if r is not None:
+            removed += m * k - r * (m + k)
+    return f.params - removed
+
+
+def _store_dim(f: ModelFacts, sparsity: float, trains: str, lora_rank: int, proj_dim: int, total_dim: int) -> int:
+    """Feature dimensions per example, from the featurised layers' shapes (as ``features`` splits k)."""
+    shapes = []
+    ranks = _ranks(f, sparsity)
+    for n, (m, k) in f.layers.items():
+        r = ranks[n]
+        if trains == "lora":
+            shapes += [(lora_rank, k), (m, lora_rank)]
+        elif r is not None:
+            shapes += [(r, k), (m, r)]   # B (r×n) and A (m×r)
+        else:
+            shapes.append((m, k))
+    per = max(1, total_dim // len(shapes)) if total_dim else proj_dim
+    return sum(a * b for a, b in (side_dims(m, k, per) for m, k in shapes))
+
+
+def plan(config: PlanConfig) -> dict:
+    """Per-stage peak memory (GiB), FLOPs and store size for the IProX run and the target-only run."""
+    dt = DTYPES[config.dtype]
+    es = torch.finfo(dt).bits // 8
+    model = meta_model(model_config(config.model), dt)
+    f = model_facts(model, config.max_length)
+    L, B, V = config.max_length, config.batch_size, f.vocab
+    W = f.weight_bytes
+    P_proxy = _proxy_params(f, config.sparsity)
+    W_proxy = P_proxy * es
+    ratio = P_proxy / f.params
+
+    def logits(batch):
+        # The loss's float32 (B, T, V) tensors alive at once in its backward: the logits, their
+        # shifted float32 copy, the saved log-softmax, and the gradients of the last two.
+        return 5 * batch * L * V * 4
+
+    def acts(batch, scale=1.0):
+        return batch * L * f.saved_per_token * scale
+
+    def fwd_flops(params, examples):
+        return 2 * params * examples * L
+
+    # Stage 1: the target, the proxy's copy of it, one pass's moments and the eigendecomposition of
+    # the largest moment (float32, a batch of up to 8 same-sized ones, input, vectors and workspace).
+    def stage1(per_pass: int) -> float:
+        per_pass = per_pass or f.blocks
+        passes = [set(range(s, min(s + per_pass, f.blocks))) for s in range(0, f.blocks, per_pass)]
+        moments = max(_moment_bytes(f, p) for p in passes)
+        widest = max(max(m, k) for m, k in f.layers.values())
+        eig = 3 * 8 * widest * widest * 4
+        return 2 * W + moments + max(acts(B) + logits(B), eig)
+
+    budget = config.budget_gib * GIB
+    chosen = config.probe_blocks_per_pass
+    fits = [p for p in range(f.blocks, 0, -1) if stage1(p) <= budget]
+    if stage1(chosen) > budget and fits:
+        chosen = fits[0]
+    n_train = max(1, round(config.warmup_fraction * config.pool))
+    store_dim = _store_dim(f, config.sparsity, config.proxy_trains, config.lora_rank, config.proj_dim, config.total_dim)
+    target_dim = _store_dim(f, 0.0, "lora", config.lora_rank, config.proj_dim, config.total_dim)
+    sb = 2 if config.store_dtype == "float16" else 4
+    adam = lambda trained_params: trained_params * (4 + 4 + 4 + (4 if es < 4 else 0))  # noqa: E731  (grad, m, v, master)
+    factor_params = sum(r * (m + k) for (m, k), r in zip(f.layers.values(), _ranks(f, config.sparsity).values()) if r)
+    lora_params = sum(config.lora_rank * (m + k) for m, k in f.layers.values())
+    trained_proxy = lora_params if config.proxy_trains == "lora" else factor_params
+    n_feat = config.pool + config.validation
+    stages = {
+        "probe+factorise": {"peak_gib": stage1(chosen) / GIB, "flops": 2 * fwd_flops(f.params, config.probe_examples)},
+        # target fwd+bwd with weight gradients, proxy fwd with a double backward (~2 backwards)
+        "align": {"peak_gib": (W + W_proxy + adam(factor_params) + acts(B) * (1 + 2 * ratio) + 2 * logits(B)) / GIB,
+                  "flops": config.align_steps * B * L * 2 * (3 * f.params + 4 * P_proxy)},
+        "warmup (proxy)": {"peak_gib": (W_proxy + adam(trained_proxy) + acts(config.warmup_batch, ratio) + logits(config.warmup_batch)) / GIB,
+                           "flops": config.warmup_epochs * 3 * fwd_flops(P_proxy, n_train)},
+        "features (proxy)": {"peak_gib": (W_proxy + 4 * trained_proxy * 2 + acts(config.features_batch, ratio)
+                                          + logits(config.features_batch)) / GIB,
+                             "flops": config.warmup_epochs * 2 * fwd_flops(P_proxy, n_feat),
+                             "store_gib": config.warmup_epochs * n_feat * store_dim * sb / GIB, "dim": store_dim},
+        "warmup (target)": {"peak_gib": (W + adam(lora_params) + acts(config.warmup_batch) + logits(config.warmup_batch)) / GIB,
+                            "flops": config.warmup_epochs * 3 * fwd_flops(f.params, n_train)},
+        "features (target)": {"peak_gib": (W + 4 * lora_params * 2 + acts(config.features_batch) + logits(config.features_batch)) / GIB,
+                              "flops": config.warmup_epochs * 2 * fwd_flops(f.params, n_feat),
+                              "store_gib": config.warmup_epochs * n_feat * target_dim * sb / GIB, "dim": target_dim},
+    }
+    return {"model": config.model, "dtype": config.dtype, "params": f.params, "proxy_params": P_proxy,
+            "blocks": f.blocks, "weights_gib": W / GIB, "proxy_weights_gib": W_proxy / GIB,
+            "probe_blocks_per_pass": chosen, "probe_fits_budget": stage1(chosen) <= budget,
+            "budget_gib": config.budget_gib, "stages": stages,
+            "proxy_flops": sum(v["flops"] for k, v in stages.items() if "target" not in k),
+            "target_flops": stages["warmup (target)"]["flops"] + stages["features (target)"]["flops"]}
+
+
+def format_plan(p: dict) -> str:
+    lines = [f"plan for {p['model']} in {p['dtype']}: {p['params'] / 1e9:.2f}B parameters "
+             f"({p['weights_gib']:.1f} GiB), proxy {p['proxy_params'] / 1e9:.2f}B ({p['proxy_weights_gib']:.1f} GiB)",
+             f"{'stage':<20} {'peak GiB':>9} {'TFLOPs':>10} {'store GiB':>10}"]
+    for name, s in p["stages"].items():
+        store = f"{s['store_gib']:>10.2f}" if "store_gib" in s else f"{'':>10}"
+        lines.append(f"{name:<20} {s['peak_gib']:>9.1f} {s['flops'] / 1e12:>10.1f} {store}")
+    lines.append(f"IProX pipeline {p['proxy_flops'] / 1e12:.1f} TFLOPs against the target-only "
+                 f"{p['target_flops'] / 1e12:.1f} ({p['proxy_flops'] / max(p['target_flops'], 1):.2f}x)")
+    verdict = "fits" if p["probe_fits_budget"] else "does NOT fit"
+    lines.append(f"stage 1 with probe_blocks_per_pass = {p['probe_blocks_per_pass'] or 'all'}: {verdict} in "
+                 f"{p['budget_gib']:g} GiB")
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""iprox plan: estimates from the config alone, checked against peaks measured on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iprox.cli import main
+from iprox.plan import PlanConfig, plan
+
+HERE = Path(__file__).parent
+LENGTH, BATCH = 256, 4
+
+# A child process (so its peak is its own): load the model, then build the stage-1 proxy; the
+# measured peak is the weights plus the highest RSS above the RSS after loading (what a device
+# would hold: the load's host-side copy is not the stage's).
+CHILD = f"""
+import json, resource, sys
+import psutil
+import iprox.plan, iprox.proxy
+from iprox.models import load_model
+from iprox.proxy import ProxyConfig, build_proxy
+folder = sys.argv[1]
+m, tok, _ = load_model(folder)
+W = sum(p.numel() * p.element_size() for p in m.parameters())
+base = psutil.Process().memory_info().rss
+build_proxy(ProxyConfig(model=folder, data=[folder + "/data.jsonl"], out=folder + "/proxy", probe_examples=8,
+                        probe_tokens=512, max_length={LENGTH}, batch_size={BATCH}, progress=False), model=m, tokenizer=tok)
+print(json.dumps({{"measured_gib": (W + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30}}))
+"""
+
+
+def _small_model(folder: Path, family: str) -> None:
+    """Small enough to build in seconds, large enough that its memory stands out of the RSS noise."""
+    from conftest import make_tokenizer, write_jsonl
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    kw = dict(vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=4, tie_word_embeddings=False)
+    cfg = {"llama": lambda: LlamaConfig(**kw, pad_token_id=0), "qwen2": lambda: Qwen2Config(**kw),
+           "gpt2": lambda: GPT2Config(vocab_size=32000, n_embd=256, n_layer=4, n_head=8, n_positions=512)}[family]()
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    words = " ".join("alpha beta gamma delta epsilon zeta eta theta".split() * 8)
+    write_jsonl(folder / "data.jsonl", [{"messages": [{"role": "user", "content": words},
+                                                      {"role": "assistant", "content": words}]}] * 8)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_stage1_estimate_within_25_percent_of_the_measured_peak(tmp_path, family):
+    _small_model(tmp_path, family)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured = json.loads(r.stdout.strip().splitlines()[-1])["measured_gib"]
+    planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH, batch_size=BATCH,
+                              probe_examples=8))["stages"]["probe+factorise"]["peak_gib"]
+    assert measured > 0.5  # the stage's memory dominates the measurement, not the process's noise
+    assert abs(planned / measured - 1) <= 0.25, (family, planned, measured)
+
+
+def test_llama_8b_config_plans_stage1_within_60_gb_in_bf16():
+    cfg = str(HERE / "data" / "llama-3.1-8b-config.json")
+    p = plan(PlanConfig(model=cfg, dtype="bf16", budget_gib=60))
+    assert 8.0e9 < p["params"] < 8.1e9 and p["weights_gib"] == pytest.approx(8.03e9 * 2 / 2**30, rel=0.01)
+    assert p["probe_fits_budget"] and p["stages"]["probe+factorise"]["peak_gib"] <= 60
+    # ... by probing a few blocks per pass: all 32 in one pass hold ~185 GB of float64 moments
+    assert 1 <= p["probe_blocks_per_pass"] < 32
+    everything = plan(PlanConfig(model=cfg, dtype="bf16", probe_blocks_per_pass=32, budget_gib=1000))
+    assert everything["stages"]["probe+factorise"]["peak_gib"] > 150
+
+
+def test_cli_plan_prints_every_stage(capsys):
+    assert main(["plan", "--model", "tiny", "--pool", "1000", "--budget-gib", "8"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("probe+factorise", "align", "warmup (proxy)", "features (proxy)", "features (target)"):
+        assert stage in out
+    assert "fits in 8 GiB" in out
+    # the loss's logits alone (4 × 512 × 49,152 in float32, five of them) exceed 1 GiB
+    assert main(["plan", "--model", "tiny", "--budget-gib", "1"]) == 0
+    assert "does NOT fit in 1 GiB" in capsys.readouterr().out
+    assert main(["plan", "--model", "/no/such/folder"]) == 2
