@@ -34,15 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import find_data, selection_data, sh, update_benchmarks_md  # noqa: E402
+from common import IPROX, downstream, find_data, selection_data, sh, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.fidelity import score_agreement  # noqa: E402
 from iprox.scores import read_scores  # noqa: E402
-from iprox.selection import rank  # noqa: E402
 
 log = logging.getLogger("bench_selection")
 RESULTS = ROOT / "benchmarks" / "results"
-IPROX = [sys.executable, "-m", "iprox.cli"]
 
 ALIGN = "align_examples = 16\nalign_steps = 8\nlr = 1e-4\n"  # batch 2 (set below): 8 steps see all 16
 
@@ -78,10 +76,6 @@ def selectors(quick: bool, baselines: bool = False) -> dict[str, dict]:
             s[f"{method} {sp}"] = {"selector": "proxy", "proxy": f"sparsity = {sp}\n" + lines,
                                    "downstream": sp == 0.5 or method == "IProX ipsvd+align"}
     return s
-
-
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
 
 
 def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, sel: dict, epochs: int, probe: int,
@@ -173,34 +167,9 @@ def main() -> None:
 
     # 2. Downstream: per selector and task, fine-tune on the top 5% by that task's column.
     k = max(1, int(0.05 * len(pool)))
-    raw = {json.loads(line)["id"]: line for line in pool_f.read_text().splitlines()}
-    down: dict[str, dict] = {}
-    for t in tasks:
-        down[t] = {}
-        ev = work / "eval" / f"none-{t}.json"
-        ev.parent.mkdir(exist_ok=True)
-        if not ev.exists():
-            sh(IPROX + ["evaluate", "--model", str(target), "--data", str(test_f[t]), "--accuracy", "--max-new-tokens", "8",
-                        "--no-progress", "--out", str(ev)], work / "log.txt")
-        e = json.loads(ev.read_text())
-        down[t]["no fine-tuning"] = {"share": None, "loss": e["token_loss"], "accuracy": e["accuracy"]}
-        for name in (n for n, v in sels.items() if v.get("downstream", True)):
-            rows = read_scores(Path(runs[name]["out"]) / "scores")
-            col = t if t in rows[0] else "score"  # random has no subtask columns
-            top = rank([{"id": r["id"], "score": float(r[col])} for r in rows])[:k]
-            sel_f = work / "eval" / f"sel-{slug(name)}-{t}.jsonl"
-            sel_f.write_text("".join(raw[r["id"]] + "\n" for r in top))
-            share = sum(1 for r in top if json.loads(raw[r["id"]])["task"] == t) / k
-            ft = work / "ft" / f"{slug(name)}-{t}"
-            sh(IPROX + ["finetune", "--model", str(target), "--data", str(sel_f), "--out", str(ft), "--epochs", "3",
-                        "--lr", "2e-4", "--max-length", str(max_len)], work / "log.txt")
-            ev = work / "eval" / f"{slug(name)}-{t}.json"
-            if not ev.exists():
-                sh(IPROX + ["evaluate", "--model", str(ft), "--data", str(test_f[t]), "--accuracy", "--max-new-tokens",
-                            "8", "--no-progress", "--out", str(ev)], work / "log.txt")
-            e = json.loads(ev.read_text())
-            down[t][name] = {"share": share, "loss": e["token_loss"], "accuracy": e["accuracy"]}
-            log.info("%s / %s: share %.2f, loss %.3f, accuracy %.3f", name, t, share, e["token_loss"], e["accuracy"])
+    down = downstream(work, target, pool_f, test_f, tasks,
+                      {name: Path(runs[name]["out"]) / "scores" for name, v in sels.items() if v.get("downstream", True)},
+                      k, max_len)
 
     results = {"mode": mode, "tasks": tasks, "pool": len(pool), "per_task_in_pool": per_task, "gsm8k_in_pool": n_gsm,
                "validation_per_task": n_val, "test_per_task": n_test, "top_k": k, "epochs": epochs,

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -88,3 +89,53 @@ def sh(cmd: list[str], log_path: Path) -> None:
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     if r.returncode:
         raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
+
+
+IPROX = [sys.executable, "-m", "iprox.cli"]
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def downstream(work: Path, target: Path, pool_f: Path, test_f: dict[str, Path], tasks: list[str],
+               selections: dict[str, Path], k: int, max_len: int) -> dict[str, dict]:
+    """Per task and selection: the top ``k`` of the pool by that task's score column (the aggregate
+    where there is none) fine-tunes the target (LoRA, 3 epochs, lr 2e-4), which is then evaluated on
+    the task's held-out test examples; also the target without fine-tuning. Every step is skipped
+    when its output exists.
+
+    Returns:
+        ``{task: {name: {"share", "loss", "accuracy"}}}`` (share: of the top ``k`` from the task).
+    """
+    from iprox.scores import read_scores
+    from iprox.selection import rank
+
+    raw = {json.loads(line)["id"]: line for line in pool_f.read_text().splitlines()}
+    log_path = work / "log.txt"
+    evaluate = IPROX + ["evaluate", "--accuracy", "--max-new-tokens", "8", "--no-progress"]
+    down: dict[str, dict] = {}
+    for t in tasks:
+        down[t] = {}
+        ev = work / "eval" / f"none-{t}.json"
+        ev.parent.mkdir(exist_ok=True)
+        if not ev.exists():
+            sh(evaluate + ["--model", str(target), "--data", str(test_f[t]), "--out", str(ev)], log_path)
+        e = json.loads(ev.read_text())
+        down[t]["no fine-tuning"] = {"share": None, "loss": e["token_loss"], "accuracy": e["accuracy"]}
+        for name, scores in selections.items():
+            rows = read_scores(scores)
+            col = t if t in rows[0] else "score"  # random has no subtask columns
+            top = rank([{"id": r["id"], "score": float(r[col])} for r in rows], k)
+            sel_f = work / "eval" / f"sel-{slug(name)}-{t}.jsonl"
+            sel_f.write_text("".join(raw[r["id"]] + "\n" for r in top))
+            share = sum(1 for r in top if json.loads(raw[r["id"]])["task"] == t) / k
+            ft = work / "ft" / f"{slug(name)}-{t}"
+            sh(IPROX + ["finetune", "--model", str(target), "--data", str(sel_f), "--out", str(ft), "--epochs", "3",
+                        "--lr", "2e-4", "--max-length", str(max_len)], log_path)
+            ev = work / "eval" / f"{slug(name)}-{t}.json"
+            if not ev.exists():
+                sh(evaluate + ["--model", str(ft), "--data", str(test_f[t]), "--out", str(ev)], log_path)
+            e = json.loads(ev.read_text())
+            down[t][name] = {"share": share, "loss": e["token_loss"], "accuracy": e["accuracy"]}
+    return down
