@@ -63,7 +63,12 @@ def test_sparsity_zero_reproduces_target_logits(tmp_path, data_file, family):
 @pytest.mark.parametrize("init", ["ipsvd", "svd", "random"])
 def test_build_save_load_roundtrip(tmp_path, data_file, family, init):
     model, tok = FACTORIES[family](), make_tokenizer()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     s = build_proxy(_cfg(tmp_path, data_file, init=init), model=model, tokenizer=tok)
+    # Stage 1 reads the target's weights without copying them, and leaves them as they were.
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.requires_grad == flags[n], n
     meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
     proxy = load_proxy(tmp_path / "proxy")
     assert count_parameters(proxy) == meta["proxy_params"] == s.proxy_params < s.target_params

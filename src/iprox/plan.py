@@ -10,7 +10,7 @@ no memory, so an 8B model costs nothing to build. The plan gives per stage:
   the loss's float32 logits and their gradients, and the stage's own state: the probe's float64
   moments for the blocks of one pass (one input moment per distinct input, as the probe shares them)
   and the float32 eigendecomposition of the largest; optimiser state (float32 masters of low-precision
-  trained tensors, two Adam moments); the proxy's copy of the target during stage 1;
+  trained tensors, two Adam moments); the proxy beside the target during stage 1;
 * **FLOPs**, by ``2 × parameters × tokens`` per forward (a backward to the inputs only doubles it, one
   with weight gradients triples it), with every example taken at ``max_length`` (an upper bound);
 * the **feature store**: dimensions per example from the featurised layers' shapes, bytes per
@@ -290,15 +290,17 @@ def plan(config: PlanConfig) -> dict:
     def fwd_flops(params, examples):
         return 2 * params * examples * L
 
-    # Stage 1: the target, the proxy's copy of it, one pass's moments and the eigendecomposition of
-    # the largest moment (float32, a batch of up to 8 same-sized ones, input, vectors and workspace).
+    # Stage 1: the target, the proxy (its copy refers to the target's weights until factors replace
+    # them, so it never holds more than the proxy's own tensors), one pass's moments and the
+    # eigendecomposition of the largest moment (float32, a batch of up to 8 same-sized ones: input,
+    # vectors and workspace).
     def stage1(per_pass: int) -> float:
         per_pass = per_pass or f.blocks
         passes = [set(range(s, min(s + per_pass, f.blocks))) for s in range(0, f.blocks, per_pass)]
         moments = max(_moment_bytes(f, p) for p in passes)
         widest = max(max(m, k) for m, k in f.layers.values())
         eig = 3 * 8 * widest * widest * 4
-        return 2 * W + moments + max(acts(B) + logits(B), eig)
+        return W + W_proxy + moments + max(acts(B) + logits(B), eig)
 
     budget = config.budget_gib * GIB
     chosen = config.probe_blocks_per_pass

@@ -457,9 +457,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
     timings["hash"] = time.perf_counter() - t0
 
     probe_info: dict[str, Any] = {"examples": 0, "tokens": 0, "ids": []}
-    proxy = copy.deepcopy(target)
-    for p in proxy.parameters():
-        p.requires_grad_(False)
+    proxy = _skeleton_copy(target, config) if config.init != "layer-drop" else copy.deepcopy(target)
     kept = None
     timings["probe"] = timings["factorise"] = 0.0
     if config.init == "ipsvd":
@@ -521,6 +519,23 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
         "config": asdict(config),
     }
     return proxy, meta
+
+
+def _skeleton_copy(target: nn.Module, config: ProxyConfig) -> nn.Module:
+    """A copy of ``target`` that does not copy the weights of the projections stage 1 will replace:
+    the copy refers to the target's own tensors there (read, never written) until factors take their
+    place, so stage 1 holds the target and the proxy, not the target twice. Layers left dense are
+    copied as usual. The copy's own tensors are frozen; the shared ones keep the target's flags."""
+    shared = {}
+    for name, mod in compressible_modules(target).items():
+        m, n = projection_weight(mod).shape
+        if rank_for_sparsity(m, n, config.sparsity, config.rank_multiple) is not None:
+            shared[id(mod.weight)] = mod.weight
+    proxy = copy.deepcopy(target, memo=dict(shared))
+    for p in proxy.parameters():
+        if id(p) not in shared:
+            p.requires_grad_(False)
+    return proxy
 
 
 def _block_chunks(model: nn.Module, mods: dict[str, nn.Module], per_pass: int) -> list[dict[str, nn.Module]]:
