@@ -49,7 +49,7 @@ import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from . import artifacts
 from .data import find_shared_data, load_examples
@@ -423,71 +423,133 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) ->
         artifacts.atomic_write_json(out / PIPELINE_FILE, meta)  # after every stage: survives interruption
         return res
 
-    pool_file, val_file = timed("pool", lambda: _write_pool(cfg, out / "pool"))
     feats = dict(cfg.features)
     train_grad = feats.pop("train_grad", DEFAULT_TRAIN_GRAD)
     feats.setdefault("seed", cfg.seed)
     feats.setdefault("max_length", cfg.max_length)
-    if cfg.selector == "random":
-        scores_csv = timed("score", lambda: random_scores(pool_file, out / "scores", cfg.seed))
-    elif cfg.selector == "representation":
-        def represent():
-            stores = []
-            for data, kind in ((pool_file, "train"), (val_file, "val")):
-                fc = FeatureConfig(**{**dtype, **feats, "model": cfg.selector_model or cfg.model, "data": [str(data)],
-                                      "out": str(out / "features" / kind), "engine": "representation", **common})
-                log.info("%s", compute_features(fc, session).format())
-                stores.append(str(out / "features" / kind))
-            return stores
+    ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad)
+    for stage in PIPELINES[cfg.selector]:
+        timed(stage.name, lambda: stage.run(ctx))
+    return RunResult(out, ctx.manifest, timings)
 
-        train_store, val_store = timed("features", represent)
-        scfg = ScoreConfig(**{"aggregate": cfg.score.get("aggregate", "max"), "train": [train_store],
-                              "val": [val_store], "out": str(out / "scores"), "progress": cfg.progress})
-        scores_csv = timed("score", lambda: score(scfg))
-    else:
-        if cfg.selector == "proxy":
-            pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **dtype, **cfg.proxy,
-                                  "model": cfg.model, "data": [str(pool_file)], "out": str(out / "proxy"), **common})
-            timed("proxy", lambda: build_proxy(pcfg, session=session))
-            feature_model = str(out / "proxy")
-            # target-first: the target's LoRA warm-up, carried by the proxy for the features
-            warm_model = cfg.model if cfg.warmup_on == "target" else feature_model
-            if cfg.warmup_on == "proxy":
-                session.drop(cfg.model)  # the target is not needed past stage 2
-        else:
-            feature_model = warm_model = cfg.selector_model or cfg.model
-        wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **dtype, **cfg.warmup,
-                               "model": warm_model, "data": [str(pool_file)], "out": str(out / "warmup"), **common})
-        checkpoints = timed("warmup", lambda: run_warmup(wcfg, session))
-        if warm_model != feature_model:
-            session.drop(cfg.model)
-        train_stores, val_stores = [], []
 
-        def featurise():
-            for ck in checkpoints:
-                e = ck.name.split("-")[1]
-                for kind, data, grad, dest in (("train", pool_file, train_grad, train_stores),
-                                               ("val", val_file, "sgd", val_stores)):
-                    store = out / "features" / f"{kind}-{e}"
-                    fc = FeatureConfig(**{**dtype, **feats, "model": feature_model, "checkpoint": str(ck),
-                                          "data": [str(data)], "out": str(store), "grad": grad, **common})
-                    log.info("%s", compute_features(fc, session).format())
-                    dest.append(str(store))
+# ---------------------------------------------------------------------------------------------
+# The stages of a run: each reads what the stages before it left in the context, runs its library
+# stage (which prepares, skips or resumes its own folder) and leaves its outputs for the next.
+# ---------------------------------------------------------------------------------------------
 
-        timed("features", featurise)
-        scfg = ScoreConfig(**{**cfg.score, "train": train_stores, "val": val_stores, "out": str(out / "scores"),
-                              "progress": cfg.progress, "overwrite": overwrite})
-        scores_csv = timed("score", lambda: score(scfg))
-    sel_dir = out / "selection"
-    sel = SelectConfig(**{**cfg.select, "scores": str(scores_csv), "data": [s["path"] for s in cfg.pool],
+
+@dataclass
+class _Context:
+    cfg: RunConfig
+    out: Path
+    session: Session
+    overwrite: bool
+    common: dict
+    dtype: dict
+    feats: dict
+    train_grad: str
+    pool_file: Path | None = None
+    val_file: Path | None = None
+    feature_model: str = ""      # the model whose features score the pool
+    warm_model: str = ""         # the model the warm-up trains (the target in the target-first order)
+    checkpoints: list[Path] = field(default_factory=list)
+    train_stores: list[str] = field(default_factory=list)
+    val_stores: list[str] = field(default_factory=list)
+    scores_csv: Path | None = None
+    manifest: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of ``iprox run``: its name (the key of its time, memory and fingerprint in
+    ``pipeline.json``) and what it does."""
+
+    name: str
+    run: Callable[[_Context], None]
+
+
+def _pool(ctx: _Context) -> None:
+    ctx.pool_file, ctx.val_file = _write_pool(ctx.cfg, ctx.out / "pool")
+
+
+def _proxy(ctx: _Context) -> None:
+    cfg = ctx.cfg
+    pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **ctx.dtype, **cfg.proxy, "model": cfg.model,
+                          "data": [str(ctx.pool_file)], "out": str(ctx.out / "proxy"), **ctx.common})
+    build_proxy(pcfg, session=ctx.session)
+    ctx.feature_model = str(ctx.out / "proxy")
+    # target-first: the target's LoRA warm-up, carried by the proxy for the features
+    ctx.warm_model = cfg.model if cfg.warmup_on == "target" else ctx.feature_model
+    if cfg.warmup_on == "proxy":
+        ctx.session.drop(cfg.model)  # the target is not needed past stage 2
+
+
+def _warmup(ctx: _Context) -> None:
+    cfg = ctx.cfg
+    if not ctx.feature_model:  # LESS on a model itself
+        ctx.feature_model = ctx.warm_model = cfg.selector_model or cfg.model
+    wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **ctx.dtype, **cfg.warmup,
+                           "model": ctx.warm_model, "data": [str(ctx.pool_file)], "out": str(ctx.out / "warmup"),
+                           **ctx.common})
+    ctx.checkpoints = run_warmup(wcfg, ctx.session)
+    if ctx.warm_model != ctx.feature_model:
+        ctx.session.drop(cfg.model)
+
+
+def _features(ctx: _Context) -> None:
+    for ck in ctx.checkpoints:
+        e = ck.name.split("-")[1]
+        for kind, data, grad, dest in (("train", ctx.pool_file, ctx.train_grad, ctx.train_stores),
+                                       ("val", ctx.val_file, "sgd", ctx.val_stores)):
+            store = ctx.out / "features" / f"{kind}-{e}"
+            fc = FeatureConfig(**{**ctx.dtype, **ctx.feats, "model": ctx.feature_model, "checkpoint": str(ck),
+                                  "data": [str(data)], "out": str(store), "grad": grad, **ctx.common})
+            log.info("%s", compute_features(fc, ctx.session).format())
+            dest.append(str(store))
+
+
+def _represent(ctx: _Context) -> None:
+    """RDS+: mean-pooled final hidden states of the selector model, no gradients."""
+    cfg = ctx.cfg
+    for data, kind, dest in ((ctx.pool_file, "train", ctx.train_stores), (ctx.val_file, "val", ctx.val_stores)):
+        fc = FeatureConfig(**{**ctx.dtype, **ctx.feats, "model": cfg.selector_model or cfg.model, "data": [str(data)],
+                              "out": str(ctx.out / "features" / kind), "engine": "representation", **ctx.common})
+        log.info("%s", compute_features(fc, ctx.session).format())
+        dest.append(str(ctx.out / "features" / kind))
+
+
+def _score(ctx: _Context) -> None:
+    cfg = ctx.cfg
+    # representation scores take only the aggregate from [score]: cosine similarity has no method
+    settings = cfg.score if cfg.selector != "representation" else {"aggregate": cfg.score.get("aggregate", "max")}
+    scfg = ScoreConfig(**{**settings, "train": ctx.train_stores, "val": ctx.val_stores, "out": str(ctx.out / "scores"),
+                          "progress": cfg.progress, "overwrite": ctx.overwrite})
+    ctx.scores_csv = score(scfg)
+
+
+def _random(ctx: _Context) -> None:
+    ctx.scores_csv = random_scores(ctx.pool_file, ctx.out / "scores", ctx.cfg.seed)
+
+
+def _select(ctx: _Context) -> None:
+    cfg = ctx.cfg
+    sel_dir = ctx.out / "selection"
+    sel = SelectConfig(**{**cfg.select, "scores": str(ctx.scores_csv), "data": [s["path"] for s in cfg.pool],
                           "out": str(sel_dir / "selected.jsonl")})
+    if artifacts.prepare_stage(sel_dir, "select", dataclasses.asdict(sel)):
+        ctx.manifest = json.loads((sel_dir / "selected.json").read_text())
+        return
+    ctx.manifest = select(sel)
+    artifacts.mark_complete(sel_dir)
 
-    def do_select():
-        if artifacts.prepare_stage(sel_dir, "select", dataclasses.asdict(sel)):
-            return json.loads((sel_dir / "selected.json").read_text())
-        man = select(sel)
-        artifacts.mark_complete(sel_dir)
-        return man
 
-    manifest = timed("select", do_select)
-    return RunResult(out, manifest, timings)
+POOL, PROXY, WARMUP, FEATURES = Stage("pool", _pool), Stage("proxy", _proxy), Stage("warmup", _warmup), Stage("features", _features)
+SCORE, SELECT = Stage("score", _score), Stage("select", _select)
+# A selector is the list of its stages, in order.
+PIPELINES: dict[str, tuple[Stage, ...]] = {
+    "proxy": (POOL, PROXY, WARMUP, FEATURES, SCORE, SELECT),        # IProX
+    "model": (POOL, WARMUP, FEATURES, SCORE, SELECT),               # LESS on the target or any model
+    "representation": (POOL, Stage("features", _represent), SCORE, SELECT),   # RDS+
+    "random": (POOL, Stage("score", _random), SELECT),
+}
