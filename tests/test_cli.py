@@ -69,3 +69,15 @@ def test_every_command_has_help_with_defaults(capsys):
     out = capsys.readouterr().out
     assert "--sparsity SPARSITY" in out and "(default: 0.5)" in out and "--no-progress" in out
     assert "{ipsvd,svd,random,layer-drop}" in out  # choices from the settings' Literal type
+
+
+def test_readme_option_tables_are_the_generated_ones():
+    """The README's settings tables are generated from the dataclasses (make docs); this fails when a
+    setting, its default or its help changes without them."""
+    from pathlib import Path
+
+    from iprox.docs import option_tables
+    from iprox.runtime import readme_options
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert readme_options(readme, option_tables()) == readme, "run `make docs`"

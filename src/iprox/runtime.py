@@ -255,3 +255,37 @@ def config_from_args(args, cls) -> dict:
     """The parsed values of the fields of ``cls`` (as :func:`add_config_args` named them)."""
     vals = vars(args)
     return {f.name: vals[f.name] for f in fields(cls) if f.name in vals}
+
+
+def options_table(cls, skip: tuple[str, ...] = ("data", "out", "model", "checkpoint", "train", "val", "scores",
+                                                "overwrite", "progress")) -> str:
+    """A Markdown table of a settings dataclass: each setting, its type or choices, its default and its
+    help from the docstring; the README's option tables are these (``make docs`` rewrites them, and a
+    test fails when they drift)."""
+    from dataclasses import MISSING
+
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    rows = ["| setting | type | default | meaning |", "|---|---|---|---|"]
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else "")
+        kind = _describe(hints[f.name]).replace("|", "\\|")
+        text = helps.get(f.name, "").replace("|", "\\|")
+        rows.append(f"| `{f.name}` | {kind} | `{default!r}` | {text} |")
+    return "\n".join(rows)
+
+
+def readme_options(readme: str, tables: dict[str, str]) -> str:
+    """``readme`` with each block between ``<!-- options:NAME -->`` and ``<!-- /options:NAME -->``
+    replaced by ``tables[NAME]``."""
+    import re
+
+    for name, table in tables.items():
+        start, end = f"<!-- options:{name} -->", f"<!-- /options:{name} -->"
+        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+        if not pattern.search(readme):
+            raise ValueError(f"the README has no {start} ... {end} block")
+        readme = pattern.sub(lambda _: f"{start}\n{table}\n{end}", readme)
+    return readme
