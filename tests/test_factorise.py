@@ -10,7 +10,7 @@ from iprox.data import Example, tokenize_examples
 from iprox.ipsvd import ipsvd_from_moments, weighted_error
 from iprox.models import compressible_modules
 from iprox.probe import collect_moments
-from iprox.proxy import factorize_model
+from iprox.proxy import ProxyConfig, build_proxy, factorize_model, load_proxy
 
 
 def _ill_conditioned(d: int, decades: float, seed: int) -> torch.Tensor:
@@ -104,3 +104,32 @@ def test_probing_block_by_block_builds_the_same_proxy(tmp_path):
     assert set(states[0]) == set(states[1]) and any(k.endswith(".A.weight") for k in states[0])
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+
+
+@pytest.mark.parametrize("form", ["full", "skinny"])
+def test_bounded_memory_probe_equals_the_moments_route(tmp_path, form):
+    """probe_statistics="samples" keeps the probed rows and factorises by thin SVDs (no width² matrix);
+    its proxy equals the moments route's, layer by layer, in both forms."""
+    import copy
+
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(12))
+    target = tiny_llama(dtype=torch.float64)
+    tok = make_tokenizer()
+    built = {}
+    for stats in ("moments", "samples"):
+        cfg = ProxyConfig(data=[str(data)], out=str(tmp_path / stats), sparsity=0.5, probe_examples=6,
+                          probe_tokens=40, ipsvd_form=form, factor_dtype="float64", max_length=64,
+                          probe_statistics=stats, progress=False)
+        build_proxy(cfg, model=copy.deepcopy(target), tokenizer=tok)
+        built[stats] = load_proxy(tmp_path / stats)
+    a, b = compressible_modules(built["moments"]), compressible_modules(built["samples"])
+    assert a.keys() == b.keys()
+    compared = 0
+    for layer in sorted({n.rsplit(".", 1)[0] for n in a}):
+        pa, pb = built["moments"].get_submodule(layer), built["samples"].get_submodule(layer)
+        if hasattr(pa, "dense_weight"):
+            torch.testing.assert_close(pb.dense_weight(), pa.dense_weight(), rtol=1e-7, atol=1e-9)
+            compared += 1
+    assert compared == 14  # every projection of the two blocks was factorised and compared

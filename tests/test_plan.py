@@ -29,7 +29,8 @@ m, tok, _ = load_model(folder)
 W = sum(p.numel() * p.element_size() for p in m.parameters())
 base = psutil.Process().memory_info().rss
 build_proxy(ProxyConfig(model=folder, data=[folder + "/data.jsonl"], out=folder + "/proxy", probe_examples=8,
-                        probe_tokens=512, max_length={LENGTH}, batch_size={BATCH}, progress=False), model=m, tokenizer=tok)
+                        probe_tokens=512, max_length={LENGTH}, batch_size={BATCH}, probe_statistics=sys.argv[2],
+                        progress=False), model=m, tokenizer=tok)
 print(json.dumps({{"measured_gib": (W + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30}}))
 """
 
@@ -50,14 +51,16 @@ def _small_model(folder: Path, family: str) -> None:
                                                       {"role": "assistant", "content": words}]}] * 8)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
-def test_stage1_estimate_within_25_percent_of_the_measured_peak(tmp_path, family):
+@pytest.mark.parametrize("family,statistics", [("llama", "moments"), ("gpt2", "moments"), ("qwen2", "moments"),
+                                               ("llama", "samples")])
+def test_stage1_estimate_within_25_percent_of_the_measured_peak(tmp_path, family, statistics):
     _small_model(tmp_path, family)
-    r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), statistics], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])["measured_gib"]
-    planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH, batch_size=BATCH,
-                              probe_examples=8))["stages"]["probe+factorise"]["peak_gib"]
+    planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH, batch_size=BATCH, probe_examples=8,
+                              probe_tokens=512, probe_statistics=statistics))["stages"]["probe+factorise"]["peak_gib"]
     assert measured > 0.5  # the stage's memory dominates the measurement, not the process's noise
     assert abs(planned / measured - 1) <= 0.25, (family, planned, measured)
 
@@ -71,6 +74,10 @@ def test_llama_8b_config_plans_stage1_within_60_gb_in_bf16():
     assert 1 <= p["probe_blocks_per_pass"] < 32
     everything = plan(PlanConfig(model=cfg, dtype="bf16", probe_blocks_per_pass=32, budget_gib=1000))
     assert everything["stages"]["probe+factorise"]["peak_gib"] > 150
+    # the bounded-memory probe keeps 4,096 sampled rows instead: all 32 blocks in one pass in ~64 GB
+    samples = plan(PlanConfig(model=cfg, dtype="bf16", probe_blocks_per_pass=32, budget_gib=1000,
+                              probe_statistics="samples"))
+    assert samples["stages"]["probe+factorise"]["peak_gib"] < 70
 
 
 def test_cli_plan_prints_every_stage(capsys):

@@ -99,8 +99,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# Settings added after folders were first written, with the default that reproduces the older
+# behaviour: a folder that lacks one and a config that holds its default compare equal.
+ADDED_WITH_DEFAULT = {"probe_statistics": "moments"}
+
+
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in IGNORED_KEYS}
+    return {k: v for k, v in config.items()
+            if k not in IGNORED_KEYS and not (k in ADDED_WITH_DEFAULT and v == ADDED_WITH_DEFAULT[k])}
 
 
 def is_complete(folder: str | Path) -> bool:

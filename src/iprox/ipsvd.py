@@ -124,6 +124,63 @@ def ipsvd_decomposition(W: torch.Tensor, basis_h: tuple[torch.Tensor, torch.Tens
     return Decomposition((Vd / Dd[None, :]) @ P, S, Qt @ (Vh / Dh[None, :]).T)
 
 
+@dataclass
+class SampleBasis:
+    """The ridged square roots of a second moment known only from its samples (the bounded-memory probe).
+
+    With the samples' thin SVD ``X = Q diag(σ) Uᵀ`` (N×d, N tokens), ``C = XᵀX/N = U diag(e) Uᵀ``
+    with ``e = σ²/N``, and ``(C + λI)^p = U diag((e + λ)^p − λ^p) Uᵀ + λ^p I`` for ``p = ±½``: the
+    full-ridge form, ``λ^p`` on the complement the probe never visited. The skinny form keeps only
+    the span term. Nothing d×d is ever formed: memory is the samples and U (d × min(N, d)).
+    """
+
+    U: torch.Tensor
+    e: torch.Tensor
+    lam: float
+    form: str
+
+    def apply(self, X: torch.Tensor, power: float) -> torch.Tensor:
+        """``(C + λI)^power X`` for a (d, p) matrix ``X`` (the pseudo-inverse on the span when skinny)."""
+        d = (self.e + self.lam) ** power
+        if self.form == "skinny":
+            return self.U @ (d[:, None] * (self.U.T @ X))
+        base = self.lam ** power
+        return self.U @ ((d - base)[:, None] * (self.U.T @ X)) + base * X
+
+
+def sample_bases(samples: list[torch.Tensor], ridge: float = 1e-3, form: str = "full",
+                 dtype: torch.dtype = torch.float64) -> list[SampleBasis]:
+    """:class:`SampleBasis` of each (N, d) sample matrix, from its thin SVD in ``dtype`` on its device."""
+    if form not in ("full", "skinny"):
+        raise ValueError(f"form must be 'full' or 'skinny', got {form!r}")
+    out = []
+    for X in samples:
+        X = X.to(dtype)
+        scale = float(X.pow(2).mean().sqrt())  # singular values near 1: float32 keeps tiny gradients
+        scale = scale if scale > 0 and math.isfinite(scale) else 1.0
+        _, S, Vt = torch.linalg.svd(X / scale, full_matrices=False)
+        e = (S * scale) ** 2 / X.shape[0]
+        U = Vt.T
+        lam = _relative_ridge(e, ridge, X.shape[1])
+        if form == "skinny":
+            keep = e > _SPAN_TOL * e.max().clamp_min(0)
+            if not bool(keep.any()):
+                keep = torch.ones_like(keep)
+            U, e = U[:, keep], e[keep]
+        out.append(SampleBasis(U, e, lam, form))
+    return out
+
+
+def ipsvd_decomposition_from_samples(W: torch.Tensor, basis_h: SampleBasis, basis_d: SampleBasis) -> Decomposition:
+    """The rank-free IPSVD of ``W`` (m, n) from both sides' :class:`SampleBasis`: the SVD ``P S Qᵀ`` of
+    the whitened core ``C_δ^{½} W C_h^{½}`` and ``left = C_δ^{-½} P``, ``right = Qᵀ C_h^{-½}`` (the
+    moments route's result, computed without any d×d matrix)."""
+    W = W.detach().to(basis_h.U.dtype)
+    core = basis_d.apply(basis_h.apply(W.T, 0.5).T, 0.5)
+    P, S, Qt = torch.linalg.svd(core, full_matrices=False)
+    return Decomposition(basis_d.apply(P, -0.5), S, basis_h.apply(Qt.T, -0.5).T)
+
+
 def truncate(dec: Decomposition, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced rank-``rank`` factors ``(A, B)`` of a :class:`Decomposition` (zero-padded when the
     probed span is smaller than the rank)."""

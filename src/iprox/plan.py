@@ -100,7 +100,10 @@ class PlanConfig:
         max_length: tokens per example (every example is costed at this length).
         sparsity: the proxy's sparsity.
         probe_examples: examples in the probe set.
+        probe_tokens: token positions the probe samples.
         probe_blocks_per_pass: decoder blocks probed per pass (0: all in one pass).
+        probe_statistics: ``moments`` (width² float64 per input and output) or ``samples``
+            (probe_tokens × width in the model's dtype).
         batch_size: sequences per pass of the probe and the alignment.
         align_steps: alignment steps.
         warmup_fraction, warmup_epochs, warmup_batch, lora_rank: the warm-up (epochs = checkpoints).
@@ -116,7 +119,9 @@ class PlanConfig:
     max_length: int = 512
     sparsity: float = 0.5
     probe_examples: int = 16
+    probe_tokens: int = 4096
     probe_blocks_per_pass: int = 0
+    probe_statistics: Literal["moments", "samples"] = "moments"
     batch_size: int = 4
     align_steps: int = 20
     warmup_fraction: float = 0.05
@@ -228,12 +233,16 @@ def model_facts(model: nn.Module, length: int) -> ModelFacts:
         block_of={n: int(n[len(prefix) + 1:].split(".")[0]) for n in mods})
 
 
-def _moment_bytes(f: ModelFacts, blocks: set[int]) -> int:
-    """float64 moments of the given blocks: one input moment per distinct input, one per output."""
+def _moment_bytes(f: ModelFacts, blocks: set[int], statistics: str = "moments", tokens: int = 0, es: int = 4) -> int:
+    """What the probe keeps for the given blocks: float64 moments (one input moment per distinct
+    input, one per output: width² each) or the sampled rows (``tokens`` × width, in the model's dtype)."""
     total = 0
     for n, (m, k) in f.layers.items():
         if f.block_of[n] in blocks:
-            total += 8 * m * m + (8 * k * k if f.groups[n] == n else 0)
+            if statistics == "samples":
+                total += es * tokens * (m + (k if f.groups[n] == n else 0))
+            else:
+                total += 8 * m * m + (8 * k * k if f.groups[n] == n else 0)
     return total
 
 
@@ -297,9 +306,12 @@ def plan(config: PlanConfig) -> dict:
     def stage1(per_pass: int) -> float:
         per_pass = per_pass or f.blocks
         passes = [set(range(s, min(s + per_pass, f.blocks))) for s in range(0, f.blocks, per_pass)]
-        moments = max(_moment_bytes(f, p) for p in passes)
+        moments = max(_moment_bytes(f, p, config.probe_statistics, config.probe_tokens, es) for p in passes)
         widest = max(max(m, k) for m, k in f.layers.values())
-        eig = 3 * 8 * widest * widest * 4
+        if config.probe_statistics == "samples":  # one thin SVD and one whitened core at a time, float32
+            eig = 3 * 4 * (config.probe_tokens * widest + max(m * k for m, k in f.layers.values()))
+        else:
+            eig = 3 * 8 * widest * widest * 4
         return W + W_proxy + moments + max(acts(B) + logits(B), eig)
 
     budget = config.budget_gib * GIB
@@ -335,7 +347,8 @@ def plan(config: PlanConfig) -> dict:
     }
     return {"model": config.model, "dtype": config.dtype, "params": f.params, "proxy_params": P_proxy,
             "blocks": f.blocks, "weights_gib": W / GIB, "proxy_weights_gib": W_proxy / GIB,
-            "probe_blocks_per_pass": chosen, "probe_fits_budget": stage1(chosen) <= budget,
+            "probe_blocks_per_pass": chosen, "probe_statistics": config.probe_statistics,
+            "probe_fits_budget": stage1(chosen) <= budget,
             "budget_gib": config.budget_gib, "stages": stages,
             "proxy_flops": sum(v["flops"] for k, v in stages.items() if "target" not in k),
             "target_flops": stages["warmup (target)"]["flops"] + stages["features (target)"]["flops"]}
@@ -351,6 +364,6 @@ def format_plan(p: dict) -> str:
     lines.append(f"IProX pipeline {p['proxy_flops'] / 1e12:.1f} TFLOPs against the target-only "
                  f"{p['target_flops'] / 1e12:.1f} ({p['proxy_flops'] / max(p['target_flops'], 1):.2f}x)")
     verdict = "fits" if p["probe_fits_budget"] else "does NOT fit"
-    lines.append(f"stage 1 with probe_blocks_per_pass = {p['probe_blocks_per_pass'] or 'all'}: {verdict} in "
-                 f"{p['budget_gib']:g} GiB")
+    lines.append(f"stage 1 with probe_blocks_per_pass = {p['probe_blocks_per_pass'] or 'all'} and probe_statistics = "
+                 f"{p['probe_statistics']}: {verdict} in {p['budget_gib']:g} GiB")
     return "\n".join(lines)

@@ -11,6 +11,10 @@ example, all of them when it is shorter), so long examples do not dominate. Mome
 in float64 in fixed memory (one input moment per distinct input: q/k/v and gate/up share theirs),
 which lets the probe use as many tokens as it likes — in particular at
 least as many as the widest layer, so that no input direction goes unvisited (see ``ipsvd``).
+
+``keep="samples"`` is the bounded-memory route: the sampled rows themselves are kept (N × width in
+the activations' dtype, where a moment takes width² in float64), and stage 1 factorises them by thin
+SVDs (:func:`~iprox.ipsvd.sample_bases`), to the same factors in both IPSVD forms.
 """
 
 from __future__ import annotations
@@ -29,6 +33,22 @@ from .evaluation import per_example_loss
 from .models import frozen
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Samples:
+    """Probe samples of one projection (the bounded-memory route: ``collect_moments(keep="samples")``).
+
+    Attributes:
+        X_h: (N, n) sampled inputs, one tensor shared by projections that read the same input.
+        X_d: (N, m) output gradients at the same positions.
+        n_tokens: N. Both in the activations' dtype (bf16 on a bf16 model): memory is N × width
+            per distinct input, where the moments take width² in float64.
+    """
+
+    X_h: torch.Tensor
+    X_d: torch.Tensor
+    n_tokens: int
 
 
 @dataclass
@@ -66,7 +86,8 @@ def collect_moments(
     pad_id: int = 0,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, Moments]:
+    keep: str = "moments",
+) -> dict[str, Moments] | dict[str, Samples]:
     """Runs the probe set through ``model`` and returns the moments of every module in ``modules``.
 
     Args:
@@ -77,10 +98,15 @@ def collect_moments(
         batch_size: sequences per forward/backward pass.
         pad_id: padding token id.
         seed: seeds the position sampling.
+        keep: ``moments`` (float64 second moments, width² per distinct input and per output) or
+            ``samples`` (the sampled rows themselves, N × width, for :func:`~iprox.ipsvd.sample_bases`).
+            The positions sampled are the same either way.
 
     Returns:
-        ``{name: Moments}``.
+        ``{name: Moments}`` or ``{name: Samples}``.
     """
+    if keep not in ("moments", "samples"):
+        raise ValueError(f"keep must be 'moments' or 'samples', got {keep!r}")
     if not examples:
         raise ValueError("the probe set is empty")
     per_seq = max(1, math.ceil(probe_tokens / len(examples)))
@@ -92,10 +118,13 @@ def collect_moments(
     state: dict[str, torch.Tensor] = {}
     total = 0
 
-    def gram(x: torch.Tensor) -> torch.Tensor:
+    def gram(x: torch.Tensor):
         # One batch's Σ x xᵀ in the model's precision (at least float32; float64 costs ~3x on CPU
         # and one batch sums only a few hundred tokens), accumulated across batches in float64.
+        # Or, for samples, the rows themselves (a list per module, joined at the end).
         x = x.detach()
+        if keep == "samples":
+            return [x.clone()]
         if x.dtype not in (torch.float32, torch.float64):
             x = x.float()
         return (x.T @ x).to(torch.float64)
@@ -112,11 +141,11 @@ def collect_moments(
             if key not in cache or cache[key][0] is not x:
                 # The first module to read this tensor owns the group's one accumulator.
                 cache[key] = (x, name)
-                acc_h[name] = acc_h.get(name, 0) + gram(x[sel])
+                acc_h[name] = acc_h.get(name, [] if keep == "samples" else 0) + gram(x[sel])
             group[name] = cache[key][1]
 
             def grad_hook(g):
-                acc_d[name] = acc_d.get(name, 0) + gram(g[sel])
+                acc_d[name] = acc_d.get(name, [] if keep == "samples" else 0) + gram(g[sel])
 
             output.register_hook(grad_hook)
 
@@ -144,12 +173,17 @@ def collect_moments(
     missing = [n for n in modules if n not in acc_d]
     if missing:
         raise RuntimeError(f"no output gradient reached {missing[0]} (and {len(missing) - 1} more); is it used by the loss?")
+    if keep == "samples":
+        acc_h = {g: torch.cat(acc_h[g]) for g in set(group.values())}
+        acc_d = {n: torch.cat(acc_d[n]) for n in modules}
     bad = [n for n in modules if not bool(torch.isfinite(acc_d[n]).all()) or not bool(torch.isfinite(acc_h[group[n]]).all())]
     if bad:
         raise RuntimeError(f"the probe's activations or output gradients are not finite in {bad[0]} (and {len(bad) - 1} "
                            f"more modules): the model's forward or backward pass overflows on these examples; "
                            f"try float32, or check the model's weights")
     log.info("probed %d token positions from %d examples (%d per sequence at most)", total, len(examples), per_seq)
+    if keep == "samples":
+        return {n: Samples(acc_h[group[n]], acc_d[n], total) for n in modules}
     # Modules that read the same input (q/k/v, gate/up) share one C_h tensor object, so memory holds
     # one per distinct input and the factorisation can eigendecompose it once.
     C_h = {g: acc_h[g] / total for g in set(group.values())}

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from . import artifacts
 from .runtime import check_types
 from .data import load_examples, tokenize_examples
-from .ipsvd import Decomposition, ipsvd_decomposition, random_factors, svd_factors, truncate, whitening_bases
+from .ipsvd import (Decomposition, ipsvd_decomposition, ipsvd_decomposition_from_samples, random_factors, sample_bases,
+                    svd_factors, truncate, whitening_bases)
 from .loading import PROXY_FILE, Session, is_proxy_folder
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
@@ -53,7 +54,7 @@ from .models import (
     resolve_model,
     weights_hash,
 )
-from .probe import collect_moments
+from .probe import Samples, collect_moments
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,11 @@ class ProxyConfig:
         probe_blocks_per_pass: collect the probe statistics of this many decoder blocks per pass over
             the probe set (0: all in one pass). Memory then holds a few blocks' moments instead of
             all of them (an 8B model's take ~190 GB in float64), for one probe pass per group.
+        probe_statistics: what the probe keeps: ``moments`` (float64 second moments, width² per
+            distinct input and per output: an 8B model's are ~6 GB per decoder block) or ``samples``
+            (the probed rows in the model's dtype, probe_tokens × width, and thin SVDs instead of
+            eigendecompositions: ~0.6 GB per 8B block at 4,096 tokens in bf16). Same factors up to
+            float rounding, in both forms (tested).
         rank_multiple: round ranks up to this multiple (128 suits GPU kernels on big models; 1 keeps
             the compression exact on small ones).
         ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
@@ -118,6 +124,7 @@ class ProxyConfig:
     probe_examples: int = 0
     probe_tokens: int = 4096
     probe_blocks_per_pass: int = 0
+    probe_statistics: Literal["moments", "samples"] = "moments"
     rank_multiple: int = 1
     ridge: float = 1e-3
     ipsvd_form: Literal["full", "skinny"] = "full"
@@ -291,7 +298,22 @@ def factorize_model(
         ranks[name] = rank_for_sparsity(m, n, sparsity, rank_multiple)
         records.append(_layer_record(name, mod, ranks[name]))
     decompositions = {} if decompositions is None else decompositions
-    if init == "ipsvd":
+    if init == "ipsvd" and moments and isinstance(next(iter(moments.values())), Samples):
+        # The bounded-memory route: one thin SVD per distinct sample matrix (q/k/v and gate/up share
+        # their inputs' samples), nothing width² formed.
+        todo = [n for n in mods if ranks[n] is not None and n not in decompositions]
+        distinct = {}
+        for n in todo:
+            for X in (moments[n].X_h, moments[n].X_d):
+                distinct.setdefault(id(X), X)
+        t0 = time.perf_counter()
+        bases = dict(zip(distinct, sample_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
+        log.info("thin SVDs of %d distinct sample matrices in %.1fs (%s)", len(distinct), time.perf_counter() - t0, factor_dtype)
+        for n in tqdm(todo, desc="factorise (ipsvd, samples)", unit="layer", disable=not progress):
+            W = projection_weight(mods[n]).detach().to(moments[n].X_h.device)
+            decompositions[n] = ipsvd_decomposition_from_samples(W, bases[id(moments[n].X_h)], bases[id(moments[n].X_d)])
+        del bases
+    elif init == "ipsvd":
         # One eigendecomposition per distinct moment tensor (q/k/v and gate/up share their input
         # moment object), batched over same-sized ones.
         todo = [n for n in mods if ranks[n] is not None and n not in decompositions]
@@ -474,7 +496,8 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
         for chunk in _block_chunks(target, mods, config.probe_blocks_per_pass):
             t0 = time.perf_counter()
             moments = collect_moments(target, chunk, tok, config.probe_tokens, batch_size=config.batch_size,
-                                      pad_id=tokenizer.pad_token_id, seed=config.seed, progress=config.progress)
+                                      pad_id=tokenizer.pad_token_id, seed=config.seed, progress=config.progress,
+                                      keep=config.probe_statistics)
             timings["probe"] += time.perf_counter() - t0
             n_tok = next(iter(moments.values())).n_tokens
             t0 = time.perf_counter()
