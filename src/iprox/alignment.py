@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .data import TokenizedExample, collate
+from .distributed import all_reduce_sum_, barrier, world
 from .evaluation import per_example_loss
 from .lowrank import FactorizedLinear
 from .models import projection_weight
@@ -244,6 +245,7 @@ def run_alignment(
     """
     if not examples:
         raise ValueError("the alignment set is empty")
+    rank, n_ranks = world()
     pairs = layer_pairs(proxy, target)
     params = _factor_params(pairs)
     target_req = [p.requires_grad for p in target.parameters()]
@@ -261,10 +263,11 @@ def run_alignment(
     log_path = out / LOG_FILE
     start = 0
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if not ckpt.exists() and (tmp / "state.json").exists():
+    if rank == 0 and not ckpt.exists() and (tmp / "state.json").exists():
         # Killed between removing the old checkpoint and renaming the new one into place; the new
         # one is complete (state.json is written last).
         tmp.rename(ckpt)
+    barrier()
     if (ckpt / "state.json").exists():
         start = load_checkpoint(ckpt, opt)
         log.info("resuming alignment at step %d of %d from %s", start, settings.steps, ckpt)
@@ -272,30 +275,43 @@ def run_alignment(
     device = next(proxy.parameters()).device
     last = {"loss": float("nan"), "grad_align": float("nan"), "kl": float("nan")}
     t_run = time.perf_counter()
-    bar = tqdm(range(start, settings.steps), desc="align", unit="step", disable=not progress,
+    bar = tqdm(range(start, settings.steps), desc="align", unit="step", disable=not progress or rank > 0,
                initial=start, total=settings.steps)
     try:
         for step in bar:
             t0 = time.perf_counter()
             epoch, micro = _micro_batches(examples, step, settings)
             opt.zero_grad()
-            tot, ga, kl = 0.0, 0.0, 0.0
-            for mb in micro:
+            sums = torch.zeros(3, dtype=torch.float64)  # loss, grad_align, kl summed over micro-batches
+            # Under torchrun the step's micro-batches are dealt to the ranks in turn (a micro-batch's
+            # loss is a function of the whole micro-batch, so it is the unit that is split).
+            for i, mb in enumerate(micro):
+                if i % n_ranks != rank:
+                    continue
                 enc = collate(mb, pad_id, device)
                 loss, l_ga, l_kl = alignment_loss(proxy, target, pairs, enc, settings.lambda_kl, settings.temperature)
                 (loss / len(micro)).backward()
-                tot, ga, kl = tot + float(loss.detach()) / len(micro), ga + float(l_ga) / len(micro), kl + float(l_kl) / len(micro)
+                sums += torch.tensor([float(loss.detach()), float(l_ga), float(l_kl)], dtype=torch.float64) / len(micro)
             # Target weights only served to produce G; drop any gradient that leaked into them.
             for pr in pairs:
                 pr.target.weight.grad = None
+            if n_ranks > 1:
+                for prm in params.values():
+                    if prm.grad is None:
+                        prm.grad = torch.zeros_like(prm)
+                    all_reduce_sum_(prm.grad)
+                all_reduce_sum_(sums)
             opt.step()
+            tot, ga, kl = (float(x) for x in sums)
             last = {"loss": tot, "grad_align": ga, "kl": kl}
             rows.append({"step": step + 1, "epoch": epoch, **last, "lr": settings.lr,
                          "seconds": time.perf_counter() - t0})
             bar.set_postfix(ga=f"{ga:.4f}", kl=f"{kl:.4f}")
             if (step + 1) % settings.checkpoint_every == 0 or step + 1 == settings.steps:
-                save_checkpoint(ckpt, step + 1, opt)
-                _write_log(log_path, rows)
+                if rank == 0:
+                    save_checkpoint(ckpt, step + 1, opt)
+                    _write_log(log_path, rows)
+                barrier()
     finally:
         bar.close()
         opt.zero_grad()  # the proxy stays resident for the warm-up: no stale gradients on its factors
@@ -304,6 +320,9 @@ def run_alignment(
         if attn_before not in (None, "eager"):
             proxy.set_attn_implementation(attn_before)
     done = len(rows) - start
+    if n_ranks > 1:
+        log.info("alignment: rank %d of %d ran every %d-th of the %d micro-batches per step", rank, n_ranks,
+                 n_ranks, settings.grad_accum)
     per_step = (time.perf_counter() - t_run) / done if done else float("nan")
     if rows:
         last = {k: rows[-1][k] for k in ("loss", "grad_align", "kl")}

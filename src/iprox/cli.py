@@ -273,8 +273,11 @@ def _run_overrides(args) -> dict:
 def _cmd_run(args) -> int:
     from .pipeline import load_config, run
 
+    import os
+
     res = run(load_config(args.config, _run_overrides(args)), overwrite=args.overwrite)
-    print(res.format())
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report for the run
+        print(res.format())
     return 0
 
 

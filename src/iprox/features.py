@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -30,6 +29,8 @@ from safetensors import safe_open
 
 from . import artifacts
 from .data import batches, collate
+from .distributed import barrier, on_rank0, rank_device
+from .distributed import world as dist_world
 from .loading import Session, is_proxy_folder, read_checkpoint_info
 from .models import EMBEDDED_MODEL, default_device
 from .projection import (DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
@@ -103,29 +104,6 @@ def layer_dim(config: FeatureConfig, n_layers: int) -> int:
             log.warning("total_dim %d is below the %d featurised layers: 1 dimension each", config.total_dim, n_layers)
         return max(1, config.total_dim // n_layers)
     return config.proj_dim
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun)
-# ---------------------------------------------------------------------------------------------
-
-
-def _dist():
-    """(rank, world_size), initialising the process group under torchrun."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,40 +278,26 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
         session: models and tokenised data shared with other stages of this process (``iprox
             run``): a checkpoint's tensors are copied into the resident model instead of loading it.
     """
-    rank, world = _dist()
+    rank, world = dist_world()
     out = Path(config.out)
     cfg = asdict(config)
-    skip, refusal, error = None, None, None
-    # A refusal on rank 0 reaches every rank, which raises with its reason (torchrun's agent would end
-    # the other ranks anyway, but another launcher might leave them waiting at the next collective).
-    if rank == 0:
-        try:
-            if config.checkpoint:
-                read_checkpoint_info(config.checkpoint)
-                check_data_paths(config.data)
-            else:
-                config.check_inputs()
-            skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
-        except Exception as e:
-            refusal, error = f"{type(e).__name__}: {e}", e
-    if world > 1:
-        import torch.distributed as dist
 
-        flag = [skip, refusal]
-        dist.broadcast_object_list(flag, src=0)
-        skip, refusal = flag
-    if error is not None:
-        raise error
-    if refusal is not None:
-        raise RuntimeError(f"rank 0 refused the features stage: {refusal}")
-    if skip:
+    def prepare() -> bool:
+        if config.checkpoint:
+            read_checkpoint_info(config.checkpoint)
+            check_data_paths(config.data)
+        else:
+            config.check_inputs()
+        return artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
+
+    # Decided on rank 0; a refusal there reaches every rank, which raises with its reason (torchrun's
+    # agent would end the other ranks anyway, but another launcher might leave them waiting).
+    if on_rank0(prepare):
         man = read_manifest(out)
         return FeatureSummary(str(out), man["n_examples"], man["dim"], True, 0.0, 0.0, man["bytes_per_example"])
     if rank == 0:
         log.info("features config: %s", json.dumps(artifacts.comparable(cfg)))
-    device = config.device or default_device()
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    device = rank_device(config.device or default_device())
     session = session or Session(keep=False)
     model, tok, ident, ck = _load(config, device, session)
     model.eval()
@@ -390,7 +354,7 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
         _write_shard(out / shard_name(i), torch.stack([rows[t.id] for t in items]), [t.id for t in items])
     bar.close()
     seconds = time.perf_counter() - t0
-    _barrier(world)
+    barrier()
     dim = engine.dim
     bpe = dim * torch.finfo(store_dtype).bits // 8
     if rank == 0:
@@ -419,6 +383,6 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
         }
         artifacts.atomic_write_json(out / MANIFEST_FILE, manifest)
         artifacts.mark_complete(out)
-    _barrier(world)
+    barrier()
     rate = n_todo / seconds if seconds > 0 else 0.0
     return FeatureSummary(str(out), len(ids), dim, False, seconds, rate, bpe)

@@ -53,6 +53,8 @@ from typing import Any, Callable, Literal
 
 from . import artifacts
 from .data import find_shared_data, load_examples
+from .distributed import barrier, on_rank0
+from .distributed import world as dist_world
 from .features import FeatureConfig, compute_features
 from .projection import GRADS
 from .loading import LOADS, Session
@@ -361,23 +363,38 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"[run] out {out} is a file; choose a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    rank, _ = dist_world()
     # One run per folder at a time: a second is refused with the holder's PID, not left to race.
-    with artifacts.FolderLock(out):
-        return _run_locked(cfg, out, overwrite, session or Session())
+    # Under torchrun the ranks are one run: rank 0 holds the lock for all of them.
+    lock = artifacts.FolderLock(out)
+
+    def acquire() -> None:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"[run] out {out} is a file; choose a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        lock.__enter__()
+
+    on_rank0(acquire)
+    try:
+        return _run_locked(cfg, out, overwrite, session or Session(), rank)
+    finally:
+        if rank == 0:
+            lock.__exit__(None, None, None)
 
 
-def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) -> RunResult:
-    # Under the lock no other process writes here, so a temporary file is what a killed run left
-    # between writing and renaming it. (Temporary *folders* are the stages' own resume points.)
-    for tmp in out.rglob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink()
-    fps = _check_lineage(cfg, out, overwrite)
-    old = artifacts.read_json(out / PIPELINE_FILE, "run record") if (out / PIPELINE_FILE).exists() else {}
-    artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
+def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, rank: int = 0) -> RunResult:
+    def start():
+        # Under the lock no other process writes here, so a temporary file is what a killed run left
+        # between writing and renaming it. (Temporary *folders* are the stages' own resume points.)
+        for tmp in out.rglob(".*.tmp"):
+            if tmp.is_file():
+                tmp.unlink()
+        fps = _check_lineage(cfg, out, overwrite)
+        old = artifacts.read_json(out / PIPELINE_FILE, "run record") if (out / PIPELINE_FILE).exists() else {}
+        artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
+        return old
+
+    old = on_rank0(start)
     # Stages finished by an earlier invocation keep the time and memory they took then, so the
     # record describes the run, not the last (skipping) invocation.
     # A stage counts as done before this invocation when its folder is complete; features, whose
@@ -413,14 +430,16 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session) ->
             overheads[name] = round(session.overhead_s - overhead0, 2)
             if accel:
                 accel_peaks[name] = round(_accelerator_peak(), 3)
-        meta = json.loads((out / PIPELINE_FILE).read_text())
+        meta = json.loads((out / PIPELINE_FILE).read_text()) if rank == 0 else {}
         # peak RSS during each stage (a skipped stage keeps its earlier figure)
         # model_load_s: the part of each stage's time spent loading models and hashing their
         # weights (a fixed cost: it does not grow with the pool)
         meta.update(timings=timings, model_load_s=overheads, peak_rss_gib=peaks, loads=dict(LOADS_IN_RUN()))
         if accel_peaks:
             meta["peak_accelerator_gib"] = accel_peaks
-        artifacts.atomic_write_json(out / PIPELINE_FILE, meta)  # after every stage: survives interruption
+        if rank == 0:  # (rank 0's own time and memory stand for the run's)
+            artifacts.atomic_write_json(out / PIPELINE_FILE, meta)  # after every stage: survives interruption
+        barrier()
         return res
 
     feats = dict(cfg.features)
@@ -470,7 +489,7 @@ class Stage:
 
 
 def _pool(ctx: _Context) -> None:
-    ctx.pool_file, ctx.val_file = _write_pool(ctx.cfg, ctx.out / "pool")
+    ctx.pool_file, ctx.val_file = on_rank0(lambda: _write_pool(ctx.cfg, ctx.out / "pool"))
 
 
 def _proxy(ctx: _Context) -> None:
@@ -525,11 +544,11 @@ def _score(ctx: _Context) -> None:
     settings = cfg.score if cfg.selector != "representation" else {"aggregate": cfg.score.get("aggregate", "max")}
     scfg = ScoreConfig(**{**settings, "train": ctx.train_stores, "val": ctx.val_stores, "out": str(ctx.out / "scores"),
                           "progress": cfg.progress, "overwrite": ctx.overwrite})
-    ctx.scores_csv = score(scfg)
+    ctx.scores_csv = on_rank0(lambda: score(scfg))  # streaming: cheap beside the features
 
 
 def _random(ctx: _Context) -> None:
-    ctx.scores_csv = random_scores(ctx.pool_file, ctx.out / "scores", ctx.cfg.seed)
+    ctx.scores_csv = on_rank0(lambda: random_scores(ctx.pool_file, ctx.out / "scores", ctx.cfg.seed))
 
 
 def _select(ctx: _Context) -> None:
@@ -537,11 +556,14 @@ def _select(ctx: _Context) -> None:
     sel_dir = ctx.out / "selection"
     sel = SelectConfig(**{**cfg.select, "scores": str(ctx.scores_csv), "data": [s["path"] for s in cfg.pool],
                           "out": str(sel_dir / "selected.jsonl")})
-    if artifacts.prepare_stage(sel_dir, "select", dataclasses.asdict(sel)):
-        ctx.manifest = json.loads((sel_dir / "selected.json").read_text())
-        return
-    ctx.manifest = select(sel)
-    artifacts.mark_complete(sel_dir)
+    def do() -> dict:
+        if artifacts.prepare_stage(sel_dir, "select", dataclasses.asdict(sel)):
+            return json.loads((sel_dir / "selected.json").read_text())
+        man = select(sel)
+        artifacts.mark_complete(sel_dir)
+        return man
+
+    ctx.manifest = on_rank0(do)
 
 
 POOL, PROXY, WARMUP, FEATURES = Stage("pool", _pool), Stage("proxy", _proxy), Stage("warmup", _warmup), Stage("features", _features)

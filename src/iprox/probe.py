@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import TokenizedExample, batches, collate
+from .distributed import all_gather_rows, all_reduce_sum_, world
 from .evaluation import per_example_loss
 from .models import frozen
 
@@ -157,19 +158,40 @@ def collect_moments(
     emb = model.get_input_embeddings()
     handles.append(emb.register_forward_hook(lambda mod, i, o: o.requires_grad_(True)))
     model.eval()  # no dropout: the moments describe the deterministic model
+    # Under torchrun each rank runs every n-th batch, but draws every batch's positions, so the
+    # positions (and the sums, up to their order) are the one-process run's.
+    rank, n_ranks = world()
+    all_batches = batches(examples, batch_size)
+    if len(all_batches) < n_ranks:
+        raise ValueError(f"the probe set makes {len(all_batches)} batches for {n_ranks} ranks; "
+                         f"raise probe_examples or lower batch_size")
     try:
         with frozen(model):
-            for batch in tqdm(batches(examples, batch_size), desc="probe fwd+bwd", unit="batch", disable=not progress):
+            for i, batch in enumerate(tqdm(all_batches, desc="probe fwd+bwd", unit="batch",
+                                           disable=not progress or rank > 0)):
                 enc = collate(batch, pad_id, device)
                 state["mask"] = sample_positions(enc["attention_mask"], per_seq, gen)
-                state["h_cache"] = {}
                 total += int(state["mask"].sum())
+                if i % n_ranks != rank:
+                    continue
+                state["h_cache"] = {}
                 logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
                 per_example_loss(logits, enc["labels"]).sum().backward()
                 state["h_cache"] = {}
     finally:
         for h in handles:
             h.remove()
+    if n_ranks > 1:  # every rank ends with the sums over all ranks' batches
+        log.info("probe: rank %d of %d ran %d of %d batches", rank, n_ranks,
+                 len(range(rank, len(all_batches), n_ranks)), len(all_batches))
+        # (in sorted key order: every rank issues the same collectives in the same order)
+        if keep == "samples":
+            acc_h = {g: [all_gather_rows(torch.cat(acc_h[g]))] for g in sorted(acc_h)}
+            acc_d = {n: [all_gather_rows(torch.cat(acc_d[n]))] for n in sorted(acc_d)}
+        else:
+            for acc in (acc_h, acc_d):
+                for k in sorted(acc):
+                    all_reduce_sum_(acc[k])
     missing = [n for n in modules if n not in acc_d]
     if missing:
         raise RuntimeError(f"no output gradient reached {missing[0]} (and {len(missing) - 1} more); is it used by the loss?")

@@ -54,6 +54,8 @@ from .models import (
     resolve_model,
     weights_hash,
 )
+from .distributed import barrier, on_rank0, rank_device
+from .distributed import world as dist_world
 from .probe import Samples, collect_moments
 
 log = logging.getLogger(__name__)
@@ -409,12 +411,16 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         raise ValueError("alignment needs data: pass --data")
     if model is None:
         resolve_model(config.model)
-    if artifacts.prepare_stage(out, "build-proxy", resolved, overwrite=config.overwrite, resumable=True):
+    # Under torchrun every rank builds the same proxy (the probe and the alignment split their
+    # batches over the ranks and sum); rank 0 alone writes the folder.
+    rank, _ = dist_world()
+    if on_rank0(lambda: artifacts.prepare_stage(out, "build-proxy", resolved, overwrite=config.overwrite,
+                                                resumable=True)):
         return _summary_from_folder(out, skipped=True)
     log.info("build-proxy config: %s", json.dumps(artifacts.comparable(resolved)))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    device = config.device or default_device()
+    device = rank_device(config.device or default_device())
     session = session or Session(keep=False)
     if model is None:
         target, tokenizer = session.model(config.model, config.dtype, device, config.trust_remote_code)
@@ -433,8 +439,10 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         proxy = load_proxy(out, config.dtype, device)
     else:
         proxy, meta = _stage1(config, target, target_identity, tokenizer, examples, order, timings)
-        save_proxy(proxy, tokenizer, out, meta)
-        artifacts.atomic_write_text(out / STAGE1_DONE, "ok\n")
+        if rank == 0:
+            save_proxy(proxy, tokenizer, out, meta)
+            artifacts.atomic_write_text(out / STAGE1_DONE, "ok\n")
+        barrier()
 
     if config.aligns:
         from .alignment import AlignSettings, run_alignment, steps_per_epoch
@@ -459,14 +467,20 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
                           "final_loss": res["loss"], "final_grad_align": res["grad_align"], "final_kl": res["kl"],
                           "seconds_per_step": res["seconds_per_step"], "attention": res["attention"],
                           "seconds": time.perf_counter() - t0}
-        save_proxy(proxy, tokenizer, out, meta)
-    meta["uid"] = uuid.uuid4().hex  # names these exact weights for the stores made from them
-    artifacts.atomic_write_json(out / PROXY_FILE, meta)
-    artifacts.mark_complete(out)
+
+    def finish() -> str:
+        meta["uid"] = uuid.uuid4().hex  # names these exact weights for the stores made from them
+        if config.aligns:
+            save_proxy(proxy, tokenizer, out, meta)
+        artifacts.atomic_write_json(out / PROXY_FILE, meta)
+        artifacts.mark_complete(out)
+        # The final factors are in model.safetensors now; the resume point (factors plus two Adam
+        # moments) would triple the folder's size for nothing.
+        shutil.rmtree(out / "align_checkpoint", ignore_errors=True)
+        return meta["uid"]
+
+    meta["uid"] = on_rank0(finish)
     session.register(str(out), proxy, tokenizer, config.dtype, device)
-    # The final factors are in model.safetensors now; the resume point (factors plus two Adam
-    # moments) would triple the folder's size for nothing.
-    shutil.rmtree(out / "align_checkpoint", ignore_errors=True)
     return _summary_from_meta(str(out), meta, skipped=False)
 
 

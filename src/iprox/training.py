@@ -146,8 +146,17 @@ def train_epochs(model: nn.Module, opt: MasterAdamW, tokd, pad_id: int, device: 
 
     The order of epoch ``e`` is a pure function of (seed, e), so training can restart at any epoch
     boundary. ``on_epoch(epoch, step, lrs, mean_loss, seconds)`` is called after each epoch.
+
+    Under torchrun the examples of every optimiser step are dealt to the ranks in turn (data
+    parallel): each rank backpropagates its share of the step's loss (normalised by the step's whole
+    example count), the gradients are summed over ranks, and every rank takes the same step. The
+    result is the one-process run's, up to float rounding.
     """
     from tqdm.auto import tqdm
+
+    from .distributed import all_reduce_sum_, world
+
+    rank, n_ranks = world()
 
     per_epoch = max(1, math.ceil(len(tokd) / (batch_size * grad_accum)))
     total = per_epoch * epochs
@@ -155,29 +164,44 @@ def train_epochs(model: nn.Module, opt: MasterAdamW, tokd, pad_id: int, device: 
     # must not leak into the first step.
     opt.zero_grad()
     model.train()
-    bar = tqdm(total=(epochs - start_epoch) * len(tokd), desc=desc, unit="ex", disable=not progress)
+    bar = tqdm(total=(epochs - start_epoch) * len(tokd), desc=desc, unit="ex", disable=not progress or rank > 0)
     for epoch in range(start_epoch, epochs):
         order = epoch_order(len(tokd), epoch, seed)
         micro = batches([tokd[i] for i in order], batch_size)
-        lrs, losses, t0 = [], [], time.perf_counter()
+        lrs, losses, t0, n_mine = [], [], time.perf_counter(), 0
         for s in range(per_epoch):
             step = epoch * per_epoch + s
             lr_now = lr_at(step, total, lr, warmup_ratio)
             opt.set_lr(lr_now)
             group = micro[s * grad_accum:(s + 1) * grad_accum]
             n_ex = sum(len(b) for b in group)
+            if n_ranks > 1:  # this rank's share of the step's examples, in batches of batch_size
+                mine = [ex for b in group for ex in b][rank::n_ranks]
+                group = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+            step_loss = torch.zeros(1, dtype=torch.float64)
             for b in group:
                 enc = collate(b, pad_id, device)
                 logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
                 # Mean over examples of each example's mean response-token loss.
                 loss = per_example_loss(logits, enc["labels"]).sum() / n_ex
                 loss.backward()
-                losses.append(loss.item() * n_ex / len(b))
+                step_loss += loss.item()
+                n_mine += len(b)
                 bar.update(len(b))
+            if n_ranks > 1:
+                for prm in opt.params.values():
+                    if prm.grad is None:
+                        prm.grad = torch.zeros_like(prm)
+                    all_reduce_sum_(prm.grad)
+                all_reduce_sum_(step_loss)
+            losses.append(float(step_loss))
             opt.step()
             opt.zero_grad()
             lrs.append(lr_now)
         bar.set_postfix(epoch=epoch + 1, loss=f"{sum(losses) / len(losses):.4f}")
+        if n_ranks > 1:
+            log.info("%s epoch %d: rank %d of %d trained on %d of %d examples", desc, epoch + 1, rank, n_ranks,
+                     n_mine, len(tokd))
         if on_epoch:
             on_epoch(epoch + 1, (epoch + 1) * per_epoch, lrs, sum(losses) / len(losses), time.perf_counter() - t0)
     bar.close()

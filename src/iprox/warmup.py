@@ -36,6 +36,8 @@ from typing import Literal
 
 from . import artifacts
 from .data import tokenize_examples
+from .distributed import barrier, on_rank0, rank_device
+from .distributed import world as dist_world
 from .loading import (CHECKPOINT_FILE, OPTIMIZER_FILE, TRAINABLE_FILE, Session, checkpoint_dirs, is_proxy_folder,
                       mark_trainable)
 from .models import default_device
@@ -129,10 +131,13 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
     out = Path(config.out)
     cfg = asdict(config)
     config.check_inputs()
-    if artifacts.prepare_stage(out, "warmup", cfg, config.overwrite, resumable=True):
+    # Under torchrun every rank trains the same model on its share of each step (training.train_epochs);
+    # rank 0 alone writes the folder.
+    rank, _ = dist_world()
+    if on_rank0(lambda: artifacts.prepare_stage(out, "warmup", cfg, config.overwrite, resumable=True)):
         return checkpoint_dirs(out)
     session = session or Session(keep=False)
-    device = config.device or default_device()
+    device = rank_device(config.device or default_device())
     log.info("warmup config: %s", json.dumps(artifacts.comparable(cfg)))
     # A local model path is recorded absolute, so the checkpoints load from any working directory.
     model_spec = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
@@ -148,7 +153,8 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
     tokd, _ = tokenize_examples(tok, [pool[i] for i in pick], config.max_length)
     if not tokd:
         raise ValueError("no warm-up example has a response token within max_length")
-    artifacts.atomic_write_json(out / "train_ids.json", [t.id for t in tokd])
+    if rank == 0:
+        artifacts.atomic_write_json(out / "train_ids.json", [t.id for t in tokd])
     opt = MasterAdamW(params, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
     if done:
         info = artifacts.read_json(done[-1] / CHECKPOINT_FILE, "checkpoint description")
@@ -162,7 +168,9 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
                 "lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha, "seed": config.seed,
                 "trains": "lora" if lora else "factors", "n_train": len(tokd), "train_loss": loss,
                 "dtype": config.dtype, "uid": uuid.uuid4().hex, "seconds": round(seconds, 2)}
-        _save_epoch(out / f"checkpoint-{epoch}", opt, info, model)
+        if rank == 0:
+            _save_epoch(out / f"checkpoint-{epoch}", opt, info, model)
+        barrier()
         log.info("warmup epoch %d/%d: loss %.4f, mean lr %.3g (%.1fs)", epoch, config.epochs, loss, info["lr"], seconds)
 
     train_epochs(model, opt, tokd, tok.pad_token_id, device, epochs=config.epochs, lr=config.lr,
@@ -170,5 +178,5 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
                  seed=config.seed, start_epoch=len(done), on_epoch=save, progress=config.progress, desc="warmup")
     for p in params.values():
         p.requires_grad_(False)
-    artifacts.mark_complete(out)
+    on_rank0(lambda: artifacts.mark_complete(out))
     return checkpoint_dirs(out)

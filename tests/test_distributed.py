@@ -1,0 +1,80 @@
+"""torchrun: the whole pipeline over two gloo processes gives the one-process selection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import chat_records, write_jsonl, write_model_folder
+
+from iprox.scores import read_scores
+
+CONFIG = """
+[run]
+out = "{out}"
+model = "{model}"
+selector = "proxy"
+[data]
+pool = [{{path = "pool.jsonl", sample = 24}}]
+validation = ["val.jsonl"]
+max_length = 96
+[proxy]
+sparsity = 0.5
+probe_examples = 4
+batch_size = 2
+align_examples = 4
+align_steps = 2
+grad_accum = 2
+lr = 1e-3
+[warmup]
+examples = 6
+epochs = 2
+lr = 1e-3
+lora_rank = 2
+batch_size = 2
+grad_accum = 2
+[features]
+proj_dim = 4
+batch_size = 4
+shard_size = 8
+[score]
+method = "tracin"
+[select]
+top_k = 5
+"""
+
+
+def test_torchrun_pipeline_equals_one_process(tmp_path):
+    """Probe batches, alignment micro-batches and warm-up examples are split over the ranks and summed;
+    features by shard; rank 0 writes. The selection must be byte for byte the one-process selection,
+    and the scores equal within float tolerance (sums in another order)."""
+    model = write_model_folder(tmp_path / "tiny", "llama")
+    write_jsonl(tmp_path / "pool.jsonl", chat_records(30, seed=1))
+    write_jsonl(tmp_path / "val.jsonl", [dict(r, task="target") for r in chat_records(4, seed=2)])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.toml").write_text(CONFIG.format(out=tmp_path / name, model=model))
+    one = subprocess.run([sys.executable, "-m", "iprox.cli", "run", str(tmp_path / "one.toml"), "--no-progress"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "iprox.cli", "run",
+                          str(tmp_path / "two.toml"), "--no-progress"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("selected 5 of 24") == 1  # one report, from rank 0
+    sel_one = (tmp_path / "one" / "selection" / "selected.jsonl").read_bytes()
+    assert sel_one and (tmp_path / "two" / "selection" / "selected.jsonl").read_bytes() == sel_one
+    a = {r["id"]: r["score"] for r in read_scores(tmp_path / "one" / "scores")}
+    b = {r["id"]: r["score"] for r in read_scores(tmp_path / "two" / "scores")}
+    assert a.keys() == b.keys()
+    scale = max(abs(v) for v in a.values())
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-3 * scale
+    # the ranks really split the work (each says so in the log)
+    for r in (0, 1):
+        assert f"probe: rank {r} of 2 ran 1 of 2 batches" in two.stderr
+        assert f"warmup epoch 2: rank {r} of 2 trained on 3 of 6 examples" in two.stderr
+    assert two.stderr.count("alignment: rank") == 2
