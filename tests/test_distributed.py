@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import chat_records, write_jsonl, write_model_folder
 
 from iprox.scores import read_scores
