@@ -107,6 +107,7 @@ def main() -> None:
         t0 = time.perf_counter()
         write_store(train, n, args.dim, args.shard_size, 2, [TASKS[i % 3] for i in range(n)])
         made = time.perf_counter() - t0
+        shutil.rmtree(work / f"scores-{n}", ignore_errors=True)  # else `score` skips: same settings, complete
         s = measure("score", train, val, work / f"scores-{n}")
         k = measure("topk", train, val, work / f"scores-{n}")
         rows.append({"n": n, "dim": args.dim, "store_gib": n * args.dim * 2 / 2**30, "write_s": made,
