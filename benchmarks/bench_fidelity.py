@@ -179,8 +179,11 @@ def main() -> None:
         cfg = work / "configs" / f"{slug(name)}-s{seed}.toml"
         cfg.parent.mkdir(exist_ok=True)
         write_config(cfg, out, target, pool_f, val_f, SETTINGS[name], seed, args.epochs, args.max_length)
-        log.info("%s, seed %d", name, seed)
-        sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
+        if key in runs and (out / "selection" / "COMPLETE").exists():
+            log.info("%s, seed %d: finished earlier; read back", name, seed)
+        else:
+            log.info("%s, seed %d", name, seed)
+            sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
         meta = json.loads((out / "pipeline.json").read_text())
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
                "timings": meta["timings"], "scores": str(out / "scores")}

@@ -294,6 +294,13 @@ def test_killed_run_resumes_to_identical_store(setup_store, tmp_path, monkeypatc
     written.clear()
     compute_features(_cfg(model_dir, data, tmp_path / "cut"))
     assert written == ["shard-00000.safetensors"]
+    # A complete store of an older format is made again, not refused.
+    man_path = tmp_path / "cut" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    man_path.write_text(json.dumps({**man, "format_version": 1}))
+    written.clear()
+    compute_features(_cfg(model_dir, data, tmp_path / "cut"))
+    assert len(written) == 4 and read_manifest(tmp_path / "cut")["format_version"] == 2
 
 
 def test_torchrun_two_processes_equal_one(setup_store, tmp_path):

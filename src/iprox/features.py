@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -288,7 +289,14 @@ def compute_features(config: FeatureConfig, session: Session | None = None) -> F
             check_data_paths(config.data)
         else:
             config.check_inputs()
-        return artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
+        skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
+        if skip and (out / MANIFEST_FILE).is_file() and \
+                artifacts.read_json(out / MANIFEST_FILE, "store manifest").get("format_version") != STORE_FORMAT_VERSION:
+            # A complete store of an older format (another projection scheme): made again, not refused.
+            log.warning("features: %s holds a store of an older format; recomputing it", out)
+            shutil.rmtree(out)
+            skip = artifacts.prepare_stage(out, "features", cfg, config.overwrite, resumable=True)
+        return skip
 
     # Decided on rank 0; a refusal there reaches every rank, which raises with its reason (torchrun's
     # agent would end the other ranks anyway, but another launcher might leave them waiting).
