@@ -79,6 +79,11 @@ def _settings() -> dict[str, dict]:
         s[f"sparsity {sp}"] = {"group": "sparsity", "proxy": {"sparsity": sp}}
     s["warm-up lora"] = {"group": "warm-up", "warmup": {"proxy_trains": "lora"}}
     s["target-first"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"}}
+    for sp in (0.3, 0.7):
+        s[f"target-first {sp}"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"},
+                                   "proxy": {"sparsity": sp}}
+    s["target-first align 40"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"},
+                                  "proxy": {"align_epochs": 0.0, "align_steps": 40}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
