@@ -175,19 +175,24 @@ def test_probe_and_alignment_sets_are_disjoint_slices(tmp_path):
     data = write_jsonl(tmp_path / "pool.jsonl", chat_records(40))
     cfg = _align_cfg(tmp_path, data, init="ipsvd", probe_examples=0, align_examples=0, align_steps=1,
                      probe_tokens=64)
-    assert cfg.split_sizes(12234) == (12, 122)          # paper defaults: 1% of the pool, a tenth of it
-    assert cfg.split_sizes(40) == (8, 8)                # floors for small pools
+    assert cfg.split_sizes(123400) == (123, 1234)       # paper defaults: 1% of the pool, a tenth of it
+    assert cfg.split_sizes(12234) == (16, 122)          # floors of 16 for smaller pools
+    assert cfg.split_sizes(40) == (16, 16)
     build_proxy(cfg, model=tiny_llama(), tokenizer=make_tokenizer())
     meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
     probe, align = meta["probe"]["ids"], meta["stage2"]["ids"]
-    assert len(probe) == 8 and len(align) == 8 and not set(probe) & set(align)
+    assert len(probe) == 16 and len(align) == 16 and not set(probe) & set(align)
 
 
 def test_stage2_settings_are_checked():
-    with pytest.raises(ValueError, match="not both"):
-        ProxyConfig(data=["x"], align_steps=3, align_epochs=1)
+    # alignment is on by default (5 epochs); steps, when given, replace the epochs
+    assert ProxyConfig(data=["x"]).aligns and ProxyConfig(data=["x"]).align_epochs == 5.0
+    assert not ProxyConfig(data=["x"], align_epochs=0).aligns
+    # asked-for steps on a proxy without factors are refused; the default epochs do not apply to it
     with pytest.raises(ValueError, match="layer-drop"):
         ProxyConfig(data=["x"], init="layer-drop", align_steps=3)
+    assert not ProxyConfig(data=["x"], init="layer-drop").aligns
+    assert not ProxyConfig(data=["x"], sparsity=0.0).aligns
 
 
 def test_fidelity_warning_fires_on_random_factors_not_on_an_exact_proxy(tmp_path):

@@ -97,7 +97,8 @@ def test_probing_block_by_block_builds_the_same_proxy(tmp_path):
     for per_pass in (0, 1):
         out = tmp_path / f"proxy-{per_pass}"
         build_proxy(ProxyConfig(data=[str(data)], out=str(out), probe_examples=6, probe_tokens=300, max_length=96,
-                                probe_blocks_per_pass=per_pass, progress=False), model=tiny_llama(seed=0), tokenizer=tok)
+                                probe_blocks_per_pass=per_pass, align_epochs=0.0, progress=False), model=tiny_llama(seed=0),
+                    tokenizer=tok)
         from safetensors.torch import load_file
 
         states[per_pass] = load_file(str(out / "model.safetensors"))
@@ -121,7 +122,7 @@ def test_bounded_memory_probe_equals_the_moments_route(tmp_path, form):
     for stats in ("moments", "samples"):
         cfg = ProxyConfig(data=[str(data)], out=str(tmp_path / stats), sparsity=0.5, probe_examples=6,
                           probe_tokens=40, ipsvd_form=form, factor_dtype="float64", max_length=64,
-                          probe_statistics=stats, progress=False)
+                          probe_statistics=stats, align_epochs=0.0, progress=False)
         build_proxy(cfg, model=copy.deepcopy(target), tokenizer=tok)
         built[stats] = load_proxy(tmp_path / stats)
     a, b = compressible_modules(built["moments"]), compressible_modules(built["samples"])

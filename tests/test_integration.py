@@ -29,7 +29,7 @@ def test_sparsity_half_proxy_from_a_few_dozen_examples(tmp_path, target, capsys)
     model, tok, _ = target
     pool = [str(SHARED_DATA / "gsm8k" / "train.jsonl"), str(SHARED_DATA / "bbh" / "tasks" / "snarks.json")]
     cfg = ProxyConfig(data=pool, out=str(tmp_path / "proxy"), sparsity=0.5, probe_examples=24,
-                      probe_tokens=1536, max_length=256, progress=False)
+                      probe_tokens=1536, max_length=256, align_epochs=0.0, progress=False)
     summary = build_proxy(cfg, model=model, tokenizer=tok)
     meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
     proxy = load_proxy(tmp_path / "proxy")

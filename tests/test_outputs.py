@@ -39,7 +39,7 @@ def test_proxy_folder_is_refused_by_plain_from_pretrained(tmp_path, data_file):
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     out = tmp_path / "proxy"
     build_proxy(ProxyConfig(model=str(model_dir), data=[str(data_file)], out=str(out), probe_examples=4,
-                            max_length=96, progress=False))
+                            max_length=96, align_epochs=0.0, progress=False))
     with pytest.raises((ValueError, KeyError), match="iprox_proxy"):
         AutoModelForCausalLM.from_pretrained(out)
     proxy = load_proxy(out)

@@ -30,7 +30,7 @@ W = sum(p.numel() * p.element_size() for p in m.parameters())
 base = psutil.Process().memory_info().rss
 build_proxy(ProxyConfig(model=folder, data=[folder + "/data.jsonl"], out=folder + "/proxy", probe_examples=8,
                         probe_tokens=512, max_length={LENGTH}, batch_size={BATCH}, probe_statistics=sys.argv[2],
-                        progress=False), model=m, tokenizer=tok)
+                        align_epochs=0.0, progress=False), model=m, tokenizer=tok)
 print(json.dumps({{"measured_gib": (W + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30}}))
 """
 

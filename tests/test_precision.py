@@ -55,7 +55,7 @@ def bf16_setup(tmp_path_factory):
     model_dir = write_model_folder(tmp / "tiny", "llama")
     data = write_jsonl(tmp / "pool.jsonl", chat_records(24))
     build_proxy(ProxyConfig(model=str(model_dir), data=[str(data)], out=str(tmp / "proxy"), sparsity=0.5,
-                            probe_examples=4, max_length=96, progress=False))
+                            probe_examples=4, max_length=96, align_epochs=0.0, progress=False))
     return tmp, model_dir, data
 
 

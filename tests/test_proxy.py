@@ -28,7 +28,7 @@ def _logits(model, enc):
 
 def _cfg(tmp_path, data_file, **kw):
     base = dict(data=[str(data_file)], out=str(tmp_path / "proxy"), sparsity=0.5, probe_examples=8,
-                probe_tokens=256, batch_size=4, progress=False)
+                probe_tokens=256, batch_size=4, align_epochs=0.0, progress=False)  # stage 1 alone
     base.update(kw)
     return ProxyConfig(**base)
 

@@ -270,9 +270,11 @@ def test_pipeline_target_first_order(tmp_path):
         man = json.loads((tmp_path / "run" / "features" / store / "manifest.json").read_text())
         assert man["trains"] == "target lora, carried" and man["model"] == str(tmp_path / "run" / "proxy")
     assert LOADS[model_key(str(model_dir))] - before == 1
-    # the order is part of the warm-up's fingerprint: the default order is refused on this folder
+    # the order is part of the warm-up's fingerprint: the other order is refused on this folder
     with pytest.raises(ValueError, match="from stage 'warmup' on"):
-        run(load_config(_write_config(tmp_path, model_dir), {"progress": False}))
+        run(load_config(_write_config(tmp_path, model_dir, run_extra='warmup_on = "proxy"'), {"progress": False}))
+    # and it is the default
+    assert load_config(_write_config(tmp_path, model_dir)).warmup_on == "target"
 
 
 def test_bad_config_names_the_problem(tmp_path):

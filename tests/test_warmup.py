@@ -81,7 +81,7 @@ def test_proxy_warmup_trains_factors_and_features_use_them(tmp_path, data_file):
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     proxy = tmp_path / "proxy"
     build_proxy(ProxyConfig(model=str(model_dir), data=[str(data_file)], out=str(proxy), sparsity=0.5,
-                            probe_examples=4, max_length=96, progress=False))
+                            probe_examples=4, max_length=96, align_epochs=0.0, progress=False))
     dirs = run_warmup(_wcfg(proxy, data_file, tmp_path / "w", epochs=1))
     trained = load_file(str(dirs[0] / "trainable.safetensors"))
     assert trained and all(k.endswith((".A.weight", ".B.weight")) for k in trained)

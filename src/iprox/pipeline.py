@@ -18,9 +18,9 @@ shared data folder, ``out`` is relative to the working directory)::
     model = "smollm2-135m-instruct"   # the target
     selector = "proxy"                # proxy (IProX) | model (LESS) | representation (RDS+) | random
     selector_model = ""               # model / representation: featurise this model (default: the target)
-    warmup_on = "proxy"               # proxy: the proxy warms up ([warmup] proxy_trains); target: the
-                                      # target warms up (LoRA, as LESS) and the proxy carries its
-                                      # checkpoints (the paper's order: the target's warm-up first)
+    warmup_on = "target"              # target (default): the target warms up (LoRA, as LESS) and the
+                                      # proxy carries its checkpoints (the paper's order); proxy: the
+                                      # proxy warms up itself ([warmup] proxy_trains)
     seed = 0
     dtype = "auto"                    # every model-running stage: float32 | bfloat16 (bf16) | float16 | auto
                                       # (auto: bf16 on a GPU that has it, else float32); a section's own
@@ -88,7 +88,7 @@ class RunConfig:
     model: str = EMBEDDED_MODEL
     selector: str = "proxy"
     selector_model: str = ""
-    warmup_on: Literal["proxy", "target"] = "proxy"
+    warmup_on: Literal["proxy", "target"] = "target"
     seed: int = 0
     pool: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
@@ -233,7 +233,8 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
                   "proxy": cfg.proxy if cfg.selector == "proxy" else None, "max_length": cfg.max_length,
                   # only a non-default dtype enters the hash, so runs made before [run] dtype existed still match
                   **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {})},
-        # the default order stays out of the hash, so runs made before warmup_on existed still match
+        # the proxy-first order (the only one before warmup_on existed) stays out of the hash, so runs
+        # made then still match when they ask for it
         "warmup": cfg.warmup if cfg.warmup_on == "proxy" or cfg.selector != "proxy" else {**cfg.warmup, "on": "target"},
         "features": cfg.features, "score": cfg.score, "select": cfg.select,
     }

@@ -82,7 +82,7 @@ class ProxyConfig:
         sparsity: fraction of each compressed layer's parameters removed, in [0, 1).
         init: ``ipsvd``, ``svd``, ``random`` or ``layer-drop``.
         probe_examples: examples in the probe set, the head of a seeded shuffle of the data (0: as
-            in the paper, a tenth of the alignment set's size, at least 8).
+            in the paper, a tenth of the alignment set's size, at least 16).
         probe_tokens: token positions sampled over the probe set, spread evenly per sequence. Use at
             least the widest layer's width so that no input direction goes unprobed.
         probe_blocks_per_pass: collect the probe statistics of this many decoder blocks per pass over
@@ -105,10 +105,12 @@ class ProxyConfig:
         dtype: dtype the target is loaded in and the proxy saved in.
         device: torch device; empty picks cuda when available.
         trust_remote_code: passed to transformers.
-        align_steps: stage-2 optimiser steps (0 with align_epochs 0: stage 1 only).
-        align_epochs: alternatively, passes over the alignment set.
+        align_steps: stage-2 optimiser steps; when set, they replace align_epochs.
+        align_epochs: passes over the alignment set (default 5, as in the paper; 0 with align_steps 0:
+            stage 1 only). Stage 2 is skipped, with a log line, for a proxy without factors
+            (layer-drop, sparsity 0).
         align_examples: size of the alignment set, the slice after the probe set (0: 1% of the
-            data, at least 8, as in the paper).
+            data, at least 16; the paper takes 1%).
         lambda_kl: weight of the KL anchor against the gradient-alignment term.
         temperature: softmax temperature τ of the KL term (scaled by τ²).
         lr, weight_decay: AdamW settings for the factors.
@@ -138,7 +140,7 @@ class ProxyConfig:
     device: str = ""
     trust_remote_code: bool = False
     align_steps: int = 0
-    align_epochs: float = 0.0
+    align_epochs: float = 5.0
     align_examples: int = 0
     lambda_kl: float = 0.1
     temperature: float = 2.0
@@ -153,17 +155,21 @@ class ProxyConfig:
         """``(probe, alignment)`` set sizes for ``n_data`` examples.
 
         Defaults follow the paper: the alignment set is about 1% of the data, the probe set a tenth
-        of that; both at least 8 examples. The probe set is the head of the seeded shuffle, the
+        of that; both at least 16 examples. The probe set is the head of the seeded shuffle, the
         alignment set the slice right after it, so the two never overlap.
         """
-        n_align = self.align_examples or max(8, round(0.01 * n_data))
-        n_probe = self.probe_examples or max(8, round(0.1 * n_align))
+        n_align = self.align_examples or max(16, round(0.01 * n_data))
+        n_probe = self.probe_examples or max(16, round(0.1 * n_align))
         return n_probe, n_align
 
     @property
+    def has_factors(self) -> bool:
+        return self.init != "layer-drop" and self.sparsity > 0
+
+    @property
     def aligns(self) -> bool:
-        """Whether stage 2 runs."""
-        return self.align_steps > 0 or self.align_epochs > 0
+        """Whether stage 2 runs: asked for (steps or epochs) and there are factors to align."""
+        return (self.align_steps > 0 or self.align_epochs > 0) and self.has_factors
 
     def __post_init__(self):
         check_types(self)
@@ -187,12 +193,10 @@ class ProxyConfig:
             raise ValueError("batch_size must be >= 1")
         if self.align_steps < 0 or self.align_epochs < 0:
             raise ValueError("align_steps and align_epochs must be >= 0")
-        if self.align_steps and self.align_epochs:
-            raise ValueError("give either --align-steps or --align-epochs, not both")
-        if self.aligns and self.init == "layer-drop":
-            raise ValueError("a layer-drop proxy has no factors to align; use --align-steps 0")
-        if self.aligns and self.sparsity == 0:
-            raise ValueError("sparsity 0 leaves every layer dense: nothing to align")
+        if self.align_steps and self.init == "layer-drop":
+            raise ValueError("a layer-drop proxy has no factors to align; leave --align-steps 0")
+        if self.align_steps and self.sparsity == 0:
+            raise ValueError("sparsity 0 leaves every layer dense: nothing to align; leave --align-steps 0")
         if self.lambda_kl < 0 or self.temperature <= 0 or self.lr <= 0:
             raise ValueError("need lambda_kl >= 0, temperature > 0 and lr > 0")
         if self.grad_accum < 1 or self.checkpoint_every < 1:
@@ -408,7 +412,10 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
     # Fail on bad input before touching the output folder.
     examples = load_examples(config.data) if config.data else None
     if config.aligns and not examples:
-        raise ValueError("alignment needs data: pass --data")
+        raise ValueError("alignment needs data: pass --data (or --align-epochs 0 for stage 1 only)")
+    if (config.align_steps or config.align_epochs) and not config.has_factors:
+        log.info("build-proxy: a %s proxy has no factors; stage 2 (alignment) does not apply",
+                 "layer-drop" if config.init == "layer-drop" else "sparsity-0")
     if model is None:
         resolve_model(config.model)
     # Under torchrun every rank builds the same proxy (the probe and the alignment split their
@@ -454,7 +461,7 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
             log.warning("only %d examples left for an alignment set of %d", len(align_ex), n_align)
         align_tok, _ = tokenize_examples(tokenizer, align_ex, config.max_length)
         per_epoch = steps_per_epoch(len(align_tok), config.batch_size, config.grad_accum)
-        steps = config.align_steps or math.ceil(config.align_epochs * per_epoch)
+        steps = config.align_steps or math.ceil(config.align_epochs * per_epoch)  # steps, when given, win
         settings = AlignSettings(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                  lr=config.lr, weight_decay=config.weight_decay, lambda_kl=config.lambda_kl,
                                  temperature=config.temperature, checkpoint_every=config.checkpoint_every,
