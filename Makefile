@@ -56,7 +56,7 @@ bench-scale: setup
 
 # which settings make the proxy rank like the target, against the target's own seed-to-seed agreement
 # (resumable; the core settings × 3 seeds take ~2-3 hours on 2 CPU cores; SETTINGS=all for the sweep)
-SETTINGS ?= target default target-first "align 0 steps"
+SETTINGS ?= target proxy-first target-first "align 0 steps"
 bench-fidelity: setup
 	$(BIN)/python benchmarks/bench_fidelity.py --settings $(SETTINGS)
 

@@ -50,7 +50,7 @@ TASKS = ["boolean_expressions", "hyperbaton", "formal_fallacies"]
 
 # The settings every proxy run starts from; a setting below changes some of them.
 BASE = {
-    "run": {"selector": "proxy"},
+    "run": {"selector": "proxy", "warmup_on": "proxy"},
     "proxy": {"sparsity": 0.5, "probe_examples": 16, "probe_tokens": 4096, "batch_size": 4,
               "align_examples": 16, "align_epochs": 5.0, "lambda_kl": 0.1, "lr": 1e-4},
     "warmup": {"fraction": 0.05, "lr": 2e-5},
@@ -64,7 +64,7 @@ def _settings() -> dict[str, dict]:
     s: dict[str, dict] = {
         "target": {"group": "reference", "run": {"selector": "model"}},
         "exact LESS": {"group": "reference", "run": {"selector": "model"}, "features": {"engine": "dense"}},
-        "default": {"group": "default"},
+        "proxy-first": {"group": "order"},
         "representation (RDS+)": {"group": "downstream baselines", "run": {"selector": "representation"}},
         "random": {"group": "downstream baselines", "run": {"selector": "random"}},
     }
@@ -78,7 +78,7 @@ def _settings() -> dict[str, dict]:
     for sp in (0.3, 0.7):
         s[f"sparsity {sp}"] = {"group": "sparsity", "proxy": {"sparsity": sp}}
     s["warm-up lora"] = {"group": "warm-up", "warmup": {"proxy_trains": "lora"}}
-    s["target-first"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"}}
+    s["target-first"] = {"group": "order", "run": {"selector": "proxy", "warmup_on": "target"}}
     for sp in (0.3, 0.7):
         s[f"target-first {sp}"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"},
                                    "proxy": {"sparsity": sp}}
@@ -96,7 +96,7 @@ def _settings() -> dict[str, dict]:
 
 
 SETTINGS = _settings()
-CORE = ["target", "default", "target-first", "align 0 steps"]
+CORE = ["target", "proxy-first", "target-first", "align 0 steps"]
 
 
 def _toml(v) -> str:
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
     ap.add_argument("--downstream", nargs="*", default=None, metavar="NAME",
                     help="fine-tune the target on each named setting's top 5% per task (seed 0; default: target, "
-                         "default, target-first, RDS+, random) and evaluate on 40 held-out examples per task")
+                         "proxy-first, target-first, RDS+, random) and evaluate on 40 held-out examples per task")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     res_path = RESULTS / "fidelity.json"
@@ -174,7 +174,7 @@ def main() -> None:
     # interrupted study has every setting at its first seeds rather than one setting at all of them.
     order = [("target", 0)] + [(n, s) for s in args.seeds for n in names if (n, s) != ("target", 0)]
     if args.downstream is not None:
-        want = args.downstream or ["target", "default", "target-first", "representation (RDS+)", "random"]
+        want = args.downstream or ["target", "proxy-first", "target-first", "representation (RDS+)", "random"]
         order = [("target", 0)] + [(n, 0) for n in want if n != "target"]
     for name, seed in order:
         if name == "exact LESS" and seed != 0:
