@@ -98,7 +98,7 @@ def _add_fidelity(sub) -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--warn-below", type=float, default=None,
-                   help="warn when the all-layer gradient cosine on --data is below this (default: 0.5, "
+                   help="warn when the all-layer gradient cosine on --data is below this (default: 0.3, "
                         "iprox.fidelity.WARN_COSINE)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
     p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
