@@ -164,7 +164,7 @@ def test_fidelity_is_perfect_for_exact_proxy_and_improves_with_alignment(tmp_pat
     assert rep["grad_cosine_global"] == pytest.approx(1.0, abs=1e-9) and len(rep["layers"]) == 14
     data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
     t32 = tiny_llama()
-    build_proxy(_align_cfg(tmp_path, data, align_steps=0), model=t32, tokenizer=tok)
+    build_proxy(_align_cfg(tmp_path, data, align_steps=0, align_epochs=0), model=t32, tokenizer=tok)
     before = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
     build_proxy(_align_cfg(tmp_path, data, overwrite=True), model=t32, tokenizer=tok)
     after = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
@@ -204,7 +204,7 @@ def test_fidelity_warning_fires_on_random_factors_not_on_an_exact_proxy(tmp_path
     assert fidelity_warning(exact) is None
     data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
     t32 = tiny_llama()
-    build_proxy(_align_cfg(tmp_path, data, align_steps=0, init="random"), model=t32, tokenizer=tok)
+    build_proxy(_align_cfg(tmp_path, data, align_steps=0, align_epochs=0, init="random"), model=t32, tokenizer=tok)
     rand = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
     msg = fidelity_warning(rand)
     assert msg is not None and "unlikely to be the target's" in msg, rand["grad_cosine_global"]
