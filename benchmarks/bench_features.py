@@ -168,7 +168,7 @@ def main() -> None:
     for sp in sparsities:
         pdir = str(work / f"proxy-{sp}")
         build_proxy(ProxyConfig(model=tspec, data=[pool_f], out=pdir, sparsity=sp, probe_examples=32,
-                                probe_tokens=4096, max_length=max_len, progress=False))
+                                probe_tokens=4096, max_length=max_len, align_epochs=0.0, progress=False))  # stage 1
         trains = ["factors", "lora"] if sp == 0.5 else ["factors"]
         for mode in trains:
             ck = str(run_warmup(WarmupConfig(model=pdir, out=str(work / f"warm-{sp}-{mode}"), proxy_trains=mode,

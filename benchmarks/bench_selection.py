@@ -47,8 +47,8 @@ ALIGN = "align_examples = 16\nalign_steps = 8\nlr = 1e-4\n"  # batch 2 (set belo
 
 METHODS = {  # proxy method → [proxy] lines besides sparsity
     "IProX ipsvd+align": ALIGN,
-    "ipsvd, no align": "",
-    "svd": 'init = "svd"\n',
+    "ipsvd, no align": "align_epochs = 0\n",          # alignment is on by default: off for the baselines
+    "svd": 'init = "svd"\nalign_epochs = 0\n',
     "svd+align": 'init = "svd"\n' + ALIGN,
     "layer-drop": 'init = "layer-drop"\n',
 }
@@ -101,7 +101,6 @@ lr = 2e-5
 [features]
 proj_dim = 64
 batch_size = 8
-train_grad = "factored-adam"
 [score]
 method = "tracin"
 aggregate = "max"
