@@ -328,14 +328,16 @@ def report(r: dict) -> str:
     plt.close(fig)
     lines += ["![fidelity against build cost](benchmarks/results/fidelity.png)"]
     if r.get("downstream"):
+        tasks = [t for t in r["tasks"] if t in r["downstream"]]
         lines += ["", "### Downstream: the top 5% per task fine-tunes the target (seed 0)", "",
                   "LoRA, 3 epochs, lr 2e-4; held-out loss and exact-match accuracy on 40 test examples per task; share: "
-                  "of the 15 selected examples, those from the task itself (its share of the pool is 0.033).", "",
-                  "| selector | " + " | ".join(f"{t}: share, loss, accuracy" for t in r["tasks"]) + " |",
-                  "|---|" + "---|" * len(r["tasks"])]
+                  "of the 15 selected examples, those from the task itself (its share of the pool is 0.033)."
+                  + (f" {r['downstream_note']}." if r.get("downstream_note") else ""), "",
+                  "| selector | " + " | ".join(f"{t}: share, loss, accuracy" for t in tasks) + " |",
+                  "|---|" + "---|" * len(tasks)]
         for name in next(iter(r["downstream"].values())):
             cells = []
-            for t in r["tasks"]:
+            for t in tasks:
                 d = r["downstream"][t][name]
                 share = "–" if d["share"] is None else f"{d['share']:.2f}"
                 cells.append(f"{share}, {d['loss']:.3f}, {d['accuracy']:.2f}")
