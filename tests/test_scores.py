@@ -22,7 +22,7 @@ def fake_store(folder: Path, X: torch.Tensor, ids, tasks, lr=None, shard_size=4,
     shards = []
     for i, a in enumerate(range(0, len(ids), shard_size)):
         save_file({"features": X[a:a + shard_size].contiguous()}, str(folder / shard_name(i)),
-                  metadata={"ids": json.dumps(ids[a:a + shard_size])})
+                  metadata={"ids": json.dumps(ids[a:a + shard_size]), "format_version": str(STORE_FORMAT_VERSION)})
         shards.append({"file": shard_name(i), "start": a, "count": len(ids[a:a + shard_size])})
     man = {"format_version": STORE_FORMAT_VERSION, "model": "m", "checkpoint": "", "epoch": 1, "lr": lr,
            "model_hash": "h", "seed": seed, "proj_dim": 4, "dim": X.shape[1], "layout": [], "ids": ids,

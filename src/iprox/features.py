@@ -177,6 +177,9 @@ def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 ids = json.loads(meta.get("ids", "null"))
+                if meta.get("format_version") != str(STORE_FORMAT_VERSION):
+                    raise artifacts.ArtifactError(f"{path}: its header does not name store format {STORE_FORMAT_VERSION} "
+                                                  f"(a damaged, foreign or older shard); recompute the store")
                 if sh.get("crc32") is not None and meta.get("crc32") != str(sh["crc32"]):
                     raise artifacts.ArtifactError(f"{path}: its checksum is not the one the manifest recorded "
                                                   f"(a damaged or foreign shard); recompute the store")
