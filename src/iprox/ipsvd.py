@@ -59,14 +59,19 @@ def _prepare(C: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
     return C / s, s
 
 
+def _probed_span(V: torch.Tensor, evals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenvectors (columns of V) and eigenvalues of the span the probes visited (skinny form)."""
+    keep = evals > _SPAN_TOL * evals.max().clamp_min(0)
+    if not bool(keep.any()):
+        keep = torch.ones_like(keep)
+    return V[:, keep], evals[keep]
+
+
 def _basis_from_eig(evals: torch.Tensor, V: torch.Tensor, scale: float, ridge: float, form: str):
     evals = evals * scale
     lam = _relative_ridge(evals, ridge, V.shape[0])
     if form == "skinny":
-        keep = evals > _SPAN_TOL * evals.max().clamp_min(0)
-        if not bool(keep.any()):
-            keep = torch.ones_like(keep)
-        V, evals = V[:, keep], evals[keep]
+        V, evals = _probed_span(V, evals)
     elif form != "full":
         raise ValueError(f"form must be 'full' or 'skinny', got {form!r}")
     return V, torch.sqrt(evals.clamp_min(0) + lam)
@@ -163,10 +168,7 @@ def sample_bases(samples: list[torch.Tensor], ridge: float = 1e-3, form: str = "
         U = Vt.T
         lam = _relative_ridge(e, ridge, X.shape[1])
         if form == "skinny":
-            keep = e > _SPAN_TOL * e.max().clamp_min(0)
-            if not bool(keep.any()):
-                keep = torch.ones_like(keep)
-            U, e = U[:, keep], e[keep]
+            U, e = _probed_span(U, e)
         out.append(SampleBasis(U, e, lam, form))
     return out
 

@@ -304,35 +304,27 @@ def factorize_model(
         ranks[name] = rank_for_sparsity(m, n, sparsity, rank_multiple)
         records.append(_layer_record(name, mod, ranks[name]))
     decompositions = {} if decompositions is None else decompositions
-    if init == "ipsvd" and moments and isinstance(next(iter(moments.values())), Samples):
-        # The bounded-memory route: one thin SVD per distinct sample matrix (q/k/v and gate/up share
-        # their inputs' samples), nothing width² formed.
-        todo = [n for n in mods if ranks[n] is not None and n not in decompositions]
-        distinct = {}
-        for n in todo:
-            for X in (moments[n].X_h, moments[n].X_d):
-                distinct.setdefault(id(X), X)
-        t0 = time.perf_counter()
-        bases = dict(zip(distinct, sample_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
-        log.info("thin SVDs of %d distinct sample matrices in %.1fs (%s)", len(distinct), time.perf_counter() - t0, factor_dtype)
-        for n in tqdm(todo, desc="factorise (ipsvd, samples)", unit="layer", disable=not progress):
-            W = projection_weight(mods[n]).detach().to(moments[n].X_h.device)
-            decompositions[n] = ipsvd_decomposition_from_samples(W, bases[id(moments[n].X_h)], bases[id(moments[n].X_d)])
-        del bases
-    elif init == "ipsvd":
-        # One eigendecomposition per distinct moment tensor (q/k/v and gate/up share their input
-        # moment object), batched over same-sized ones.
+    if init == "ipsvd":
+        # One basis per distinct statistic (q/k/v and gate/up share their input's), computed once:
+        # eigendecompositions of moments, batched over same-sized ones, or thin SVDs of probe samples
+        # (the bounded-memory route, nothing width² formed).
+        samples = isinstance(next(iter(moments.values())), Samples)
+        sides = (lambda st: (st.X_h, st.X_d)) if samples else (lambda st: (st.C_h, st.C_d))
+        make_bases, decompose = ((sample_bases, ipsvd_decomposition_from_samples) if samples
+                                 else (whitening_bases, ipsvd_decomposition))
         todo = [n for n in mods if ranks[n] is not None and n not in decompositions]
         distinct: dict[int, torch.Tensor] = {}
         for n in todo:
-            for C in (moments[n].C_h, moments[n].C_d):
-                distinct.setdefault(id(C), C)
+            for X in sides(moments[n]):
+                distinct.setdefault(id(X), X)
         t0 = time.perf_counter()
-        bases = dict(zip(distinct, whitening_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
-        log.info("eigendecomposed %d distinct moments in %.1fs (%s)", len(distinct), time.perf_counter() - t0, factor_dtype)
+        bases = dict(zip(distinct, make_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
+        log.info("%s of %d distinct %s in %.1fs (%s)", "thin SVDs" if samples else "eigendecompositions", len(distinct),
+                 "sample matrices" if samples else "moments", time.perf_counter() - t0, factor_dtype)
         for n in tqdm(todo, desc="factorise (ipsvd)", unit="layer", disable=not progress):
-            W = projection_weight(mods[n]).detach().to(moments[n].C_h.device)
-            decompositions[n] = ipsvd_decomposition(W, bases[id(moments[n].C_h)], bases[id(moments[n].C_d)])
+            h, d = sides(moments[n])
+            W = projection_weight(mods[n]).detach().to(h.device)
+            decompositions[n] = decompose(W, bases[id(h)], bases[id(d)])
         del bases
     for name, mod in mods.items():
         rank = ranks[name]
