@@ -84,6 +84,10 @@ def _settings() -> dict[str, dict]:
                                    "proxy": {"sparsity": sp}}
     s["target-first align 40"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"},
                                   "proxy": {"align_epochs": 0.0, "align_steps": 40}}
+    s["target-first align 0"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"},
+                                 "proxy": NO_ALIGN}
+    s["target-first svd 0.5"] = {"group": "baselines", "run": {"selector": "proxy", "warmup_on": "target"},
+                                 "proxy": {"init": "svd"}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
