@@ -208,3 +208,103 @@ def test_fidelity_warning_fires_on_random_factors_not_on_an_exact_proxy(tmp_path
     rand = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
     msg = fidelity_warning(rand)
     assert msg is not None and "unlikely to be the target's" in msg, rand["grad_cosine_global"]
+
+
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+def test_recomputed_blocks_give_the_same_gradients_and_second_derivatives(tmp_path, family):
+    """Activation checkpointing (eval mode, non-reentrant) against the plain graph, in float64:
+    the target's weight gradients and a double backward through the proxy's factor gradients."""
+    from iprox.models import decoder_layers, recomputed_blocks
+
+    target = FACTORIES[family](dtype=torch.float64).eval()
+    enc, _, _ = _enc(tmp_path)
+    results = []
+    for recompute in (False, True):
+        proxy = _full_rank_proxy(target)
+        with torch.no_grad():   # factors off the exact product, so the cosines are not all 1
+            for mod in proxy.modules():
+                if isinstance(mod, FactorizedLinear):
+                    mod.A.weight.mul_(1.1)
+        pairs = layer_pairs(proxy, target)
+        alignment.require_pair_grads(proxy, target, pairs)
+        with recomputed_blocks(target, recompute), recomputed_blocks(proxy, recompute):
+            G, t_logits, _ = target_weight_grads(target, pairs, enc)
+            loss, _, _ = alignment_loss(proxy, target, pairs, enc, lambda_kl=0.5, temperature=2.0)
+            factors = [t for p in pairs for t in (p.proxy.A.weight, p.proxy.B.weight)]
+            second = torch.autograd.grad(loss, factors)
+        results.append((G, t_logits, second))
+        _, blocks = decoder_layers(target)
+        assert all("forward" not in b.__dict__ for b in blocks)       # left as it was
+    (G0, l0, s0), (G1, l1, s1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-12)
+    for a, b in zip(G0 + list(s0), G1 + list(s1)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert max(float(s.abs().max()) for s in s0) > 1e-6            # the double backward reached the factors
+
+
+def test_recomputed_blocks_hold_less_memory_for_the_target_backward():
+    """Measured, not assumed: tensors saved for the backward of the target's forward, with and without."""
+    from iprox.models import recomputed_blocks
+
+    target = tiny_llama(dtype=torch.float32).eval()
+    ids = torch.randint(0, 100, (2, 64))
+
+    def saved_bytes(recompute: bool) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with recomputed_blocks(target, recompute), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            target(input_ids=ids, use_cache=False).logits.sum()
+        return sum(seen.values())
+    assert saved_bytes(True) < 0.6 * saved_bytes(False)
+
+
+def test_alignment_with_recomputation_and_offloaded_optimizer_trains_the_same_factors(tmp_path, monkeypatch):
+    from iprox import training
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    tok = make_tokenizer()
+    kw = dict(align_steps=4, lambda_kl=0.3)
+    build_proxy(_align_cfg(tmp_path / "a", data, **kw), model=tiny_llama(), tokenizer=tok)
+    used = {"recompute": 0, "offload": 0}
+    real_blocks, real_init = alignment.recomputed_blocks, training.MasterAdamW.__init__
+
+    def blocks(model, enabled=True):
+        used["recompute"] += bool(enabled)
+        return real_blocks(model, enabled)
+
+    def init(self, *a, offload=False, **k):
+        used["offload"] += offload
+        real_init(self, *a, offload=offload, **k)
+    monkeypatch.setattr(alignment, "recomputed_blocks", blocks)
+    monkeypatch.setattr(training.MasterAdamW, "__init__", init)
+    build_proxy(_align_cfg(tmp_path / "b", data, **kw, gradient_checkpointing=True, offload_optimizer=True),
+                model=tiny_llama(), tokenizer=tok)
+    assert used == {"recompute": 4, "offload": 1}   # one micro-batch per step
+    a, b = load_proxy(tmp_path / "a" / "proxy"), load_proxy(tmp_path / "b" / "proxy")
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-6)
+    # settings that change only how it runs do not make the folder another proxy
+    assert build_proxy(_align_cfg(tmp_path / "a", data, **kw, gradient_checkpointing=True),
+                       model=tiny_llama(), tokenizer=tok).skipped
+
+
+def test_offloaded_master_adamw_steps_like_the_resident_one():
+    from iprox.training import MasterAdamW
+
+    torch.manual_seed(0)
+    ps = {dt: {"w": torch.nn.Parameter(torch.randn(8, 4).to(dt))} for dt in (torch.bfloat16, torch.float32)}
+    for dt, params in ps.items():
+        twin = {"w": torch.nn.Parameter(params["w"].detach().clone())}
+        a, b = MasterAdamW(params, lr=1e-2), MasterAdamW(twin, lr=1e-2, offload=True)
+        assert b.master["w"] is not twin["w"] and b.master["w"].device.type == "cpu"
+        assert b.master["w"].dtype == torch.float32
+        for step in range(3):
+            g = torch.randn(8, 4).to(dt)
+            params["w"].grad, twin["w"].grad = g.clone(), g.clone()
+            a.step(), b.step()
+        assert torch.equal(params["w"], twin["w"]), dt
+        assert not torch.equal(params["w"].float(), torch.zeros(8, 4))

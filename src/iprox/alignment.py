@@ -39,7 +39,7 @@ from .data import TokenizedExample, collate
 from .distributed import all_reduce_sum_, barrier, world
 from .evaluation import per_example_loss
 from .lowrank import FactorizedLinear
-from .models import projection_weight
+from .models import projection_weight, recomputed_blocks
 from .training import MasterAdamW, epoch_order
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def target_weight_grads(target: nn.Module, pairs: Sequence[LayerPair], enc: dict
     Only the paired layers' weights get gradients; everything else is frozen for this pass.
     """
     weights = [p.target.weight for p in pairs]
-    logits = target(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    logits = target(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits
     loss = per_example_loss(logits, enc["labels"]).mean()
     grads = torch.autograd.grad(loss, weights)
     G = [g.detach() if isinstance(p.target, nn.Linear) else g.detach().t() for p, g in zip(pairs, grads)]
@@ -103,7 +103,7 @@ def target_weight_grads(target: nn.Module, pairs: Sequence[LayerPair], enc: dict
 def proxy_factor_grads(proxy: nn.Module, pairs: Sequence[LayerPair], enc: dict[str, torch.Tensor], create_graph: bool):
     """Proxy forward + backward: per-layer ``(g_A, g_B)`` and the logits."""
     params = [t for p in pairs for t in (p.proxy.A.weight, p.proxy.B.weight)]
-    logits = proxy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    logits = proxy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits
     loss = per_example_loss(logits, enc["labels"]).mean()
     grads = torch.autograd.grad(loss, params, create_graph=create_graph)
     return [(grads[2 * i], grads[2 * i + 1]) for i in range(len(pairs))], logits, loss
@@ -150,9 +150,14 @@ def response_kl(target_logits: torch.Tensor, proxy_logits: torch.Tensor, labels:
     return temperature**2 * kl.mean()
 
 
-def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float):
-    """``(L, L_GA, L_KL)`` for one batch; ``L`` carries the graph back to the factors."""
-    G, t_logits, _ = target_weight_grads(target, pairs, enc)
+def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float, recompute_target: bool = False):
+    """``(L, L_GA, L_KL)`` for one batch; ``L`` carries the graph back to the factors.
+
+    ``recompute_target``: checkpoint the target's blocks (its backward is a plain one, so their
+    activations need not all be kept; the proxy's double backward holds its own graph regardless).
+    """
+    with recomputed_blocks(target, recompute_target):
+        G, t_logits, _ = target_weight_grads(target, pairs, enc)
     gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=True)
     cos_a, cos_b = factor_space_cosines(gAB, projected_target_grads(pairs, G))
     l_ga = (0.5 * ((1 - cos_a) + (1 - cos_b))).mean()
@@ -182,6 +187,8 @@ class AlignSettings:
     temperature: float
     checkpoint_every: int
     seed: int
+    gradient_checkpointing: bool = False   # recompute the target's blocks in its backward
+    offload_optimizer: bool = False        # master factors and moments in host memory
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
@@ -258,7 +265,7 @@ def run_alignment(
     if attn_before not in (None, "eager"):
         proxy.set_attn_implementation("eager")
     # float32 master factors and moments, whatever the proxy's dtype
-    opt = MasterAdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = MasterAdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, offload=settings.offload_optimizer)
     ckpt = out / CKPT_DIR
     log_path = out / LOG_FILE
     start = 0
@@ -289,7 +296,8 @@ def run_alignment(
                 if i % n_ranks != rank:
                     continue
                 enc = collate(mb, pad_id, device)
-                loss, l_ga, l_kl = alignment_loss(proxy, target, pairs, enc, settings.lambda_kl, settings.temperature)
+                loss, l_ga, l_kl = alignment_loss(proxy, target, pairs, enc, settings.lambda_kl, settings.temperature,
+                                                  settings.gradient_checkpointing)
                 (loss / len(micro)).backward()
                 sums += torch.tensor([float(loss.detach()), float(l_ga), float(l_kl)], dtype=torch.float64) / len(micro)
             # Target weights only served to produce G; drop any gradient that leaked into them.

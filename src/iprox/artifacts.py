@@ -29,7 +29,8 @@ COMPLETE_FILE = "COMPLETE"
 FORMAT_VERSION = 1
 
 # Config fields that do not affect what a stage produces.
-IGNORED_KEYS = {"out", "overwrite", "progress", "device", "checkpoint_every", "probe_blocks_per_pass"}
+IGNORED_KEYS = {"out", "overwrite", "progress", "device", "checkpoint_every", "probe_blocks_per_pass",
+                "gradient_checkpointing", "offload_optimizer"}
 
 
 class ConfigMismatchError(ValueError):

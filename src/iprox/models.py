@@ -309,6 +309,37 @@ def frozen(*models: nn.Module, trainable: list | tuple = ()):
             p.requires_grad_(f)
 
 
+@contextlib.contextmanager
+def recomputed_blocks(model: nn.Module, enabled: bool = True):
+    """Within the block, each decoder block's forward keeps only its inputs for the backward and
+    recomputes the rest there (activation checkpointing, non-reentrant: ``torch.autograd.grad`` and
+    double backward work through it). Less memory for one more forward of every block.
+
+    Unlike transformers' own ``gradient_checkpointing_enable`` it works in eval mode (no dropout
+    switched on) and leaves the model as it was afterwards. Forwards inside must not use a KV cache
+    (pass ``use_cache=False``): the recomputation would append to it a second time.
+    """
+    if not enabled:
+        yield
+        return
+    from torch.utils.checkpoint import checkpoint
+
+    _, blocks = decoder_layers(model)
+
+    def wrap(fwd):
+        def forward(*args, **kwargs):
+            return checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+        return forward
+
+    try:
+        for blk in blocks:
+            blk.forward = wrap(blk.forward)
+        yield
+    finally:
+        for blk in blocks:
+            blk.__dict__.pop("forward", None)  # back to the class's forward
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once)."""
     seen: set[int] = set()

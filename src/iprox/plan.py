@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .evaluation import per_example_loss
 from .lowrank import rank_for_sparsity
 from .models import DTYPES, EMBEDDED_MODEL, compressible_modules, decoder_layers, resolve_dtype
 from .projection import side_dims
@@ -106,6 +107,8 @@ class PlanConfig:
             (probe_tokens × width in the model's dtype).
         batch_size: sequences per pass of the probe and the alignment.
         align_steps: alignment steps.
+        gradient_checkpointing: the alignment recomputes the target's blocks in its backward.
+        offload_optimizer: the alignment keeps its master factors and Adam moments in host memory.
         warmup_fraction, warmup_epochs, warmup_batch, lora_rank: the warm-up (epochs = checkpoints).
         proxy_trains: what the proxy's warm-up trains (factors or LoRA on them).
         features_batch, proj_dim, total_dim, store_dtype: the feature stores.
@@ -124,6 +127,8 @@ class PlanConfig:
     probe_statistics: Literal["moments", "samples"] = "moments"
     batch_size: int = 4
     align_steps: int = 20
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
     warmup_fraction: float = 0.05
     warmup_epochs: int = 4
     warmup_batch: int = 4
@@ -176,6 +181,47 @@ def saved_activation_bytes(model: nn.Module, batch: int, length: int) -> int:
     return sum(seen.values())
 
 
+def proxy_double_backward_bytes(model: nn.Module, sparsity: float, length: int) -> int:
+    """Bytes the alignment's proxy pass keeps for one sequence of ``length`` tokens: the forward's
+    saved tensors and those its ``create_graph`` backward saves for the second backward (meta device,
+    eager attention as the alignment runs it). Replaces ``model``'s projections by factors in place."""
+    from .lowrank import FactorizedLinear
+    from .models import get_submodule_parent
+
+    factors = []
+    for name, mod in compressible_modules(model).items():
+        m, k = _shape(mod)
+        r = rank_for_sparsity(m, k, sparsity)
+        if r is None:
+            continue
+        f = FactorizedLinear(k, m, r, bias=mod.bias is not None, dtype=mod.weight.dtype, device="meta")
+        parent, child = get_submodule_parent(model, name)
+        setattr(parent, child, f)
+        factors += [f.A.weight, f.B.weight]
+    if not factors:
+        return 0
+    model.set_attn_implementation("eager")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st._cdata not in weights:
+            seen[st._cdata] = st.nbytes()
+        return t
+
+    ids = torch.zeros(1, length, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        emb = model.get_input_embeddings()(ids).detach()
+        loss = per_example_loss(model(inputs_embeds=emb).logits, ids).mean()
+        torch.autograd.grad(loss, factors, create_graph=True)
+    return sum(seen.values())
+
+
 def input_groups(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
     """Module → the first module that reads the same input tensor (q/k/v, gate/up), from a meta forward."""
     owner: dict[int, tuple[torch.Tensor, str]] = {}
@@ -219,6 +265,7 @@ class ModelFacts:
     groups: dict[str, str]                       # projection → owner of its input moment
     saved_per_token: float                       # activation bytes kept per token (batch of 1 × length)
     block_of: dict[str, int]
+    hidden: int = 0                              # width of the residual stream (a block's input)
 
 
 def model_facts(model: nn.Module, length: int) -> ModelFacts:
@@ -230,7 +277,8 @@ def model_facts(model: nn.Module, length: int) -> ModelFacts:
         params=sum(p.numel() for p in model.parameters()), weight_bytes=param_bytes(model), vocab=vocab,
         blocks=len(blocks), layers={n: _shape(m) for n, m in mods.items()}, groups=input_groups(model, mods),
         saved_per_token=saved_activation_bytes(model, 1, length) / length,
-        block_of={n: int(n[len(prefix) + 1:].split(".")[0]) for n in mods})
+        block_of={n: int(n[len(prefix) + 1:].split(".")[0]) for n in mods},
+        hidden=int(model.get_input_embeddings().weight.shape[1]))
 
 
 def _moment_bytes(f: ModelFacts, blocks: set[int], statistics: str = "moments", tokens: int = 0, es: int = 4) -> int:
@@ -328,11 +376,29 @@ def plan(config: PlanConfig) -> dict:
     lora_params = sum(config.lora_rank * (m + k) for m, k in f.layers.values())
     trained_proxy = lora_params if config.proxy_trains == "lora" else factor_params
     n_feat = config.pool + config.validation
+    # Alignment, one micro-batch at a time in two phases. Both hold the two models, the optimiser
+    # (on the device unless offloaded: then only the factors' gradients) and the target's weight
+    # gradients G of the factored layers. The target phase adds its forward's activations (only the
+    # blocks' inputs and one block's recomputation when checkpointed) and its loss; the proxy phase
+    # the target's logits, its forward's and create_graph backward's saved tensors and its loss.
+    G = sum(m * k for (m, k), r in zip(f.layers.values(), _ranks(f, config.sparsity).values()) if r) * es
+    optim = factor_params * es if config.offload_optimizer else adam(factor_params)
+    if config.gradient_checkpointing:
+        target_acts = B * L * (f.blocks * f.hidden * es + f.saved_per_token / f.blocks)
+    else:
+        target_acts = acts(B)
+    proxy_acts = B * proxy_double_backward_bytes(meta_model(model_config(config.model), dt), config.sparsity, L)
+    align_common = W + W_proxy + optim + G
+    # (+ 7 float32 vocabulary-sized tensors in the proxy phase: the loss's first and second
+    # derivatives, transient, so not among the saved tensors; calibrated against measured peaks)
+    align_peak = max(target_acts + logits(B), B * L * V * es + proxy_acts + 7 * B * L * V * 4 + factor_params * es)
     stages = {
         "probe+factorise": {"peak_gib": stage1(chosen) / GIB, "flops": 2 * fwd_flops(f.params, config.probe_examples)},
-        # target fwd+bwd with weight gradients, proxy fwd with a double backward (~2 backwards)
-        "align": {"peak_gib": (W + W_proxy + adam(factor_params) + acts(B) * (1 + 2 * ratio) + 2 * logits(B)) / GIB,
-                  "flops": config.align_steps * B * L * 2 * (3 * f.params + 4 * P_proxy)},
+        # target fwd+bwd with weight gradients (a recomputed forward more when checkpointed), proxy
+        # fwd with a double backward (~2 backwards)
+        "align": {"peak_gib": (align_common + align_peak) / GIB,
+                  "flops": config.align_steps * B * L * 2 * ((3 + config.gradient_checkpointing) * f.params
+                                                             + 4 * P_proxy)},
         "warmup (proxy)": {"peak_gib": (W_proxy + adam(trained_proxy) + acts(config.warmup_batch, ratio) + logits(config.warmup_batch)) / GIB,
                            "flops": config.warmup_epochs * 3 * fwd_flops(P_proxy, n_train)},
         "features (proxy)": {"peak_gib": (W_proxy + 4 * trained_proxy * 2 + acts(config.features_batch, ratio)

@@ -116,6 +116,11 @@ class ProxyConfig:
         lr, weight_decay: AdamW settings for the factors.
         grad_accum: micro-batches of ``batch_size`` per optimiser step.
         checkpoint_every: save factors and optimiser state every K steps (resume point).
+        gradient_checkpointing: in the alignment, recompute the target's decoder blocks in its
+            backward instead of keeping their activations (the proxy's double backward keeps its
+            own either way): less memory for about a third more target compute.
+        offload_optimizer: keep the alignment's float32 master factors and Adam moments in host
+            memory and step there: 16 bytes per factor parameter off the accelerator.
         overwrite: replace an existing proxy made with other settings.
         progress: show progress bars.
     """
@@ -148,6 +153,8 @@ class ProxyConfig:
     weight_decay: float = 0.01
     grad_accum: int = 1
     checkpoint_every: int = 10
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False
     overwrite: bool = False
     progress: bool = True
 
@@ -457,7 +464,8 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         settings = AlignSettings(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                  lr=config.lr, weight_decay=config.weight_decay, lambda_kl=config.lambda_kl,
                                  temperature=config.temperature, checkpoint_every=config.checkpoint_every,
-                                 seed=config.seed)
+                                 seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+                                 offload_optimizer=config.offload_optimizer)
         res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress)
         meta["stage2"] = {"examples": len(align_tok), "ids": [t.id for t in align_tok],
                           "steps": steps, "steps_per_epoch": per_epoch, "batch_size": config.batch_size,

@@ -35,14 +35,24 @@ class MasterAdamW:
         params: the trainable parameters by name (their ``.grad`` is read at :meth:`step`).
         lr, weight_decay, betas, eps: AdamW's settings.
         max_grad_norm: clip the global gradient norm to this before the step (0: no clipping).
+        offload: keep the master copies and the moments in host memory and step there; the device
+            then holds only the model's own tensors and their gradients (16 bytes per trained
+            parameter fewer on an accelerator, for one host round trip of the gradients and
+            weights per step).
     """
 
     def __init__(self, params: dict[str, nn.Parameter], lr: float, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float = 0.0):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, max_grad_norm: float = 0.0,
+                 offload: bool = False):
         self.params = dict(params)
         self.master: dict[str, torch.Tensor] = {}
+        pin = offload and torch.cuda.is_available()
         for n, p in self.params.items():
-            self.master[n] = p if p.dtype in _FULL else p.detach().float().clone().requires_grad_(True)
+            if offload:  # a host copy even of a float32 parameter: the state lives beside it
+                m = p.detach().to("cpu", torch.float64 if p.dtype == torch.float64 else torch.float32, copy=True)
+                self.master[n] = (m.pin_memory() if pin else m).requires_grad_(True)
+            else:
+                self.master[n] = p if p.dtype in _FULL else p.detach().float().clone().requires_grad_(True)
         self.opt = torch.optim.AdamW(list(self.master.values()), lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         self.max_grad_norm = max_grad_norm
 
@@ -68,7 +78,7 @@ class MasterAdamW:
         for n, p in self.params.items():
             m = self.master[n]
             if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+                m.grad = None if p.grad is None else p.grad.to(m.device, m.dtype)
                 p.grad = None
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([self.master[n] for n in self.params], self.max_grad_norm)
