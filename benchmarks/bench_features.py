@@ -37,7 +37,8 @@ from common import find_data, update_benchmarks_md  # noqa: E402
 
 from iprox.agreement import kendall, overlap_at, spearman  # noqa: E402
 from iprox.data import batches, collate, load_examples, tokenize_examples  # noqa: E402
-from iprox.features import FeatureConfig, compute_features, read_manifest  # noqa: E402
+from iprox.features import FeatureConfig, compute_features  # noqa: E402
+from iprox.loading import read_manifest  # noqa: E402
 from iprox.models import EMBEDDED_MODEL, load_model  # noqa: E402
 from iprox.monitor import PeakRSS  # noqa: E402
 from iprox.projection import KroneckerEngine, feature_modules, make_preconditioners, make_projections  # noqa: E402

@@ -42,7 +42,7 @@ from common import IPROX, downstream, find_data, selection_data, sh, slug, updat
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.fidelity import score_agreement  # noqa: E402
-from iprox.scores import read_scores  # noqa: E402
+from iprox.loading import read_scores  # noqa: E402
 
 log = logging.getLogger("bench_fidelity")
 RESULTS = ROOT / "benchmarks" / "results"

@@ -53,8 +53,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from common import find_data, update_benchmarks_md  # noqa: E402
 
 from iprox.data import batches, collate, load_examples, tokenize_examples  # noqa: E402
-from iprox.features import FeatureConfig, compute_features, read_manifest  # noqa: E402
-from iprox.loading import Session  # noqa: E402
+from iprox.features import FeatureConfig, compute_features  # noqa: E402
+from iprox.loading import read_manifest  # noqa: E402
+from iprox.session import Session  # noqa: E402
 from iprox.models import DTYPES, compressible_modules, default_device, projection_weight, resolve_dtype  # noqa: E402
 from iprox.monitor import PeakRSS  # noqa: E402
 from iprox.plan import llama_config as plan_geometry  # noqa: E402

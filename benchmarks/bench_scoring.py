@@ -36,7 +36,8 @@ TASKS = ["a", "b", "c"]
 def write_store(folder: Path, n: int, dim: int, shard_size: int, seed: int, tasks: list[str]) -> None:
     """A complete feature store of ``n`` random fp16 rows (the format ``iprox features`` writes)."""
     from iprox import artifacts
-    from iprox.features import MANIFEST_FILE, STORE_FORMAT_VERSION, _shard_crc, _write_shard, shard_name
+    from iprox.features import _shard_crc, _write_shard
+    from iprox.loading import MANIFEST_FILE, STORE_FORMAT_VERSION, shard_name
 
     if artifacts.is_complete(folder):
         return
@@ -66,7 +67,7 @@ def child(args) -> None:
 
         score(ScoreConfig(train=[args.train], val=[args.val], out=args.out, overwrite=True))
     else:
-        from iprox.scores import read_scores
+        from iprox.loading import read_scores
         from iprox.selection import rank
 
         rows = read_scores(args.out)

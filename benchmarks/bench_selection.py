@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import IPROX, downstream, find_data, selection_data, sh, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.fidelity import score_agreement  # noqa: E402
-from iprox.scores import read_scores  # noqa: E402
+from iprox.loading import read_scores  # noqa: E402
 
 log = logging.getLogger("bench_selection")
 RESULTS = ROOT / "benchmarks" / "results"

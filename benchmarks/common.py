@@ -108,7 +108,7 @@ def downstream(work: Path, target: Path, pool_f: Path, test_f: dict[str, Path], 
     Returns:
         ``{task: {name: {"share", "loss", "accuracy"}}}`` (share: of the top ``k`` from the task).
     """
-    from iprox.scores import read_scores
+    from iprox.loading import read_scores
     from iprox.selection import rank
 
     raw = {json.loads(line)["id"]: line for line in pool_f.read_text().splitlines()}

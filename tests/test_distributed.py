@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import chat_records, write_jsonl, write_model_folder
 
-from iprox.scores import read_scores
+from iprox.loading import read_scores
 
 CONFIG = """
 [run]

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import FACTORIES, chat_records, make_tokenizer, write_jsonl, write_model_folder
+from conftest import chat_records, make_tokenizer, write_jsonl, write_model_folder
 
 from iprox.cli import main
 from iprox.data import collate, load_examples, tokenize_examples
 from iprox.evaluation import gold_answer, is_correct
-from iprox.features import FeatureConfig, compute_features, load_features
+from iprox.features import FeatureConfig, compute_features
+from iprox.loading import load_features
 
 
 def test_representation_features_are_mean_pooled_hidden_states(tmp_path, data_file):
@@ -140,7 +141,7 @@ top_k = 4
 @pytest.mark.parametrize("selector", ["random", "representation"])
 def test_baseline_selectors_in_the_pipeline(tmp_path, selector):
     from iprox.pipeline import load_config, run
-    from iprox.scores import read_scores
+    from iprox.loading import read_scores
 
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     res = run(load_config(_config(tmp_path, model_dir, selector), {"progress": False}))

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,8 @@ from conftest import FACTORIES, chat_records, make_tokenizer, write_jsonl, write
 
 from iprox.data import Example, collate, tokenize_examples
 from iprox.evaluation import per_example_loss
-from iprox.features import FeatureConfig, compute_features, iter_features, load_features, read_manifest
+from iprox.features import FeatureConfig, compute_features
+from iprox.loading import iter_features, load_features, read_manifest
 from iprox.projection import (DenseEngine, KroneckerEngine, Preconditioner, feature_modules, make_preconditioners,
                               make_projection, make_projections, out_in, side_dims)
 

@@ -47,7 +47,7 @@ def test_proxy_folder_is_refused_by_plain_from_pretrained(tmp_path, data_file):
 
 
 def test_select_messages_format(tmp_path):
-    from iprox.scores import read_scores
+    from iprox.loading import read_scores
     from iprox.selection import SelectConfig, select
 
     pool = tmp_path / "pool.jsonl"

@@ -10,7 +10,8 @@ from conftest import write_model_folder
 from safetensors.torch import load_file
 from test_scores import _write_config
 
-from iprox.features import FeatureConfig, compute_features, load_features
+from iprox.features import FeatureConfig, compute_features
+from iprox.loading import load_features
 from iprox.loading import LOADS, model_key
 from iprox.models import resolve_dtype
 from iprox.proxy import ProxyConfig, build_proxy
@@ -132,7 +133,7 @@ def test_a_resident_proxy_carries_no_gradients_into_the_warmup(tmp_path):
     last gradients on the factors, so it differed from a warm-up on the same proxy loaded from disk."""
     from conftest import chat_records, write_jsonl
 
-    from iprox.loading import Session
+    from iprox.session import Session
 
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     data = write_jsonl(tmp_path / "pool.jsonl", chat_records(24))

@@ -11,8 +11,8 @@ from conftest import chat_records, write_jsonl, write_model_folder
 from safetensors.torch import save_file
 
 from iprox import artifacts
-from iprox.features import MANIFEST_FILE, STORE_FORMAT_VERSION, load_features, shard_name
-from iprox.scores import ScoreConfig, compute_scores, read_scores, score
+from iprox.loading import MANIFEST_FILE, STORE_FORMAT_VERSION, load_features, read_scores, shard_name
+from iprox.scores import ScoreConfig, compute_scores, score
 from iprox.selection import SelectConfig, rank, select
 
 

@@ -10,9 +10,8 @@ from conftest import write_model_folder
 from safetensors.torch import load_file
 
 from iprox.cli import main
-from iprox.features import load_features, read_manifest
 from iprox.proxy import ProxyConfig, build_proxy
-from iprox.loading import checkpoint_dirs, load_checkpoint
+from iprox.loading import checkpoint_dirs, load_checkpoint, load_features, read_manifest
 from iprox.training import lr_at
 from iprox.warmup import WarmupConfig, run_warmup
 

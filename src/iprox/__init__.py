@@ -15,12 +15,13 @@ The public API mirrors the command line::
 
 from .data import Example, load_examples, tokenize_examples
 from .evaluation import heldout_loss
-from .features import FeatureConfig, compute_features, iter_features, load_features
+from .features import FeatureConfig, compute_features
 from .models import load_model
 from .pipeline import RunConfig, load_config, run
-from .loading import Session, load_checkpoint, load_model_or_proxy
+from .loading import iter_features, load_checkpoint, load_features, load_model_or_proxy, read_scores
 from .proxy import ProxyConfig, build_proxy, load_proxy
-from .scores import ScoreConfig, compute_scores, read_scores, score
+from .scores import ScoreConfig, compute_scores, score
+from .session import Session
 from .selection import SelectConfig, select
 from .warmup import WarmupConfig, run_warmup
 

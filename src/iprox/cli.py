@@ -113,7 +113,7 @@ def _cmd_fidelity(args) -> int:
                            plot_scatter, score_agreement, scores_path)
     from .models import default_device, load_model
     from .proxy import load_proxy
-    from .scores import read_scores
+    from .loading import read_scores
 
     by_scores = bool(args.target_scores or args.proxy_scores or args.target_again_scores)
     if by_scores and not (args.target_scores and args.proxy_scores):
@@ -228,7 +228,8 @@ def _add_score(sub) -> None:
 
 
 def _cmd_score(args) -> int:
-    from .scores import ScoreConfig, read_scores, score
+    from .loading import read_scores
+    from .scores import ScoreConfig, score
 
     path = score(ScoreConfig(**config_from_args(args, ScoreConfig)))
     rows = read_scores(path)

@@ -20,10 +20,9 @@ import json
 import logging
 import shutil
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from safetensors import safe_open
@@ -32,7 +31,9 @@ from . import artifacts
 from .data import batches, collate
 from .distributed import barrier, on_rank0, rank_device
 from .distributed import world as dist_world
-from .loading import Session, is_proxy_folder, read_checkpoint_info
+from .loading import (MANIFEST_FILE, STORE_FORMAT_VERSION, is_proxy_folder, read_checkpoint_info, read_manifest, shard_name,
+                      tensor_crc)
+from .session import Session
 from .models import EMBEDDED_MODEL, default_device
 from .projection import (DenseEngine, KroneckerEngine, feature_modules, make_preconditioners,
                          make_projections)
@@ -41,10 +42,6 @@ from .runtime import ModelStageConfig, check_data_paths
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
-# 2: projections seeded by the layer's name without peft's prefix (a target's LoRA and a proxy
-# carrying it share them); shards record the version, so a resume never mixes schemes.
-STORE_FORMAT_VERSION = 2
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -112,10 +109,6 @@ def layer_dim(config: FeatureConfig, n_layers: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
-
-
 def _shard_ids(path: Path) -> list[str] | None:
     """The ids a shard holds, or None when it cannot be read (a truncated or foreign file: recompute it)."""
     try:
@@ -134,92 +127,14 @@ def _shard_ids(path: Path) -> list[str] | None:
 
 def _write_shard(path: Path, feats: torch.Tensor, ids: list[str]) -> None:
     feats = feats.contiguous()
-    artifacts.save_tensors({"features": feats}, path, metadata={"ids": json.dumps(ids), "crc32": str(_crc(feats)),
+    artifacts.save_tensors({"features": feats}, path, metadata={"ids": json.dumps(ids), "crc32": str(tensor_crc(feats)),
                                                                 "format_version": str(STORE_FORMAT_VERSION)})
-
-
-def _crc(x: torch.Tensor, value: int = 0) -> int:
-    """CRC-32 of a tensor's bytes (continuing from ``value``): catches damage the file format cannot see."""
-    return zlib.crc32(x.contiguous().view(torch.uint8).numpy().tobytes(), value)
 
 
 def _shard_crc(path: Path) -> int | None:
     with safe_open(str(path), framework="pt") as f:
         crc = (f.metadata() or {}).get("crc32")
     return int(crc) if crc is not None else None
-
-
-def read_manifest(store: str | Path) -> dict:
-    store = Path(store)
-    if not artifacts.is_complete(store) or not (store / MANIFEST_FILE).is_file():
-        raise FileNotFoundError(f"{store} is not a complete feature store (run `iprox features` into it)")
-    man = artifacts.read_json(store / MANIFEST_FILE, "store manifest")
-    missing = [k for k in ("format_version", "ids", "shards", "dim", "layout", "seed", "proj_dim") if k not in man] \
-        if isinstance(man, dict) else ["everything"]
-    if missing:
-        raise artifacts.ArtifactError(f"{store / MANIFEST_FILE} lacks {', '.join(missing)}; recompute the store")
-    if man.get("format_version") != STORE_FORMAT_VERSION:
-        raise ValueError(f"{store}: store format {man.get('format_version')} is not {STORE_FORMAT_VERSION}; recompute it")
-    return man
-
-
-def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Streams a store in store order: ``(ids, features)`` chunks of at most ``chunk_rows`` rows.
-
-    Only one shard is open at a time, so memory stays bounded whatever the store's size.
-    """
-    store = Path(store)
-    man = read_manifest(store)
-    for sh in man["shards"]:
-        path = store / sh["file"]
-        want = man["ids"][sh["start"]:sh["start"] + sh["count"]]
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                ids = json.loads(meta.get("ids", "null"))
-                if meta.get("format_version") != str(STORE_FORMAT_VERSION):
-                    raise artifacts.ArtifactError(f"{path}: its header does not name store format {STORE_FORMAT_VERSION} "
-                                                  f"(a damaged, foreign or older shard); recompute the store")
-                if sh.get("crc32") is not None and meta.get("crc32") != str(sh["crc32"]):
-                    raise artifacts.ArtifactError(f"{path}: its checksum is not the one the manifest recorded "
-                                                  f"(a damaged or foreign shard); recompute the store")
-                sl = f.get_slice("features")
-                shape = sl.get_shape()
-                # Verified on read: the shard holds the manifest's ids in order, one row each, of the
-                # manifest's width; a swapped, truncated or foreign shard never scores the wrong examples.
-                if ids != want or shape[0] != len(want) or shape[1] != man["dim"]:
-                    raise artifacts.ArtifactError(
-                        f"{path} does not hold the rows the manifest lists ({len(want)} ids from {want[:1]}); "
-                        f"the store is damaged: recompute it (iprox features --overwrite)")
-                crc = 0
-                for a in range(0, len(ids), chunk_rows):
-                    b = min(len(ids), a + chunk_rows)
-                    raw = sl[a:b]
-                    crc = _crc(raw, crc)
-                    if b == len(ids) and sh.get("crc32") is not None and crc != sh["crc32"]:
-                        # checked before the last chunk is handed out, so a damaged shard never scores
-                        raise artifacts.ArtifactError(f"{path}: its values do not match the checksum the manifest "
-                                                      f"recorded (the file was damaged); recompute the store")
-                    x = raw.to(dtype)
-                    if not bool(torch.isfinite(x).all()):
-                        bad = ids[a + int((~torch.isfinite(x)).any(dim=1).nonzero()[0])]
-                        raise artifacts.ArtifactError(f"{path}: the features of {bad!r} are not finite (NaN or inf); "
-                                                      f"recompute the store, in float32 if this came from float16")
-                    yield ids[a:b], x
-        except artifacts.ArtifactError:
-            raise
-        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types; name the file)
-            raise artifacts.ArtifactError(f"{path} is unreadable ({e}); recompute the store") from None
-
-
-def load_features(store: str | Path, dtype=torch.float32) -> tuple[list[str], torch.Tensor]:
-    """The whole store in memory: example ids and the (n, dim) feature matrix, one row per id."""
-    ids, chunks = [], []
-    for i, x in iter_features(store, chunk_rows=1 << 30, dtype=dtype):
-        ids += i
-        chunks.append(x)
-    dim = read_manifest(store)["dim"]
-    return ids, (torch.cat(chunks) if chunks else torch.zeros(0, dim, dtype=dtype))
 
 
 # ---------------------------------------------------------------------------------------------

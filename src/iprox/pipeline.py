@@ -57,7 +57,8 @@ from .distributed import barrier, on_rank0
 from .distributed import world as dist_world
 from .features import FeatureConfig, compute_features
 from .projection import GRADS
-from .loading import LOADS, Session
+from .loading import LOADS
+from .session import Session
 from .models import EMBEDDED_MODEL, resolve_dtype
 from .runtime import check_data_paths, check_types
 from .monitor import PeakRSS
@@ -327,7 +328,8 @@ def random_scores(pool_file: Path, folder: Path, seed: int) -> Path:
     """The random baseline: seeded uniform scores, written as a scores table."""
     import torch
 
-    from .scores import SCORES_FILE, ScoreResult, write_scores_csv
+    from .loading import SCORES_FILE
+    from .scores import ScoreResult, write_scores_csv
 
     settings = {"method": "random", "pool": str(pool_file), "seed": seed}
     if not artifacts.prepare_stage(folder, "score", settings):

@@ -39,7 +39,8 @@ from .runtime import check_types
 from .data import load_examples, tokenize_examples
 from .ipsvd import (Decomposition, ipsvd_decomposition, ipsvd_decomposition_from_samples, random_factors, sample_bases,
                     svd_factors, truncate, whitening_bases)
-from .loading import PROXY_FILE, Session, is_proxy_folder
+from .loading import PROXY_FILE, is_proxy_folder
+from .session import Session
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
     DTYPES,

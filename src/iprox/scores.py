@@ -28,12 +28,11 @@ from typing import Literal
 import torch
 
 from . import artifacts
-from .features import iter_features, read_manifest
+from .loading import SCORES_FILE, iter_features, read_manifest
 from .runtime import check_types
 
 log = logging.getLogger(__name__)
 
-SCORES_FILE = "scores.csv"
 RESERVED = ("id", "source", "task", "score")
 
 
@@ -202,28 +201,6 @@ def write_scores_parquet(path: Path, res: ScoreResult) -> None:
     pq.write_table(pa.table(cols), tmp)
     artifacts.set_umask_mode(tmp)
     os.replace(tmp, path)
-
-
-def read_scores(path: str | Path) -> list[dict]:
-    """Rows of a scores table (a ``scores.csv`` or the folder holding it); ``score`` as float."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SCORES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no scores table at {path} (run `iprox score` first)")
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a UTF-8 scores table") from None
-    if rows and not {"id", "score"} <= set(rows[0]):
-        raise ValueError(f"{path} is not a scores table: it needs columns id and score")
-    for i, r in enumerate(rows, 2):
-        try:
-            r["score"] = float(r["score"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}:{i}: score {r['score']!r} is not a number") from None
-    return rows
 
 
 def score(config: ScoreConfig) -> Path:

@@ -21,7 +21,7 @@ from typing import Literal
 from . import artifacts
 from .data import load_examples
 from .runtime import check_types
-from .scores import read_scores
+from .loading import read_scores
 
 log = logging.getLogger(__name__)
 

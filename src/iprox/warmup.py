@@ -38,8 +38,8 @@ from . import artifacts
 from .data import tokenize_examples
 from .distributed import barrier, on_rank0, rank_device
 from .distributed import world as dist_world
-from .loading import (CHECKPOINT_FILE, OPTIMIZER_FILE, TRAINABLE_FILE, Session, checkpoint_dirs, is_proxy_folder,
-                      mark_trainable)
+from .loading import (CHECKPOINT_FILE, OPTIMIZER_FILE, TRAINABLE_FILE, checkpoint_dirs, is_proxy_folder, mark_trainable)
+from .session import Session
 from .models import default_device
 from .runtime import ModelStageConfig
 from .training import MasterAdamW, train_epochs
