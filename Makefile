@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup demo test test-integration test-fuzz test-reliability test-regression bench bench-quick bench-scale bench-fidelity bench-scoring docs clean
+.PHONY: setup demo test test-integration test-fuzz test-reliability test-regression bench bench-quick bench-scale bench-fidelity bench-scoring bench-plan docs clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,10 @@ bench-fidelity: setup
 # scoring time and memory for synthetic stores of 10k, 100k and 1M examples (4 GB of disk at 1M; run alone)
 bench-scoring: setup
 	$(BIN)/python benchmarks/bench_scoring.py
+
+# iprox plan against peaks measured on the CPU, and the plan for 1B-8B geometries (memory only; ~20 minutes)
+bench-plan: setup
+	$(BIN)/python benchmarks/bench_plan.py
 
 # the README's option tables, from the settings dataclasses
 docs: setup

@@ -242,8 +242,9 @@ def test_recomputed_blocks_give_the_same_gradients_and_second_derivatives(tmp_pa
     assert max(float(s.abs().max()) for s in s0) > 1e-6            # the double backward reached the factors
 
 
-def test_recomputed_blocks_hold_less_memory_for_the_target_backward():
-    """Measured, not assumed: tensors saved for the backward of the target's forward, with and without."""
+def test_recomputed_blocks_keep_no_block_internals_for_the_backward():
+    """The tensors autograd saves for the target's backward: with recomputation the blocks' internals
+    are not among them (the checkpoint holds only each block's inputs, outside these hooks)."""
     from iprox.models import recomputed_blocks
 
     target = tiny_llama(dtype=torch.float32).eval()
@@ -258,7 +259,7 @@ def test_recomputed_blocks_hold_less_memory_for_the_target_backward():
         with recomputed_blocks(target, recompute), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             target(input_ids=ids, use_cache=False).logits.sum()
         return sum(seen.values())
-    assert saved_bytes(True) < 0.6 * saved_bytes(False)
+    assert saved_bytes(True) < 0.2 * saved_bytes(False)
 
 
 def test_alignment_with_recomputation_and_offloaded_optimizer_trains_the_same_factors(tmp_path, monkeypatch):
