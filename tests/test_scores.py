@@ -237,6 +237,13 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     assert len(ids) == 24 and not set(ids) & {f"val.jsonl:{i}" for i in range(1, 5)}
     meta = json.loads((run / "pipeline.json").read_text())
     assert set(meta["timings"]) == {"pool", "proxy", "warmup", "features", "score", "select"}
+    # Settings that change only how a stage runs are no change: everything is skipped.
+    cfg.write_text(cfg.read_text().replace("lr = 1e-3\n[warmup]", "lr = 1e-3\ngradient_checkpointing = true\n"
+                                           "offload_optimizer = true\ncheckpoint_every = 3\n[warmup]"))
+    skipped.clear()
+    assert main(["run", str(cfg), "--no-progress"]) == 0
+    assert "gradient_checkpointing = true" in cfg.read_text()
+    assert skipped == [("train-1", True), ("val-1", True), ("train-2", True), ("val-2", True)]
     # A changed setting is refused, then rebuilt from that stage on with --overwrite.
     text = cfg.read_text().replace("method = \"tracin\"", "method = \"if\"")
     cfg.write_text(text)

@@ -231,7 +231,9 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
     sections = {
         "pool": {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed},
         "proxy": {"model": cfg.model, "selector": cfg.selector, "selector_model": cfg.selector_model,
-                  "proxy": cfg.proxy if cfg.selector == "proxy" else None, "max_length": cfg.max_length,
+                  # settings that change only how a stage runs (device, recomputation, ...) stay out
+                  "proxy": artifacts.comparable(cfg.proxy) if cfg.selector == "proxy" else None,
+                  "max_length": cfg.max_length,
                   # only a non-default dtype enters the hash, so runs made before [run] dtype existed still match
                   **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {})},
         # the proxy-first order (the only one before warmup_on existed) stays out of the hash, so runs
