@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import IPROX, downstream, find_data, selection_data, sh, slug, update_benchmarks_md  # noqa: E402
+from common import IPROX, build_seconds, downstream, find_data, selection_data, sh, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.fidelity import score_agreement  # noqa: E402
@@ -284,7 +284,7 @@ def report(r: dict) -> str:
                 cells.append(f"{_fmt([a['spearman'] for a in v])} / {_fmt([a['head_spearman'] for a in v])} / "
                              f"{_fmt([a['overlap_5'] for a in v])} / {_fmt([a['share_5'] for a in v])} "
                              f"({v[0]['ref_share_5']:.2f})")
-            build = _fmt([x["timings"].get("proxy", float("nan")) for x in recs], 0)
+            build = _fmt([build_seconds(x["timings"]) or float("nan") for x in recs], 0)
             cos = _fmt([x.get("grad_cosine", float("nan")) for x in recs], 3)
             lines.append(f"| {name} | {len(recs)} | {build} | {cos} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -302,11 +302,11 @@ def report(r: dict) -> str:
     # Fidelity against build cost.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, recs in by_setting.items():
-        recs = [x for x in recs if "target" in x.get("vs", {}) and "proxy" in x["timings"]]
+        recs = [x for x in recs if "target" in x.get("vs", {}) and build_seconds(x["timings"]) > 0]
         if not recs:
             continue
         ys = [statistics.fmean(x["vs"]["target"][t]["spearman"] for t in r["tasks"]) for x in recs]
-        xs = [x["timings"]["proxy"] for x in recs]
+        xs = [build_seconds(x["timings"]) for x in recs]
         m, h, _ = _stat(ys)
         axes[0].errorbar([statistics.fmean(xs)], [m], yerr=[h], fmt="o", capsize=3)
         axes[0].annotate(name, (statistics.fmean(xs), m), fontsize=7, xytext=(3, 3), textcoords="offset points")

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from common import find_data, update_benchmarks_md  # noqa: E402
+from common import build_seconds, find_data, update_benchmarks_md  # noqa: E402
 
 from iprox.data import batches, collate, load_examples, tokenize_examples  # noqa: E402
 from iprox.features import FeatureConfig, compute_features  # noqa: E402
@@ -410,7 +410,7 @@ def summarise(res: dict) -> None:
         tm, ld = meta["timings"], meta.get("model_load_s", {})
         # Loading a model and hashing it happen once whatever the pool: fixed costs, not per example.
         per_ex[name] = (tm.get("warmup", 0) + tm.get("features", 0) - ld.get("warmup", 0) - ld.get("features", 0)) / n
-        fixed[name] = sum(ld.values()) + tm.get("proxy", 0.0) - ld.get("proxy", 0.0)
+        fixed[name] = sum(ld.values()) + build_seconds(tm) - build_seconds(ld)
     build = fixed["iprox"] - fixed["target"]
     gain = per_ex["target"] - per_ex["iprox"]
     proxy_feat_per_ex = 1.0 / res["models"]["proxy 0.5"]["store_examples_per_s"]
@@ -455,8 +455,9 @@ def report(allres: dict) -> str:
         for name, p in (("target only (LESS)", pt), ("IProX 0.5", pi)):
             tm = p["timings"]
             accel = max(p.get("peak_accelerator_gib", {}).values(), default=0.0)
+            tm = {**tm, "proxy": build_seconds(tm)}  # compress + align (one stage before 0.5)
             lines.append(f"| {name} | " + " | ".join(f"{tm.get(st, 0):.1f}" for st in stages) +
-                         f" | {sum(tm.values()):.1f} | {sum(p.get('loads', {}).values())} | "
+                         f" | {sum(p['timings'].values()):.1f} | {sum(p.get('loads', {}).values())} | "
                          f"{max(p['peak_rss_gib'].values()):.1f} | {accel:.1f} |")
         sm = r["summary"]
         be = sm["break_even_pool"]

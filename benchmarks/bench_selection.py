@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import IPROX, downstream, find_data, selection_data, sh, slug, update_benchmarks_md  # noqa: E402
+from common import IPROX, build_seconds, downstream, find_data, selection_data, sh, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.fidelity import score_agreement  # noqa: E402
 from iprox.loading import read_scores  # noqa: E402
@@ -224,8 +224,10 @@ def report(r: dict, stem: str) -> str:
     lines += ["", "### 3. Cost of each pipeline stage, as a ratio to the target-only pipeline (time; peak RSS)", "",
               "| selector | total time | proxy | warm-up | features | score | peak RSS |", "|---|---|---|---|---|---|---|"]
     for name, v in r["runs"].items():
-        t = v["timings"]
+        t = dict(v["timings"])
         cells = [f"{sum(t.values()) / tot_ref:.2f} ({sum(t.values()) / 60:.1f} min)"]
+        if build_seconds(t):  # compress + align (one "proxy" stage before 0.5)
+            t["proxy"] = build_seconds(t)
         for st in ("proxy", "warmup", "features", "score"):
             if st not in t:
                 cells.append("–")

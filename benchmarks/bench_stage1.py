@@ -33,7 +33,8 @@ from iprox.data import load_examples, tokenize_examples  # noqa: E402
 from iprox.evaluation import heldout_loss  # noqa: E402
 from iprox.models import EMBEDDED_MODEL, compressible_modules, count_parameters, load_model  # noqa: E402
 from iprox.probe import collect_moments  # noqa: E402
-from iprox.proxy import drop_layers, factorize_model, probe_split  # noqa: E402
+from iprox.data import probe_split  # noqa: E402
+from iprox.proxy import drop_layers, factorize_model  # noqa: E402
 
 log = logging.getLogger("bench_stage1")
 

@@ -38,7 +38,8 @@ from iprox.evaluation import per_example_loss  # noqa: E402
 from iprox.fidelity import gradient_fidelity  # noqa: E402
 from iprox.models import EMBEDDED_MODEL, compressible_modules, load_model  # noqa: E402
 from iprox.probe import collect_moments  # noqa: E402
-from iprox.proxy import factorize_model, probe_split  # noqa: E402
+from iprox.data import probe_split  # noqa: E402
+from iprox.proxy import factorize_model  # noqa: E402
 
 log = logging.getLogger("bench_stage2")
 

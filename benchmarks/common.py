@@ -94,6 +94,11 @@ def sh(cmd: list[str], log_path: Path) -> None:
 IPROX = [sys.executable, "-m", "iprox.cli"]
 
 
+def build_seconds(timings: dict) -> float:
+    """The proxy's build in a run's stage times: compress + align (one "proxy" stage before 0.5)."""
+    return sum(timings.get(k, 0.0) for k in ("proxy", "compress", "align"))
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
 

@@ -92,7 +92,8 @@ def reference(tmp_path_factory):
 
 
 # Stage boundaries and points inside stages, seen as files appearing in the run folder.
-TRIGGERS = ["pool/stage.json", "pool/COMPLETE", "proxy/stage.json", "proxy/STAGE1_DONE", "proxy/align_checkpoint",
+TRIGGERS = ["pool/stage.json", "pool/COMPLETE", "compressed/stage.json", "compressed/STAGE1_DONE",
+            "compressed/COMPLETE", "proxy/stage.json", "proxy/align_checkpoint",
             "proxy/align_log.csv", "proxy/COMPLETE", "warmup/stage.json", "warmup/train_ids.json",
             "warmup/checkpoint-1", "warmup/checkpoint-2", "features/train-1/stage.json",
             "features/train-1/shard-00002.safetensors", "features/train-1/COMPLETE", "features/val-1/COMPLETE",

@@ -207,7 +207,8 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(P, "compute_features", dies_on_val)
     assert main(["run", str(cfg), "--no-progress"]) == 130  # an interrupt is one line and exit 130, not a traceback
     run = tmp_path / "run"
-    assert all(artifacts.is_complete(run / d) for d in ("pool", "proxy", "warmup", "features/train-1", "features/val-1", "features/train-2"))
+    assert all(artifacts.is_complete(run / d) for d in ("pool", "compressed", "proxy", "warmup", "features/train-1",
+                                                         "features/val-1", "features/train-2"))
     assert not (run / "scores").exists()
     # Resume: the earlier stages are not rebuilt; features resume at val-2.
     import iprox.proxy as proxy_mod
@@ -236,7 +237,7 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     ids, X = load_features(run / "features" / "train-1")
     assert len(ids) == 24 and not set(ids) & {f"val.jsonl:{i}" for i in range(1, 5)}
     meta = json.loads((run / "pipeline.json").read_text())
-    assert set(meta["timings"]) == {"pool", "proxy", "warmup", "features", "score", "select"}
+    assert set(meta["timings"]) == {"pool", "compress", "align", "warmup", "features", "score", "select"}
     # Settings that change only how a stage runs are no change: everything is skipped.
     cfg.write_text(cfg.read_text().replace("lr = 1e-3\n[warmup]", "lr = 1e-3\ngradient_checkpointing = true\n"
                                            "offload_optimizer = true\ncheckpoint_every = 3\n[warmup]"))
@@ -282,6 +283,61 @@ def test_pipeline_target_first_order(tmp_path):
         run(load_config(_write_config(tmp_path, model_dir, run_extra='warmup_on = "proxy"'), {"progress": False}))
     # and it is the default
     assert load_config(_write_config(tmp_path, model_dir)).warmup_on == "target"
+
+
+def test_pipeline_aligns_in_a_stage_of_its_own(tmp_path, monkeypatch):
+    """compress → align: the aligned proxy equals build_proxy's one-folder result; a changed alignment
+    setting reruns only the align stage, from the compressed proxy left as it was; a proxy without
+    factors passes through align unchanged."""
+    import iprox.proxy as proxy_mod
+    from iprox.loading import load_proxy
+    from iprox.pipeline import load_config, run
+    from iprox.proxy import ProxyConfig, build_proxy
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    cfg = _write_config(tmp_path, model_dir)
+    run(load_config(cfg, {"progress": False}))
+    r = tmp_path / "run"
+    meta = json.loads((r / "pipeline.json").read_text())
+    assert {"compress", "align"} <= set(meta["timings"])
+    assert json.loads((r / "compressed" / "proxy.json").read_text())["stage2"] is None
+    assert json.loads((r / "proxy" / "proxy.json").read_text())["stage2"]["steps"] == 2
+    one = build_proxy(ProxyConfig(model=str(model_dir), data=[str(r / "pool" / "pool.jsonl")], out=str(tmp_path / "one"),
+                                  sparsity=0.5, probe_examples=4, align_examples=4, align_steps=2, batch_size=4, lr=1e-3,
+                                  max_length=96, progress=False))
+    assert one.stage2["steps"] == 2
+    a, b = load_proxy(r / "proxy").state_dict(), load_proxy(tmp_path / "one").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    compressed = (r / "compressed" / "model.safetensors").read_bytes()
+
+    def never(*a, **k):
+        raise AssertionError("stage 1 was rebuilt for a change of the alignment's settings")
+
+    monkeypatch.setattr(proxy_mod, "_stage1", never)
+    cfg.write_text(cfg.read_text().replace("lr = 1e-3\n[warmup]", "lr = 1e-3\nlambda_kl = 0.7\n[warmup]"))
+    with pytest.raises(ValueError, match="from stage 'align' on"):
+        run(load_config(cfg, {"progress": False}))
+    run(load_config(cfg, {"progress": False}), overwrite=True)
+    assert json.loads((r / "proxy" / "proxy.json").read_text())["stage2"]["lambda_kl"] == 0.7
+    assert (r / "compressed" / "model.safetensors").read_bytes() == compressed
+    # a run folder of iprox < 0.5 (one proxy stage) is refused with the reason, then rebuilt on --overwrite
+    meta = json.loads((r / "pipeline.json").read_text())
+    fps = meta["fingerprints"]
+    meta["fingerprints"] = {"proxy": fps.pop("compress"), **{k: v for k, v in fps.items() if k != "align"}}
+    (r / "pipeline.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="before 0.5"):
+        run(load_config(cfg, {"progress": False}))
+    # layer-drop: nothing to align, the proxy is the compressed one
+    monkeypatch.undo()
+    (tmp_path / "drop").mkdir()
+    proxy = 'sparsity = 0.5\ninit = "layer-drop"\nprobe_examples = 4\nalign_epochs = 0.0\nbatch_size = 4'
+    with pytest.raises(ValueError, match="cannot carry the target's LoRA"):   # refused before any work
+        load_config(_write_config(tmp_path / "drop", model_dir, proxy=proxy))
+    drop = _write_config(tmp_path / "drop", model_dir, proxy=proxy, run_extra='warmup_on = "proxy"')
+    run(load_config(drop, {"progress": False}))
+    d = tmp_path / "drop" / "run"
+    assert (d / "proxy" / "model.safetensors").read_bytes() == (d / "compressed" / "model.safetensors").read_bytes()
+    assert artifacts.is_complete(d / "proxy") and json.loads((d / "proxy" / "proxy.json").read_text())["stage2"] is None
 
 
 def test_bad_config_names_the_problem(tmp_path):

@@ -18,8 +18,8 @@ from .evaluation import heldout_loss
 from .features import FeatureConfig, compute_features
 from .models import load_model
 from .pipeline import RunConfig, load_config, run
-from .loading import iter_features, load_checkpoint, load_features, load_model_or_proxy, read_scores
-from .proxy import ProxyConfig, build_proxy, load_proxy
+from .loading import iter_features, load_checkpoint, load_features, load_model_or_proxy, load_proxy, read_scores
+from .proxy import ProxyConfig, build_proxy
 from .scores import ScoreConfig, compute_scores, score
 from .session import Session
 from .selection import SelectConfig, select
@@ -36,4 +36,4 @@ from importlib.metadata import PackageNotFoundError, version as _version
 try:
     __version__ = _version("iprox")
 except PackageNotFoundError:  # run from a source tree without installing (PYTHONPATH=src)
-    __version__ = "0.4.0"
+    __version__ = "0.5.0"

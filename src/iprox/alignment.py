@@ -22,11 +22,13 @@ import csv
 import json
 import logging
 import math
+import os
 import shutil
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +37,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
-from .data import TokenizedExample, collate
-from .distributed import all_reduce_sum_, barrier, world
+from .data import TokenizedExample, collate, load_examples, probe_split, tokenize_examples
+from .distributed import all_reduce_sum_, barrier, on_rank0, rank_device, world
 from .evaluation import per_example_loss
+from .loading import PROXY_FILE, save_proxy
 from .lowrank import FactorizedLinear
-from .models import projection_weight, recomputed_blocks
+from .models import default_device, projection_weight, recomputed_blocks
+from .session import Session
 from .training import MasterAdamW, epoch_order
+
+if TYPE_CHECKING:
+    from .proxy import ProxyConfig
 
 log = logging.getLogger(__name__)
 
 CKPT_DIR = "align_checkpoint"
+# The settings of ProxyConfig that are the alignment's alone (stage 1 ignores them), and those both
+# stages read: together, what the align stage records.
+ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "lambda_kl", "temperature", "lr", "weight_decay",
+                "grad_accum", "checkpoint_every", "gradient_checkpointing", "offload_optimizer")
+SHARED_FIELDS = ("model", "data", "seed", "max_length", "dtype", "batch_size", "probe_examples", "trust_remote_code")
 LOG_FILE = "align_log.csv"
 LOG_FIELDS = ["step", "epoch", "loss", "grad_align", "kl", "lr", "seconds"]
 
@@ -352,3 +364,101 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     w.writeheader()
     w.writerows(rows)
     artifacts.atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+def align_in_place(proxy: nn.Module, target: nn.Module, tokenizer, examples, config: "ProxyConfig", out: Path) -> dict:
+    """Aligns ``proxy``'s factors with ``target`` on the alignment set of ``examples`` (the slice
+    after the probe set of :func:`~iprox.data.probe_split`), checkpointing into ``out``; returns
+    the record ``proxy.json`` keeps of it (``stage2``)."""
+    t0 = time.perf_counter()
+    order = probe_split(len(examples), config.seed)
+    n_probe, n_align = config.split_sizes(len(examples))
+    align_ex = [examples[i] for i in order[n_probe : n_probe + n_align]]
+    if len(align_ex) < n_align:
+        log.warning("only %d examples left for an alignment set of %d", len(align_ex), n_align)
+    align_tok, _ = tokenize_examples(tokenizer, align_ex, config.max_length)
+    per_epoch = steps_per_epoch(len(align_tok), config.batch_size, config.grad_accum)
+    steps = config.align_steps or math.ceil(config.align_epochs * per_epoch)  # steps, when given, win
+    settings = AlignSettings(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                             lr=config.lr, weight_decay=config.weight_decay, lambda_kl=config.lambda_kl,
+                             temperature=config.temperature, checkpoint_every=config.checkpoint_every,
+                             seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
+                             offload_optimizer=config.offload_optimizer)
+    res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress)
+    return {"examples": len(align_tok), "ids": [t.id for t in align_tok],
+            "steps": steps, "steps_per_epoch": per_epoch, "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum, "lr": config.lr, "weight_decay": config.weight_decay,
+            "lambda_kl": config.lambda_kl, "temperature": config.temperature,
+            "final_loss": res["loss"], "final_grad_align": res["grad_align"], "final_kl": res["kl"],
+            "seconds_per_step": res["seconds_per_step"], "attention": res["attention"],
+            "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class AlignSummary:
+    out: str
+    stage2: dict | None   # None: nothing to align (the compressed proxy is the proxy)
+    skipped: bool
+
+    def format(self) -> str:
+        head = f"proxy {'(already aligned) ' if self.skipped else ''}in {self.out}"
+        if not self.stage2:
+            return head + ": no factors to align (layer-drop, sparsity 0) or no alignment asked for"
+        s = self.stage2
+        return (head + f": aligned {s['steps']} steps on {s['examples']} examples; final L_GA "
+                f"{s['final_grad_align']:.4f}, L_KL {s['final_kl']:.4f}")
+
+
+def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | None = None) -> AlignSummary:
+    """The align stage of ``iprox run``: the compressed proxy in ``source`` aligned with its target
+    into ``config.out``, a proxy folder of its own (``source`` is left as it was).
+
+    Resumes from its checkpoint; a finished folder with the same settings and the same compressed
+    proxy is skipped. Without factors to align (layer-drop, sparsity 0) or with no alignment asked
+    for, ``config.out`` holds the compressed proxy unchanged (hard links where the file system has them).
+    """
+    out, source = Path(config.out), Path(source)
+    src_meta = artifacts.read_json(source / PROXY_FILE, "proxy description")
+    full = asdict(config)
+    settings = {"source_uid": src_meta.get("uid"), **{k: full[k] for k in ALIGN_FIELDS + SHARED_FIELDS}}
+    if on_rank0(lambda: artifacts.prepare_stage(out, "align", settings, overwrite=config.overwrite, resumable=True)):
+        meta = artifacts.read_json(out / PROXY_FILE, "proxy description")
+        return AlignSummary(str(out), meta.get("stage2"), skipped=True)
+    session = session or Session(keep=False)
+    if not config.aligns:
+        def link() -> None:
+            for f in source.iterdir():
+                if f.is_file() and f.name not in (artifacts.STAGE_FILE, artifacts.COMPLETE_FILE, "STAGE1_DONE"):
+                    dest = out / f.name
+                    dest.unlink(missing_ok=True)
+                    try:
+                        os.link(f, dest)
+                    except OSError:
+                        shutil.copy2(f, dest)
+            artifacts.mark_complete(out)
+        on_rank0(link)
+        log.info("align: nothing to align; %s is the compressed proxy of %s", out, source)
+        return AlignSummary(str(out), None, skipped=False)
+    device = rank_device(config.device or default_device())
+    examples = load_examples(config.data)
+    proxy, tokenizer = session.model(str(source), config.dtype, device, config.trust_remote_code)
+    target, _ = session.model(config.model, config.dtype, device, config.trust_remote_code)
+    meta = dict(src_meta)
+    meta["stage2"] = align_in_place(proxy, target, tokenizer, examples, config, out)
+    session.drop(str(source))  # the resident copy now holds the aligned factors, not source's
+
+    def finish() -> str:
+        meta["uid"] = uuid.uuid4().hex  # names these exact weights for the stores made from them
+        save_proxy(proxy, tokenizer, out, meta)
+        artifacts.mark_complete(out)
+        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)  # the factors are saved: the resume point goes
+        return meta["uid"]
+
+    meta["uid"] = on_rank0(finish)
+    session.register(str(out), proxy, tokenizer, config.dtype, device)
+    return AlignSummary(str(out), meta["stage2"], skipped=False)

@@ -475,3 +475,10 @@ def batches(items: Sequence[TokenizedExample], batch_size: int, sort_by_length: 
     if sort_by_length:
         order.sort(key=lambda i: len(items[i].input_ids))
     return [[items[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+
+
+def probe_split(n: int, seed: int) -> list[int]:
+    """A seeded permutation of ``range(n)``; the probe set is its head (later stages take the next
+    slices, so probe and alignment sets never overlap)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g).tolist()

@@ -25,7 +25,8 @@ from torch import nn
 
 from . import artifacts
 from .artifacts import read_json
-from .models import compressible_modules, load_model
+from .lowrank import FactorizedLinear
+from .models import DTYPES, compressible_modules, get_submodule_parent, load_model, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ def model_key(spec: str) -> str:
 
 def load_model_or_proxy(spec: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """Loads a proxy folder or any model spec from disk; returns ``(model, tokenizer)``."""
-    from .proxy import load_proxy
-
     LOADS[model_key(spec)] += 1
     if is_proxy_folder(spec):
         return load_proxy(spec, dtype, device, with_tokenizer=True)
@@ -178,6 +177,119 @@ def load_checkpoint(path: str | Path, dtype: str = "float32", device: str = "cpu
     from .session import Session
 
     return Session(keep=False).checkpoint(path, dtype, device, trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Proxy folders (written by the compress and align stages)
+# ---------------------------------------------------------------------------------------------
+
+PROXY_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: the dense target's config.json beside the factors (before 0.3)
+TARGET_CONFIG_FILE = "target_config.json"
+# config.json of a proxy folder names this model type, which transformers does not know: a plain
+# from_pretrained fails with that name instead of silently building a randomly initialised dense
+# model from the target's config. iprox.load_proxy reads target_config.json instead.
+PROXY_MODEL_TYPE = "iprox_proxy"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (the first name wins), contiguous and cloned."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in model.state_dict().items():
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel() > 0:
+            continue
+        seen[ptr] = k
+        out[k] = v.detach().contiguous().clone()
+    return out
+
+
+def save_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any]) -> None:
+    """Writes weights (safetensors), the model config, the tokenizer and ``proxy.json`` to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _unique_state(model)
+    artifacts.save_tensors(state, out / WEIGHTS_FILE,
+                           metadata={"format": "pt", "iprox_format_version": str(PROXY_FORMAT_VERSION)})
+    model.config.to_json_file(out / TARGET_CONFIG_FILE)
+    artifacts.atomic_write_json(out / "config.json", {
+        "model_type": PROXY_MODEL_TYPE, "architectures": ["IProxFactoredProxy"],
+        "iprox": f"an IProX proxy of a {type(model).__name__}: load it with iprox.load_proxy('{out.name}'); "
+                 f"the model's own config is {TARGET_CONFIG_FILE}"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    artifacts.set_umask_modes(out)
+    artifacts.atomic_write_json(out / PROXY_FILE, meta)
+
+
+def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", with_tokenizer: bool = False):
+    """Rebuilds a proxy from its folder, without the target.
+
+    Args:
+        path: proxy folder written by :func:`iprox.build_proxy` (or ``iprox run``'s compress and align stages).
+        dtype: load in this dtype (default: the dtype it was saved in).
+        device: torch device.
+        with_tokenizer: also return the tokenizer saved beside it.
+
+    Returns:
+        The model (eval mode), or ``(model, tokenizer)`` when ``with_tokenizer``.
+
+    Raises:
+        ValueError: unknown format version, or the weights file has missing or extra tensors or
+            tensors of the wrong shape.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not is_proxy_folder(path):
+        raise FileNotFoundError(f"{path} is not a proxy folder (no {PROXY_FILE})")
+    meta = artifacts.read_json(path / PROXY_FILE, "proxy description")
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not one of "
+                         f"{READABLE_VERSIONS}; rebuild it")
+    state = load_file(str(path / WEIGHTS_FILE))
+    saved_dtype = next(iter(state.values())).dtype
+    torch_dtype = DTYPES[resolve_dtype(dtype, device)] if dtype else saved_dtype
+    trust = meta.get("config", {}).get("trust_remote_code", False)
+    if (path / TARGET_CONFIG_FILE).is_file():
+        from transformers import CONFIG_MAPPING
+
+        raw = artifacts.read_json(path / TARGET_CONFIG_FILE, "model config")
+        if raw.get("model_type") not in CONFIG_MAPPING:
+            raise ValueError(f"{path / TARGET_CONFIG_FILE}: model type {raw.get('model_type')!r} is not one "
+                             f"transformers knows; custom-code models are not supported as proxies")
+        cfg = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    else:  # format 1
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust)
+    for rec in meta["layers"]:
+        if rec["rank"]:  # None: left dense; 0: block dropped (layer-drop)
+            parent, child = get_submodule_parent(model, rec["name"])
+            setattr(parent, child, FactorizedLinear(rec["in_features"], rec["out_features"], rec["rank"],
+                                                    bias=rec["bias"], dtype=torch_dtype))
+    expected = _unique_state(model)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{path / WEIGHTS_FILE} does not match the proxy's structure: "
+                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    bad = [k for k in expected if expected[k].shape != state[k].shape]
+    if bad:
+        raise ValueError(f"{path / WEIGHTS_FILE}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+                         f"expected {tuple(expected[bad[0]].shape)}")
+    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
+    # strict=False only because tied copies are stored once; every stored key was checked above.
+    model.tie_weights()
+    model.to(device).eval()
+    if with_tokenizer:
+        from transformers import AutoTokenizer
+        from .models import prepare_tokenizer
+
+        return model, prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""``iprox run CONFIG.toml``: pool → proxy → warm-up → features → scores → selection, resumably.
+"""``iprox run CONFIG.toml``: pool → compress → align → warm-up → features → scores → selection, resumably.
 
-Every stage writes its own folder under the run directory (``pool/``, ``proxy/``, ``warmup/``,
-``features/train-<epoch>/`` and ``val-<epoch>/``, ``scores/``, ``selection/``); a stage complete
+Every stage writes its own folder under the run directory (``pool/``, ``compressed/`` (stage 1),
+``proxy/`` (the aligned proxy), ``warmup/``, ``features/train-<epoch>/`` and ``val-<epoch>/``,
+``scores/``, ``selection/``); a stage complete
 with the same settings is skipped, an unfinished one resumes (the stages themselves resume from
 their last shard, checkpoint or epoch).
 
@@ -29,7 +30,8 @@ shared data folder, ``out`` is relative to the working directory)::
     pool = [{path = "{data}/gsm8k/train.jsonl", sample = 120}, "{data}/bbh/tasks"]
     validation = [{path = "{data}/bbh/tasks/navigate.json", sample = 4}]
     max_length = 384
-    [proxy]     # ProxyConfig fields (sparsity, init, align_steps, ...)
+    [proxy]     # ProxyConfig fields: the compress stage's (sparsity, init, probe_*, ...) and the align
+                # stage's (align_steps, lambda_kl, ...); changing only the latter keeps compressed/
     [warmup]    # WarmupConfig fields (fraction, epochs, lr, ...)
     [features]  # FeatureConfig fields, plus train_grad (default adam: LESS's elementwise Adam, exact)
     [score]     # method, aggregate, checkpoint_weights, damping
@@ -55,6 +57,7 @@ from . import artifacts
 from .data import find_shared_data, load_examples
 from .distributed import barrier, on_rank0
 from .distributed import world as dist_world
+from .alignment import ALIGN_FIELDS, align_proxy
 from .features import FeatureConfig, compute_features
 from .projection import GRADS
 from .loading import LOADS
@@ -77,7 +80,7 @@ DEFAULT_TRAIN_GRAD = "adam"
 # model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
 # representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
 SELECTORS = ("proxy", "model", "representation", "random")
-STAGES = ("pool", "proxy", "warmup", "features", "score", "select")
+STAGES = ("pool", "compress", "align", "warmup", "features", "score", "select")
 SECTIONS = {"run", "data", "proxy", "warmup", "features", "score", "select"}
 
 
@@ -142,6 +145,9 @@ class RunConfig:
                 built[name] = cls(**{**extra, **values})
             except (ValueError, TypeError) as e:
                 raise ValueError(f"[{name}] {e}") from None
+        if self.selector == "proxy" and self.warmup_on == "target" and built["proxy"].init == "layer-drop":
+            raise ValueError('[proxy] init = "layer-drop" drops whole blocks, which cannot carry the target\'s LoRA '
+                             'warm-up; set [run] warmup_on = "proxy" for this baseline')
         weights = self.score.get("checkpoint_weights", "auto")
         n_ckpt = built["warmup"].epochs if self.selector in ("proxy", "model") else 1
         try:
@@ -228,14 +234,16 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
 
 def _fingerprints(cfg: RunConfig) -> dict[str, str]:
     """One hash per stage over its settings and everything upstream of it."""
+    # settings that change only how a stage runs (device, recomputation, ...) stay out
+    proxy = artifacts.comparable(cfg.proxy) if cfg.selector == "proxy" else None
     sections = {
         "pool": {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed},
-        "proxy": {"model": cfg.model, "selector": cfg.selector, "selector_model": cfg.selector_model,
-                  # settings that change only how a stage runs (device, recomputation, ...) stay out
-                  "proxy": artifacts.comparable(cfg.proxy) if cfg.selector == "proxy" else None,
-                  "max_length": cfg.max_length,
-                  # only a non-default dtype enters the hash, so runs made before [run] dtype existed still match
-                  **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {})},
+        "compress": {"model": cfg.model, "selector": cfg.selector, "selector_model": cfg.selector_model,
+                     "proxy": proxy and {k: v for k, v in proxy.items() if k not in ALIGN_FIELDS},
+                     "max_length": cfg.max_length,
+                     # only a non-default dtype enters the hash
+                     **({"dtype": cfg.dtype} if cfg.dtype != "float32" else {})},
+        "align": proxy and {k: v for k, v in proxy.items() if k in ALIGN_FIELDS},
         # the proxy-first order (the only one before warmup_on existed) stays out of the hash, so runs
         # made then still match when they ask for it
         "warmup": cfg.warmup if cfg.warmup_on == "proxy" or cfg.selector != "proxy" else {**cfg.warmup, "on": "target"},
@@ -264,7 +272,7 @@ def _accelerator_peak() -> float:
 
 
 def _stage_dirs(run: Path) -> dict[str, list[Path]]:
-    return {"pool": [run / "pool"], "proxy": [run / "proxy"], "warmup": [run / "warmup"],
+    return {"pool": [run / "pool"], "compress": [run / "compressed"], "align": [run / "proxy"], "warmup": [run / "warmup"],
             "features": [run / "features"], "score": [run / "scores"], "select": [run / "selection"]}
 
 
@@ -279,6 +287,13 @@ def _check_lineage(cfg: RunConfig, run: Path, overwrite: bool) -> dict[str, str]
             p.name not in (artifacts.STAGE_FILE, "train_ids.json") and not p.name.startswith(".") for p in d.iterdir()))
 
     changed = [st for st in STAGES if old.get(st) not in (None, new[st]) and any(holds_work(d) for d in dirs[st])]
+    legacy = "proxy" in old and "compress" not in old  # before 0.5: one proxy stage, no compressed/
+    if legacy and any(holds_work(d) for st in STAGES[STAGES.index("align"):] for d in dirs[st]):
+        if not overwrite:
+            raise artifacts.ConfigMismatchError(
+                f"{run} was made by iprox before 0.5, whose proxy was one stage (now compress and align); pass "
+                f"--overwrite to rebuild it from the proxy on, or choose another [run] out")
+        changed = ["compress"]
     if changed:
         first = changed[0]
         if not overwrite:
@@ -497,11 +512,23 @@ def _pool(ctx: _Context) -> None:
     ctx.pool_file, ctx.val_file = on_rank0(lambda: _write_pool(ctx.cfg, ctx.out / "pool"))
 
 
-def _proxy(ctx: _Context) -> None:
+def _proxy_config(ctx: _Context, out: str, **over) -> ProxyConfig:
     cfg = ctx.cfg
-    pcfg = ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **ctx.dtype, **cfg.proxy, "model": cfg.model,
-                          "data": [str(ctx.pool_file)], "out": str(ctx.out / "proxy"), **ctx.common})
-    build_proxy(pcfg, session=ctx.session)
+    return ProxyConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **ctx.dtype, **cfg.proxy, "model": cfg.model,
+                          "data": [str(ctx.pool_file)], "out": str(ctx.out / out), **ctx.common, **over})
+
+
+def _compress(ctx: _Context) -> None:
+    """Stage 1 alone: the alignment's settings are left at their defaults here (they are the align
+    stage's), so changing one of them keeps the compressed proxy."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ProxyConfig) if f.name in ALIGN_FIELDS}
+    build_proxy(_proxy_config(ctx, "compressed", **{**defaults, "align_steps": 0, "align_epochs": 0.0}),
+                session=ctx.session)
+
+
+def _align(ctx: _Context) -> None:
+    cfg = ctx.cfg
+    log.info("%s", align_proxy(_proxy_config(ctx, "proxy"), ctx.out / "compressed", ctx.session).format())
     ctx.feature_model = str(ctx.out / "proxy")
     # target-first: the target's LoRA warm-up, carried by the proxy for the features
     ctx.warm_model = cfg.model if cfg.warmup_on == "target" else ctx.feature_model
@@ -571,11 +598,12 @@ def _select(ctx: _Context) -> None:
     ctx.manifest = on_rank0(do)
 
 
-POOL, PROXY, WARMUP, FEATURES = Stage("pool", _pool), Stage("proxy", _proxy), Stage("warmup", _warmup), Stage("features", _features)
+POOL, WARMUP, FEATURES = Stage("pool", _pool), Stage("warmup", _warmup), Stage("features", _features)
+COMPRESS, ALIGN = Stage("compress", _compress), Stage("align", _align)
 SCORE, SELECT = Stage("score", _score), Stage("select", _select)
 # A selector is the list of its stages, in order.
 PIPELINES: dict[str, tuple[Stage, ...]] = {
-    "proxy": (POOL, PROXY, WARMUP, FEATURES, SCORE, SELECT),        # IProX
+    "proxy": (POOL, COMPRESS, ALIGN, WARMUP, FEATURES, SCORE, SELECT),   # IProX
     "model": (POOL, WARMUP, FEATURES, SCORE, SELECT),               # LESS on the target or any model
     "representation": (POOL, Stage("features", _represent), SCORE, SELECT),   # RDS+
     "random": (POOL, Stage("score", _random), SELECT),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import shutil
 import time
 import uuid
@@ -30,16 +29,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import artifacts
 from .runtime import check_types
-from .data import load_examples, tokenize_examples
+from .data import load_examples, probe_split, tokenize_examples
 from .ipsvd import (Decomposition, ipsvd_decomposition, ipsvd_decomposition_from_samples, random_factors, sample_bases,
                     svd_factors, truncate, whitening_bases)
-from .loading import PROXY_FILE, is_proxy_folder
+from .loading import PROXY_FILE, PROXY_FORMAT_VERSION, load_proxy, save_proxy  # noqa: F401  (load_proxy: the API)
 from .session import Session
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
@@ -61,15 +59,7 @@ from .probe import Samples, collect_moments
 
 log = logging.getLogger(__name__)
 
-PROXY_FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)   # 1: the dense target's config.json beside the factors (before 0.3)
-TARGET_CONFIG_FILE = "target_config.json"
-# config.json of a proxy folder names this model type, which transformers does not know: a plain
-# from_pretrained fails with that name instead of silently building a randomly initialised dense
-# model from the target's config. iprox.load_proxy reads target_config.json instead.
-PROXY_MODEL_TYPE = "iprox_proxy"
 STAGE1_DONE = "STAGE1_DONE"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -248,13 +238,6 @@ class ProxySummary:
 # ---------------------------------------------------------------------------------------------
 # Building
 # ---------------------------------------------------------------------------------------------
-
-
-def probe_split(n: int, seed: int) -> list[int]:
-    """A seeded permutation of ``range(n)``; the probe set is its head (later stages take the next
-    slices, so probe and alignment sets never overlap)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randperm(n, generator=g).tolist()
 
 
 def _layer_record(name: str, mod: nn.Module, rank: int | None) -> dict[str, Any]:
@@ -452,29 +435,9 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
         barrier()
 
     if config.aligns:
-        from .alignment import AlignSettings, run_alignment, steps_per_epoch
+        from .alignment import align_in_place
 
-        t0 = time.perf_counter()
-        n_probe, n_align = config.split_sizes(len(examples))
-        align_ex = [examples[i] for i in order[n_probe : n_probe + n_align]]
-        if len(align_ex) < n_align:
-            log.warning("only %d examples left for an alignment set of %d", len(align_ex), n_align)
-        align_tok, _ = tokenize_examples(tokenizer, align_ex, config.max_length)
-        per_epoch = steps_per_epoch(len(align_tok), config.batch_size, config.grad_accum)
-        steps = config.align_steps or math.ceil(config.align_epochs * per_epoch)  # steps, when given, win
-        settings = AlignSettings(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                                 lr=config.lr, weight_decay=config.weight_decay, lambda_kl=config.lambda_kl,
-                                 temperature=config.temperature, checkpoint_every=config.checkpoint_every,
-                                 seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
-                                 offload_optimizer=config.offload_optimizer)
-        res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress)
-        meta["stage2"] = {"examples": len(align_tok), "ids": [t.id for t in align_tok],
-                          "steps": steps, "steps_per_epoch": per_epoch, "batch_size": config.batch_size,
-                          "grad_accum": config.grad_accum, "lr": config.lr, "weight_decay": config.weight_decay,
-                          "lambda_kl": config.lambda_kl, "temperature": config.temperature,
-                          "final_loss": res["loss"], "final_grad_align": res["grad_align"], "final_kl": res["kl"],
-                          "seconds_per_step": res["seconds_per_step"], "attention": res["attention"],
-                          "seconds": time.perf_counter() - t0}
+        meta["stage2"] = align_in_place(proxy, target, tokenizer, examples, config, out)
 
     def finish() -> str:
         meta["uid"] = uuid.uuid4().hex  # names these exact weights for the stores made from them
@@ -609,107 +572,3 @@ def _summary_from_meta(out: str, meta: dict[str, Any], skipped: bool) -> ProxySu
 
 def _summary_from_folder(out: Path, skipped: bool) -> ProxySummary:
     return _summary_from_meta(str(out), artifacts.read_json(out / PROXY_FILE, "proxy description"), skipped)
-
-
-# ---------------------------------------------------------------------------------------------
-# Save / load
-# ---------------------------------------------------------------------------------------------
-
-
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (the first name wins), contiguous and cloned."""
-    seen: dict[int, str] = {}
-    out = {}
-    for k, v in model.state_dict().items():
-        ptr = v.data_ptr()
-        if ptr in seen and v.numel() > 0:
-            continue
-        seen[ptr] = k
-        out[k] = v.detach().contiguous().clone()
-    return out
-
-
-def save_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any]) -> None:
-    """Writes weights (safetensors), the model config, the tokenizer and ``proxy.json`` to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = _unique_state(model)
-    artifacts.save_tensors(state, out / WEIGHTS_FILE,
-                           metadata={"format": "pt", "iprox_format_version": str(PROXY_FORMAT_VERSION)})
-    model.config.to_json_file(out / TARGET_CONFIG_FILE)
-    artifacts.atomic_write_json(out / "config.json", {
-        "model_type": PROXY_MODEL_TYPE, "architectures": ["IProxFactoredProxy"],
-        "iprox": f"an IProX proxy of a {type(model).__name__}: load it with iprox.load_proxy('{out.name}'); "
-                 f"the model's own config is {TARGET_CONFIG_FILE}"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    artifacts.set_umask_modes(out)
-    artifacts.atomic_write_json(out / PROXY_FILE, meta)
-
-
-def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", with_tokenizer: bool = False):
-    """Rebuilds a proxy from its folder, without the target.
-
-    Args:
-        path: proxy folder written by :func:`build_proxy`.
-        dtype: load in this dtype (default: the dtype it was saved in).
-        device: torch device.
-        with_tokenizer: also return the tokenizer saved beside it.
-
-    Returns:
-        The model (eval mode), or ``(model, tokenizer)`` when ``with_tokenizer``.
-
-    Raises:
-        ValueError: unknown format version, or the weights file has missing or extra tensors or
-            tensors of the wrong shape.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    if not is_proxy_folder(path):
-        raise FileNotFoundError(f"{path} is not a proxy folder (no {PROXY_FILE})")
-    meta = artifacts.read_json(path / PROXY_FILE, "proxy description")
-    if meta.get("format_version") not in READABLE_VERSIONS:
-        raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not one of "
-                         f"{READABLE_VERSIONS}; rebuild it")
-    state = load_file(str(path / WEIGHTS_FILE))
-    saved_dtype = next(iter(state.values())).dtype
-    torch_dtype = DTYPES[resolve_dtype(dtype, device)] if dtype else saved_dtype
-    trust = meta.get("config", {}).get("trust_remote_code", False)
-    if (path / TARGET_CONFIG_FILE).is_file():
-        from transformers import CONFIG_MAPPING
-
-        raw = artifacts.read_json(path / TARGET_CONFIG_FILE, "model config")
-        if raw.get("model_type") not in CONFIG_MAPPING:
-            raise ValueError(f"{path / TARGET_CONFIG_FILE}: model type {raw.get('model_type')!r} is not one "
-                             f"transformers knows; custom-code models are not supported as proxies")
-        cfg = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
-    else:  # format 1
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust)
-    for rec in meta["layers"]:
-        if rec["rank"]:  # None: left dense; 0: block dropped (layer-drop)
-            parent, child = get_submodule_parent(model, rec["name"])
-            setattr(parent, child, FactorizedLinear(rec["in_features"], rec["out_features"], rec["rank"],
-                                                    bias=rec["bias"], dtype=torch_dtype))
-    expected = _unique_state(model)
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match the proxy's structure: "
-                         f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                         f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    bad = [k for k in expected if expected[k].shape != state[k].shape]
-    if bad:
-        raise ValueError(f"{path / WEIGHTS_FILE}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, "
-                         f"expected {tuple(expected[bad[0]].shape)}")
-    model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
-    # strict=False only because tied copies are stored once; every stored key was checked above.
-    model.tie_weights()
-    model.to(device).eval()
-    if with_tokenizer:
-        from transformers import AutoTokenizer
-        from .models import prepare_tokenizer
-
-        return model, prepare_tokenizer(AutoTokenizer.from_pretrained(path))
-    return model
