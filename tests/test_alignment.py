@@ -309,3 +309,16 @@ def test_offloaded_master_adamw_steps_like_the_resident_one():
             a.step(), b.step()
         assert torch.equal(params["w"], twin["w"]), dt
         assert not torch.equal(params["w"].float(), torch.zeros(8, 4))
+
+
+def test_recomputed_blocks_restore_a_forward_set_on_the_instance():
+    """Hooks (accelerate's, for one) set ``forward`` on the module itself; it must survive the block."""
+    from iprox.models import decoder_layers, recomputed_blocks
+
+    model = tiny_llama(dtype=torch.float32).eval()
+    _, blocks = decoder_layers(model)
+    hooked = blocks[0].forward
+    blocks[0].forward = hooked     # now an instance attribute, as a hook would leave it
+    with recomputed_blocks(model):
+        assert blocks[0].forward is not hooked and "forward" in blocks[1].__dict__
+    assert blocks[0].__dict__["forward"] is hooked and "forward" not in blocks[1].__dict__

@@ -331,13 +331,17 @@ def recomputed_blocks(model: nn.Module, enabled: bool = True):
             return checkpoint(fwd, *args, use_reentrant=False, **kwargs)
         return forward
 
+    own = [blk.__dict__.get("forward") for blk in blocks]  # a forward set on the instance (hooks) stays
     try:
         for blk in blocks:
             blk.forward = wrap(blk.forward)
         yield
     finally:
-        for blk in blocks:
-            blk.__dict__.pop("forward", None)  # back to the class's forward
+        for blk, fwd in zip(blocks, own):
+            if fwd is None:
+                blk.__dict__.pop("forward", None)  # back to the class's forward
+            else:
+                blk.forward = fwd
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -111,7 +111,7 @@ class ProxyConfig:
             backward instead of keeping their activations (the proxy's double backward keeps its
             own either way): less memory for about a third more target compute.
         offload_optimizer: keep the alignment's float32 master factors and Adam moments in host
-            memory and step there: 16 bytes per factor parameter off the accelerator.
+            memory and step there: up to 16 bytes per factor parameter off the accelerator.
         overwrite: replace an existing proxy made with other settings.
         progress: show progress bars.
     """

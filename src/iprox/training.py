@@ -36,9 +36,9 @@ class MasterAdamW:
         lr, weight_decay, betas, eps: AdamW's settings.
         max_grad_norm: clip the global gradient norm to this before the step (0: no clipping).
         offload: keep the master copies and the moments in host memory and step there; the device
-            then holds only the model's own tensors and their gradients (16 bytes per trained
-            parameter fewer on an accelerator, for one host round trip of the gradients and
-            weights per step).
+            then holds only the model's own tensors and their gradients (the float32 master copy,
+            its gradient and two moments leave it: up to 16 bytes per trained parameter), for one
+            host round trip of the gradients and weights per step.
     """
 
     def __init__(self, params: dict[str, nn.Parameter], lr: float, weight_decay: float = 0.0,
