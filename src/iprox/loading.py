@@ -1,8 +1,9 @@
 """Reading every artifact a stage leaves for another: models and proxies, warm-up checkpoints,
 feature stores and score tables.
 
-Stages never import each other to read an artifact; they come here (and a stage that writes one
-takes its format's names and checks from here too). Every load of a model from disk goes through
+Stages never import each other to read an artifact; they come here. A stage that writes one takes
+its format's names and checks from here too, and proxy folders, which two stages write (compress and
+align), are also written here (:func:`save_proxy`). Every load of a model from disk goes through
 :func:`load_model_or_proxy`, which counts it in :data:`LOADS`; :mod:`iprox.session` keeps loaded
 models resident between the stages of one process.
 """
