@@ -40,7 +40,7 @@ from . import artifacts
 from .data import TokenizedExample, collate, load_examples, probe_split, tokenize_examples
 from .distributed import all_reduce_sum_, barrier, on_rank0, rank_device, world
 from .evaluation import per_example_loss
-from .loading import PROXY_FILE, save_proxy
+from .loading import PROXY_FILE, STAGE1_DONE, save_proxy
 from .lowrank import FactorizedLinear
 from .models import default_device, projection_weight, recomputed_blocks
 from .session import Session
@@ -433,7 +433,7 @@ def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | No
     if not config.aligns:
         def link() -> None:
             for f in source.iterdir():
-                if f.is_file() and f.name not in (artifacts.STAGE_FILE, artifacts.COMPLETE_FILE, "STAGE1_DONE"):
+                if f.is_file() and f.name not in (artifacts.STAGE_FILE, artifacts.COMPLETE_FILE, STAGE1_DONE):
                     dest = out / f.name
                     dest.unlink(missing_ok=True)
                     try:

@@ -192,6 +192,7 @@ TARGET_CONFIG_FILE = "target_config.json"
 # model from the target's config. iprox.load_proxy reads target_config.json instead.
 PROXY_MODEL_TYPE = "iprox_proxy"
 WEIGHTS_FILE = "model.safetensors"
+STAGE1_DONE = "STAGE1_DONE"   # stage 1 of build_proxy finished (its resume point before alignment)
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:

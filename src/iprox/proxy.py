@@ -37,7 +37,7 @@ from .runtime import check_types
 from .data import load_examples, probe_split, tokenize_examples
 from .ipsvd import (Decomposition, ipsvd_decomposition, ipsvd_decomposition_from_samples, random_factors, sample_bases,
                     svd_factors, truncate, whitening_bases)
-from .loading import PROXY_FILE, PROXY_FORMAT_VERSION, load_proxy, save_proxy  # noqa: F401  (load_proxy: the API)
+from .loading import PROXY_FILE, PROXY_FORMAT_VERSION, STAGE1_DONE, load_proxy, save_proxy  # noqa: F401  (load_proxy: the API)
 from .session import Session
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
@@ -59,7 +59,6 @@ from .probe import Samples, collect_moments
 
 log = logging.getLogger(__name__)
 
-STAGE1_DONE = "STAGE1_DONE"
 
 
 @dataclass
