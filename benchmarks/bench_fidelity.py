@@ -86,6 +86,10 @@ def _settings() -> dict[str, dict]:
                                   "proxy": {"align_epochs": 0.0, "align_steps": 40}}
     s["target-first align 0"] = {"group": "warm-up", "run": {"selector": "proxy", "warmup_on": "target"},
                                  "proxy": NO_ALIGN}
+    # the gradient cosine per example (micro-batch 1, 4 accumulated: the same 20 steps over the same
+    # examples), as influence is per example, instead of per micro-batch of 4
+    s["target-first per-example align"] = {"group": "alignment objective", "run": {"selector": "proxy", "warmup_on": "target"},
+                                           "proxy": {"batch_size": 1, "grad_accum": 4}}
     s["target-first svd 0.5"] = {"group": "baselines", "run": {"selector": "proxy", "warmup_on": "target"},
                                  "proxy": {"init": "svd"}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}

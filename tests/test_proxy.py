@@ -208,3 +208,14 @@ def test_probe_moments_equal_explicit_autograd(tmp_path):
     assert got.n_tokens == N
     torch.testing.assert_close(got.C_h, Ch / N)
     torch.testing.assert_close(got.C_d, Cd / N)
+
+
+def test_models_load_straight_to_their_device(tmp_path):
+    from iprox.models import ModelSource, pretrained_kwargs
+
+    folder = ModelSource("m", "folder", str(tmp_path))
+    # an accelerator: weights go to it tensor by tensor (no whole-model copy in host memory)
+    assert pretrained_kwargs(folder, "bfloat16", "cuda:1")["device_map"] == {"": "cuda:1"}
+    assert "device_map" not in pretrained_kwargs(folder, "float32", "cpu")
+    gguf = ModelSource("m.gguf", "gguf", str(tmp_path), "m.gguf")  # dequantised on the host in any case
+    assert "device_map" not in pretrained_kwargs(gguf, "float32", "cuda")

@@ -251,7 +251,8 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
     if meta.get("format_version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: proxy format version {meta.get('format_version')} is not one of "
                          f"{READABLE_VERSIONS}; rebuild it")
-    state = load_file(str(path / WEIGHTS_FILE))
+    # Read onto the device and build there: an 8B proxy never passes through host memory whole.
+    state = load_file(str(path / WEIGHTS_FILE), device=str(device))
     saved_dtype = next(iter(state.values())).dtype
     torch_dtype = DTYPES[resolve_dtype(dtype, device)] if dtype else saved_dtype
     trust = meta.get("config", {}).get("trust_remote_code", False)
@@ -265,12 +266,13 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
         cfg = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
     else:  # format 1
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust)
-    for rec in meta["layers"]:
-        if rec["rank"]:  # None: left dense; 0: block dropped (layer-drop)
-            parent, child = get_submodule_parent(model, rec["name"])
-            setattr(parent, child, FactorizedLinear(rec["in_features"], rec["out_features"], rec["rank"],
-                                                    bias=rec["bias"], dtype=torch_dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, trust_remote_code=trust)
+        for rec in meta["layers"]:
+            if rec["rank"]:  # None: left dense; 0: block dropped (layer-drop)
+                parent, child = get_submodule_parent(model, rec["name"])
+                setattr(parent, child, FactorizedLinear(rec["in_features"], rec["out_features"], rec["rank"],
+                                                        bias=rec["bias"], dtype=torch_dtype))
     expected = _unique_state(model)
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))

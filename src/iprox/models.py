@@ -162,6 +162,19 @@ def prepare_tokenizer(tok):
     return tok
 
 
+def pretrained_kwargs(source: ModelSource, dtype: str, device: str, trust_remote_code: bool = False) -> dict:
+    """``from_pretrained``'s arguments for a resolved model source."""
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    elif torch.device(device).type != "cpu":
+        # Straight to the accelerator, tensor by tensor: the host never holds the whole model (an 8B
+        # target in bf16 would need 16 GB of host memory in between). GGUF checkpoints are
+        # dequantised on the host whatever the map, so they keep the load-then-move path.
+        kwargs["device_map"] = {"": device}
+    return kwargs
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -183,9 +196,7 @@ def load_model(
 
     dtype = resolve_dtype(dtype, device)
     source = resolve_model(spec)
-    kwargs = {"trust_remote_code": trust_remote_code, "dtype": DTYPES[dtype]}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
+    kwargs = pretrained_kwargs(source, dtype, device, trust_remote_code)
     log.info("loading model %s (%s) as %s", spec, source.kind, dtype)
     model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     # GGUF checkpoints leave a quantization_config behind although the weights are dequantised;
