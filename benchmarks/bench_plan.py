@@ -100,8 +100,8 @@ def measure(models: list[str]) -> list[dict]:
                 if r.returncode:
                     raise SystemExit(f"{name} {what} failed:\n{r.stderr[-3000:]}")
                 got = json.loads(r.stdout.strip().splitlines()[-1])
-                p = plan(PlanConfig(model=str(folder), dtype="float32", max_length=LENGTH, batch_size=BATCH,
-                                    probe_examples=8, probe_tokens=512, **kw))
+                p = plan(PlanConfig(model=str(folder), dtype="float32", max_length=LENGTH,
+                                    proxy=dict(batch_size=BATCH, probe_examples=8, probe_tokens=512, **kw)))
                 row = {"model": name, "what": what, "planned_gib": p["stages"][stage]["peak_gib"],
                        "measured_gib": got["measured_gib"], "seconds": got["seconds"], "params": p["params"]}
                 row["ratio"] = row["planned_gib"] / row["measured_gib"]
@@ -122,7 +122,7 @@ def scale() -> list[dict]:
                                                                "batch_size": 1})]
     for geo in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
         for label, stage, kw in cases:
-            p = plan(PlanConfig(model=geo, dtype="bf16", max_length=512, budget_gib=80, **kw))
+            p = plan(PlanConfig(model=geo, dtype="bf16", max_length=512, budget_gib=80, proxy=kw))
             out.append({"model": geo, "case": label, "peak_gib": p["stages"][stage]["peak_gib"],
                         "blocks_per_pass": p["probe_blocks_per_pass"] if stage == "probe+factorise" else None})
     return out

@@ -59,8 +59,9 @@ def test_stage1_estimate_within_25_percent_of_the_measured_peak(tmp_path, family
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])["measured_gib"]
-    planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH, batch_size=BATCH, probe_examples=8,
-                              probe_tokens=512, probe_statistics=statistics))["stages"]["probe+factorise"]["peak_gib"]
+    planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH,
+                              proxy=dict(batch_size=BATCH, probe_examples=8, probe_tokens=512,
+                                         probe_statistics=statistics)))["stages"]["probe+factorise"]["peak_gib"]
     assert measured > 0.5  # the stage's memory dominates the measurement, not the process's noise
     assert abs(planned / measured - 1) <= 0.25, (family, planned, measured)
 
@@ -93,15 +94,15 @@ def test_alignment_estimate_within_25_percent_of_the_measured_peak(tmp_path, fam
                        text=True, timeout=600, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert r.returncode == 0, r.stderr[-3000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])["measured_gib"]
-    planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH, batch_size=BATCH,
-                              gradient_checkpointing=recompute))["stages"]["align"]["peak_gib"]
+    planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH,
+                              proxy=dict(batch_size=BATCH, gradient_checkpointing=recompute)))["stages"]["align"]["peak_gib"]
     assert measured > 1.0
     assert abs(planned / measured - 1) <= 0.25, (family, planned, measured)
 
 
 def test_llama_8b_alignment_fits_80_gb_with_recomputation_offload_and_micro_batches():
     cfg = str(HERE / "data" / "llama-3.1-8b-config.json")
-    peak = lambda **kw: plan(PlanConfig(model=cfg, dtype="bf16", **kw))["stages"]["align"]["peak_gib"]  # noqa: E731
+    peak = lambda **kw: plan(PlanConfig(model=cfg, dtype="bf16", proxy=kw))["stages"]["align"]["peak_gib"]  # noqa: E731
     default = peak()
     assert default > 100                                            # batch 4, Adam state on the device
     assert peak(offload_optimizer=True) < default - 45              # 16 bytes × ~3.5B factor parameters
@@ -116,11 +117,11 @@ def test_llama_8b_config_plans_stage1_within_60_gb_in_bf16():
     assert p["probe_fits_budget"] and p["stages"]["probe+factorise"]["peak_gib"] <= 60
     # ... by probing a few blocks per pass: all 32 in one pass hold ~185 GB of float64 moments
     assert 1 <= p["probe_blocks_per_pass"] < 32
-    everything = plan(PlanConfig(model=cfg, dtype="bf16", probe_blocks_per_pass=32, budget_gib=1000))
+    everything = plan(PlanConfig(model=cfg, dtype="bf16", proxy=dict(probe_blocks_per_pass=32), budget_gib=1000))
     assert everything["stages"]["probe+factorise"]["peak_gib"] > 150
     # the bounded-memory probe keeps 4,096 sampled rows instead: all 32 blocks in one pass in ~64 GB
-    samples = plan(PlanConfig(model=cfg, dtype="bf16", probe_blocks_per_pass=32, budget_gib=1000,
-                              probe_statistics="samples"))
+    samples = plan(PlanConfig(model=cfg, dtype="bf16", budget_gib=1000,
+                              proxy=dict(probe_blocks_per_pass=32, probe_statistics="samples")))
     assert samples["stages"]["probe+factorise"]["peak_gib"] < 70
 
 
@@ -134,3 +135,32 @@ def test_cli_plan_prints_every_stage(capsys):
     assert main(["plan", "--model", "tiny", "--budget-gib", "1"]) == 0
     assert "does NOT fit in 1 GiB" in capsys.readouterr().out
     assert main(["plan", "--model", "/no/such/folder"]) == 2
+
+
+def test_plan_takes_a_run_configs_settings_and_stage_defaults(tmp_path, capsys):
+    from conftest import chat_records, write_jsonl
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", chat_records(30))
+    val = write_jsonl(tmp_path / "val.jsonl", chat_records(3, seed=1))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[run]\nout = "{tmp_path}/run"\nmodel = "tiny"\n[data]\npool = ["{pool}"]\n'
+                   f'validation = ["{val}"]\nmax_length = 64\n[proxy]\nsparsity = 0.3\n[warmup]\nepochs = 2\n')
+    assert main(["plan", "--config", str(cfg), "--out", str(tmp_path / "p.json")]) == 0
+    from_run = json.loads((tmp_path / "p.json").read_text())
+    # the same settings given as --set on the command line plan the same run
+    assert main(["plan", "--model", "tiny", "--pool", "30", "--validation", "3", "--max-length", "64",
+                 "--set", "proxy.sparsity=0.3", "--set", "warmup.epochs=2", "--out", str(tmp_path / "q.json")]) == 0
+    assert json.loads((tmp_path / "q.json").read_text()) == from_run
+    # the run's settings were planned, not the defaults: sparsity 0.3 keeps more of the target than
+    # 0.5, and 2 warm-up epochs featurise the pool twice where 4 do it four times
+    default = plan(PlanConfig(model="tiny", pool=30, validation=3, max_length=64))
+    assert from_run["proxy_params"] > default["proxy_params"]
+    assert from_run["stages"]["features (target)"]["flops"] == pytest.approx(default["stages"]["features (target)"]["flops"] / 2)
+    # the stage's own defaults: 5 alignment epochs over max(16, 1%) examples at batch 4 = 20 steps
+    assert PlanConfig(model="tiny", pool=30).align_steps() == 20
+    assert PlanConfig(model="tiny", pool=10000, proxy={"batch_size": 1, "grad_accum": 4}).align_steps() == 125
+    with pytest.raises(ValueError, match=r"\[proxy\] has unknown settings \['sparsty'\]"):
+        PlanConfig(proxy={"sparsty": 0.3})
+    with pytest.raises(ValueError, match=r"\[warmup\]"):
+        PlanConfig(warmup={"epochs": 0})
+    assert main(["plan", "--set", "sparsity=0.3"]) == 2

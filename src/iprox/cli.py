@@ -159,14 +159,55 @@ def _add_plan(sub) -> None:
     from .plan import PlanConfig
 
     p = sub.add_parser("plan", help="per-stage peak memory, FLOPs and store size from the model's config alone")
-    add_config_args(p, PlanConfig)
+    p.add_argument("--config", default="", metavar="RUN.toml",
+                   help="plan this run config: its target, max_length, [proxy], [warmup] and [features] settings "
+                        "and its pool's size (flags given beside it win)")
+    add_config_args(p, PlanConfig, skip=PLAN_SECTIONS,
+                    overrides={n: {"default": None} for n in ("model", "pool", "validation", "max_length")})
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="one stage setting, e.g. proxy.sparsity=0.3 or warmup.epochs=2 (a TOML value; repeatable)")
     p.add_argument("--out", default="", help="also write the plan as JSON here")
+
+
+PLAN_SECTIONS = ("proxy", "warmup", "features")
+
+
+def _plan_settings(args) -> dict:
+    """PlanConfig's arguments: a run config's (with --config), then the flags, then --set."""
+    import tomllib
+
+    from .plan import PlanConfig
+
+    kw = {k: v for k, v in config_from_args(args, PlanConfig).items() if v is not None}
+    if args.config:
+        from .data import load_examples
+        from .pipeline import load_config
+
+        run = load_config(args.config)
+        counted = {}
+        for key in ("pool", "validation"):
+            if key not in kw:  # the sampled size of every source, as the run's pool stage takes it
+                counted[key] = sum(s["sample"] or len(load_examples(s["path"])) for s in getattr(run, key))
+        features = {k: v for k, v in run.features.items() if k != "train_grad"}
+        kw = {"model": run.model, "max_length": run.max_length, **counted,
+              "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features, **kw}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (eq and dot and name) or section not in PLAN_SECTIONS:
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {PLAN_SECTIONS}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word: a string
+        kw.setdefault(section, {})[name.strip()] = parsed
+    return kw
 
 
 def _cmd_plan(args) -> int:
     from .plan import PlanConfig, format_plan, plan
 
-    res = plan(PlanConfig(**config_from_args(args, PlanConfig)))
+    res = plan(PlanConfig(**_plan_settings(args)))
     print(format_plan(res))
     if args.out:
         from .artifacts import atomic_write_json

@@ -20,47 +20,31 @@ from . import artifacts
 from .data import load_examples, tokenize_examples
 from .loading import apply_lora, is_proxy_folder, load_model_or_proxy, mark_trainable
 from .models import default_device
-from .runtime import ModelStageConfig
-from .training import MasterAdamW, train_epochs
+from .training import TrainingConfig, train_epochs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class FinetuneConfig(ModelStageConfig):
+class FinetuneConfig(TrainingConfig):
     """Settings of ``iprox finetune`` (defaults suit a 135M model on a few hundred examples).
-
-    The shared fields (max_length, seed, dtype, device, ...) are :class:`~iprox.runtime.ModelStageConfig`'s.
 
     Attributes:
         model: the model to fine-tune (the target; not a proxy).
         data: the records to train on, e.g. selected.jsonl.
         out: the model folder to write (a plain Hugging Face folder).
+        max_grad_norm: clip the global gradient norm to this, as HF Trainer and TRL do (0: no clipping).
         method: ``lora`` (adapters, merged into the weights before saving) or ``full``.
-        epochs: passes over the data.
-        lr: peak learning rate of the linear schedule.
-        warmup_ratio: share of steps with a rising learning rate.
-        weight_decay: AdamW's weight decay.
-        lora_rank / lora_alpha: LoRA shape.
-        batch_size / grad_accum: micro-batch and accumulation; one optimiser step per group.
-        max_grad_norm: clip the global gradient norm to this (0: no clipping).
     """
 
-    method: Literal["lora", "full"] = "lora"
+    # the training loop's defaults for fine-tuning, where the warm-up's are LESS's
     epochs: int = 3
     lr: float = 2e-4
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
     lora_rank: int = 16
-    lora_alpha: float = 32.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0  # clip the gradient norm (as HF Trainer/TRL do); 0: no clipping
+    max_grad_norm: float = 1.0
+    method: Literal["lora", "full"] = "lora"
 
-    def __post_init__(self):
-        self.check_io("finetune", "the records to train on, e.g. selected.jsonl", "the model folder to write")
-        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.lora_rank < 1:
-            raise ValueError("finetune: epochs, batch_size, grad_accum, lora_rank >= 1 and lr > 0")
+    stage_words = ("finetune", "the records to train on, e.g. selected.jsonl", "the model folder to write")
 
 
 def finetune(config: FinetuneConfig) -> Path:
@@ -87,13 +71,11 @@ def finetune(config: FinetuneConfig) -> Path:
         for p in params.values():
             p.requires_grad_(True)
     # float32 master weights and moments (a bf16 model's own weights would round small updates away)
-    opt = MasterAdamW(params, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+    opt = config.optimizer(params)
     losses: list[float] = []
     t0 = time.perf_counter()
-    train_epochs(model, opt, tokd, tok.pad_token_id, device, epochs=config.epochs, lr=config.lr,
-                 warmup_ratio=config.warmup_ratio, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                 seed=config.seed, on_epoch=lambda e, s, lrs, loss, sec: losses.append(loss),
-                 progress=config.progress, desc="finetune")
+    train_epochs(model, opt, tokd, tok.pad_token_id, device, **config.loop(),
+                 on_epoch=lambda e, s, lrs, loss, sec: losses.append(loss), desc="finetune")
     if lora:
         model = model.merge_and_unload()
     for p in model.parameters():

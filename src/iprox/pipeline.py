@@ -63,7 +63,7 @@ from .projection import GRADS
 from .loading import LOADS
 from .session import Session
 from .models import EMBEDDED_MODEL, resolve_dtype
-from .runtime import check_data_paths, check_types
+from .runtime import check_data_paths, check_types, section_config
 from .monitor import PeakRSS
 from .proxy import ProxyConfig, build_proxy
 from .scores import ScoreConfig, score
@@ -138,13 +138,7 @@ class RunConfig:
                    {k: v for k, v in self.score.items() if k != "checkpoint_weights"}),
                   ("features", FeatureConfig, {"data": ["x"], "out": "x", "checkpoint": "x", "grad": train_grad}, feats),
                   ("select", SelectConfig, {"scores": "x", "data": ["x"], "out": "x"}, self.select))
-        built = {}
-        for name, cls, extra, values in checks:
-            _check_fields(name, cls, values)
-            try:
-                built[name] = cls(**{**extra, **values})
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"[{name}] {e}") from None
+        built = {name: section_config(name, cls, values, **given) for name, cls, given, values in checks}
         if self.selector == "proxy" and self.warmup_on == "target" and built["proxy"].init == "layer-drop":
             raise ValueError('[proxy] init = "layer-drop" drops whole blocks, which cannot carry the target\'s LoRA '
                              'warm-up; set [run] warmup_on = "proxy" for this baseline')
@@ -168,13 +162,6 @@ def _spec(s: Any, where: str) -> dict:
             raise ValueError(f"[data] {where}: sample must be a whole number >= 0 (0: all), got {sample!r}")
         return {"path": s["path"], "sample": sample}
     raise ValueError(f"[data] {where} entries are paths or {{path = ..., sample = N}}; got {s!r}")
-
-
-def _check_fields(section: str, cls, values: dict) -> None:
-    names = {f.name for f in dataclasses.fields(cls)} - {"data", "out", "model", "checkpoint", "train", "val", "scores"}
-    bad = sorted(set(values) - names)
-    if bad:
-        raise ValueError(f"[{section}] has unknown settings {bad}; known: {sorted(names)}")
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:

@@ -24,7 +24,8 @@ estimate is tested against measured peaks (tests/test_plan.py).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,7 @@ from .evaluation import per_example_loss
 from .lowrank import rank_for_sparsity
 from .models import DTYPES, EMBEDDED_MODEL, compressible_modules, decoder_layers, resolve_dtype
 from .projection import side_dims
-from .runtime import check_types
+from .runtime import check_types, section_config
 
 GIB = 2**30
 VOCAB = 49152
@@ -90,7 +91,7 @@ def meta_model(config, dtype: torch.dtype) -> nn.Module:
 
 @dataclass
 class PlanConfig:
-    """Settings of ``iprox plan`` (the run's settings that decide its cost).
+    """Settings of ``iprox plan``: the model, the data's size, and the run's own stage settings.
 
     Attributes:
         model: the target: a folder or config.json, a hub id, the embedded model, or one of the named
@@ -99,20 +100,11 @@ class PlanConfig:
         pool: candidate examples.
         validation: validation examples.
         max_length: tokens per example (every example is costed at this length).
-        sparsity: the proxy's sparsity.
-        probe_examples: examples in the probe set.
-        probe_tokens: token positions the probe samples.
-        probe_blocks_per_pass: decoder blocks probed per pass (0: all in one pass).
-        probe_statistics: ``moments`` (width² float64 per input and output) or ``samples``
-            (probe_tokens × width in the model's dtype).
-        batch_size: sequences per pass of the probe and the alignment.
-        align_steps: alignment steps.
-        gradient_checkpointing: the alignment recomputes the target's blocks in its backward.
-        offload_optimizer: the alignment keeps its master factors and Adam moments in host memory.
-        warmup_fraction, warmup_epochs, warmup_batch, lora_rank: the warm-up (epochs = checkpoints).
-        proxy_trains: what the proxy's warm-up trains (factors or LoRA on them).
-        features_batch, proj_dim, total_dim, store_dtype: the feature stores.
         budget_gib: memory one device has; the plan names the probe setting that fits it.
+        proxy: the run's ``[proxy]`` settings (sparsity, probe_*, batch_size, align_*, ...); the others
+            are ProxyConfig's defaults, as in ``iprox run``.
+        warmup: the run's ``[warmup]`` settings (fraction, epochs, batch_size, lora_rank, proxy_trains).
+        features: the run's ``[features]`` settings (batch_size, proj_dim, total_dim, store_dtype).
     """
 
     model: str = EMBEDDED_MODEL
@@ -120,33 +112,36 @@ class PlanConfig:
     pool: int = 10000
     validation: int = 12
     max_length: int = 512
-    sparsity: float = 0.5
-    probe_examples: int = 16
-    probe_tokens: int = 4096
-    probe_blocks_per_pass: int = 0
-    probe_statistics: Literal["moments", "samples"] = "moments"
-    batch_size: int = 4
-    align_steps: int = 20
-    gradient_checkpointing: bool = False
-    offload_optimizer: bool = False
-    warmup_fraction: float = 0.05
-    warmup_epochs: int = 4
-    warmup_batch: int = 4
-    lora_rank: int = 8
-    proxy_trains: Literal["factors", "lora"] = "factors"
-    features_batch: int = 8
-    proj_dim: int = 64
-    total_dim: int = 0
-    store_dtype: Literal["float16", "float32"] = "float16"
     budget_gib: float = 80.0
+    proxy: dict = field(default_factory=dict)
+    warmup: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_types(self)
         self.dtype = resolve_dtype(self.dtype, "cuda")
-        if min(self.pool, self.max_length, self.batch_size, self.features_batch, self.warmup_batch, self.warmup_epochs) < 1:
-            raise ValueError("pool, max_length, batch sizes and warmup_epochs must be >= 1")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if min(self.pool, self.max_length) < 1:
+            raise ValueError("pool and max_length must be >= 1")
+        if self.budget_gib <= 0:
+            raise ValueError(f"budget_gib must be > 0, got {self.budget_gib}")
+        # The stages' own settings classes check and complete the sections: one source of defaults.
+        from .features import FeatureConfig
+        from .proxy import ProxyConfig
+        from .warmup import WarmupConfig
+
+        common = {"max_length": self.max_length}
+        self.stage_proxy = section_config("proxy", ProxyConfig, self.proxy, data=["x"], **common)
+        self.stage_warmup = section_config("warmup", WarmupConfig, self.warmup, data=["x"], out="x", **common)
+        self.stage_features = section_config("features", FeatureConfig, self.features, data=["x"], out="x",
+                                             checkpoint="x", **common)
+
+    def align_steps(self) -> int:
+        """The alignment's optimiser steps for this pool, as the align stage counts them."""
+        from .alignment import steps_per_epoch
+
+        px = self.stage_proxy
+        per_epoch = steps_per_epoch(min(self.pool, px.split_sizes(self.pool)[1]), px.batch_size, px.grad_accum)
+        return px.align_steps or math.ceil(px.align_epochs * per_epoch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,13 +321,15 @@ def _store_dim(f: ModelFacts, sparsity: float, trains: str, lora_rank: int, proj
 
 def plan(config: PlanConfig) -> dict:
     """Per-stage peak memory (GiB), FLOPs and store size for the IProX run and the target-only run."""
+    px, wc, fc = config.stage_proxy, config.stage_warmup, config.stage_features
+    n_probe, _ = px.split_sizes(config.pool)
     dt = DTYPES[config.dtype]
     es = torch.finfo(dt).bits // 8
     model = meta_model(model_config(config.model), dt)
     f = model_facts(model, config.max_length)
-    L, B, V = config.max_length, config.batch_size, f.vocab
+    L, B, V = config.max_length, px.batch_size, f.vocab
     W = f.weight_bytes
-    P_proxy = _proxy_params(f, config.sparsity)
+    P_proxy = _proxy_params(f, px.sparsity)
     W_proxy = P_proxy * es
     ratio = P_proxy / f.params
 
@@ -354,66 +351,66 @@ def plan(config: PlanConfig) -> dict:
     def stage1(per_pass: int) -> float:
         per_pass = per_pass or f.blocks
         passes = [set(range(s, min(s + per_pass, f.blocks))) for s in range(0, f.blocks, per_pass)]
-        moments = max(_moment_bytes(f, p, config.probe_statistics, config.probe_tokens, es) for p in passes)
+        moments = max(_moment_bytes(f, p, px.probe_statistics, px.probe_tokens, es) for p in passes)
         widest = max(max(m, k) for m, k in f.layers.values())
-        if config.probe_statistics == "samples":  # one thin SVD and one whitened core at a time, float32
-            eig = 3 * 4 * (config.probe_tokens * widest + max(m * k for m, k in f.layers.values()))
+        if px.probe_statistics == "samples":  # one thin SVD and one whitened core at a time, float32
+            eig = 3 * 4 * (px.probe_tokens * widest + max(m * k for m, k in f.layers.values()))
         else:
             eig = 3 * 8 * widest * widest * 4
         return W + W_proxy + moments + max(acts(B) + logits(B), eig)
 
     budget = config.budget_gib * GIB
-    chosen = config.probe_blocks_per_pass
+    chosen = px.probe_blocks_per_pass
     fits = [p for p in range(f.blocks, 0, -1) if stage1(p) <= budget]
     if stage1(chosen) > budget and fits:
         chosen = fits[0]
-    n_train = max(1, round(config.warmup_fraction * config.pool))
-    store_dim = _store_dim(f, config.sparsity, config.proxy_trains, config.lora_rank, config.proj_dim, config.total_dim)
-    target_dim = _store_dim(f, 0.0, "lora", config.lora_rank, config.proj_dim, config.total_dim)
-    sb = 2 if config.store_dtype == "float16" else 4
+    n_train = wc.n_train(config.pool)
+    store_dim = _store_dim(f, px.sparsity, wc.proxy_trains, wc.lora_rank, fc.proj_dim, fc.total_dim)
+    target_dim = _store_dim(f, 0.0, "lora", wc.lora_rank, fc.proj_dim, fc.total_dim)
+    sb = 2 if fc.store_dtype == "float16" else 4
     adam = lambda trained_params: trained_params * (4 + 4 + 4 + (4 if es < 4 else 0))  # noqa: E731  (grad, m, v, master)
-    factor_params = sum(r * (m + k) for (m, k), r in zip(f.layers.values(), _ranks(f, config.sparsity).values()) if r)
-    lora_params = sum(config.lora_rank * (m + k) for m, k in f.layers.values())
-    trained_proxy = lora_params if config.proxy_trains == "lora" else factor_params
+    factor_params = sum(r * (m + k) for (m, k), r in zip(f.layers.values(), _ranks(f, px.sparsity).values()) if r)
+    lora_params = sum(wc.lora_rank * (m + k) for m, k in f.layers.values())
+    trained_proxy = lora_params if wc.proxy_trains == "lora" else factor_params
     n_feat = config.pool + config.validation
     # Alignment, one micro-batch at a time in two phases. Both hold the two models, the optimiser
     # (on the device unless offloaded: then only the factors' gradients) and the target's weight
     # gradients G of the factored layers. The target phase adds its forward's activations (only the
     # blocks' inputs and one block's recomputation when checkpointed) and its loss; the proxy phase
     # the target's logits, its forward's and create_graph backward's saved tensors and its loss.
-    G = sum(m * k for (m, k), r in zip(f.layers.values(), _ranks(f, config.sparsity).values()) if r) * es
-    optim = factor_params * es if config.offload_optimizer else adam(factor_params)
-    if config.gradient_checkpointing:
+    G = sum(m * k for (m, k), r in zip(f.layers.values(), _ranks(f, px.sparsity).values()) if r) * es
+    optim = factor_params * es if px.offload_optimizer else adam(factor_params)
+    if px.gradient_checkpointing:
         target_acts = B * L * (f.blocks * f.hidden * es + f.saved_per_token / f.blocks)
     else:
         target_acts = acts(B)
-    proxy_acts = B * proxy_double_backward_bytes(meta_model(model_config(config.model), dt), config.sparsity, L)
+    proxy_acts = B * proxy_double_backward_bytes(meta_model(model_config(config.model), dt), px.sparsity, L)
     align_common = W + W_proxy + optim + G
     # (+ 7 float32 vocabulary-sized tensors in the proxy phase: the loss's first and second
     # derivatives, transient, so not among the saved tensors; calibrated against measured peaks)
     align_peak = max(target_acts + logits(B), B * L * V * es + proxy_acts + 7 * B * L * V * 4 + factor_params * es)
     stages = {
-        "probe+factorise": {"peak_gib": stage1(chosen) / GIB, "flops": 2 * fwd_flops(f.params, config.probe_examples)},
+        "probe+factorise": {"peak_gib": stage1(chosen) / GIB, "flops": 2 * fwd_flops(f.params, n_probe)},
         # target fwd+bwd with weight gradients (a recomputed forward more when checkpointed), proxy
         # fwd with a double backward (~2 backwards)
         "align": {"peak_gib": (align_common + align_peak) / GIB,
-                  "flops": config.align_steps * B * L * 2 * ((3 + config.gradient_checkpointing) * f.params
+                  "flops": config.align_steps() * B * L * 2 * ((3 + px.gradient_checkpointing) * f.params
                                                              + 4 * P_proxy)},
-        "warmup (proxy)": {"peak_gib": (W_proxy + adam(trained_proxy) + acts(config.warmup_batch, ratio) + logits(config.warmup_batch)) / GIB,
-                           "flops": config.warmup_epochs * 3 * fwd_flops(P_proxy, n_train)},
-        "features (proxy)": {"peak_gib": (W_proxy + 4 * trained_proxy * 2 + acts(config.features_batch, ratio)
-                                          + logits(config.features_batch)) / GIB,
-                             "flops": config.warmup_epochs * 2 * fwd_flops(P_proxy, n_feat),
-                             "store_gib": config.warmup_epochs * n_feat * store_dim * sb / GIB, "dim": store_dim},
-        "warmup (target)": {"peak_gib": (W + adam(lora_params) + acts(config.warmup_batch) + logits(config.warmup_batch)) / GIB,
-                            "flops": config.warmup_epochs * 3 * fwd_flops(f.params, n_train)},
-        "features (target)": {"peak_gib": (W + 4 * lora_params * 2 + acts(config.features_batch) + logits(config.features_batch)) / GIB,
-                              "flops": config.warmup_epochs * 2 * fwd_flops(f.params, n_feat),
-                              "store_gib": config.warmup_epochs * n_feat * target_dim * sb / GIB, "dim": target_dim},
+        "warmup (proxy)": {"peak_gib": (W_proxy + adam(trained_proxy) + acts(wc.batch_size, ratio) + logits(wc.batch_size)) / GIB,
+                           "flops": wc.epochs * 3 * fwd_flops(P_proxy, n_train)},
+        "features (proxy)": {"peak_gib": (W_proxy + 4 * trained_proxy * 2 + acts(fc.batch_size, ratio)
+                                          + logits(fc.batch_size)) / GIB,
+                             "flops": wc.epochs * 2 * fwd_flops(P_proxy, n_feat),
+                             "store_gib": wc.epochs * n_feat * store_dim * sb / GIB, "dim": store_dim},
+        "warmup (target)": {"peak_gib": (W + adam(lora_params) + acts(wc.batch_size) + logits(wc.batch_size)) / GIB,
+                            "flops": wc.epochs * 3 * fwd_flops(f.params, n_train)},
+        "features (target)": {"peak_gib": (W + 4 * lora_params * 2 + acts(fc.batch_size) + logits(fc.batch_size)) / GIB,
+                              "flops": wc.epochs * 2 * fwd_flops(f.params, n_feat),
+                              "store_gib": wc.epochs * n_feat * target_dim * sb / GIB, "dim": target_dim},
     }
     return {"model": config.model, "dtype": config.dtype, "params": f.params, "proxy_params": P_proxy,
             "blocks": f.blocks, "weights_gib": W / GIB, "proxy_weights_gib": W_proxy / GIB,
-            "probe_blocks_per_pass": chosen, "probe_statistics": config.probe_statistics,
+            "probe_blocks_per_pass": chosen, "probe_statistics": px.probe_statistics,
             "probe_fits_budget": stage1(chosen) <= budget,
             "budget_gib": config.budget_gib, "stages": stages,
             "proxy_flops": sum(v["flops"] for k, v in stages.items() if "target" not in k),

@@ -152,6 +152,23 @@ class ModelStageConfig:
                 resolve_model(self.model)
 
 
+PATH_FIELDS = ("data", "out", "model", "checkpoint", "train", "val", "scores")
+
+
+def section_config(section: str, cls, values: dict, **given):
+    """A stage's settings object from a config section: ``values`` are the user's settings (a key
+    ``cls`` does not have, or one of its paths, is refused with the section's name), ``given`` what
+    the caller supplies (paths, which a section never sets). Errors name the section."""
+    names = {f.name for f in fields(cls)} - set(PATH_FIELDS)
+    bad = sorted(set(values) - names)
+    if bad:
+        raise ValueError(f"[{section}] has unknown settings {bad}; known: {sorted(names)}")
+    try:
+        return cls(**{**given, **values})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"[{section}] {e}") from None
+
+
 # ---------------------------------------------------------------------------------------------
 # One source of settings: command-line flags generated from the settings dataclasses
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,10 +23,57 @@ from torch import nn
 
 from .data import batches, collate
 from .evaluation import per_example_loss
+from .runtime import ModelStageConfig
 
 log = logging.getLogger(__name__)
 
 _FULL = (torch.float32, torch.float64)
+
+
+@dataclass
+class TrainingConfig(ModelStageConfig):
+    """The training loop's settings, shared by the warm-up and fine-tuning (each sets its defaults).
+
+    Attributes:
+        epochs: passes over the training examples.
+        lr: peak learning rate of the linear schedule.
+        warmup_ratio: share of steps with a linearly rising learning rate.
+        weight_decay: AdamW's weight decay.
+        lora_rank / lora_alpha: LoRA shape.
+        batch_size / grad_accum: micro-batch and accumulation; one optimiser step per group.
+        max_grad_norm: clip the global gradient norm to this (0: no clipping).
+    """
+
+    epochs: int = 4
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lora_rank: int = 8
+    lora_alpha: float = 32.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_grad_norm: float = 0.0
+
+    # what the stage calls itself and its paths in error messages
+    stage_words = ("train", "the records to train on", "the output folder")
+
+    def __post_init__(self):
+        stage = self.stage_words[0]
+        self.check_io(*self.stage_words)
+        if self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1 or self.lora_rank < 1:
+            raise ValueError(f"{stage}: epochs, batch_size, grad_accum, lora_rank >= 1 and lr > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
+
+    def optimizer(self, params: dict[str, nn.Parameter]) -> "MasterAdamW":
+        return MasterAdamW(params, lr=self.lr, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+
+    def loop(self) -> dict:
+        """:func:`train_epochs`'s settings."""
+        return {"epochs": self.epochs, "lr": self.lr, "warmup_ratio": self.warmup_ratio, "batch_size": self.batch_size,
+                "grad_accum": self.grad_accum, "seed": self.seed, "progress": self.progress}
 
 
 class MasterAdamW:

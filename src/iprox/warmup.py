@@ -41,57 +41,42 @@ from .distributed import world as dist_world
 from .loading import (CHECKPOINT_FILE, OPTIMIZER_FILE, TRAINABLE_FILE, checkpoint_dirs, is_proxy_folder, mark_trainable)
 from .session import Session
 from .models import default_device
-from .runtime import ModelStageConfig
-from .training import MasterAdamW, train_epochs
+from .training import TrainingConfig, train_epochs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class WarmupConfig(ModelStageConfig):
-    """Settings of ``iprox warmup``.
-
-    The shared fields (max_length, seed, dtype, device, ...) are :class:`~iprox.runtime.ModelStageConfig`'s.
+class WarmupConfig(TrainingConfig):
+    """Settings of ``iprox warmup`` (LESS's warm-up by default).
 
     Attributes:
         model: a proxy folder, or any model spec ``load_model`` accepts.
         data: the candidate pool (files or folders); a seeded ``fraction`` of it is trained on.
         out: the warm-up folder.
-        fraction: share of the pool to train on (LESS: 5%).
-        examples: train on exactly this many examples instead (0: use ``fraction``).
         epochs: epochs, one checkpoint each (LESS: 4).
         lr: peak learning rate of the linear schedule (LESS: 2e-5).
         warmup_ratio: share of steps with a linearly rising learning rate (LESS: 0.03).
         weight_decay: AdamW's weight decay (LESS: 0).
         lora_rank / lora_alpha: LoRA shape. LESS uses 128/512 on 7B models; 8/32 suits 135M.
-        proxy_trains: for a proxy, ``factors`` or ``lora`` (see the module docstring).
-        batch_size / grad_accum: micro-batch and accumulation; one optimiser step per group.
         max_grad_norm: clip the global gradient norm to this (0: no clipping, as LESS's warm-up).
+        fraction: share of the pool to train on (LESS: 5%).
+        examples: train on exactly this many examples instead (0: use ``fraction``).
+        proxy_trains: for a proxy, ``factors`` or ``lora`` (see the module docstring).
     """
 
     fraction: float = 0.05
     examples: int = 0
-    epochs: int = 4
-    lr: float = 2e-5
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    lora_rank: int = 8
-    lora_alpha: float = 32.0
     proxy_trains: Literal["factors", "lora"] = "factors"
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_grad_norm: float = 0.0
+
+    stage_words = ("warmup", "the candidate pool", "the warm-up folder")
 
     def __post_init__(self):
-        self.check_io("warmup", "the candidate pool", "the warm-up folder")
+        super().__post_init__()
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.examples < 0 or self.epochs < 1 or self.lr <= 0 or self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("warmup: examples >= 0, epochs >= 1, lr > 0, batch_size >= 1 and grad_accum >= 1")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.examples < 0:
+            raise ValueError(f"warmup: examples must be >= 0 (0: use fraction), got {self.examples}")
 
     def n_train(self, n_pool: int) -> int:
         return min(n_pool, self.examples) if self.examples else max(1, round(self.fraction * n_pool))
@@ -155,7 +140,7 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
         raise ValueError("no warm-up example has a response token within max_length")
     if rank == 0:
         artifacts.atomic_write_json(out / "train_ids.json", [t.id for t in tokd])
-    opt = MasterAdamW(params, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+    opt = config.optimizer(params)
     if done:
         info = artifacts.read_json(done[-1] / CHECKPOINT_FILE, "checkpoint description")
         opt.restore(done[-1], TRAINABLE_FILE, OPTIMIZER_FILE, info["step"])
@@ -173,9 +158,8 @@ def run_warmup(config: WarmupConfig, session: Session | None = None) -> list[Pat
         barrier()
         log.info("warmup epoch %d/%d: loss %.4f, mean lr %.3g (%.1fs)", epoch, config.epochs, loss, info["lr"], seconds)
 
-    train_epochs(model, opt, tokd, tok.pad_token_id, device, epochs=config.epochs, lr=config.lr,
-                 warmup_ratio=config.warmup_ratio, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                 seed=config.seed, start_epoch=len(done), on_epoch=save, progress=config.progress, desc="warmup")
+    train_epochs(model, opt, tokd, tok.pad_token_id, device, **config.loop(), start_epoch=len(done), on_epoch=save,
+                 desc="warmup")
     for p in params.values():
         p.requires_grad_(False)
     on_rank0(lambda: artifacts.mark_complete(out))
