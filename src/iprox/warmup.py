@@ -41,7 +41,7 @@ from .distributed import world as dist_world
 from .loading import (CHECKPOINT_FILE, OPTIMIZER_FILE, TRAINABLE_FILE, checkpoint_dirs, is_proxy_folder, mark_trainable)
 from .session import Session
 from .models import default_device
-from .training import TrainingConfig, train_epochs
+from .training import MasterAdamW, TrainingConfig, train_epochs
 
 log = logging.getLogger(__name__)
 
