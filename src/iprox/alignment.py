@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -40,7 +39,7 @@ from . import artifacts
 from .data import TokenizedExample, collate, load_examples, probe_split, tokenize_examples
 from .distributed import all_reduce_sum_, barrier, on_rank0, rank_device, world
 from .evaluation import per_example_loss
-from .loading import PROXY_FILE, STAGE1_DONE, save_proxy
+from .loading import ALIGN_CHECKPOINT_DIR, PROXY_FILE, STAGE1_DONE, complete_proxy
 from .lowrank import FactorizedLinear
 from .models import default_device, projection_weight, recomputed_blocks
 from .session import Session
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "align_checkpoint"
 # The settings of ProxyConfig that are the alignment's alone (stage 1 ignores them), and those both
 # stages read: together, what the align stage records.
 ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "lambda_kl", "temperature", "lr", "weight_decay",
@@ -278,7 +276,7 @@ def run_alignment(
         proxy.set_attn_implementation("eager")
     # float32 master factors and moments, whatever the proxy's dtype
     opt = MasterAdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, offload=settings.offload_optimizer)
-    ckpt = out / CKPT_DIR
+    ckpt = out / ALIGN_CHECKPOINT_DIR
     log_path = out / LOG_FILE
     start = 0
     tmp = ckpt.with_name(ckpt.name + ".tmp")
@@ -452,13 +450,6 @@ def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | No
     meta["stage2"] = align_in_place(proxy, target, tokenizer, examples, config, out)
     session.drop(str(source))  # the resident copy now holds the aligned factors, not source's
 
-    def finish() -> str:
-        meta["uid"] = uuid.uuid4().hex  # names these exact weights for the stores made from them
-        save_proxy(proxy, tokenizer, out, meta)
-        artifacts.mark_complete(out)
-        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)  # the factors are saved: the resume point goes
-        return meta["uid"]
-
-    meta["uid"] = on_rank0(finish)
+    meta["uid"] = on_rank0(lambda: complete_proxy(proxy, tokenizer, out, meta))
     session.register(str(out), proxy, tokenizer, config.dtype, device)
     return AlignSummary(str(out), meta["stage2"], skipped=False)

@@ -193,6 +193,7 @@ TARGET_CONFIG_FILE = "target_config.json"
 PROXY_MODEL_TYPE = "iprox_proxy"
 WEIGHTS_FILE = "model.safetensors"
 STAGE1_DONE = "STAGE1_DONE"   # stage 1 of build_proxy finished (its resume point before alignment)
+ALIGN_CHECKPOINT_DIR = "align_checkpoint"  # the alignment's resume point: factors and Adam moments
 
 
 def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -224,6 +225,24 @@ def save_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any
         tokenizer.save_pretrained(out)
     artifacts.set_umask_modes(out)
     artifacts.atomic_write_json(out / PROXY_FILE, meta)
+
+
+def complete_proxy(model: nn.Module, tokenizer, out: str | Path, meta: dict[str, Any], save_weights: bool = True) -> str:
+    """Finishes a proxy folder: a fresh ``uid`` in ``meta`` (it names these exact weights for the
+    feature stores made from them), the weights unless ``save_weights`` is off (already saved),
+    ``proxy.json`` and ``COMPLETE``; the alignment's resume point goes (the factors are saved, and
+    their two Adam moments would triple the folder's size for nothing). Returns the uid."""
+    import shutil
+    import uuid
+
+    out = Path(out)
+    meta["uid"] = uuid.uuid4().hex
+    if save_weights:
+        save_proxy(model, tokenizer, out, meta)
+    artifacts.atomic_write_json(out / PROXY_FILE, meta)
+    artifacts.mark_complete(out)
+    shutil.rmtree(out / ALIGN_CHECKPOINT_DIR, ignore_errors=True)
+    return meta["uid"]
 
 
 def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", with_tokenizer: bool = False):

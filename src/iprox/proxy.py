@@ -21,9 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +35,7 @@ from .runtime import check_types
 from .data import load_examples, probe_split, tokenize_examples
 from .ipsvd import (Decomposition, ipsvd_decomposition, ipsvd_decomposition_from_samples, random_factors, sample_bases,
                     svd_factors, truncate, whitening_bases)
-from .loading import PROXY_FILE, PROXY_FORMAT_VERSION, STAGE1_DONE, load_proxy, save_proxy  # noqa: F401  (load_proxy: the API)
+from .loading import PROXY_FILE, PROXY_FORMAT_VERSION, STAGE1_DONE, complete_proxy, load_proxy, save_proxy  # noqa: F401  (load_proxy: the API)
 from .session import Session
 from .lowrank import FactorizedLinear, rank_for_sparsity
 from .models import (
@@ -438,18 +436,8 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
 
         meta["stage2"] = align_in_place(proxy, target, tokenizer, examples, config, out)
 
-    def finish() -> str:
-        meta["uid"] = uuid.uuid4().hex  # names these exact weights for the stores made from them
-        if config.aligns:
-            save_proxy(proxy, tokenizer, out, meta)
-        artifacts.atomic_write_json(out / PROXY_FILE, meta)
-        artifacts.mark_complete(out)
-        # The final factors are in model.safetensors now; the resume point (factors plus two Adam
-        # moments) would triple the folder's size for nothing.
-        shutil.rmtree(out / "align_checkpoint", ignore_errors=True)
-        return meta["uid"]
-
-    meta["uid"] = on_rank0(finish)
+    # (without alignment, the weights were saved with stage 1's resume point)
+    meta["uid"] = on_rank0(lambda: complete_proxy(proxy, tokenizer, out, meta, save_weights=config.aligns))
     session.register(str(out), proxy, tokenizer, config.dtype, device)
     return _summary_from_meta(str(out), meta, skipped=False)
 
