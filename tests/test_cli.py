@@ -62,7 +62,7 @@ def test_build_proxy_with_alignment_then_fidelity(tmp_path, data_file, capsys):
 def test_every_command_has_help_with_defaults(capsys):
     import pytest
 
-    for cmd in ("build-proxy", "warmup", "features", "finetune", "score", "select", "evaluate", "fidelity", "run", "demo"):
+    for cmd in ("build-proxy", "align", "plan", "warmup", "features", "finetune", "score", "select", "evaluate", "fidelity", "run", "demo"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0, cmd
@@ -81,3 +81,27 @@ def test_readme_option_tables_are_the_generated_ones():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert readme_options(readme, option_tables()) == readme, "run `make docs`"
+
+
+def test_align_a_compressed_proxy_equals_build_proxy_with_alignment(tmp_path, data_file, capsys):
+    """``iprox align`` (stage 2 alone) on a stage-1 proxy gives the proxy build-proxy makes in one go,
+    taking the target, data, seed and probe split from the compressed proxy."""
+    from safetensors.torch import load_file
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    common = ["--model", str(model_dir), "--data", str(data_file), "--probe-examples", "4", "--probe-tokens", "100",
+              "--batch-size", "3", "--seed", "1", "--no-progress"]
+    assert main(["build-proxy", *common, "--out", str(tmp_path / "compressed"), "--align-epochs", "0"]) == 0
+    assert main(["build-proxy", *common, "--out", str(tmp_path / "once"), "--align-steps", "3", "--align-examples", "6"]) == 0
+    capsys.readouterr()
+    assert main(["align", "--proxy", str(tmp_path / "compressed"), "--out", str(tmp_path / "aligned"),
+                 "--align-steps", "3", "--align-examples", "6", "--no-progress"]) == 0
+    assert "aligned 3 steps on 6 examples" in capsys.readouterr().out
+    once, aligned = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("once", "aligned"))
+    assert once.keys() == aligned.keys()
+    assert max(float((once[k] - aligned[k]).abs().max()) for k in once) < 1e-6
+    before = load_file(str(tmp_path / "compressed" / "model.safetensors"))
+    assert max(float((before[k] - aligned[k]).abs().max()) for k in once) > 1e-4   # it did train
+    meta = json.loads((tmp_path / "aligned" / "proxy.json").read_text())
+    assert meta["stage2"]["steps"] == 3 and meta["config"]["seed"] == 1
+    assert main(["align", "--proxy", str(data_file.parent / "nothing"), "--out", str(tmp_path / "x")]) == 2

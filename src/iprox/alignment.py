@@ -25,7 +25,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -410,6 +410,22 @@ class AlignSummary:
         s = self.stage2
         return (head + f": aligned {s['steps']} steps on {s['examples']} examples; final L_GA "
                 f"{s['final_grad_align']:.4f}, L_KL {s['final_kl']:.4f}")
+
+
+def align_config(source: str | Path, **settings) -> "ProxyConfig":
+    """Settings for aligning the compressed proxy in ``source``: the ones it was built with (its
+    target, data, seed, probe set, max_length, dtype, ...) under ``settings`` (``out`` and the
+    alignment's own). The alignment set is then the slice after the probe set the compression used."""
+    from .proxy import ProxyConfig  # (the compress stage's settings class; ALIGN_FIELDS are its)
+
+    source = Path(source)
+    if not (source / PROXY_FILE).is_file():
+        raise FileNotFoundError(f"{source} is not a proxy folder (no {PROXY_FILE})")
+    built = artifacts.read_json(source / PROXY_FILE, "proxy description").get("config", {})
+    names = {f.name for f in fields(ProxyConfig)}
+    inherited = {k: v for k, v in built.items()
+                 if k in names and k not in ALIGN_FIELDS and k not in ("out", "device", "overwrite", "progress")}
+    return ProxyConfig(**{**inherited, **settings})
 
 
 def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | None = None) -> AlignSummary:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .runtime import add_config_args, config_from_args
+from .runtime import add_config_args, config_from_args, field_help
 
 log = logging.getLogger("iprox")
 
@@ -37,6 +37,34 @@ def _cmd_build_proxy(args) -> int:
     from .proxy import ProxyConfig, build_proxy
 
     print(build_proxy(ProxyConfig(**config_from_args(args, ProxyConfig))).format())
+    return 0
+
+
+def _add_align(sub) -> None:
+    from dataclasses import fields
+
+    from .alignment import ALIGN_FIELDS, SHARED_FIELDS
+    from .proxy import ProxyConfig
+
+    p = sub.add_parser("align", help="stage 2 alone: align a compressed proxy's factors with its target",
+                       description="Align the factors of a compressed proxy (build-proxy without alignment steps, "
+                                   "or a run's compressed/) with its target, into a proxy folder of its own. "
+                                   "Settings not given are the ones the proxy was compressed with.")
+    p.add_argument("--proxy", required=True, help="the compressed proxy folder (left as it is)")
+    runs_with = ("out", "device", "overwrite", "progress")
+    helps = field_help(ProxyConfig)
+    add_config_args(p, ProxyConfig, required=("out",),
+                    skip=tuple(f.name for f in fields(ProxyConfig) if f.name not in ALIGN_FIELDS + SHARED_FIELDS + runs_with),
+                    overrides={n: {"default": None, "help": helps.get(n, "") + " (default: as the proxy was compressed)"}
+                               for n in SHARED_FIELDS})
+
+
+def _cmd_align(args) -> int:
+    from .alignment import align_config, align_proxy
+    from .proxy import ProxyConfig
+
+    given = {k: v for k, v in config_from_args(args, ProxyConfig).items() if v is not None}
+    print(align_proxy(align_config(args.proxy, **given), args.proxy).format())
     return 0
 
 
@@ -371,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"iprox {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_build_proxy(sub)
+    _add_align(sub)
     _add_evaluate(sub)
     _add_fidelity(sub)
     _add_plan(sub)
@@ -383,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    handlers = {"build-proxy": _cmd_build_proxy, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo,
+    handlers = {"build-proxy": _cmd_build_proxy, "align": _cmd_align, "evaluate": _cmd_evaluate, "fidelity": _cmd_fidelity, "demo": _cmd_demo,
                 "plan": _cmd_plan, "warmup": _cmd_warmup, "features": _cmd_features,
                 "score": _cmd_score, "finetune": _cmd_finetune, "select": _cmd_select, "run": _cmd_run}
     try:

@@ -264,6 +264,7 @@ def add_config_args(parser, cls, *, skip: tuple[str, ...] = (), required: tuple[
             kw["required"] = True
             kw.pop("default", None)
         kw.update(overrides.get(f.name, {}))
+        text = kw.pop("help", text)
         # argparse expands %-formats in help; the docstrings say "1% of the data"
         target.add_argument(flag, help=text.strip().replace("%", "%%") or None, **kw)
 
