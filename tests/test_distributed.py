@@ -77,3 +77,16 @@ def test_torchrun_pipeline_equals_one_process(tmp_path):
         assert f"probe: rank {r} of 2 ran 1 of 2 batches" in two.stderr
         assert f"warmup epoch 2: rank {r} of 2 trained on 3 of 6 examples" in two.stderr
     assert two.stderr.count("alignment: rank") == 2
+
+
+def test_collectives_carry_host_tensors_through_the_gpu_on_nccl(monkeypatch):
+    """NCCL moves CUDA tensors only: the alignment's and training's host loss sums go through the
+    rank's GPU there (they would fail otherwise); gloo takes every tensor where it is."""
+    import torch
+
+    from iprox.distributed import wire_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert wire_device("nccl", torch.device("cpu")) == torch.device("cuda", 1)
+    assert wire_device("nccl", torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert wire_device("gloo", torch.device("cpu")) == torch.device("cpu")

@@ -47,12 +47,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+def wire_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor on ``device`` must be for a collective of ``backend``: NCCL moves only CUDA
+    tensors, so host tensors (the step's loss sums, host-offloaded state) travel through this rank's
+    GPU; gloo takes them where they are."""
+    if str(backend).lower() == "nccl" and device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sums ``t`` over ranks in place (gloo and NCCL both take float32/float64 tensors)."""
     if world()[1] > 1:
         import torch.distributed as dist
 
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        wire = wire_device(dist.get_backend(), t.device)
+        if wire == t.device:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        else:
+            moved = t.to(wire)
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            t.copy_(moved)
     return t
 
 
@@ -63,6 +78,8 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
         return x
     import torch.distributed as dist
 
+    home = x.device
+    x = x.to(wire_device(dist.get_backend(), home))
     count = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
     counts = [torch.zeros_like(count) for _ in range(n)]
     dist.all_gather(counts, count)
@@ -71,7 +88,7 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[:x.shape[0]] = x
     parts = [torch.zeros_like(padded) for _ in range(n)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)])
+    return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)]).to(home)
 
 
 def on_rank0(fn: Callable[[], Any]) -> Any:
