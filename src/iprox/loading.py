@@ -311,7 +311,7 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
         from transformers import AutoTokenizer
         from .models import prepare_tokenizer
 
-        return model, prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+        return model, prepare_tokenizer(AutoTokenizer.from_pretrained(path, config=cfg))  # (not config.json: the proxy stub)
     return model
 
 
