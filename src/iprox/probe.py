@@ -78,6 +78,17 @@ def sample_positions(attention_mask: torch.Tensor, per_sequence: int, generator:
     return mask
 
 
+def _equal_energy(g: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """``g`` (B, T, m) with each sequence's sampled rows scaled to the same total squared norm (the
+    batch's mean), so that every probe example weighs the same in the output-gradient moment."""
+    w = (g.detach().float().pow(2).sum(-1) * sel).sum(-1)                 # (B,) energy per sequence
+    live = w > 0
+    if not live.any():
+        return g
+    scale = torch.where(live, (w[live].mean() / w.clamp_min(1e-30)).sqrt(), torch.zeros_like(w))
+    return g * scale.to(g.dtype)[:, None, None]
+
+
 def collect_moments(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -88,6 +99,7 @@ def collect_moments(
     seed: int = 0,
     progress: bool = True,
     keep: str = "moments",
+    balance: str = "loss",
 ) -> dict[str, Moments] | dict[str, Samples]:
     """Runs the probe set through ``model`` and returns the moments of every module in ``modules``.
 
@@ -146,6 +158,8 @@ def collect_moments(
             group[name] = cache[key][1]
 
             def grad_hook(g):
+                if balance == "example":
+                    g = _equal_energy(g, sel)
                 acc_d[name] = acc_d.get(name, [] if keep == "samples" else 0) + gram(g[sel])
 
             output.register_hook(grad_hook)
