@@ -90,6 +90,13 @@ def _settings() -> dict[str, dict]:
     # examples), as influence is per example, instead of per micro-batch of 4
     s["target-first per-example align"] = {"group": "alignment objective", "run": {"selector": "proxy", "warmup_on": "target"},
                                            "proxy": {"batch_size": 1, "grad_accum": 4}}
+    # every probe example weighing the same in the output-gradient moments (a GSM8K answer's ~130
+    # tokens share one mean loss, so its gradients were small beside a BBH answer's few tokens)
+    s["target-first balanced probe"] = {"group": "probe", "run": {"selector": "proxy", "warmup_on": "target"},
+                                        "proxy": {"probe_balance": "example"}}
+    s["target-first balanced probe, per-example align"] = {
+        "group": "alignment objective", "run": {"selector": "proxy", "warmup_on": "target"},
+        "proxy": {"probe_balance": "example", "batch_size": 1, "grad_accum": 4}}
     s["target-first svd 0.5"] = {"group": "baselines", "run": {"selector": "proxy", "warmup_on": "target"},
                                  "proxy": {"init": "svd"}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}

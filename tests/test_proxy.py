@@ -176,8 +176,10 @@ def test_config_errors_name_the_fix():
         ProxyConfig(data=["x"], init="pca")
 
 
-def test_probe_moments_equal_explicit_autograd(tmp_path):
-    """Hooks' C_h, C_δ equal second moments of inputs and output gradients taken by autograd."""
+@pytest.mark.parametrize("balance", ["loss", "example"])
+def test_probe_moments_equal_explicit_autograd(tmp_path, balance):
+    """Hooks' C_h, C_δ equal second moments of inputs and output gradients taken by autograd; with
+    ``balance="example"`` each example's output gradients are scaled to unit total energy first."""
     tok = make_tokenizer()
     model = tiny_llama(dtype=torch.float64)
     path = write_jsonl(tmp_path / "d.jsonl", chat_records(3, seed=4))
@@ -185,7 +187,7 @@ def test_probe_moments_equal_explicit_autograd(tmp_path):
     name = "model.layers.1.mlp.down_proj"
     mods = compressible_modules(model)
     got = collect_moments(model, {name: mods[name]}, tokd, probe_tokens=10_000, batch_size=2,
-                          pad_id=tok.pad_token_id, progress=False)[name]
+                          pad_id=tok.pad_token_id, progress=False, balance=balance)[name]
     # Oracle: one example at a time (no padding), every token, grads by retain_grad.
     Ch = torch.zeros(64, 64, dtype=torch.float64)
     Cd = torch.zeros(32, 32, dtype=torch.float64)
@@ -201,11 +203,14 @@ def test_probe_moments_equal_explicit_autograd(tmp_path):
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], lab, ignore_index=-100, reduction="sum") / (lab != -100).sum()
         loss.backward()
         h, d = store["h"][0].detach(), store["y"].grad[0]
+        if balance == "example":
+            d = d / d.norm()
         Ch += h.T @ h
         Cd += d.T @ d
         N += h.shape[0]
         model.zero_grad()
     assert got.n_tokens == N
+    assert len({len(t.input_ids) for t in tokd}) > 1  # examples of different lengths, padded in a batch
     torch.testing.assert_close(got.C_h, Ch / N)
     torch.testing.assert_close(got.C_d, Cd / N)
 

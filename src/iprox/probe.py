@@ -79,13 +79,11 @@ def sample_positions(attention_mask: torch.Tensor, per_sequence: int, generator:
 
 
 def _equal_energy(g: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    """``g`` (B, T, m) with each sequence's sampled rows scaled to the same total squared norm (the
-    batch's mean), so that every probe example weighs the same in the output-gradient moment."""
+    """``g`` (B, T, m) with each sequence's sampled rows scaled to unit total squared norm, so that
+    every probe example weighs the same in the output-gradient moment whatever its length (the
+    moment's overall scale does not matter to IPSVD, whose ridge is relative to its mean eigenvalue)."""
     w = (g.detach().float().pow(2).sum(-1) * sel).sum(-1)                 # (B,) energy per sequence
-    live = w > 0
-    if not live.any():
-        return g
-    scale = torch.where(live, (w[live].mean() / w.clamp_min(1e-30)).sqrt(), torch.zeros_like(w))
+    scale = torch.where(w > 0, w.clamp_min(1e-30).rsqrt(), torch.zeros_like(w))
     return g * scale.to(g.dtype)[:, None, None]
 
 
@@ -114,12 +112,16 @@ def collect_moments(
         keep: ``moments`` (float64 second moments, width² per distinct input and per output) or
             ``samples`` (the sampled rows themselves, N × width, for :func:`~iprox.ipsvd.sample_bases`).
             The positions sampled are the same either way.
+        balance: ``loss`` (output gradients as the per-example mean loss makes them) or ``example``
+            (each example's sampled output gradients scaled to unit energy per module).
 
     Returns:
         ``{name: Moments}`` or ``{name: Samples}``.
     """
     if keep not in ("moments", "samples"):
         raise ValueError(f"keep must be 'moments' or 'samples', got {keep!r}")
+    if balance not in ("loss", "example"):
+        raise ValueError(f"balance must be 'loss' or 'example', got {balance!r}")
     if not examples:
         raise ValueError("the probe set is empty")
     per_seq = max(1, math.ceil(probe_tokens / len(examples)))

@@ -81,6 +81,10 @@ class ProxyConfig:
             (the probed rows in the model's dtype, probe_tokens × width, and thin SVDs instead of
             eigendecompositions: ~0.6 GB per 8B block at 4,096 tokens in bf16). Same factors up to
             float rounding, in both forms (tested).
+        probe_balance: how probe examples weigh in the output-gradient moment: ``loss`` (as the
+            loss's gradient makes them: a long answer's tokens share one example's mean loss, so
+            its gradients are small) or ``example`` (each example's probed gradients scaled to the
+            same total energy, per layer, whatever its length).
         rank_multiple: round ranks up to this multiple (128 suits GPU kernels on big models; 1 keeps
             the compression exact on small ones).
         ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
@@ -122,6 +126,7 @@ class ProxyConfig:
     probe_tokens: int = 4096
     probe_blocks_per_pass: int = 0
     probe_statistics: Literal["moments", "samples"] = "moments"
+    probe_balance: Literal["loss", "example"] = "loss"
     rank_multiple: int = 1
     ridge: float = 1e-3
     ipsvd_form: Literal["full", "skinny"] = "full"
@@ -469,7 +474,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
             t0 = time.perf_counter()
             moments = collect_moments(target, chunk, tok, config.probe_tokens, batch_size=config.batch_size,
                                       pad_id=tokenizer.pad_token_id, seed=config.seed, progress=config.progress,
-                                      keep=config.probe_statistics)
+                                      keep=config.probe_statistics, balance=config.probe_balance)
             timings["probe"] += time.perf_counter() - t0
             n_tok = next(iter(moments.values())).n_tokens
             t0 = time.perf_counter()
