@@ -208,6 +208,24 @@ def test_fidelity_warning_fires_on_random_factors_not_on_an_exact_proxy(tmp_path
     rand = gradient_fidelity(load_proxy(tmp_path / "proxy"), t32, tokd, tok.pad_token_id, progress=False)
     msg = fidelity_warning(rand)
     assert msg is not None and "unlikely to be the target's" in msg, rand["grad_cosine_global"]
+    # per source: the exact proxy's report splits its examples by source, every one faithful
+    assert set(exact["by_source"]) == {t.source for t in tokd}
+    assert sum(v["n_examples"] for v in exact["by_source"].values()) == len(tokd)
+    assert all(v["grad_cosine_global"] > 0.999 for v in exact["by_source"].values())
+
+
+def test_fidelity_warning_names_a_source_the_proxy_fails_on():
+    from iprox.fidelity import fidelity_warning
+
+    good = {"grad_cosine_global": 0.9, "kl": 0.1, "n_examples": 6}
+    rep = {"grad_cosine_global": 0.45, "n_examples": 12,
+           "by_source": {"bbh": good, "gsm8k": {"grad_cosine_global": 0.16, "kl": 1.7, "n_examples": 6}}}
+    msg = fidelity_warning(rep)
+    assert msg is not None and "gsm8k 0.160 (6 examples)" in msg and "bbh" not in msg
+    rep["by_source"]["gsm8k"]["grad_cosine_global"] = 0.5
+    assert fidelity_warning(rep) is None
+    # one source is the overall figure: nothing more to say
+    assert fidelity_warning({"grad_cosine_global": 0.45, "n_examples": 6, "by_source": {"x": good}}) is None
 
 
 @pytest.mark.parametrize("family", sorted(FACTORIES))

@@ -123,11 +123,14 @@ def _add_fidelity(sub) -> None:
     p.add_argument("--proxy", default="", help="proxy folder (gradient cosines and KL on --data)")
     p.add_argument("--data", action="append", default=[], help="held-out data for the gradient report (repeatable)")
     p.add_argument("--limit", type=int, default=32, help="first N examples (0: all)")
+    p.add_argument("--per-source", type=int, default=0, metavar="N",
+                   help="a seeded sample of N examples of every source in --data (e.g. the pool's), before "
+                        "--limit: the report and the warning then cover each source (0: the data as it is)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--warn-below", type=float, default=None,
-                   help="warn when the all-layer gradient cosine on --data is below this (default: 0.3, "
-                        "iprox.fidelity.WARN_COSINE)")
+                   help="warn when the all-layer gradient cosine on --data, or on one of its sources, is below "
+                        "this (default: 0.3, iprox.fidelity.WARN_COSINE)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
     p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
     p.add_argument("--out", required=True, help="REPORT.json to write")
@@ -166,6 +169,12 @@ def _cmd_fidelity(args) -> int:
             return 0
     device = args.device or default_device()
     examples = load_examples(args.data)
+    if args.per_source:  # a seeded sample of every source, so that none is judged on a handful
+        import random
+
+        rng = random.Random(0)
+        groups = {s: [e for e in examples if e.source == s] for s in sorted({e.source for e in examples})}
+        examples = [e for g in groups.values() for e in rng.sample(g, min(args.per_source, len(g)))]
     if args.limit:
         examples = examples[: args.limit]
     proxy, ptok = load_proxy(args.proxy, args.dtype, device=device, with_tokenizer=True)

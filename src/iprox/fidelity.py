@@ -51,6 +51,7 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
     sum_a = torch.zeros(len(pairs), dtype=torch.float64)
     sum_b = torch.zeros(len(pairs), dtype=torch.float64)
     glob, kls = [], []
+    sources = [ex.source for ex in examples]
     # Only the paired layers need gradients (the target's weights for G, the proxy's factors);
     # both models get their caller's flags back afterwards.
     trainable = [t for pr in pairs for t in (pr.target.weight, pr.proxy.A.weight, pr.proxy.B.weight)]
@@ -73,7 +74,13 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
                 kls.append(float(response_kl(t_logits, p_logits, enc["labels"], temperature)) / temperature**2)
     n = len(examples)
     layers = {pr.name: {"cos_A": float(sum_a[i] / n), "cos_B": float(sum_b[i] / n)} for i, pr in enumerate(pairs)}
+    by_source = {}
+    for src in sorted(set(sources)):
+        idx = [i for i, s in enumerate(sources) if s == src]
+        by_source[src] = {"grad_cosine_global": sum(glob[i] for i in idx) / len(idx),
+                          "kl": sum(kls[i] for i in idx) / len(idx), "n_examples": len(idx)}
     return {
+        "by_source": by_source,
         "grad_cosine": float(((sum_a + sum_b) / (2 * n)).mean()),
         "grad_cosine_global": sum(glob) / n,
         "kl": sum(kls) / n,
@@ -92,12 +99,23 @@ WARN_COSINE = 0.3
 
 
 def fidelity_warning(rep: dict, threshold: float = WARN_COSINE) -> str | None:
-    """A warning for a gradient report whose all-layer cosine is below ``threshold``, else None."""
+    """A warning for a gradient report whose all-layer cosine is below ``threshold``, overall or on
+    one of the data's sources (a proxy faithful on short answers can fail on long ones, and then
+    ranks that source's examples where the target does not), else None."""
     cos = rep["grad_cosine_global"]
+    advice = ("Align it longer (build-proxy --align-steps/--align-epochs), compress less (--sparsity) or balance "
+              "the probe (--probe-balance example) before scoring a pool")
     if math.isnan(cos) or cos < threshold:
         return (f"the proxy's gradients point away from the target's (all-layer cosine {cos:.3f} < {threshold:g} on "
-                f"{rep['n_examples']} held-out examples): its selection is unlikely to be the target's. Align it "
-                f"longer (build-proxy --align-steps/--align-epochs) or compress less (--sparsity) before scoring a pool")
+                f"{rep['n_examples']} held-out examples): its selection is unlikely to be the target's. {advice}")
+    by_source = rep.get("by_source", {})
+    low = {s: v for s, v in by_source.items() if len(by_source) > 1
+           and (math.isnan(v["grad_cosine_global"]) or v["grad_cosine_global"] < threshold)}
+    if low:
+        named = ", ".join(f"{s} {v['grad_cosine_global']:.3f} ({v['n_examples']} examples)" for s, v in low.items())
+        return (f"the proxy's gradients point away from the target's on part of the data (all-layer cosine < "
+                f"{threshold:g}: {named}): it is unlikely to rank those examples among the rest as the target does. "
+                f"{advice}")
     return None
 
 
@@ -107,6 +125,10 @@ def format_report(rep: dict, max_rows: int = 12) -> str:
              f"gradient cosine (all layers concatenated): {rep['grad_cosine_global']:.4f}",
              f"KL(target || proxy) on response tokens: {rep['kl']:.4f}   ({rep['n_examples']} examples)",
              "", f"{'layer':<48} {'cos A':>8} {'cos B':>8}"]
+    if len(rep.get("by_source", {})) > 1:
+        lines += ["", f"{'source':<24} {'cosine':>8} {'KL':>8} {'examples':>9}"]
+        lines += [f"{s:<24} {v['grad_cosine_global']:>8.4f} {v['kl']:>8.4f} {v['n_examples']:>9}"
+                  for s, v in rep["by_source"].items()]
     items = list(rep["layers"].items())
     shown = items if len(items) <= max_rows else items[: max_rows // 2] + [("...", None)] + items[-max_rows // 2 :]
     for name, v in shown:
