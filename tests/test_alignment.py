@@ -340,3 +340,24 @@ def test_recomputed_blocks_restore_a_forward_set_on_the_instance():
     with recomputed_blocks(model):
         assert blocks[0].forward is not hooked and "forward" in blocks[1].__dict__
     assert blocks[0].__dict__["forward"] is hooked and "forward" not in blocks[1].__dict__
+
+
+def test_per_example_cosine_is_micro_batches_of_one(tmp_path):
+    """align_cosine = example trains on the same examples per step as the batch form, one example per
+    micro-batch: the same factors as batch_size 1 with the step's examples accumulated, and other
+    factors than the cosine over a micro-batch of 4 (the objective differs)."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    tok = make_tokenizer()
+    common = dict(align_examples=8, align_steps=3, probe_examples=4)
+    runs = {"example": dict(batch_size=4, align_cosine="example"), "accumulated": dict(batch_size=1, grad_accum=4),
+            "batch": dict(batch_size=4)}
+    factors = {}
+    for name, kw in runs.items():
+        build_proxy(_align_cfg(tmp_path, data, out=str(tmp_path / name), **common, **kw), model=tiny_llama(),
+                    tokenizer=tok)
+        factors[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    gap = lambda a, b: max(float((factors[a][k] - factors[b][k]).abs().max()) for k in factors[a])  # noqa: E731
+    assert gap("example", "accumulated") < 1e-5
+    assert gap("example", "batch") > 1e-3

@@ -108,6 +108,9 @@ def test_llama_8b_alignment_fits_80_gb_with_recomputation_offload_and_micro_batc
     assert peak(offload_optimizer=True) < default - 45              # 16 bytes × ~3.5B factor parameters
     assert peak(gradient_checkpointing=True) <= default             # the target phase is not the peak here
     assert peak(gradient_checkpointing=True, offload_optimizer=True, batch_size=1) <= 80
+    # the per-example cosine runs micro-batches of one whatever batch_size: the same peak
+    assert peak(offload_optimizer=True, align_cosine="example") == pytest.approx(peak(offload_optimizer=True,
+                                                                                       batch_size=1))
 
 
 def test_llama_8b_config_plans_stage1_within_60_gb_in_bf16():

@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 
 # The settings of ProxyConfig that are the alignment's alone (stage 1 ignores them), and those both
 # stages read: together, what the align stage records.
-ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "lambda_kl", "temperature", "lr", "weight_decay",
-                "grad_accum", "checkpoint_every", "gradient_checkpointing", "offload_optimizer")
+ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_cosine", "lambda_kl", "temperature", "lr",
+                "weight_decay", "grad_accum", "checkpoint_every", "gradient_checkpointing", "offload_optimizer")
 SHARED_FIELDS = ("model", "data", "seed", "max_length", "dtype", "batch_size", "probe_examples", "trust_remote_code")
 LOG_FILE = "align_log.csv"
 LOG_FIELDS = ["step", "epoch", "loss", "grad_align", "kl", "lr", "seconds"]
@@ -199,6 +199,7 @@ class AlignSettings:
     seed: int
     gradient_checkpointing: bool = False   # recompute the target's blocks in its backward
     offload_optimizer: bool = False        # master factors and moments in host memory
+    per_example: bool = False              # the cosine per example: micro-batches of one
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
@@ -211,7 +212,8 @@ def _micro_batches(examples, step: int, s: AlignSettings) -> tuple[int, list[lis
     order = epoch_order(len(examples), epoch, s.seed)
     span = s.batch_size * s.grad_accum
     idx = order[k * span : (k + 1) * span]
-    return epoch, [[examples[i] for i in idx[j : j + s.batch_size]] for j in range(0, len(idx), s.batch_size)]
+    micro = 1 if s.per_example else s.batch_size  # the same examples per step either way
+    return epoch, [[examples[i] for i in idx[j : j + micro]] for j in range(0, len(idx), micro)]
 
 
 def _factor_params(pairs) -> dict[str, nn.Parameter]:
@@ -386,7 +388,8 @@ def align_in_place(proxy: nn.Module, target: nn.Module, tokenizer, examples, con
                              lr=config.lr, weight_decay=config.weight_decay, lambda_kl=config.lambda_kl,
                              temperature=config.temperature, checkpoint_every=config.checkpoint_every,
                              seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
-                             offload_optimizer=config.offload_optimizer)
+                             offload_optimizer=config.offload_optimizer,
+                             per_example=config.align_cosine == "example")
     res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress)
     return {"examples": len(align_tok), "ids": [t.id for t in align_tok],
             "steps": steps, "steps_per_epoch": per_epoch, "batch_size": config.batch_size,

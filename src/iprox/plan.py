@@ -379,21 +379,22 @@ def plan(config: PlanConfig) -> dict:
     # the target's logits, its forward's and create_graph backward's saved tensors and its loss.
     G = sum(m * k for (m, k), r in zip(f.layers.values(), _ranks(f, px.sparsity).values()) if r) * es
     optim = factor_params * es if px.offload_optimizer else adam(factor_params)
+    Ba = 1 if px.align_cosine == "example" else B  # the alignment's micro-batch
     if px.gradient_checkpointing:
-        target_acts = B * L * (f.blocks * f.hidden * es + f.saved_per_token / f.blocks)
+        target_acts = Ba * L * (f.blocks * f.hidden * es + f.saved_per_token / f.blocks)
     else:
-        target_acts = acts(B)
-    proxy_acts = B * proxy_double_backward_bytes(meta_model(model_config(config.model), dt), px.sparsity, L)
+        target_acts = acts(Ba)
+    proxy_acts = Ba * proxy_double_backward_bytes(meta_model(model_config(config.model), dt), px.sparsity, L)
     align_common = W + W_proxy + optim + G
     # (+ 7 float32 vocabulary-sized tensors in the proxy phase: the loss's first and second
     # derivatives, transient, so not among the saved tensors; calibrated against measured peaks)
-    align_peak = max(target_acts + logits(B), B * L * V * es + proxy_acts + 7 * B * L * V * 4 + factor_params * es)
+    align_peak = max(target_acts + logits(Ba), Ba * L * V * es + proxy_acts + 7 * Ba * L * V * 4 + factor_params * es)
     stages = {
         "probe+factorise": {"peak_gib": stage1(chosen) / GIB, "flops": 2 * fwd_flops(f.params, n_probe)},
         # target fwd+bwd with weight gradients (a recomputed forward more when checkpointed), proxy
         # fwd with a double backward (~2 backwards)
         "align": {"peak_gib": (align_common + align_peak) / GIB,
-                  "flops": config.align_steps() * B * L * 2 * ((3 + px.gradient_checkpointing) * f.params
+                  "flops": config.align_steps() * B * px.grad_accum * L * 2 * ((3 + px.gradient_checkpointing) * f.params
                                                              + 4 * P_proxy)},
         "warmup (proxy)": {"peak_gib": (W_proxy + adam(trained_proxy) + acts(wc.batch_size, ratio) + logits(wc.batch_size)) / GIB,
                            "flops": wc.epochs * 3 * fwd_flops(P_proxy, n_train)},

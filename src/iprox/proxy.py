@@ -107,6 +107,11 @@ class ProxyConfig:
         temperature: softmax temperature τ of the KL term (scaled by τ²).
         lr, weight_decay: AdamW settings for the factors.
         grad_accum: micro-batches of ``batch_size`` per optimiser step.
+        align_cosine: where the alignment takes its gradient cosine: over each micro-batch's summed
+            gradient (``batch``), or over each example's own gradient (``example``: micro-batches of
+            one, the same ``batch_size × grad_accum`` examples per step), as influence is per
+            example. Per micro-batch, short answers' large gradients dominate the sum and long
+            answers go unaligned.
         checkpoint_every: save factors and optimiser state every K steps (resume point).
         gradient_checkpointing: in the alignment, recompute the target's decoder blocks in its
             backward instead of keeping their activations (the proxy's double backward keeps its
@@ -146,6 +151,7 @@ class ProxyConfig:
     weight_decay: float = 0.01
     grad_accum: int = 1
     checkpoint_every: int = 10
+    align_cosine: Literal["batch", "example"] = "batch"
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
     overwrite: bool = False
