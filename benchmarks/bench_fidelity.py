@@ -52,7 +52,9 @@ TASKS = ["boolean_expressions", "hyperbaton", "formal_fallacies"]
 BASE = {
     "run": {"selector": "proxy", "warmup_on": "proxy"},
     "proxy": {"sparsity": 0.5, "probe_examples": 16, "probe_tokens": 4096, "batch_size": 4,
-              "align_examples": 16, "align_epochs": 5.0, "lambda_kl": 0.1, "lr": 1e-4},
+              "align_examples": 16, "align_epochs": 5.0, "lambda_kl": 0.1, "lr": 1e-4,
+              # the defaults before 0.6, under which the study's first settings ran
+              "probe_balance": "loss", "align_cosine": "batch"},
     "warmup": {"fraction": 0.05, "lr": 2e-5},
     "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam"},
 }

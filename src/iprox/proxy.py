@@ -131,7 +131,7 @@ class ProxyConfig:
     probe_tokens: int = 4096
     probe_blocks_per_pass: int = 0
     probe_statistics: Literal["moments", "samples"] = "moments"
-    probe_balance: Literal["loss", "example"] = "loss"
+    probe_balance: Literal["loss", "example"] = "example"
     rank_multiple: int = 1
     ridge: float = 1e-3
     ipsvd_form: Literal["full", "skinny"] = "full"
@@ -151,7 +151,7 @@ class ProxyConfig:
     weight_decay: float = 0.01
     grad_accum: int = 1
     checkpoint_every: int = 10
-    align_cosine: Literal["batch", "example"] = "batch"
+    align_cosine: Literal["batch", "example"] = "example"
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
     overwrite: bool = False
