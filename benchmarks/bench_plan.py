@@ -46,7 +46,8 @@ kw = dict(model=folder, data=[folder + "/data.jsonl"], out=folder + "/proxy-" + 
 if what.startswith("stage1"):
     kw.update(probe_examples=8, probe_tokens=512, probe_statistics=what.split("-")[1], align_epochs=0.0)
 else:
-    kw.update(init="svd", probe_examples=4, align_examples=%d, align_steps=1, gradient_checkpointing=what == "align-recompute")
+    kw.update(init="svd", probe_examples=4, align_examples=%d, align_steps=1, gradient_checkpointing=what == "align-recompute",
+              align_cosine="batch")
 t0 = time.perf_counter()
 build_proxy(ProxyConfig(**kw), model=m, tokenizer=tok)
 print(json.dumps({"measured_gib": (W + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30,
@@ -101,7 +102,7 @@ def measure(models: list[str]) -> list[dict]:
                     raise SystemExit(f"{name} {what} failed:\n{r.stderr[-3000:]}")
                 got = json.loads(r.stdout.strip().splitlines()[-1])
                 p = plan(PlanConfig(model=str(folder), dtype="float32", max_length=LENGTH,
-                                    proxy=dict(batch_size=BATCH, probe_examples=8, probe_tokens=512, **kw)))
+                                    proxy=dict(batch_size=BATCH, probe_examples=8, probe_tokens=512, align_cosine="batch", **kw)))
                 row = {"model": name, "what": what, "planned_gib": p["stages"][stage]["peak_gib"],
                        "measured_gib": got["measured_gib"], "seconds": got["seconds"], "params": p["params"]}
                 row["ratio"] = row["planned_gib"] / row["measured_gib"]
@@ -122,7 +123,7 @@ def scale() -> list[dict]:
                                                                "batch_size": 1})]
     for geo in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
         for label, stage, kw in cases:
-            p = plan(PlanConfig(model=geo, dtype="bf16", max_length=512, budget_gib=80, proxy=kw))
+            p = plan(PlanConfig(model=geo, dtype="bf16", max_length=512, budget_gib=80, proxy={"align_cosine": "batch", **kw}))
             out.append({"model": geo, "case": label, "peak_gib": p["stages"][stage]["peak_gib"],
                         "blocks_per_pass": p["probe_blocks_per_pass"] if stage == "probe+factorise" else None})
     return out

@@ -78,7 +78,7 @@ def test_alignment_loss_is_zero_for_an_exact_proxy_and_positive_after_compressio
 def _align_cfg(tmp_path, data, **kw):
     base = dict(data=[str(data)], out=str(tmp_path / "proxy"), sparsity=0.6, init="svd", probe_examples=4,
                 align_examples=8, batch_size=8, align_steps=30, lr=3e-3, checkpoint_every=5, progress=False,
-                max_length=96)
+                max_length=96, align_cosine="batch")  # one micro-batch per step: the tests count them
     base.update(kw)
     return ProxyConfig(**base)
 

@@ -124,7 +124,7 @@ def _add_fidelity(sub) -> None:
     p.add_argument("--data", action="append", default=[], help="held-out data for the gradient report (repeatable)")
     p.add_argument("--limit", type=int, default=32, help="first N examples (0: all)")
     p.add_argument("--per-source", type=int, default=0, metavar="N",
-                   help="a seeded sample of N examples of every source in --data (e.g. the pool's), before "
+                   help="a seeded sample of N examples of every source in --data (e.g. the pool's), in place of "
                         "--limit: the report and the warning then cover each source (0: the data as it is)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -175,7 +175,7 @@ def _cmd_fidelity(args) -> int:
         rng = random.Random(0)
         groups = {s: [e for e in examples if e.source == s] for s in sorted({e.source for e in examples})}
         examples = [e for g in groups.values() for e in rng.sample(g, min(args.per_source, len(g)))]
-    if args.limit:
+    elif args.limit:
         examples = examples[: args.limit]
     proxy, ptok = load_proxy(args.proxy, args.dtype, device=device, with_tokenizer=True)
     target, _, _ = load_model(args.target, args.dtype, device)
