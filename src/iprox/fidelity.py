@@ -103,8 +103,8 @@ def fidelity_warning(rep: dict, threshold: float = WARN_COSINE) -> str | None:
     one of the data's sources (a proxy faithful on short answers can fail on long ones, and then
     ranks that source's examples where the target does not), else None."""
     cos = rep["grad_cosine_global"]
-    advice = ("Align it longer (build-proxy --align-steps/--align-epochs), compress less (--sparsity) or balance "
-              "the probe (--probe-balance example) before scoring a pool")
+    advice = ("Align it longer (build-proxy --align-steps/--align-epochs) or compress less (--sparsity) before "
+              "scoring a pool; a proxy built before 0.6 also gains from --probe-balance and --align-cosine example")
     if math.isnan(cos) or cos < threshold:
         return (f"the proxy's gradients point away from the target's (all-layer cosine {cos:.3f} < {threshold:g} on "
                 f"{rep['n_examples']} held-out examples): its selection is unlikely to be the target's. {advice}")
