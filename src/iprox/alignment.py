@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_cosine", "lambda_kl", "temperature", "lr",
                 "weight_decay", "grad_accum", "checkpoint_every", "gradient_checkpointing", "offload_optimizer")
 SHARED_FIELDS = ("model", "data", "seed", "max_length", "dtype", "batch_size", "probe_examples", "trust_remote_code")
+# where and how an align stage runs, never taken from the compressed proxy's record
+RUN_FIELDS = ("out", "device", "overwrite", "progress")
 LOG_FILE = "align_log.csv"
 LOG_FIELDS = ["step", "epoch", "loss", "grad_align", "kl", "lr", "seconds"]
 
@@ -427,7 +429,7 @@ def align_config(source: str | Path, **settings) -> "ProxyConfig":
     built = artifacts.read_json(source / PROXY_FILE, "proxy description").get("config", {})
     names = {f.name for f in fields(ProxyConfig)}
     inherited = {k: v for k, v in built.items()
-                 if k in names and k not in ALIGN_FIELDS and k not in ("out", "device", "overwrite", "progress")}
+                 if k in names and k not in ALIGN_FIELDS + RUN_FIELDS}
     return ProxyConfig(**{**inherited, **settings})
 
 

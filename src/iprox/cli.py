@@ -43,7 +43,7 @@ def _cmd_build_proxy(args) -> int:
 def _add_align(sub) -> None:
     from dataclasses import fields
 
-    from .alignment import ALIGN_FIELDS, SHARED_FIELDS
+    from .alignment import ALIGN_FIELDS, RUN_FIELDS, SHARED_FIELDS
     from .proxy import ProxyConfig
 
     p = sub.add_parser("align", help="stage 2 alone: align a compressed proxy's factors with its target",
@@ -51,10 +51,9 @@ def _add_align(sub) -> None:
                                    "or a run's compressed/) with its target, into a proxy folder of its own. "
                                    "Settings not given are the ones the proxy was compressed with.")
     p.add_argument("--proxy", required=True, help="the compressed proxy folder (left as it is)")
-    runs_with = ("out", "device", "overwrite", "progress")
     helps = field_help(ProxyConfig)
     add_config_args(p, ProxyConfig, required=("out",),
-                    skip=tuple(f.name for f in fields(ProxyConfig) if f.name not in ALIGN_FIELDS + SHARED_FIELDS + runs_with),
+                    skip=tuple(f.name for f in fields(ProxyConfig) if f.name not in ALIGN_FIELDS + SHARED_FIELDS + RUN_FIELDS),
                     overrides={n: {"default": None, "help": helps.get(n, "") + " (default: as the proxy was compressed)"}
                                for n in SHARED_FIELDS})
 
