@@ -168,3 +168,30 @@ def test_same_file_name_in_two_folders_gets_folder_qualified_ids(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"id": "train.jsonl:1", "question": "q", "answer": "x"}\n')
     with pytest.raises(Exception, match="duplicate example ids"):  # an explicit id still clashes honestly
         load_examples([str(tmp_path / "a"), str(tmp_path / "c.jsonl")])
+
+
+def test_pool_stage_samples_by_seed_and_keeps_validation_out(tmp_path):
+    from iprox.pool import PoolConfig, load_pool, write_pool
+
+    recs = [{"prompt": f"q{i}?", "completion": f"a{i}"} for i in range(40)]
+    src = _jsonl(tmp_path, "src.jsonl", recs)
+
+    def ids(path):
+        return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+    def make(out, seed):
+        # validation and pool both sample the same file: a validation record must never be a candidate
+        return write_pool(PoolConfig(pool=[{"path": str(src), "sample": 30}], validation=[{"path": str(src), "sample": 8}],
+                                     seed=seed, out=str(tmp_path / out)))
+
+    pool_f, val_f = make("a", 0)
+    pool, val = ids(pool_f), ids(val_f)
+    assert len(val) == 8 and len(pool) == 30 and not set(pool) & set(val)
+    assert pool == sorted(pool, key=lambda i: int(i.split(":")[1]))  # file order, not sample order
+    assert (ids(make("b", 0)[0]), ids(make("b", 0)[1])) == (pool, val)  # same seed, same records
+    assert ids(make("c", 1)[1]) != val
+    assert load_pool(tmp_path / "a") == (pool_f, val_f)
+    with pytest.raises(FileNotFoundError, match="no finished pool stage"):
+        load_pool(tmp_path / "missing")
+    with pytest.raises(ValueError, match="sample must be a whole number"):
+        PoolConfig(pool=[{"path": str(src), "sample": -1}], validation=[str(src)])

@@ -44,17 +44,16 @@ import dataclasses
 import hashlib
 import json
 import logging
-import random
 import shutil
 import time
 import tomllib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 from . import artifacts
-from .data import find_shared_data, load_examples
+from .data import find_shared_data
 from .distributed import barrier, on_rank0
 from .distributed import world as dist_world
 from .alignment import ALIGN_FIELDS, align_proxy
@@ -63,11 +62,12 @@ from .projection import GRADS
 from .loading import LOADS
 from .session import Session
 from .models import EMBEDDED_MODEL, resolve_dtype
-from .runtime import check_data_paths, check_types, section_config
+from .runtime import check_types, section_config
 from .monitor import PeakRSS
+from .pool import PoolConfig, source_spec, write_pool
 from .proxy import ProxyConfig, build_proxy
-from .scores import ScoreConfig, score
-from .selection import SelectConfig, format_selection, select
+from .scores import ScoreConfig, random_scores, score
+from .selection import SelectConfig, format_selection, select_into
 from .warmup import WarmupConfig, run_warmup
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,8 @@ class RunConfig:
             raise ValueError(f"[run] selector must be one of {SELECTORS}, got {self.selector!r}")
         if not str(self.out).strip():
             raise ValueError("[run] out must name the run folder")
-        if not self.pool or not self.validation:
-            raise ValueError("[data] needs pool = [...] and validation = [...]")
-        self.pool = [_spec(s, "pool") for s in self.pool]
-        self.validation = [_spec(s, "validation") for s in self.validation]
-        for s in self.pool + self.validation:
-            check_data_paths([s["path"]])
+        pool = PoolConfig(pool=self.pool, validation=self.validation, seed=self.seed)  # checks [data]
+        self.pool, self.validation = pool.pool, pool.validation
         # Let each stage config check its own section now, before any work starts.
         if self.max_length < 8:
             raise ValueError(f"[data] max_length must be >= 8 (a prompt and a response), got {self.max_length}")
@@ -153,17 +149,6 @@ class RunConfig:
                              f"{built['warmup'].epochs} makes {built['warmup'].epochs} checkpoints")
 
 
-def _spec(s: Any, where: str) -> dict:
-    if isinstance(s, str):
-        return {"path": s, "sample": 0}
-    if isinstance(s, dict) and isinstance(s.get("path"), str) and set(s) <= {"path", "sample"}:
-        sample = s.get("sample", 0)
-        if isinstance(sample, bool) or not isinstance(sample, int) or sample < 0:
-            raise ValueError(f"[data] {where}: sample must be a whole number >= 0 (0: all), got {sample!r}")
-        return {"path": s["path"], "sample": sample}
-    raise ValueError(f"[data] {where} entries are paths or {{path = ..., sample = N}}; got {s!r}")
-
-
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     """Reads a TOML config: resolves data paths against its folder and ``{data}``."""
     path = Path(path)
@@ -192,7 +177,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
         raise ValueError(f"{path}: [data] has unknown settings {bad}")
 
     def resolve(spec):
-        spec = _spec(spec, "data")
+        spec = source_spec(spec, "data")
         p = spec["path"]
         if "{data}" in p:
             p = p.replace("{data}", str(find_shared_data()))
@@ -224,7 +209,7 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
     # settings that change only how a stage runs (device, recomputation, ...) stay out
     proxy = artifacts.comparable(cfg.proxy) if cfg.selector == "proxy" else None
     sections = {
-        "pool": {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed},
+        "pool": PoolConfig(pool=cfg.pool, validation=cfg.validation, seed=cfg.seed).settings(),
         "compress": {"model": cfg.model, "selector": cfg.selector, "selector_model": cfg.selector_model,
                      "proxy": proxy and {k: v for k, v in proxy.items() if k not in ALIGN_FIELDS},
                      "max_length": cfg.max_length,
@@ -293,58 +278,6 @@ def _check_lineage(cfg: RunConfig, run: Path, overwrite: bool) -> dict[str, str]
                     log.warning("run: removing %s (settings changed upstream or here)", d)
                     shutil.rmtree(d)
     return new
-
-
-def _write_pool(cfg: RunConfig, folder: Path) -> tuple[Path, Path]:
-    """Samples the pool and validation sets once, writing normalised records with their original ids."""
-    pool_file, val_file = folder / "pool.jsonl", folder / "validation.jsonl"
-    settings = {"pool": cfg.pool, "validation": cfg.validation, "seed": cfg.seed}
-    if artifacts.prepare_stage(folder, "pool", settings):
-        return pool_file, val_file
-
-    def sample(specs, exclude=frozenset()):
-        out = []
-        for s in specs:
-            exs = [e for e in load_examples(s["path"]) if e.id not in exclude]
-            if s["sample"] and s["sample"] < len(exs):
-                keep = sorted(random.Random(f"{cfg.seed}:{s['path']}").sample(range(len(exs)), s["sample"]))
-                exs = [exs[i] for i in keep]
-            out += exs
-        return out
-
-    val = sample(cfg.validation)
-    pool = sample(cfg.pool, exclude=frozenset(e.id for e in val))  # never select a validation example
-
-    def dump(path, exs):
-        artifacts.atomic_write_text(path, "".join(json.dumps({"id": e.id, "source": e.source, "task": e.task,
-                                                              "messages": e.messages}, ensure_ascii=False) + "\n"
-                                                  for e in exs))
-
-    dump(pool_file, pool)
-    dump(val_file, val)
-    artifacts.atomic_write_json(folder / "pool.json", {"pool": len(pool), "validation": len(val),
-                                                       "validation_tasks": sorted({e.task for e in val})})
-    artifacts.mark_complete(folder)
-    return pool_file, val_file
-
-
-def random_scores(pool_file: Path, folder: Path, seed: int) -> Path:
-    """The random baseline: seeded uniform scores, written as a scores table."""
-    import torch
-
-    from .loading import SCORES_FILE
-    from .scores import ScoreResult, write_scores_csv
-
-    settings = {"method": "random", "pool": str(pool_file), "seed": seed}
-    if not artifacts.prepare_stage(folder, "score", settings):
-        exs = load_examples(str(pool_file))
-        g = torch.Generator().manual_seed(seed)
-        s = torch.rand(len(exs), generator=g, dtype=torch.float64)
-        write_scores_csv(folder / SCORES_FILE, ScoreResult([e.id for e in exs], [e.source for e in exs],
-                                                           [e.task for e in exs], [], s[:, None][:, :0], s, []))
-        artifacts.atomic_write_json(folder / "scores.json", {"method": "random", "seed": seed, "n": len(exs)})
-        artifacts.mark_complete(folder)
-    return folder / SCORES_FILE
 
 
 @dataclass
@@ -496,7 +429,8 @@ class Stage:
 
 
 def _pool(ctx: _Context) -> None:
-    ctx.pool_file, ctx.val_file = on_rank0(lambda: _write_pool(ctx.cfg, ctx.out / "pool"))
+    cfg = PoolConfig(pool=ctx.cfg.pool, validation=ctx.cfg.validation, seed=ctx.cfg.seed, out=str(ctx.out / "pool"))
+    ctx.pool_file, ctx.val_file = on_rank0(lambda: write_pool(cfg))
 
 
 def _proxy_config(ctx: _Context, out: str, **over) -> ProxyConfig:
@@ -571,18 +505,9 @@ def _random(ctx: _Context) -> None:
 
 
 def _select(ctx: _Context) -> None:
-    cfg = ctx.cfg
-    sel_dir = ctx.out / "selection"
-    sel = SelectConfig(**{**cfg.select, "scores": str(ctx.scores_csv), "data": [s["path"] for s in cfg.pool],
-                          "out": str(sel_dir / "selected.jsonl")})
-    def do() -> dict:
-        if artifacts.prepare_stage(sel_dir, "select", dataclasses.asdict(sel)):
-            return json.loads((sel_dir / "selected.json").read_text())
-        man = select(sel)
-        artifacts.mark_complete(sel_dir)
-        return man
-
-    ctx.manifest = on_rank0(do)
+    sel = SelectConfig(**{**ctx.cfg.select, "scores": str(ctx.scores_csv), "data": [s["path"] for s in ctx.cfg.pool],
+                          "out": str(ctx.out / "selection" / "selected.jsonl")})
+    ctx.manifest = on_rank0(lambda: select_into(sel))
 
 
 POOL, WARMUP, FEATURES = Stage("pool", _pool), Stage("warmup", _warmup), Stage("features", _features)

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from . import artifacts
+from .data import load_examples
 from .loading import SCORES_FILE, iter_features, read_manifest
 from .runtime import check_types
 
@@ -219,5 +220,20 @@ def score(config: ScoreConfig) -> Path:
             "subtasks": res.subtasks, "n": len(res.ids),
             "score_min": float(s.min()), "score_max": float(s.max()), "score_mean": float(s.mean()),
         })
+        artifacts.mark_complete(out)
+    return out / SCORES_FILE
+
+
+def random_scores(pool_file: str | Path, out: str | Path, seed: int) -> Path:
+    """The random baseline's scores folder: a seeded uniform score per pool example, no subtask
+    columns; returns the path of ``scores.csv``."""
+    out = Path(out)
+    settings = {"method": "random", "pool": str(pool_file), "seed": seed}
+    if not artifacts.prepare_stage(out, "score", settings):
+        exs = load_examples(str(pool_file))
+        s = torch.rand(len(exs), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        write_scores_csv(out / SCORES_FILE, ScoreResult([e.id for e in exs], [e.source for e in exs],
+                                                        [e.task for e in exs], [], s[:, None][:, :0], s, []))
+        artifacts.atomic_write_json(out / "scores.json", {"method": "random", "seed": seed, "n": len(exs)})
         artifacts.mark_complete(out)
     return out / SCORES_FILE

@@ -114,6 +114,17 @@ def select(config: SelectConfig) -> dict:
     return manifest
 
 
+def select_into(config: SelectConfig) -> dict:
+    """The pipeline's select stage: :func:`select` into a folder of its own (``config.out``'s),
+    skipped when that folder holds this selection already; returns the manifest."""
+    folder = Path(config.out).parent
+    if artifacts.prepare_stage(folder, "select", asdict(config)):
+        return artifacts.read_json(Path(config.out).with_suffix(".json"), "selection manifest")
+    manifest = select(config)
+    artifacts.mark_complete(folder)
+    return manifest
+
+
 def format_selection(man: dict) -> str:
     lines = [f"selected {man['selected']} of {man['pool']} ({100 * man['fraction']:.1f}%), "
              f"scores {man['score_min']:.4g} to {man['score_max']:.4g}"]
