@@ -14,11 +14,13 @@ The public API mirrors the command line::
 """
 
 from .data import Example, load_examples, tokenize_examples
-from .evaluation import heldout_loss
+from .evaluation import EvaluateConfig, evaluate, heldout_loss
 from .features import FeatureConfig, compute_features
+from .fidelity import FidelityConfig, fidelity_report
 from .models import load_model
 from .pipeline import RunConfig, load_config, run
 from .loading import iter_features, load_checkpoint, load_features, load_model_or_proxy, load_proxy, read_scores
+from .pool import PoolConfig, write_pool
 from .proxy import ProxyConfig, build_proxy
 from .scores import ScoreConfig, compute_scores, score
 from .session import Session
@@ -26,10 +28,10 @@ from .selection import SelectConfig, select
 from .warmup import WarmupConfig, run_warmup
 
 __all__ = [
-    "Example", "FeatureConfig", "ProxyConfig", "RunConfig", "ScoreConfig", "SelectConfig", "Session", "WarmupConfig",
-    "build_proxy", "compute_features", "compute_scores", "heldout_loss", "iter_features", "load_checkpoint",
+    "EvaluateConfig", "Example", "FeatureConfig", "FidelityConfig", "PoolConfig", "ProxyConfig", "RunConfig", "ScoreConfig", "SelectConfig", "Session", "WarmupConfig",
+    "build_proxy", "compute_features", "compute_scores", "evaluate", "fidelity_report", "heldout_loss", "iter_features", "load_checkpoint",
     "load_config", "load_examples", "load_features", "load_model", "load_model_or_proxy", "load_proxy",
-    "read_scores", "run", "run_warmup", "score", "select", "tokenize_examples",
+    "read_scores", "run", "run_warmup", "score", "select", "tokenize_examples", "write_pool",
 ]
 from importlib.metadata import PackageNotFoundError, version as _version
 

@@ -20,11 +20,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("transformers").setLevel(logging.WARNING)
 
 
-ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "lambda_kl", "temperature", "lr", "weight_decay",
-                "grad_accum", "checkpoint_every")
-
-
 def _add_build_proxy(sub) -> None:
+    from .alignment import ALIGN_FIELDS
     from .proxy import ProxyConfig
 
     p = sub.add_parser("build-proxy", help="stage 1 (IPSVD), and stage 2 (alignment) when asked for steps",
@@ -68,131 +65,44 @@ def _cmd_align(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
+    from .evaluation import EvaluateConfig
+
     p = sub.add_parser("evaluate", help="held-out next-token loss on response tokens")
-    p.add_argument("--model", required=True, help="a proxy folder, or any model `build-proxy --model` accepts")
-    p.add_argument("--data", action="append", required=True, help="held-out data file or folder (repeatable)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate the first N examples only (0: all)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
-    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
-    p.add_argument("--out", default="", help="also write the figures to this JSON file")
-    p.add_argument("--accuracy", action="store_true",
-                   help="also exact-match accuracy of greedy answers (BBH targets, GSM8K final numbers)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="generation budget (0: 16, or 256 for GSM8K)")
-    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p, EvaluateConfig, required=("model", "data"))
 
 
 def _cmd_evaluate(args) -> int:
-    from .data import load_examples, tokenize_examples
-    from .evaluation import heldout_loss
-    from .loading import load_model_or_proxy
-    from .models import default_device
+    from .evaluation import EvaluateConfig, evaluate, format_evaluation
 
-    model, tok = load_model_or_proxy(args.model, args.dtype, args.device or default_device())
-    examples = load_examples(args.data)
-    if args.limit:
-        examples = examples[: args.limit]
-    tokd, _ = tokenize_examples(tok, examples, args.max_length)
-    res = heldout_loss(model, tokd, args.batch_size, tok.pad_token_id, progress=not args.no_progress)
-    res["model"] = args.model
-    print(f"{args.model}: response-token loss {res['token_loss']:.4f} over {res['n_tokens']} tokens "
-          f"({res['n_examples']} examples; mean per-example loss {res['example_loss']:.4f})")
-    if args.accuracy:
-        from .evaluation import answer_accuracy
-
-        acc = answer_accuracy(model, tok, examples, args.max_new_tokens, progress=not args.no_progress)
-        res.update(accuracy=acc["accuracy"], predictions=acc["predictions"])
-        print(f"exact-match accuracy {acc['accuracy']:.3f} over {acc['n_examples']} examples")
-    if args.out:
-        from .artifacts import atomic_write_json
-
-        atomic_write_json(args.out, res)
+    print(format_evaluation(evaluate(EvaluateConfig(**config_from_args(args, EvaluateConfig)))))
     return 0
 
 
 def _add_fidelity(sub) -> None:
+    from .fidelity import FidelityConfig
+
     p = sub.add_parser("fidelity", help="a proxy against its target: score agreement and/or gradient cosine and KL")
-    p.add_argument("--target-scores", default="", help="scores of a target-selected run (scores.csv, scores or run folder)")
-    p.add_argument("--proxy-scores", default="", help="scores of the same selection run with the proxy")
-    p.add_argument("--target-again-scores", default="",
-                   help="the target run again with other seeds: its agreement with --target-scores is the ceiling "
-                        "the proxy's figures are reported against")
-    p.add_argument("--target", default="smollm2-135m-instruct")
-    p.add_argument("--proxy", default="", help="proxy folder (gradient cosines and KL on --data)")
-    p.add_argument("--data", action="append", default=[], help="held-out data for the gradient report (repeatable)")
-    p.add_argument("--limit", type=int, default=32, help="first N examples (0: all)")
-    p.add_argument("--per-source", type=int, default=0, metavar="N",
-                   help="a seeded sample of N examples of every source in --data (e.g. the pool's), in place of "
-                        "--limit: the report and the warning then cover each source (0: the data as it is)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--warn-below", type=float, default=None,
-                   help="warn when the all-layer gradient cosine on --data, or on one of its sources, is below "
-                        "this (default: 0.3, iprox.fidelity.WARN_COSINE)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 (bf16), float16 (fp16) or auto")
-    p.add_argument("--device", default="", help="default: $IPROX_DEVICE, else CUDA when present, else CPU")
-    p.add_argument("--out", required=True, help="REPORT.json to write")
-    p.add_argument("--no-progress", action="store_true")
+    add_config_args(p, FidelityConfig, required=("out",))
 
 
 def _cmd_fidelity(args) -> int:
-    from .artifacts import atomic_write_json
-    from .data import load_examples, tokenize_examples
-    from .fidelity import (WARN_COSINE, fidelity_warning, format_agreement, format_report, gradient_fidelity,
-                           plot_scatter, score_agreement, scores_path)
-    from .models import default_device, load_model
-    from .proxy import load_proxy
-    from .loading import read_scores
+    from .fidelity import FidelityConfig, fidelity_report, format_agreement, format_report
 
-    by_scores = bool(args.target_scores or args.proxy_scores or args.target_again_scores)
-    if by_scores and not (args.target_scores and args.proxy_scores):
-        raise ValueError("score agreement needs both --target-scores and --proxy-scores")
-    if bool(args.proxy) != bool(args.data):
-        raise ValueError("the gradient report needs both --proxy and --data")
-    if not by_scores and not args.proxy:
-        raise ValueError("give --target-scores and --proxy-scores, or --proxy and --data, or both")
-    rep: dict = {}
-    if by_scores:
-        tp, pp = scores_path(args.target_scores), scores_path(args.proxy_scores)
-        again = read_scores(scores_path(args.target_again_scores)) if args.target_again_scores else None
-        agree, a, b = score_agreement(read_scores(tp), read_scores(pp), again)
-        png = Path(args.out).with_suffix(".png")
-        plot_scatter(a, b, png, f"Spearman {agree['spearman']:.3f}, Kendall {agree['kendall']:.3f}")
-        rep.update(agree, target_scores=str(tp), proxy_scores=str(pp), scatter=str(png))
-        print(format_agreement(agree))
-        print(f"scatter: {png}")
-        if not args.proxy:
-            atomic_write_json(args.out, rep)
-            print(f"report: {args.out}")
-            return 0
-    device = args.device or default_device()
-    examples = load_examples(args.data)
-    if args.per_source:  # a seeded sample of every source, so that none is judged on a handful
-        import random
-
-        rng = random.Random(0)
-        groups = {s: [e for e in examples if e.source == s] for s in sorted({e.source for e in examples})}
-        examples = [e for g in groups.values() for e in rng.sample(g, min(args.per_source, len(g)))]
-    elif args.limit:
-        examples = examples[: args.limit]
-    proxy, ptok = load_proxy(args.proxy, args.dtype, device=device, with_tokenizer=True)
-    target, _, _ = load_model(args.target, args.dtype, device)
-    tokd, _ = tokenize_examples(ptok, examples, args.max_length)
-    rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, args.temperature, not args.no_progress))
-    rep.update(proxy=args.proxy, target=args.target)
-    warning = fidelity_warning(rep, WARN_COSINE if args.warn_below is None else args.warn_below)
-    rep["warning"] = warning
-    atomic_write_json(args.out, rep)
-    print(format_report(rep))
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    print(f"report: {args.out}")
+    cfg = FidelityConfig(**config_from_args(args, FidelityConfig))
+    rep = fidelity_report(cfg)
+    if cfg.by_scores:
+        print(format_agreement(rep))
+        print(f"scatter: {rep['scatter']}")
+    if cfg.proxy:
+        print(format_report(rep))
+        if rep["warning"]:
+            print(f"warning: {rep['warning']}", file=sys.stderr)
+    print(f"report: {cfg.out}")
     return 0
 
 
 def _add_plan(sub) -> None:
-    from .plan import PlanConfig
+    from .plan import PLAN_SECTIONS, PlanConfig
 
     p = sub.add_parser("plan", help="per-stage peak memory, FLOPs and store size from the model's config alone")
     p.add_argument("--config", default="", metavar="RUN.toml",
@@ -205,39 +115,11 @@ def _add_plan(sub) -> None:
     p.add_argument("--out", default="", help="also write the plan as JSON here")
 
 
-PLAN_SECTIONS = ("proxy", "warmup", "features")
-
-
 def _plan_settings(args) -> dict:
-    """PlanConfig's arguments: a run config's (with --config), then the flags, then --set."""
-    import tomllib
+    from .plan import PlanConfig, plan_settings
 
-    from .plan import PlanConfig
-
-    kw = {k: v for k, v in config_from_args(args, PlanConfig).items() if v is not None}
-    if args.config:
-        from .data import load_examples
-        from .pipeline import load_config
-
-        run = load_config(args.config)
-        counted = {}
-        for key in ("pool", "validation"):
-            if key not in kw:  # the sampled size of every source, as the run's pool stage takes it
-                counted[key] = sum(s["sample"] or len(load_examples(s["path"])) for s in getattr(run, key))
-        features = {k: v for k, v in run.features.items() if k != "train_grad"}
-        kw = {"model": run.model, "max_length": run.max_length, **counted,
-              "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features, **kw}
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        section, dot, name = key.strip().partition(".")
-        if not (eq and dot and name) or section not in PLAN_SECTIONS:
-            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {PLAN_SECTIONS}")
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value  # a bare word: a string
-        kw.setdefault(section, {})[name.strip()] = parsed
-    return kw
+    given = {k: v for k, v in config_from_args(args, PlanConfig).items() if v is not None}
+    return plan_settings(given, args.config, args.set)
 
 
 def _cmd_plan(args) -> int:

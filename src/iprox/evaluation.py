@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .data import TokenizedExample, batches, collate
+from .models import resolve_dtype
+from .runtime import check_data_paths, check_types
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +132,76 @@ def answer_accuracy(model: torch.nn.Module, tokenizer, examples, max_new_tokens:
         rows.append({"id": ex.id, "gold": gold, "prediction": pred, "correct": is_correct(pred, kind, gold)})
     acc = sum(r["correct"] for r in rows) / max(len(rows), 1)
     return {"accuracy": acc, "n_examples": len(rows), "predictions": rows}
+
+
+@dataclass
+class EvaluateConfig:
+    """Settings of ``iprox evaluate``.
+
+    Attributes:
+        model: a proxy folder, or any model ``build-proxy --model`` accepts.
+        data: held-out data files or folders.
+        limit: evaluate the first N examples only (0: all).
+        max_length: tokens per example.
+        batch_size: examples per forward pass.
+        dtype: float32, bfloat16 (bf16), float16 (fp16) or auto.
+        device: "" for $IPROX_DEVICE, else CUDA when present, else CPU.
+        out: also write the figures to this JSON file.
+        accuracy: also exact-match accuracy of greedy answers (BBH targets, GSM8K final numbers).
+        max_new_tokens: generation budget for the accuracy (0: 16, or 256 for GSM8K).
+        progress: show progress bars.
+    """
+
+    model: str = ""
+    data: list[str] = field(default_factory=list)
+    limit: int = 0
+    max_length: int = 512
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str = ""
+    out: str = ""
+    accuracy: bool = False
+    max_new_tokens: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        check_types(self)
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.model or not self.data:
+            raise ValueError("evaluate needs --model and --data")
+        if min(self.limit, self.max_new_tokens) < 0 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError("limit and max_new_tokens must be >= 0, batch_size >= 1, max_length >= 8")
+        check_data_paths(self.data)
+        self.dtype = resolve_dtype(self.dtype, self.device)
+
+
+def evaluate(config: EvaluateConfig) -> dict:
+    """Held-out loss (and, when asked, answer accuracy) of a model or proxy; writes ``config.out``
+    when given. Returns the figures (see :func:`heldout_loss`, :func:`answer_accuracy`)."""
+    from .artifacts import atomic_write_json
+    from .data import load_examples, tokenize_examples
+    from .loading import load_model_or_proxy
+    from .models import default_device
+
+    model, tok = load_model_or_proxy(config.model, config.dtype, config.device or default_device())
+    examples = load_examples(config.data)
+    if config.limit:
+        examples = examples[: config.limit]
+    tokd, _ = tokenize_examples(tok, examples, config.max_length)
+    res = heldout_loss(model, tokd, config.batch_size, tok.pad_token_id, progress=config.progress)
+    res["model"] = config.model
+    if config.accuracy:
+        acc = answer_accuracy(model, tok, examples, config.max_new_tokens, progress=config.progress)
+        res.update(accuracy=acc["accuracy"], predictions=acc["predictions"])
+    if config.out:
+        atomic_write_json(config.out, res)
+    return res
+
+
+def format_evaluation(res: dict) -> str:
+    lines = [f"{res['model']}: response-token loss {res['token_loss']:.4f} over {res['n_tokens']} tokens "
+             f"({res['n_examples']} examples; mean per-example loss {res['example_loss']:.4f})"]
+    if "accuracy" in res:
+        lines.append(f"exact-match accuracy {res['accuracy']:.3f} over {len(res['predictions'])} examples")
+    return "\n".join(lines)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +29,8 @@ from .agreement import agreement, task_share
 from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads, response_kl,
                         target_weight_grads)
 from .data import TokenizedExample, collate
-from .models import frozen
+from .models import EMBEDDED_MODEL, frozen, resolve_dtype
+from .runtime import check_types
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +256,107 @@ def format_agreement(rep: dict) -> str:
         lines.append(f"proxy as a share of the ceiling: Spearman {oc['spearman']:.0%}, head {oc['head_spearman']:.0%}, "
                      f"top-5% overlap {oc['overlap_at_5']:.0%}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# iprox fidelity: either report, or both, into one JSON file
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FidelityConfig:
+    """Settings of ``iprox fidelity``: score agreement (two score tables), the gradient report (a
+    proxy, its target and held-out data), or both.
+
+    Attributes:
+        target_scores: scores of a target-selected run (scores.csv, scores or run folder).
+        proxy_scores: scores of the same selection run with the proxy.
+        target_again_scores: the target run again with other seeds: its agreement with
+            ``target_scores`` is the ceiling the proxy's figures are reported against.
+        target: the proxy's target model.
+        proxy: proxy folder (gradient cosines and KL on ``data``).
+        data: held-out data for the gradient report.
+        limit: first N examples (0: all).
+        per_source: a seeded sample of N examples of every source in ``data`` (e.g. the pool's), in
+            place of ``limit``: the report and the warning then cover each source (0: the data as it is).
+        max_length: tokens per example.
+        temperature: softmax temperature of the KL.
+        warn_below: warn when the all-layer gradient cosine on ``data``, or on one of its sources, is
+            below this.
+        dtype: float32, bfloat16 (bf16), float16 (fp16) or auto.
+        device: "" for $IPROX_DEVICE, else CUDA when present, else CPU.
+        out: the report (JSON) to write; a score scatter goes beside it as PNG.
+        progress: show progress bars.
+    """
+
+    target_scores: str = ""
+    proxy_scores: str = ""
+    target_again_scores: str = ""
+    target: str = EMBEDDED_MODEL
+    proxy: str = ""
+    data: list[str] = field(default_factory=list)
+    limit: int = 32
+    per_source: int = 0
+    max_length: int = 512
+    temperature: float = 1.0
+    warn_below: float = WARN_COSINE
+    dtype: str = "float32"
+    device: str = ""
+    out: str = ""
+    progress: bool = True
+
+    def __post_init__(self):
+        check_types(self)
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.out:
+            raise ValueError("fidelity needs --out (the report to write)")
+        if self.by_scores and not (self.target_scores and self.proxy_scores):
+            raise ValueError("score agreement needs both --target-scores and --proxy-scores")
+        if bool(self.proxy) != bool(self.data):
+            raise ValueError("the gradient report needs both --proxy and --data")
+        if not self.by_scores and not self.proxy:
+            raise ValueError("give --target-scores and --proxy-scores, or --proxy and --data, or both")
+        if min(self.limit, self.per_source) < 0 or self.max_length < 8 or not self.temperature > 0:
+            raise ValueError("limit and per_source must be >= 0, max_length >= 8, temperature > 0")
+        self.dtype = resolve_dtype(self.dtype, self.device)
+
+    @property
+    def by_scores(self) -> bool:
+        return bool(self.target_scores or self.proxy_scores or self.target_again_scores)
+
+
+def fidelity_report(config: FidelityConfig) -> dict:
+    """Writes and returns the report: ``format_agreement``'s figures when given score tables (and a
+    scatter PNG beside ``out``), ``format_report``'s when given a proxy, with ``warning`` (None when
+    the proxy looks faithful)."""
+    from .artifacts import atomic_write_json
+    from .data import load_examples, tokenize_examples
+    from .loading import load_proxy, read_scores
+    from .models import default_device, load_model
+
+    rep: dict = {}
+    if config.by_scores:
+        tp, pp = scores_path(config.target_scores), scores_path(config.proxy_scores)
+        again = read_scores(scores_path(config.target_again_scores)) if config.target_again_scores else None
+        agree, a, b = score_agreement(read_scores(tp), read_scores(pp), again)
+        png = Path(config.out).with_suffix(".png")
+        plot_scatter(a, b, png, f"Spearman {agree['spearman']:.3f}, Kendall {agree['kendall']:.3f}")
+        rep.update(agree, target_scores=str(tp), proxy_scores=str(pp), scatter=str(png))
+    if config.proxy:
+        device = config.device or default_device()
+        examples = load_examples(config.data)
+        if config.per_source:  # a seeded sample of every source, so that none is judged on a handful
+            rng = random.Random(0)
+            groups = {s: [e for e in examples if e.source == s] for s in sorted({e.source for e in examples})}
+            examples = [e for g in groups.values() for e in rng.sample(g, min(config.per_source, len(g)))]
+        elif config.limit:
+            examples = examples[: config.limit]
+        proxy, ptok = load_proxy(config.proxy, config.dtype, device=device, with_tokenizer=True)
+        target, _, _ = load_model(config.target, config.dtype, device)
+        tokd, _ = tokenize_examples(ptok, examples, config.max_length)
+        rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, config.temperature, config.progress))
+        rep.update(proxy=config.proxy, target=config.target)
+        rep["warning"] = fidelity_warning(rep, config.warn_below)
+    atomic_write_json(config.out, rep)
+    return rep

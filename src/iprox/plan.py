@@ -430,3 +430,38 @@ def format_plan(p: dict) -> str:
     lines.append(f"stage 1 with probe_blocks_per_pass = {p['probe_blocks_per_pass'] or 'all'} and probe_statistics = "
                  f"{p['probe_statistics']}: {verdict} in {p['budget_gib']:g} GiB")
     return "\n".join(lines)
+
+
+PLAN_SECTIONS = ("proxy", "warmup", "features")
+
+
+def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = ()) -> dict:
+    """:class:`PlanConfig`'s arguments for ``iprox plan``: a run config's (its target, ``max_length``,
+    stage sections and the pool's sampled size), then ``given`` (the flags), then each
+    ``SECTION.KEY=VALUE`` of ``sets`` (a TOML value; a bare word is a string)."""
+    import tomllib
+
+    kw = dict(given)
+    if run_config:
+        from .data import load_examples
+        from .pipeline import load_config
+
+        run = load_config(run_config)
+        counted = {}
+        for key in ("pool", "validation"):
+            if key not in kw:  # the sampled size of every source, as the run's pool stage takes it
+                counted[key] = sum(s["sample"] or len(load_examples(s["path"])) for s in getattr(run, key))
+        features = {k: v for k, v in run.features.items() if k != "train_grad"}
+        kw = {"model": run.model, "max_length": run.max_length, **counted,
+              "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features, **kw}
+    for item in sets:
+        key, eq, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not (eq and dot and name) or section not in PLAN_SECTIONS:
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE with SECTION one of {PLAN_SECTIONS}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        kw.setdefault(section, {})[name.strip()] = parsed
+    return kw

@@ -245,8 +245,9 @@ def add_config_args(parser, cls, *, skip: tuple[str, ...] = (), required: tuple[
         kw: dict = {}
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
-            if default:
+            if default:  # on unless the flag turns it off: the help says what the flag does
                 flag, kw = "--no-" + f.name.replace("_", "-"), {"action": "store_false", "dest": f.name}
+                text = f"off: {text}" if text else ""
             else:
                 kw = {"action": "store_true"}
         elif typing.get_origin(tp) is list:
