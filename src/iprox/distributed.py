@@ -112,3 +112,27 @@ def on_rank0(fn: Callable[[], Any]) -> Any:
     if box[1] is not None:
         raise RuntimeError(f"rank 0 failed: {box[1]}")
     return box[0]
+
+
+def on_every_rank(fn: Callable[[], Any]) -> Any:
+    """Runs ``fn`` on every rank (each on its own share of some work) and returns its result; if it
+    raised on any rank, every rank raises (that rank its own error, the others a RuntimeError naming
+    it), so no rank waits forever at the collective that follows."""
+    rank, n = world()
+    if n <= 1:
+        return fn()
+    import torch.distributed as dist
+
+    res, error = None, None
+    try:
+        res = fn()
+    except BaseException as e:  # noqa: BLE001  (re-raised below, on every rank)
+        error = e
+    msgs: list = [None] * n
+    dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(msgs) if m is not None]
+    if failed:
+        raise RuntimeError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return res

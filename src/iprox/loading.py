@@ -351,9 +351,19 @@ def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32
 
     Only one shard is open at a time, so memory stays bounded whatever the store's size.
     """
+    for _, ids, x in iter_feature_rows(store, chunk_rows, dtype):
+        yield ids, x
+
+
+def iter_feature_rows(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32,
+                      part: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, list[str], torch.Tensor]]:
+    """:func:`iter_features` with each chunk's first row index in the store; ``part = (i, n)`` reads
+    only shards ``i, i + n, i + 2n, ...`` (one rank's share of a store split over ``n`` ranks)."""
     store = Path(store)
     man = read_manifest(store)
-    for sh in man["shards"]:
+    for k, sh in enumerate(man["shards"]):
+        if k % part[1] != part[0]:
+            continue
         path = store / sh["file"]
         want = man["ids"][sh["start"]:sh["start"] + sh["count"]]
         try:
@@ -388,7 +398,7 @@ def iter_features(store: str | Path, chunk_rows: int = 4096, dtype=torch.float32
                         bad = ids[a + int((~torch.isfinite(x)).any(dim=1).nonzero()[0])]
                         raise artifacts.ArtifactError(f"{path}: the features of {bad!r} are not finite (NaN or inf); "
                                                       f"recompute the store, in float32 if this came from float16")
-                    yield ids[a:b], x
+                    yield sh["start"] + a, ids[a:b], x
         except artifacts.ArtifactError:
             raise
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types; name the file)

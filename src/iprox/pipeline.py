@@ -497,7 +497,7 @@ def _score(ctx: _Context) -> None:
     settings = cfg.score if cfg.selector != "representation" else {"aggregate": cfg.score.get("aggregate", "max")}
     scfg = ScoreConfig(**{**settings, "train": ctx.train_stores, "val": ctx.val_stores, "out": str(ctx.out / "scores"),
                           "progress": cfg.progress, "overwrite": ctx.overwrite})
-    ctx.scores_csv = on_rank0(lambda: score(scfg))  # streaming: cheap beside the features
+    ctx.scores_csv = score(scfg)  # streaming, each rank its share of the shards
 
 
 def _random(ctx: _Context) -> None:

@@ -29,7 +29,8 @@ import torch
 
 from . import artifacts
 from .data import load_examples
-from .loading import SCORES_FILE, iter_features, read_manifest
+from .distributed import all_reduce_sum_, on_every_rank, on_rank0, world
+from .loading import SCORES_FILE, iter_feature_rows, iter_features, read_manifest
 from .runtime import check_types
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,17 @@ def _subtask_matrix(val_store: str, method: str, subtasks: list[str], tasks: lis
 
 
 def second_moment(store: str, chunk_rows: int) -> torch.Tensor:
-    """F = (1/N) Σ φ φᵀ over a store's rows, float64, streamed."""
-    dim = read_manifest(store)["dim"]
-    F, n = torch.zeros(dim, dim, dtype=torch.float64), 0
-    for _, X in iter_features(store, chunk_rows, dtype=torch.float64):
-        F += X.T @ X
-        n += X.shape[0]
-    return F / max(n, 1)
+    """F = (1/N) Σ φ φᵀ over a store's rows, float64, streamed (under torchrun each rank sums its
+    shards and the sums are all-reduced)."""
+    man = read_manifest(store)
+    F = torch.zeros(man["dim"], man["dim"], dtype=torch.float64)
+
+    def mine() -> None:
+        for _, _, X in iter_feature_rows(store, chunk_rows, torch.float64, part=world()):
+            F.add_(X.T @ X)
+
+    on_every_rank(mine)
+    return all_reduce_sum_(F) / max(man["n_examples"], 1)
 
 
 @dataclass
@@ -150,13 +155,21 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
             F = second_moment(t, config.chunk_rows)
             lam = config.damping * torch.trace(F) / F.shape[0]
             U = torch.linalg.solve(F + lam * torch.eye(F.shape[0], dtype=F.dtype), U)
-        row = 0
-        for _, X in iter_features(t, config.chunk_rows, dtype=torch.float64):
-            if config.method == "tracin":
-                X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            total[row:row + X.shape[0]] += w * (X @ U)
-            row += X.shape[0]
+        def mine() -> None:
+            # under torchrun each rank scores its share of the shards into its rows of ``total`` (the
+            # others stay zero) and one all-reduce assembles the table on every rank
+            for row, _, X in iter_feature_rows(t, config.chunk_rows, torch.float64, part=world()):
+                if config.method == "tracin":
+                    X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                total[row:row + X.shape[0]] += w * (X @ U)
+
+        on_every_rank(mine)
+        rank, ranks = world()
+        if ranks > 1:
+            shards = len(tman[c]["shards"])
+            log.info("score: rank %d of %d scored %d of %d shards", rank, ranks, len(range(rank, shards, ranks)), shards)
         log.info("scored checkpoint %d/%d (weight %.3g)", c + 1, len(weights), w)
+    all_reduce_sum_(total)
     if not bool(torch.isfinite(total).all()):
         raise ValueError("scores came out non-finite (NaN or inf); check the stores' features and the damping")
     agg = total.max(dim=1).values if config.aggregate == "max" else total.mean(dim=1)
@@ -205,13 +218,17 @@ def write_scores_parquet(path: Path, res: ScoreResult) -> None:
 
 
 def score(config: ScoreConfig) -> Path:
-    """Computes and writes the scores folder; returns the path of ``scores.csv``."""
+    """Computes and writes the scores folder; returns the path of ``scores.csv``. Under torchrun
+    every rank scores a share of the pool's shards and rank 0 writes."""
     out = Path(config.out)
     cfg = asdict(config)
     for store in config.train + config.val:  # readable stores before anything is written
         read_manifest(store)
-    if not artifacts.prepare_stage(out, "score", cfg, config.overwrite):
-        res = compute_scores(config)
+    if on_rank0(lambda: artifacts.prepare_stage(out, "score", cfg, config.overwrite)):
+        return out / SCORES_FILE
+    res = compute_scores(config)
+
+    def write() -> None:
         write_scores_csv(out / SCORES_FILE, res)
         write_scores_parquet(out / "scores.parquet", res)
         s = res.score
@@ -221,6 +238,8 @@ def score(config: ScoreConfig) -> Path:
             "score_min": float(s.min()), "score_max": float(s.max()), "score_mean": float(s.mean()),
         })
         artifacts.mark_complete(out)
+
+    on_rank0(write)
     return out / SCORES_FILE
 
 
