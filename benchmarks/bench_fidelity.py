@@ -59,6 +59,9 @@ BASE = {
     "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam"},
 }
 NO_ALIGN = {"align_epochs": 0.0, "align_examples": 0}
+# the defaults since 0.6 (per-example cosine as micro-batches of one, 4 accumulated: the same examples
+# per step as BASE's batch of 4)
+DEFAULT_06 = {"probe_balance": "example", "batch_size": 1, "grad_accum": 4}
 
 
 def _settings() -> dict[str, dict]:
@@ -103,8 +106,15 @@ def _settings() -> dict[str, dict]:
                                  "proxy": {"init": "svd"}}
     # plain SVD (no probe, so probe_balance does not reach it) aligned as the 0.6 default aligns
     s["target-first svd 0.5, per-example align"] = {
-        "group": "baselines", "run": {"selector": "proxy", "warmup_on": "target"},
-        "proxy": {"init": "svd", "probe_balance": "example", "batch_size": 1, "grad_accum": 4}}
+        "group": "baselines", "run": {"selector": "proxy", "warmup_on": "target"}, "proxy": {"init": "svd", **DEFAULT_06}}
+    # the 0.6 default's alignment at the same cost over 5x the examples (80 examples, one pass: 20
+    # steps), and twice as long over the same 16
+    s["0.6 default, align set 80 x 1 epoch"] = {
+        "group": "alignment set", "run": {"selector": "proxy", "warmup_on": "target"},
+        "proxy": {**DEFAULT_06, "align_examples": 80, "align_epochs": 1.0}}
+    s["0.6 default, align 40 steps"] = {
+        "group": "alignment length", "run": {"selector": "proxy", "warmup_on": "target"},
+        "proxy": {**DEFAULT_06, "align_epochs": 0.0, "align_steps": 40}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
