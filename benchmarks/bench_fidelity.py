@@ -237,8 +237,11 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         res_path.write_text(json.dumps(results, indent=2))
     if args.downstream is not None:
-        results["downstream"] = downstream(work, target, pool_f, test_f, TASKS,
-                                           {n: Path(runs[f"{n} | 0"]["scores"]) for n, _ in order}, 15, args.max_length)
+        new = downstream(work, target, pool_f, test_f, TASKS,
+                         {n: Path(runs[f"{n} | 0"]["scores"]) for n, _ in order}, 15, args.max_length)
+        # selectors measured in an earlier invocation (whose run folders may be gone) keep their rows
+        old = results.get("downstream", {})
+        results["downstream"] = {t: {**old.get(t, {}), **rows} for t, rows in new.items()}
         res_path.write_text(json.dumps(results, indent=2))
     finish(results)
 
