@@ -51,6 +51,8 @@ class PoolConfig:
     out: str = ""
 
     def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"[run] seed must be a whole number, got {self.seed!r}")
         if not self.pool or not self.validation:
             raise ValueError("[data] needs pool = [...] and validation = [...]")
         self.pool = [source_spec(s, "pool") for s in self.pool]
