@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/iprox-bench-fidelity")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
     ap.add_argument("--downstream", nargs="*", default=None, metavar="NAME",
-                    help="fine-tune the target on each named setting's top 5% per task (seed 0; default: target, "
+                    help="fine-tune the target on each named setting's top 5%% per task (seed 0; default: target, "
                          "proxy-first, target-first, RDS+, random) and evaluate on 40 held-out examples per task")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -232,6 +232,9 @@ def main() -> None:
                    work / "log.txt")
             g = json.loads(fid.read_text())
             rec.update(grad_cosine=g["grad_cosine_global"], kl=g["kl"])
+        # comparisons made earlier against a reference whose folder is gone since stay as measured
+        if "vs" in runs.get(key, {}):
+            rec["vs"] = dict(runs[key]["vs"])
         runs[key] = rec
         compare(results)
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -374,10 +377,14 @@ def report(r: dict) -> str:
                   + (f" {r['downstream_note']}." if r.get("downstream_note") else ""), "",
                   "| selector | " + " | ".join(f"{t}: share, loss, accuracy" for t in tasks) + " |",
                   "|---|" + "---|" * len(tasks)]
-        for name in next(iter(r["downstream"].values())):
+        names = list(dict.fromkeys(n for t in tasks for n in r["downstream"][t]))
+        for name in names:
             cells = []
             for t in tasks:
-                d = r["downstream"][t][name]
+                d = r["downstream"][t].get(name)
+                if d is None:  # a selector fine-tuned for some tasks only
+                    cells.append("–")
+                    continue
                 share = "–" if d["share"] is None else f"{d['share']:.2f}"
                 cells.append(f"{share}, {d['loss']:.3f}, {d['accuracy']:.2f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
