@@ -115,6 +115,12 @@ def _settings() -> dict[str, dict]:
     s["0.6 default, align 40 steps"] = {
         "group": "alignment length", "run": {"selector": "proxy", "warmup_on": "target"},
         "proxy": {**DEFAULT_06, "align_epochs": 0.0, "align_steps": 40}}
+    # the remaining sweeps of the issue, from the 0.6 default
+    tf = {"selector": "proxy", "warmup_on": "target"}
+    for lam in (0.0, 1.0):
+        s[f"0.6 default, lambda_kl {lam:g}"] = {"group": "lambda_kl", "run": tf, "proxy": {**DEFAULT_06, "lambda_kl": lam}}
+    s["0.6 default, probe 64"] = {"group": "probe", "run": tf, "proxy": {**DEFAULT_06, "probe_examples": 64}}
+    s["0.6 default, 2 checkpoints"] = {"group": "checkpoints", "run": tf, "proxy": DEFAULT_06, "warmup": {"epochs": 2}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
