@@ -229,7 +229,8 @@ def main() -> None:
         meta = json.loads((out / "pipeline.json").read_text())
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
                "timings": meta["timings"], "scores": str(out / "scores")}
-        if SETTINGS[name].get("run", BASE["run"])["selector"] == "proxy":
+        factored = SETTINGS[name].get("proxy", {}).get("init") != "layer-drop"  # the gradient check needs factors
+        if SETTINGS[name].get("run", BASE["run"])["selector"] == "proxy" and factored:
             fid = work / "gradcos" / f"{slug(name)}-s{seed}.json"
             fid.parent.mkdir(exist_ok=True)
             if not fid.exists():

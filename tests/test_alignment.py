@@ -195,6 +195,15 @@ def test_stage2_settings_are_checked():
     assert not ProxyConfig(data=["x"], sparsity=0.0).aligns
 
 
+def test_gradient_report_refuses_a_proxy_without_factors(tmp_path):
+    # a layer-drop or sparsity-0 proxy has no factor space to compare in: a clear refusal that points
+    # at the score comparison, not the alignment's "nothing to align"
+    target = tiny_llama()
+    _, tokd, tok = _enc(tmp_path, n=1)
+    with pytest.raises(ValueError, match="no factored layers.*--target-scores"):
+        gradient_fidelity(tiny_llama(), target, tokd, tok.pad_token_id, progress=False)
+
+
 def test_fidelity_warning_fires_on_random_factors_not_on_an_exact_proxy(tmp_path):
     from iprox.fidelity import fidelity_warning
 

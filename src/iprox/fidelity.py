@@ -29,6 +29,7 @@ from .agreement import agreement, task_share
 from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads, response_kl,
                         target_weight_grads)
 from .data import TokenizedExample, collate
+from .lowrank import FactorizedLinear
 from .models import EMBEDDED_MODEL, frozen, resolve_dtype
 from .runtime import check_types
 
@@ -47,6 +48,10 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
     """
     if not examples:
         raise ValueError("no examples for the fidelity report")
+    if not any(isinstance(m, FactorizedLinear) for m in proxy.modules()):
+        raise ValueError("the gradient report compares the proxy's factor-space gradients with the target's; this "
+                         "proxy has no factored layers (layer-drop, or sparsity 0): compare its scores with the "
+                         "target's instead (--target-scores, --proxy-scores)")
     pairs = layer_pairs(proxy, target)
     target.eval()
     proxy.eval()
