@@ -121,6 +121,12 @@ def _settings() -> dict[str, dict]:
         s[f"0.6 default, lambda_kl {lam:g}"] = {"group": "lambda_kl", "run": tf, "proxy": {**DEFAULT_06, "lambda_kl": lam}}
     s["0.6 default, probe 64"] = {"group": "probe", "run": tf, "proxy": {**DEFAULT_06, "probe_examples": 64}}
     s["0.6 default, 2 checkpoints"] = {"group": "checkpoints", "run": tf, "proxy": DEFAULT_06, "warmup": {"epochs": 2}}
+    # IProX against plain SVD at the other sparsities, both aligned as the 0.6 default aligns
+    # (layer-drop at each sparsity is "layer-drop <s>" below)
+    for sp in (0.3, 0.7):
+        s[f"0.6 default, sparsity {sp}"] = {"group": "sparsity", "run": tf, "proxy": {**DEFAULT_06, "sparsity": sp}}
+        s[f"target-first svd {sp}, per-example align"] = {
+            "group": "baselines", "run": tf, "proxy": {**DEFAULT_06, "init": "svd", "sparsity": sp}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
