@@ -104,9 +104,6 @@ def _settings() -> dict[str, dict]:
         "proxy": {"probe_balance": "example", "batch_size": 1, "grad_accum": 4}}
     s["target-first svd 0.5"] = {"group": "baselines", "run": {"selector": "proxy", "warmup_on": "target"},
                                  "proxy": {"init": "svd"}}
-    # plain SVD (no probe, so probe_balance does not reach it) aligned as the 0.6 default aligns
-    s["target-first svd 0.5, per-example align"] = {
-        "group": "baselines", "run": {"selector": "proxy", "warmup_on": "target"}, "proxy": {"init": "svd", **DEFAULT_06}}
     # the 0.6 default's alignment at the same cost over 5x the examples (80 examples, one pass: 20
     # steps), and twice as long over the same 16
     s["0.6 default, align set 80 x 1 epoch"] = {
@@ -121,10 +118,12 @@ def _settings() -> dict[str, dict]:
         s[f"0.6 default, lambda_kl {lam:g}"] = {"group": "lambda_kl", "run": tf, "proxy": {**DEFAULT_06, "lambda_kl": lam}}
     s["0.6 default, probe 64"] = {"group": "probe", "run": tf, "proxy": {**DEFAULT_06, "probe_examples": 64}}
     s["0.6 default, 2 checkpoints"] = {"group": "checkpoints", "run": tf, "proxy": DEFAULT_06, "warmup": {"epochs": 2}}
-    # IProX against plain SVD at the other sparsities, both aligned as the 0.6 default aligns
-    # (layer-drop at each sparsity is "layer-drop <s>" below)
-    for sp in (0.3, 0.7):
-        s[f"0.6 default, sparsity {sp}"] = {"group": "sparsity", "run": tf, "proxy": {**DEFAULT_06, "sparsity": sp}}
+    # IProX against plain SVD at every sparsity, both aligned as the 0.6 default aligns (plain SVD
+    # has no probe, so probe_balance does not reach it; layer-drop at each sparsity is
+    # "layer-drop <s>" below; IProX at 0.5 is "target-first balanced probe, per-example align")
+    for sp in (0.3, 0.5, 0.7):
+        if sp != 0.5:
+            s[f"0.6 default, sparsity {sp}"] = {"group": "sparsity", "run": tf, "proxy": {**DEFAULT_06, "sparsity": sp}}
         s[f"target-first svd {sp}, per-example align"] = {
             "group": "baselines", "run": tf, "proxy": {**DEFAULT_06, "init": "svd", "sparsity": sp}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
