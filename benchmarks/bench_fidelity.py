@@ -126,6 +126,15 @@ def _settings() -> dict[str, dict]:
             s[f"0.6 default, sparsity {sp}"] = {"group": "sparsity", "run": tf, "proxy": {**DEFAULT_06, "sparsity": sp}}
         s[f"target-first svd {sp}, per-example align"] = {
             "group": "baselines", "run": tf, "proxy": {**DEFAULT_06, "init": "svd", "sparsity": sp}}
+    # the validation gradients from the target (which carries the same LoRA checkpoint) instead of
+    # the proxy, or both scores summed: only the pool goes through the proxy
+    for vm in ("target", "both"):
+        s[f"0.6 default, val {vm}"] = {"group": "validation model", "run": tf, "proxy": DEFAULT_06,
+                                       "features": {"val_model": vm}}
+        for sp in (0.3, 0.7):
+            s[f"0.6 default, sparsity {sp}, val {vm}"] = {"group": "validation model", "run": tf,
+                                                         "proxy": {**DEFAULT_06, "sparsity": sp},
+                                                         "features": {"val_model": vm}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}

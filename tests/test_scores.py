@@ -285,6 +285,59 @@ def test_pipeline_target_first_order(tmp_path):
     assert load_config(_write_config(tmp_path, model_dir)).warmup_on == "target"
 
 
+def test_pipeline_scores_with_the_targets_validation_gradients(tmp_path):
+    """[features] val_model: the target's validation gradients (it carries the same LoRA checkpoint)
+    beside the proxy's pool features; ``both`` adds the two scores. The scores equal brute force from
+    the stores; the target is loaded from disk once; the choice enters the features' fingerprint."""
+    from iprox.loading import LOADS, model_key
+    from iprox.pipeline import load_config, run
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    before = LOADS[model_key(str(model_dir))]
+    cfg = _write_config(tmp_path, model_dir)
+    cfg.write_text(cfg.read_text().replace("[features]\n", '[features]\nval_model = "both"\n'))
+    run(load_config(cfg, {"progress": False}))
+    assert LOADS[model_key(str(model_dir))] - before == 1
+    r = tmp_path / "run"
+    feats = {p.name: load_features(p) for p in (r / "features").iterdir()}
+    assert set(feats) == {"train-1", "val-1", "val-target-1", "train-2", "val-2", "val-target-2"}
+    for e in ("1", "2"):
+        man = json.loads((r / "features" / f"val-target-{e}" / "manifest.json").read_text())
+        assert man["trains"] == "lora" and man["model"] == str(model_dir.resolve()) and man["grad"] == "sgd"
+        # the target's and the proxy's gradients of the same examples differ (the proxy is compressed)
+        assert not torch.allclose(feats[f"val-{e}"][1], feats[f"val-target-{e}"][1])
+
+    def brute(vals: tuple[str, ...]) -> torch.Tensor:
+        total = 0.0
+        for e in ("1", "2"):
+            lr = json.loads((r / "features" / f"train-{e}" / "manifest.json").read_text())["lr"]
+            X = feats[f"train-{e}"][1].double()
+            X = X / X.norm(dim=1, keepdim=True)
+            for v in vals:
+                V = feats[f"{v}-{e}"][1].double()
+                total = total + lr * (X @ (V / V.norm(dim=1, keepdim=True)).mean(0))
+        return total
+
+    got = torch.tensor([float(row["score"]) for row in read_scores(r / "scores" / "scores.csv")], dtype=torch.float64)
+    torch.testing.assert_close(got, brute(("val", "val-target")), rtol=1e-6, atol=1e-9)
+    # the target alone: another features stage, refused on this folder without --overwrite
+    cfg.write_text(cfg.read_text().replace('val_model = "both"', 'val_model = "target"'))
+    with pytest.raises(ValueError, match="from stage 'features' on"):
+        run(load_config(cfg, {"progress": False}))
+    run(load_config(cfg, {"progress": False}), overwrite=True)
+    feats = {p.name: load_features(p) for p in (r / "features").iterdir()}
+    assert set(feats) == {"train-1", "val-target-1", "train-2", "val-target-2"}
+    got = torch.tensor([float(row["score"]) for row in read_scores(r / "scores" / "scores.csv")], dtype=torch.float64)
+    torch.testing.assert_close(got, brute(("val-target",)), rtol=1e-6, atol=1e-9)
+    # it needs the target-first order, and names its choices
+    cfg.write_text(cfg.read_text().replace("[run]\n", '[run]\nwarmup_on = "proxy"\n'))
+    with pytest.raises(ValueError, match='needs selector = "proxy" and warmup_on = "target"'):
+        load_config(cfg)
+    cfg.write_text(cfg.read_text().replace('warmup_on = "proxy"\n', "").replace('val_model = "target"', 'val_model = "x"'))
+    with pytest.raises(ValueError, match="val_model must be one of"):
+        load_config(cfg)
+
+
 def test_pipeline_aligns_in_a_stage_of_its_own(tmp_path, monkeypatch):
     """compress → align: the aligned proxy equals build_proxy's one-folder result; a changed alignment
     setting reruns only the align stage, from the compressed proxy left as it was; a proxy without

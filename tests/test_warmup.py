@@ -118,7 +118,7 @@ def test_cli_warmup_then_dense_adam_and_kronecker_features(tmp_path, data_file, 
     torch.testing.assert_close(ka, da, rtol=1e-4, atol=1e-5 * da.abs().max().item())
 
 
-def test_a_proxy_carries_the_targets_lora_checkpoint(tmp_path, data_file):
+def test_a_proxy_carries_the_targets_lora_checkpoint(tmp_path, data_file, capsys):
     """The target-first order: a proxy of the target takes the target's LoRA checkpoint (adapters and
     Adam state). Through a proxy that left every layer dense (sparsity 0) its features are the
     target's own, projection for projection; through a compressed proxy they differ."""
@@ -143,6 +143,19 @@ def test_a_proxy_carries_the_targets_lora_checkpoint(tmp_path, data_file):
     assert target.abs().max() > 0
     torch.testing.assert_close(stores["0"], target, rtol=1e-4, atol=1e-6 * target.abs().max().item())
     assert (stores["0.5"] - target).abs().max() > 1e-3 * target.abs().max()
+    # The compressed proxy's pool store scores against the target's store of the same checkpoint
+    # (both are gradients of that one adapter, projected alike) ...
+    assert main(["score", "--train", str(tmp_path / "f-0.5"), "--val", str(tmp_path / "f-target"),
+                 "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    # ... but not against the target's store of another warm-up (another adapter).
+    assert main(["warmup", "--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path / "w2"),
+                 "--examples", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "2", "--max-length", "96",
+                 "--seed", "3", "--no-progress"]) == 0
+    assert main(["features", "--out", str(tmp_path / "f-target2"), "--checkpoint", str(tmp_path / "w2" / "checkpoint-1")]
+                + common[2:]) == 0
+    assert main(["score", "--train", str(tmp_path / "f-0.5"), "--val", str(tmp_path / "f-target2"),
+                 "--out", str(tmp_path / "s2"), "--no-progress"]) == 2
+    assert "gradients of different models or checkpoints" in capsys.readouterr().err
     # A proxy of another model cannot carry it.
     other = write_model_folder(tmp_path / "other", "llama", seed=9)
     assert main(["build-proxy", "--model", str(other), "--data", str(data_file), "--out", str(tmp_path / "p-other"),

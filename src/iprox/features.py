@@ -31,7 +31,7 @@ from . import artifacts
 from .data import batches, collate
 from .distributed import barrier, on_rank0, rank_device
 from .distributed import world as dist_world
-from .loading import (MANIFEST_FILE, STORE_FORMAT_VERSION, is_proxy_folder, read_checkpoint_info, read_manifest, shard_name,
+from .loading import (CARRIED, MANIFEST_FILE, STORE_FORMAT_VERSION, is_proxy_folder, read_checkpoint_info, read_manifest, shard_name,
                       tensor_crc)
 from .session import Session
 from .models import EMBEDDED_MODEL, default_device
@@ -164,7 +164,7 @@ def _load(config: FeatureConfig, device: str, session: Session):
     if config.checkpoint and config.model and is_proxy_folder(config.model) and carries(config.checkpoint):
         ck = session.carried_checkpoint(config.model, config.checkpoint, config.dtype, device, config.trust_remote_code)
         ident = {"model": config.model, "checkpoint": config.checkpoint, "epoch": ck.info["epoch"], "lr": ck.info["lr"],
-                 "trains": "target lora, carried", "model_hash": ck.identity}
+                 "trains": CARRIED, "model_hash": ck.identity}
         return ck.model, ck.tokenizer, ident, ck
     if config.checkpoint:
         ck = session.checkpoint(config.checkpoint, config.dtype, device, config.trust_remote_code)

@@ -56,6 +56,8 @@ def load_model_or_proxy(spec: str, dtype: str = "float32", device: str = "cpu", 
 
 
 PEFT_PREFIX = "base_model.model."
+# a feature store's "trains" when a proxy carried a target's LoRA checkpoint (the target-first order)
+CARRIED = "target lora, carried"
 
 
 def canonical_name(name: str) -> str:

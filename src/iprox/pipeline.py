@@ -34,6 +34,8 @@ shared data folder, ``out`` is relative to the working directory)::
                 # stage's (align_steps, lambda_kl, ...); changing only the latter keeps compressed/
     [warmup]    # WarmupConfig fields (fraction, epochs, lr, ...)
     [features]  # FeatureConfig fields, plus train_grad (default adam: LESS's elementwise Adam, exact)
+                # and val_model (proxy | target | both: which model's gradients of the validation
+                # examples score the pool; target and both need the target-first order)
     [score]     # method, aggregate, checkpoint_weights, damping
     [select]    # fraction or top_k
 """
@@ -76,6 +78,12 @@ PIPELINE_FILE = "pipeline.json"
 # The pool's features: LESS's elementwise Adam, exact on the fast engine (the row × column
 # factored-adam ranked the pool at Spearman 0.85 against it; see BENCHMARKS.md).
 DEFAULT_TRAIN_GRAD = "adam"
+# Whose gradients of the validation examples the proxy's pool features are compared with: the proxy's
+# own, the target's (it carries the same LoRA checkpoint in the target-first order, so both are
+# gradients of one adapter in one projection: only the pool, where the cost is, goes through the
+# proxy), or both (the two scores summed).
+VAL_MODELS = ("proxy", "target", "both")
+DEFAULT_VAL_MODEL = "proxy"
 # proxy: IProX (or, with [proxy] init/align settings, the svd / layer-drop / unaligned baselines);
 # model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
 # representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
@@ -125,6 +133,13 @@ class RunConfig:
         train_grad = feats.pop("train_grad", DEFAULT_TRAIN_GRAD)
         if train_grad not in GRADS:
             raise ValueError(f"[features] train_grad must be one of {GRADS}, got {train_grad!r}")
+        val_model = feats.pop("val_model", None)
+        if val_model is not None and val_model not in VAL_MODELS:
+            raise ValueError(f"[features] val_model must be one of {VAL_MODELS}, got {val_model!r}")
+        if val_model not in (None, "proxy") and not (self.selector == "proxy" and self.warmup_on == "target"):
+            raise ValueError(f'[features] val_model = "{val_model}" compares the proxy\'s pool gradients with the '
+                             f'target\'s, which needs selector = "proxy" and warmup_on = "target" (the proxy then '
+                             f'carries the target\'s LoRA checkpoints); leave val_model out otherwise')
         if "grad" in feats:
             raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
         checks = (("proxy", ProxyConfig, {"data": ["x"]}, self.proxy),
@@ -147,6 +162,14 @@ class RunConfig:
         if isinstance(weights, list) and self.selector in ("proxy", "model") and len(weights) != built["warmup"].epochs:
             raise ValueError(f"[score] checkpoint_weights has {len(weights)} weights but [warmup] epochs = "
                              f"{built['warmup'].epochs} makes {built['warmup'].epochs} checkpoints")
+
+
+def val_model(cfg: RunConfig) -> str:
+    """The run's validation model: ``[features] val_model``, or the default where the order allows it."""
+    given = cfg.features.get("val_model")
+    if given is not None:
+        return given
+    return DEFAULT_VAL_MODEL if cfg.selector == "proxy" and cfg.warmup_on == "target" else "proxy"
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -219,7 +242,10 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
         # the proxy-first order (the only one before warmup_on existed) stays out of the hash, so runs
         # made then still match when they ask for it
         "warmup": cfg.warmup if cfg.warmup_on == "proxy" or cfg.selector != "proxy" else {**cfg.warmup, "on": "target"},
-        "features": cfg.features, "score": cfg.score, "select": cfg.select,
+        # the resolved validation model, when not the proxy itself (the only one before it was a choice)
+        "features": {**{k: v for k, v in cfg.features.items() if k != "val_model"},
+                     **({"val_model": val_model(cfg)} if val_model(cfg) != "proxy" else {})},
+        "score": cfg.score, "select": cfg.select,
     }
     out, prev = {}, ""
     for st in STAGES:
@@ -384,9 +410,10 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, ra
 
     feats = dict(cfg.features)
     train_grad = feats.pop("train_grad", DEFAULT_TRAIN_GRAD)
+    feats.pop("val_model", None)
     feats.setdefault("seed", cfg.seed)
     feats.setdefault("max_length", cfg.max_length)
-    ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad)
+    ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad, val_model(cfg))
     for stage in PIPELINES[cfg.selector]:
         timed(stage.name, lambda: stage.run(ctx))
     return RunResult(out, ctx.manifest, timings)
@@ -408,6 +435,7 @@ class _Context:
     dtype: dict
     feats: dict
     train_grad: str
+    val_model: str
     pool_file: Path | None = None
     val_file: Path | None = None
     feature_model: str = ""      # the model whose features score the pool
@@ -465,20 +493,32 @@ def _warmup(ctx: _Context) -> None:
                            "model": ctx.warm_model, "data": [str(ctx.pool_file)], "out": str(ctx.out / "warmup"),
                            **ctx.common})
     ctx.checkpoints = run_warmup(wcfg, ctx.session)
-    if ctx.warm_model != ctx.feature_model:
+    if ctx.warm_model != ctx.feature_model and ctx.val_model == "proxy":
         ctx.session.drop(cfg.model)
 
 
 def _features(ctx: _Context) -> None:
-    for ck in ctx.checkpoints:
-        e = ck.name.split("-")[1]
-        for kind, data, grad, dest in (("train", ctx.pool_file, ctx.train_grad, ctx.train_stores),
-                                       ("val", ctx.val_file, "sgd", ctx.val_stores)):
-            store = ctx.out / "features" / f"{kind}-{e}"
-            fc = FeatureConfig(**{**ctx.dtype, **ctx.feats, "model": ctx.feature_model, "checkpoint": str(ck),
-                                  "data": [str(data)], "out": str(store), "grad": grad, **ctx.common})
-            log.info("%s", compute_features(fc, ctx.session).format())
-            dest.append(str(store))
+    """Each checkpoint's pool store, and validation stores from the proxy, the target or both; a
+    pool store is paired with each of its checkpoint's validation stores (``both``: two pairs, whose
+    scores add up)."""
+    def store(kind: str, model: str, ck: Path, data: Path, grad: str) -> str:
+        out = ctx.out / "features" / f"{kind}-{ck.name.split('-')[1]}"
+        fc = FeatureConfig(**{**ctx.dtype, **ctx.feats, "model": model, "checkpoint": str(ck),
+                              "data": [str(data)], "out": str(out), "grad": grad, **ctx.common})
+        log.info("%s", compute_features(fc, ctx.session).format())
+        return str(out)
+
+    # the target's validation stores first, while it is resident from its warm-up; then it goes
+    target_val = [store("val-target", ctx.cfg.model, ck, ctx.val_file, "sgd") for ck in ctx.checkpoints] \
+        if ctx.val_model in ("target", "both") else []
+    if ctx.warm_model != ctx.feature_model:
+        ctx.session.drop(ctx.cfg.model)
+    for i, ck in enumerate(ctx.checkpoints):
+        train = store("train", ctx.feature_model, ck, ctx.pool_file, ctx.train_grad)
+        vals = [store("val", ctx.feature_model, ck, ctx.val_file, "sgd")] if ctx.val_model != "target" else []
+        vals += target_val[i:i + 1]
+        ctx.train_stores += [train] * len(vals)
+        ctx.val_stores += vals
 
 
 def _represent(ctx: _Context) -> None:
@@ -495,6 +535,11 @@ def _score(ctx: _Context) -> None:
     cfg = ctx.cfg
     # representation scores take only the aggregate from [score]: cosine similarity has no method
     settings = cfg.score if cfg.selector != "representation" else {"aggregate": cfg.score.get("aggregate", "max")}
+    pairs = len(ctx.val_stores) // max(len(ctx.checkpoints), 1)
+    weights = settings.get("checkpoint_weights", "auto")
+    if weights != "auto" and pairs > 1:  # each checkpoint's weight on each of its pairs
+        weights = [float(w) for w in weights.split(",")] if isinstance(weights, str) else weights
+        settings = {**settings, "checkpoint_weights": [w for w in weights for _ in range(pairs)]}
     scfg = ScoreConfig(**{**settings, "train": ctx.train_stores, "val": ctx.val_stores, "out": str(ctx.out / "scores"),
                           "progress": cfg.progress, "overwrite": ctx.overwrite})
     ctx.scores_csv = score(scfg)  # streaming, each rank its share of the shards

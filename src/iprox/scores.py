@@ -30,7 +30,7 @@ import torch
 from . import artifacts
 from .data import load_examples
 from .distributed import all_reduce_sum_, on_every_rank, on_rank0, world
-from .loading import SCORES_FILE, iter_feature_rows, iter_features, read_manifest
+from .loading import CARRIED, SCORES_FILE, canonical_name, iter_feature_rows, iter_features, read_manifest
 from .runtime import check_types
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,33 @@ class ScoreConfig:
         self.val = [str(Path(p).resolve()) for p in self.val]
 
 
+def _canonical_layout(man: dict) -> list[dict]:
+    return [{**L, "name": canonical_name(L["name"])} for L in man["layout"]]
+
+
+def same_gradient_space(tm: dict, vm: dict) -> bool:
+    """Whether two stores' features are gradients of the same parameters in the same coordinates:
+    the same model and checkpoint, or a proxy carrying a target's LoRA checkpoint (the target-first
+    order) beside that target with the same checkpoint: both are gradients of that one adapter."""
+    if tm["model_hash"] == vm["model_hash"]:
+        return True
+    carried = [m for m in (tm, vm) if m.get("trains") == CARRIED]
+    plain = [m for m in (tm, vm) if m.get("trains") == "lora" and not str(m["model_hash"]).startswith("proxy:")]
+    return (len(carried) == 1 and len(plain) == 1 and "+" in tm["model_hash"] and "+" in vm["model_hash"]
+            and tm["model_hash"].rsplit("+", 1)[1] == vm["model_hash"].rsplit("+", 1)[1])
+
+
 def _check_pair(tm: dict, vm: dict, t: str, v: str) -> None:
-    for key in ("seed", "proj_dim", "dim", "model_hash", "layout"):
+    for key in ("seed", "proj_dim", "dim"):
         if tm[key] != vm[key]:
             raise ValueError(f"{t} and {v} are not comparable: their {key} differ "
-                             f"(featurise both with the same model, checkpoint and projection settings)")
+                             f"(featurise both with the same projection settings)")
+    if not same_gradient_space(tm, vm):
+        raise ValueError(f"{t} and {v} are not comparable: they are gradients of different models or checkpoints "
+                         f"(featurise both with the same model and checkpoint, or a proxy carrying a target's LoRA "
+                         f"checkpoint and that target with the same checkpoint)")
+    if _canonical_layout(tm) != _canonical_layout(vm):
+        raise ValueError(f"{t} and {v} are not comparable: their layouts (layers, shapes, order) differ")
 
 
 def _subtask_matrix(val_store: str, method: str, subtasks: list[str], tasks: list[str]) -> torch.Tensor:
