@@ -150,7 +150,8 @@ def test_plan_takes_a_run_configs_settings_and_stage_defaults(tmp_path, capsys):
     val = write_jsonl(tmp_path / "val.jsonl", chat_records(3, seed=1))
     cfg = tmp_path / "run.toml"
     cfg.write_text(f'[run]\nout = "{tmp_path}/run"\nmodel = "tiny"\n[data]\npool = ["{pool}"]\n'
-                   f'validation = ["{val}"]\nmax_length = 64\n[proxy]\nsparsity = 0.3\n[warmup]\nepochs = 2\n')
+                   f'validation = ["{val}"]\nmax_length = 64\n[proxy]\nsparsity = 0.3\n[warmup]\nepochs = 2\n'
+                   f'[features]\ntrain_grad = "adam"\nval_model = "both"\n')  # the pipeline's own keys
     assert main(["plan", "--config", str(cfg), "--out", str(tmp_path / "p.json")]) == 0
     from_run = json.loads((tmp_path / "p.json").read_text())
     # the same settings given as --set on the command line plan the same run

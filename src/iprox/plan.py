@@ -451,7 +451,8 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
         for key in ("pool", "validation"):
             if key not in kw:  # the sampled size of every source, as the run's pool stage takes it
                 counted[key] = sum(s["sample"] or len(load_examples(s["path"])) for s in getattr(run, key))
-        features = {k: v for k, v in run.features.items() if k != "train_grad"}
+        # (the pipeline's own keys: the preconditioner is per store, the validation model a few examples)
+        features = {k: v for k, v in run.features.items() if k not in ("train_grad", "val_model")}
         kw = {"model": run.model, "max_length": run.max_length, **counted,
               "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features, **kw}
     for item in sets:
