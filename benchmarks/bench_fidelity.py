@@ -131,10 +131,22 @@ def _settings() -> dict[str, dict]:
     for vm in ("target", "both"):
         s[f"0.6 default, val {vm}"] = {"group": "validation model", "run": tf, "proxy": DEFAULT_06,
                                        "features": {"val_model": vm}}
-        for sp in (0.3, 0.7):
-            s[f"0.6 default, sparsity {sp}, val {vm}"] = {"group": "validation model", "run": tf,
-                                                         "proxy": {**DEFAULT_06, "sparsity": sp},
-                                                         "features": {"val_model": vm}}
+    # The same stores scored another way, without building anything again: "both"'s run holds the
+    # pool store and the proxy's and the target's validation stores of each checkpoint, so `iprox
+    # score` on a pair of them is what a run with val_model = proxy or target would compute (same
+    # seed, same deterministic stages). Its build time is the source run's.
+    for vm, val in (("proxy", "val"), ("target", "val-target")):
+        s[f"0.6 default, val {vm}, rescored"] = {"group": "validation model",
+                                                 "rescore": {"from": "0.6 default, val both", "val": val}}
+    # Runs made before val_model existed, their pool stores scored against the target's validation
+    # gradients (and beside the proxy's: both): the target's store of each checkpoint is computed
+    # here (a few examples) into the rescored folder.
+    for source in ("0.6 default, sparsity 0.3", "0.6 default, sparsity 0.7", "target-first svd 0.3, per-example align",
+                   "target-first svd 0.7, per-example align", "target-first svd 0.5, per-example align",
+                   "0.6 default, align 40 steps"):
+        for vm, val in (("target", ["val-target"]), ("both", ["val", "val-target"])):
+            s[f"{source}, val {vm}"] = {"group": "validation model",
+                                        "rescore": {"from": source, "val": val, "compute": True}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
@@ -234,21 +246,44 @@ def main() -> None:
         out = work / "runs" / f"{slug(name)}-s{seed}"
         cfg = work / "configs" / f"{slug(name)}-s{seed}.toml"
         cfg.parent.mkdir(exist_ok=True)
-        write_config(cfg, out, target, pool_f, val_f, SETTINGS[name], seed, args.epochs, args.max_length)
-        if key in runs and (out / "selection" / "COMPLETE").exists():
-            log.info("%s, seed %d: finished earlier; read back", name, seed)
+        rescore = SETTINGS[name].get("rescore")
+        source = name if rescore is None else rescore["from"]
+        built = work / "runs" / f"{slug(source)}-s{seed}"  # the run whose proxy and stores these are
+        if rescore is not None:
+            if not (built / "selection" / "COMPLETE").exists():
+                log.warning("%s, seed %d: skipped, %r has no finished run at this seed (list it before this one)",
+                            name, seed, source)
+                continue
+            # each pool store paired with each of its checkpoint's validation stores (scores add up)
+            prefixes = rescore["val"] if isinstance(rescore["val"], list) else [rescore["val"]]
+            pairs = [(t, (out if rescore.get("compute") and p == "val-target" else built) / "features" /
+                      t.name.replace("train", p)) for t in sorted((built / "features").glob("train-*")) for p in prefixes]
+            if rescore.get("compute"):
+                for v in {v for _, v in pairs if v.parent.parent == out}:
+                    ck = built / "warmup" / f"checkpoint-{v.name.rsplit('-', 1)[1]}"
+                    sh(IPROX + ["features", "--model", str(target), "--checkpoint", str(ck), "--grad", "sgd",
+                                "--data", str(built / "pool" / "validation.jsonl"), "--seed", str(seed),
+                                "--proj-dim", str(BASE["features"]["proj_dim"]), "--max-length", str(args.max_length),
+                                "--out", str(v), "--no-progress"], work / "log.txt")
+            sh(IPROX + ["score", "--train", *[str(t) for t, _ in pairs], "--val", *[str(v) for _, v in pairs],
+                        "--out", str(out / "scores"), "--no-progress"], work / "log.txt")
         else:
-            log.info("%s, seed %d", name, seed)
-            sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
-        meta = json.loads((out / "pipeline.json").read_text())
+            write_config(cfg, out, target, pool_f, val_f, SETTINGS[name], seed, args.epochs, args.max_length)
+            if key in runs and (out / "selection" / "COMPLETE").exists():
+                log.info("%s, seed %d: finished earlier; read back", name, seed)
+            else:
+                log.info("%s, seed %d", name, seed)
+                sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
+        meta = json.loads((built / "pipeline.json").read_text())
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
                "timings": meta["timings"], "scores": str(out / "scores")}
-        factored = SETTINGS[name].get("proxy", {}).get("init") != "layer-drop"  # the gradient check needs factors
-        if SETTINGS[name].get("run", BASE["run"])["selector"] == "proxy" and factored:
-            fid = work / "gradcos" / f"{slug(name)}-s{seed}.json"
+        defn = SETTINGS[source]
+        factored = defn.get("proxy", {}).get("init") != "layer-drop"  # the gradient check needs factors
+        if defn.get("run", BASE["run"])["selector"] == "proxy" and factored:
+            fid = work / "gradcos" / f"{slug(source)}-s{seed}.json"
             fid.parent.mkdir(exist_ok=True)
             if not fid.exists():
-                sh(IPROX + ["fidelity", "--proxy", str(out / "proxy"), "--target", str(target), "--data", str(held),
+                sh(IPROX + ["fidelity", "--proxy", str(built / "proxy"), "--target", str(target), "--data", str(held),
                             "--limit", "0", "--max-length", str(args.max_length), "--out", str(fid), "--no-progress"],
                    work / "log.txt")
             g = json.loads(fid.read_text())

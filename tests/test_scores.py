@@ -208,7 +208,8 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     assert main(["run", str(cfg), "--no-progress"]) == 130  # an interrupt is one line and exit 130, not a traceback
     run = tmp_path / "run"
     assert all(artifacts.is_complete(run / d) for d in ("pool", "compressed", "proxy", "warmup", "features/train-1",
-                                                         "features/val-1", "features/train-2"))
+                                                         "features/val-1", "features/train-2", "features/val-target-1",
+                                                         "features/val-target-2"))
     assert not (run / "scores").exists()
     # Resume: the earlier stages are not rebuilt; features resume at val-2.
     import iprox.proxy as proxy_mod
@@ -230,7 +231,9 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     assert main(["run", str(cfg), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "selected 5 of 24" in out and "selected records:" in out
-    assert skipped == [("train-1", True), ("val-1", True), ("train-2", True), ("val-2", False)]
+    # (the target's validation stores first, while it is resident from its warm-up; val_model = "both")
+    assert skipped == [("val-target-1", True), ("val-target-2", True),
+                       ("train-1", True), ("val-1", True), ("train-2", True), ("val-2", False)]
     sel = (run / "selection" / "selected.jsonl").read_text().splitlines()
     originals = set((tmp_path / "pool.jsonl").read_text().splitlines())
     assert len(sel) == 5 and all(line in originals for line in sel)  # original records, unchanged
@@ -244,7 +247,8 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     skipped.clear()
     assert main(["run", str(cfg), "--no-progress"]) == 0
     assert "gradient_checkpointing = true" in cfg.read_text()
-    assert skipped == [("train-1", True), ("val-1", True), ("train-2", True), ("val-2", True)]
+    assert skipped == [("val-target-1", True), ("val-target-2", True),
+                       ("train-1", True), ("val-1", True), ("train-2", True), ("val-2", True)]
     # A changed setting is refused, then rebuilt from that stage on with --overwrite.
     text = cfg.read_text().replace("method = \"tracin\"", "method = \"if\"")
     cfg.write_text(text)

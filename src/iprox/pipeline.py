@@ -1,8 +1,9 @@
 """``iprox run CONFIG.toml``: pool → compress → align → warm-up → features → scores → selection, resumably.
 
 Every stage writes its own folder under the run directory (``pool/``, ``compressed/`` (stage 1),
-``proxy/`` (the aligned proxy), ``warmup/``, ``features/train-<epoch>/`` and ``val-<epoch>/``,
-``scores/``, ``selection/``); a stage complete
+``proxy/`` (the aligned proxy), ``warmup/``, ``features/train-<epoch>/`` and ``val-<epoch>/``
+(``val-target-<epoch>/``: the target's validation gradients, with ``val_model``), ``scores/``,
+``selection/``); a stage complete
 with the same settings is skipped, an unfinished one resumes (the stages themselves resume from
 their last shard, checkpoint or epoch).
 
@@ -83,7 +84,7 @@ DEFAULT_TRAIN_GRAD = "adam"
 # gradients of one adapter in one projection: only the pool, where the cost is, goes through the
 # proxy), or both (the two scores summed).
 VAL_MODELS = ("proxy", "target", "both")
-DEFAULT_VAL_MODEL = "proxy"
+DEFAULT_VAL_MODEL = "both"
 # proxy: IProX (or, with [proxy] init/align settings, the svd / layer-drop / unaligned baselines);
 # model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
 # representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
