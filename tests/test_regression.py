@@ -4,7 +4,10 @@ Run with ``make test-regression``. The demo selected the same ten ids at 0.2 (fl
 and 0.3 (float32 factorisation, resident models). At 0.4 the demo follows the new defaults (the
 target warms up and the proxy carries its LoRA; exact Adam instead of factored Adam) and selects
 eight of those ten: boolean_expressions 37 and 206 replace multistep_arithmetic_two 39 and 163.
-At 0.6 (probe_balance and align_cosine = example by default) it selects the same ten.
+At 0.6 (probe_balance and align_cosine = example by default) it selects the same ten. At 0.7
+(val_model = "both": the target's validation gradients beside the proxy's) seven of those ten stay;
+multistep_arithmetic_two 39 and 163 (selected at 0.2-0.3) come back and formal_fallacies 70 enters,
+for multistep_arithmetic_two 101, 21 and 11.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from conftest import SHARED_DATA
 pytestmark = pytest.mark.regression
 
 DEMO_SELECTION = {
-    "multistep_arithmetic_two:101", "multistep_arithmetic_two:21", "multistep_arithmetic_two:139",
-    "multistep_arithmetic_two:11", "boolean_expressions:37", "boolean_expressions:206",
+    "multistep_arithmetic_two:39", "multistep_arithmetic_two:139", "multistep_arithmetic_two:163",
+    "formal_fallacies:70", "boolean_expressions:37", "boolean_expressions:206",
     "boolean_expressions:47", "boolean_expressions:165", "boolean_expressions:104", "boolean_expressions:244",
 }
 
@@ -33,7 +36,8 @@ def test_demo_selects_the_same_ten_examples(tmp_path, monkeypatch):
     picked = (tmp_path / "demo" / "selection" / "selected.jsonl").read_text().splitlines()
     assert {t["id"] for t in res.selection["top"]} == DEMO_SELECTION and len(picked) == 10
     # The proxy's stage-2 losses within bounds: at 0.6 (balanced probe, per-example cosine) the
-    # final L_GA is 0.70 as before and the KL fell from 2.63 (0.2-0.5) to 2.19.
+    # final L_GA is 0.70 as before and the KL fell from 2.63 (0.2-0.5) to 2.19 (measured again at 0.7:
+    # 0.745 and 2.20; the proxy's stages did not change, so the spread is run to run).
     meta = json.loads((tmp_path / "demo" / "proxy" / "proxy.json").read_text())
     assert 0.65 < meta["stage2"]["final_grad_align"] < 0.75
     assert 2.0 < meta["stage2"]["final_kl"] < 2.4
