@@ -190,7 +190,7 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
         if ranks > 1:
             shards = len(tman[c]["shards"])
             log.info("score: rank %d of %d scored %d of %d shards", rank, ranks, len(range(rank, shards, ranks)), shards)
-        log.info("scored checkpoint %d/%d (weight %.3g)", c + 1, len(weights), w)
+        log.info("scored store pair %d/%d (weight %.3g)", c + 1, len(weights), w)
     all_reduce_sum_(total)
     if not bool(torch.isfinite(total).all()):
         raise ValueError("scores came out non-finite (NaN or inf); check the stores' features and the damping")
