@@ -493,9 +493,7 @@ def _warmup(ctx: _Context) -> None:
     wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **ctx.dtype, **cfg.warmup,
                            "model": ctx.warm_model, "data": [str(ctx.pool_file)], "out": str(ctx.out / "warmup"),
                            **ctx.common})
-    ctx.checkpoints = run_warmup(wcfg, ctx.session)
-    if ctx.warm_model != ctx.feature_model and ctx.val_model == "proxy":
-        ctx.session.drop(cfg.model)
+    ctx.checkpoints = run_warmup(wcfg, ctx.session)  # (a target warmed up here is released by _features)
 
 
 def _features(ctx: _Context) -> None:
