@@ -147,6 +147,10 @@ def _settings() -> dict[str, dict]:
         for vm, val in (("target", ["val-target"]), ("both", ["val", "val-target"])):
             s[f"{source}, val {vm}"] = {"group": "validation model",
                                         "rescore": {"from": source, "val": val, "compute": True}}
+    # the kept parameters spread over depth, more to the lower blocks (benchmarks/diag_rank_allocation.py:
+    # at stage 1 this raises the gradient cosine most at slope 0.6), validation gradients as in 0.7
+    s["0.7 default, depth slope 0.6"] = {"group": "rank allocation", "run": tf,
+                                         "proxy": {**DEFAULT_06, "depth_slope": 0.6}, "features": {"val_model": "both"}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}

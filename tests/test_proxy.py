@@ -122,6 +122,42 @@ def test_ipsvd_layers_beat_svd_on_the_weighted_objective(tmp_path, data_file):
         assert e_ip <= e_sv * (1 + 1e-9), name
 
 
+@pytest.mark.parametrize("blocks_per_pass", [0, 1])
+@pytest.mark.parametrize("init", ["ipsvd", "svd"])
+def test_depth_slope_keeps_the_lower_blocks_at_the_same_budget(tmp_path, data_file, blocks_per_pass, init):
+    tok = make_tokenizer()
+    model = tiny_llama(dtype=torch.float64)
+    common = dict(init=init, factor_dtype="float64", probe_blocks_per_pass=blocks_per_pass)
+    uni = build_proxy(_cfg(tmp_path / "u", data_file, **common), model=model, tokenizer=tok)
+    dep = build_proxy(_cfg(tmp_path / "d", data_file, depth_slope=0.6, **common), model=model, tokenizer=tok)
+    metas = [json.loads((tmp_path / d / "proxy" / "proxy.json").read_text()) for d in ("u", "d")]
+    assert metas[1]["depth_slope"] == 0.6 and metas[0]["depth_slope"] == 0.0
+    # About the same parameters (floors per layer), more of them in the first block than the last.
+    assert abs(dep.proxy_params - uni.proxy_params) <= 0.02 * uni.proxy_params
+    per_block = [{}, {}]
+    for i, m in enumerate(metas):
+        for r in m["layers"]:
+            b = int(r["name"].split(".")[2])
+            per_block[i][b] = per_block[i].get(b, 0) + r["params_after"]
+    last = max(per_block[0])
+    assert per_block[0][0] == per_block[0][last]
+    assert per_block[1][0] > per_block[0][0] > per_block[1][last]
+    # Loaded back at the recorded ranks; under svd each layer is W's best approximation of that rank.
+    proxy = load_proxy(tmp_path / "d" / "proxy").double()
+    for r in metas[1]["layers"]:
+        f = proxy.get_submodule(r["name"])
+        assert f.rank == r["rank"]
+        if init == "svd":
+            W = projection_weight(model.get_submodule(r["name"])).detach()
+            U, S, Vt = torch.linalg.svd(W)
+            k = r["rank"]
+            torch.testing.assert_close(f.dense_weight().detach(), U[:, :k] @ torch.diag(S[:k]) @ Vt[:k], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="depth_slope"):
+        _cfg(tmp_path, data_file, depth_slope=1.5)
+    with pytest.raises(ValueError, match="layer-drop"):
+        _cfg(tmp_path, data_file, init="layer-drop", depth_slope=0.5)
+
+
 def test_layer_drop_keeps_evenly_spaced_blocks(tmp_path, data_file):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -76,6 +76,96 @@ def rank_for_sparsity(m: int, n: int, sparsity: float, multiple: int = 1) -> int
     return r
 
 
+def max_saving_rank(m: int, n: int) -> int:
+    """The largest rank whose factors hold fewer parameters than the dense (m×n) layer."""
+    return max(1, min(min(m, n), (m * n - 1) // (m + n)))
+
+
+def depth_ranks(shapes: dict[str, tuple[int, int]], blocks: dict[str, int], n_blocks: int, sparsity: float,
+                slope: float, multiple: int = 1) -> dict[str, int]:
+    """Per-layer ranks that keep more of the lower decoder blocks and less of the upper ones.
+
+    Block ``b`` of ``L`` keeps the fraction ``(1 − ρ)(1 + slope·(1 − 2b/(L − 1)))`` of its layers'
+    parameters: a linear profile over depth with the uniform mean (``slope`` 0 is
+    :func:`rank_for_sparsity`'s; 0.6 keeps 1.6× the uniform share in the first block and 0.4× in
+    the last). A compressed layer's error reaches every layer above it in the forward pass, so the
+    lower blocks' errors weigh most on the gradients (measured in BENCHMARKS.md, "rank allocation").
+    Ranks are clipped to ``[multiple, max_saving_rank]`` (so a layer stays factored; the clipped
+    share is not spent elsewhere) and rounded to ``multiple``.
+
+    Args:
+        shapes: each layer's (m, n).
+        blocks: each layer's decoder block index.
+        n_blocks: decoder blocks in the model.
+        sparsity, multiple: as :func:`rank_for_sparsity`.
+        slope: in [-1, 1]; positive keeps the lower blocks more.
+
+    Returns:
+        ``{name: rank}`` for the layers that :func:`rank_for_sparsity` compresses.
+    """
+    if not -1.0 <= slope <= 1.0:
+        raise ValueError(f"depth slope must be in [-1, 1], got {slope}")
+    out = {}
+    for name, (m, n) in shapes.items():
+        if rank_for_sparsity(m, n, sparsity, multiple) is None:
+            continue
+        pos = 2.0 * blocks[name] / (n_blocks - 1) - 1.0 if n_blocks > 1 else 0.0
+        keep = (1.0 - sparsity) * (1.0 - slope * pos)
+        r = math.floor(keep * m * n / (m + n) + 1e-9)
+        r = math.ceil(r / multiple) * multiple if multiple > 1 else r
+        top = max(multiple, (max_saving_rank(m, n) // multiple) * multiple)
+        out[name] = min(max(r, multiple), top)
+    return out
+
+
+def allocate_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], sparsity: float,
+                   multiple: int = 1) -> dict[str, int]:
+    """Per-layer ranks that spend the uniform allocation's parameters where the weighted error falls most.
+
+    Layer ``l`` truncated to rank ``r`` leaves the error ``Σ_{i>r} s_{l,i}²`` (for IPSVD's whitened
+    core, the expected squared first-order change of the loss's local term ``δᵀ W h``, comparable
+    across layers). Each rank unit costs ``m_l + n_l`` parameters, so the greedy choice by
+    ``s²/(m + n)`` over all layers' singular values minimises the summed error under the budget
+    (the continuous relaxation's optimum; the values of each layer decrease, so the greedy takes
+    prefixes). The budget is what :func:`rank_for_sparsity` would give the same layers; every layer
+    keeps at least ``multiple`` ranks and at most :func:`max_saving_rank` (it stays factored).
+
+    Args:
+        spectra: each layer's singular values, in decreasing order.
+        shapes: each layer's (m, n); layers absent from ``spectra`` are not allocated.
+        sparsity, multiple: as :func:`rank_for_sparsity`.
+
+    Returns:
+        ``{name: rank}`` for the layers of ``spectra`` that :func:`rank_for_sparsity` compresses.
+    """
+    names = [n for n in spectra if rank_for_sparsity(*shapes[n], sparsity, multiple) is not None]
+    if not names:
+        return {}
+    cost = {n: shapes[n][0] + shapes[n][1] for n in names}
+    budget = sum(rank_for_sparsity(*shapes[n], sparsity, multiple) * cost[n] for n in names)
+    ranks = {n: multiple for n in names}
+    budget -= sum(multiple * cost[n] for n in names)
+    gains, owners = [], []
+    for i, n in enumerate(names):
+        s2 = spectra[n].detach().double().cpu().pow(2)
+        top = (min(max_saving_rank(*shapes[n]), s2.numel()) // multiple) * multiple
+        units = s2[multiple:top]
+        if units.numel() == 0:
+            continue
+        units = units[: (units.numel() // multiple) * multiple].view(-1, multiple).sum(dim=1)
+        gains.append(units / cost[n])
+        owners.append(torch.full((units.numel(),), i, dtype=torch.long))
+    if gains:
+        g, o = torch.cat(gains), torch.cat(owners)
+        order = torch.argsort(g, descending=True, stable=True)
+        unit_cost = torch.tensor([cost[names[i]] * multiple for i in o[order].tolist()], dtype=torch.long)
+        take = order[torch.cumsum(unit_cost, 0) <= budget]
+        counts = torch.bincount(o[take], minlength=len(names))
+        for i, n in enumerate(names):
+            ranks[n] += int(counts[i]) * multiple
+    return ranks
+
+
 class AdaptedLinear(nn.Module):
     """A projection (dense, Conv1D or factored) with a LoRA adapter beside it, laid out as peft lays
     out its own: ``base_layer``, ``lora_A.default`` (n→r) and ``lora_B.default`` (r→m), so a

@@ -37,7 +37,7 @@ from .ipsvd import (Decomposition, ipsvd_decomposition, ipsvd_decomposition_from
                     svd_factors, truncate, whitening_bases)
 from .loading import PROXY_FILE, PROXY_FORMAT_VERSION, STAGE1_DONE, complete_proxy, load_proxy, save_proxy  # noqa: F401  (load_proxy: the API)
 from .session import Session
-from .lowrank import FactorizedLinear, rank_for_sparsity
+from .lowrank import FactorizedLinear, depth_ranks, rank_for_sparsity
 from .models import (
     DTYPES,
     EMBEDDED_MODEL,
@@ -87,6 +87,11 @@ class ProxyConfig:
             same total energy, per layer, whatever its length).
         rank_multiple: round ranks up to this multiple (128 suits GPU kernels on big models; 1 keeps
             the compression exact on small ones).
+        depth_slope: how the parameters kept are spread over depth, in [-1, 1]: 0 keeps the same
+            fraction of every layer; s > 0 keeps ``(1 − sparsity)(1 + s)`` of the first decoder
+            block's, ``(1 − sparsity)(1 − s)`` of the last's, linearly in between (about the same
+            total; see :func:`~iprox.lowrank.depth_ranks`). A lower block's error reaches every block
+            above it, so keeping the lower ones raises the proxy's gradient fidelity.
         ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
         ipsvd_form: ``full`` (full-ridge solution) or ``skinny`` (the paper's span-restricted form).
         factor_dtype: dtype of the eigendecompositions and SVDs, on the model's device: float32
@@ -133,6 +138,7 @@ class ProxyConfig:
     probe_statistics: Literal["moments", "samples"] = "moments"
     probe_balance: Literal["loss", "example"] = "example"
     rank_multiple: int = 1
+    depth_slope: float = 0.0
     ridge: float = 1e-3
     ipsvd_form: Literal["full", "skinny"] = "full"
     factor_dtype: Literal["float32", "float64"] = "float32"
@@ -190,6 +196,10 @@ class ProxyConfig:
             raise ValueError(f"probe_blocks_per_pass must be >= 0 (0: all blocks in one pass), got {self.probe_blocks_per_pass}")
         if self.probe_examples < 0 or self.probe_tokens < 1:
             raise ValueError("probe_examples must be >= 0 (0: automatic) and probe_tokens >= 1")
+        if not -1.0 <= self.depth_slope <= 1.0:
+            raise ValueError(f"depth_slope must be in [-1, 1] (0: the same fraction of every layer), got {self.depth_slope}")
+        if self.depth_slope and self.init == "layer-drop":
+            raise ValueError("depth_slope spreads ranks over the factored layers; layer-drop has none (leave it 0)")
         if self.rank_multiple < 1:
             raise ValueError("rank_multiple must be >= 1")
         if self.ridge <= 0:
@@ -258,6 +268,34 @@ def _layer_record(name: str, mod: nn.Module, rank: int | None) -> dict[str, Any]
             "rank": rank, "params_before": before, "params_after": after}
 
 
+def decompose_layers(model: nn.Module, moments: dict[str, Any], names: set[str], ridge: float, ipsvd_form: str,
+                     factor_dtype: str, decompositions: dict[str, Decomposition], progress: bool = False) -> None:
+    """The rank-free IPSVD of each of ``names`` (compressible modules of ``model``) from its probe
+    statistics, into ``decompositions``."""
+    mods = compressible_modules(model)
+    # One basis per distinct statistic (q/k/v and gate/up share their input's), computed once:
+    # eigendecompositions of moments, batched over same-sized ones, or thin SVDs of probe samples
+    # (the bounded-memory route, nothing width² formed).
+    samples = isinstance(next(iter(moments.values())), Samples)
+    sides = (lambda st: (st.X_h, st.X_d)) if samples else (lambda st: (st.C_h, st.C_d))
+    make_bases, decompose = ((sample_bases, ipsvd_decomposition_from_samples) if samples
+                             else (whitening_bases, ipsvd_decomposition))
+    todo = [n for n in mods if n in names]
+    distinct: dict[int, torch.Tensor] = {}
+    for n in todo:
+        for X in sides(moments[n]):
+            distinct.setdefault(id(X), X)
+    t0 = time.perf_counter()
+    bases = dict(zip(distinct, make_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
+    log.info("%s of %d distinct %s in %.1fs (%s)", "thin SVDs" if samples else "eigendecompositions", len(distinct),
+             "sample matrices" if samples else "moments", time.perf_counter() - t0, factor_dtype)
+    for n in tqdm(todo, desc="factorise (ipsvd)", unit="layer", disable=not progress):
+        h, d = sides(moments[n])
+        W = projection_weight(mods[n]).detach().to(h.device)
+        decompositions[n] = decompose(W, bases[id(h)], bases[id(d)])
+    del bases
+
+
 def factorize_model(
     model: nn.Module,
     sparsity: float,
@@ -271,6 +309,7 @@ def factorize_model(
     factor_dtype: Literal["float32", "float64"] = "float32",
     decompositions: dict[str, Decomposition] | None = None,
     names: set[str] | None = None,
+    ranks: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Replaces the compressible projections of ``model`` by factored ones, in place.
 
@@ -286,45 +325,28 @@ def factorize_model(
             it is already there): building the same probe at another sparsity then costs no
             eigendecomposition or SVD.
         names: factorise only these modules (their records alone are returned); None: all.
+        ranks: explicit ranks of some of the layers ``sparsity`` compresses, in place of its uniform
+            ones (:func:`~iprox.lowrank.depth_ranks`).
 
     Returns:
         One record per compressible layer (name, shape, rank or None when left dense, parameters).
     """
-    if init == "ipsvd" and moments is None:
-        raise ValueError("ipsvd needs probe moments")
     gen = torch.Generator().manual_seed(seed)
-    records = []
     mods = compressible_modules(model)
     if names is not None:
         mods = {n: m for n, m in mods.items() if n in names}
-    ranks = {}
-    for name, mod in mods.items():
-        m, n = projection_weight(mod).shape
-        ranks[name] = rank_for_sparsity(m, n, sparsity, rank_multiple)
-        records.append(_layer_record(name, mod, ranks[name]))
+    shapes = {name: tuple(projection_weight(mod).shape) for name, mod in mods.items()}
+    explicit = ranks or {}
+    ranks = {name: rank_for_sparsity(m, n, sparsity, rank_multiple) for name, (m, n) in shapes.items()}
+    ranks.update({n: r for n, r in explicit.items() if ranks.get(n) is not None})
     decompositions = {} if decompositions is None else decompositions
     if init == "ipsvd":
-        # One basis per distinct statistic (q/k/v and gate/up share their input's), computed once:
-        # eigendecompositions of moments, batched over same-sized ones, or thin SVDs of probe samples
-        # (the bounded-memory route, nothing width² formed).
-        samples = isinstance(next(iter(moments.values())), Samples)
-        sides = (lambda st: (st.X_h, st.X_d)) if samples else (lambda st: (st.C_h, st.C_d))
-        make_bases, decompose = ((sample_bases, ipsvd_decomposition_from_samples) if samples
-                                 else (whitening_bases, ipsvd_decomposition))
-        todo = [n for n in mods if ranks[n] is not None and n not in decompositions]
-        distinct: dict[int, torch.Tensor] = {}
-        for n in todo:
-            for X in sides(moments[n]):
-                distinct.setdefault(id(X), X)
-        t0 = time.perf_counter()
-        bases = dict(zip(distinct, make_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
-        log.info("%s of %d distinct %s in %.1fs (%s)", "thin SVDs" if samples else "eigendecompositions", len(distinct),
-                 "sample matrices" if samples else "moments", time.perf_counter() - t0, factor_dtype)
-        for n in tqdm(todo, desc="factorise (ipsvd)", unit="layer", disable=not progress):
-            h, d = sides(moments[n])
-            W = projection_weight(mods[n]).detach().to(h.device)
-            decompositions[n] = decompose(W, bases[id(h)], bases[id(d)])
-        del bases
+        todo = {n for n in mods if ranks[n] is not None and n not in decompositions}
+        if todo and moments is None:
+            raise ValueError("ipsvd needs probe moments")
+        if todo:
+            decompose_layers(model, moments, todo, ridge, ipsvd_form, factor_dtype, decompositions, progress)
+    records = [_layer_record(name, mod, ranks[name]) for name, mod in mods.items()]
     for name, mod in mods.items():
         rank = ranks[name]
         if rank is None:
@@ -462,6 +484,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
     timings["hash"] = time.perf_counter() - t0
 
     probe_info: dict[str, Any] = {"examples": 0, "tokens": 0, "ids": []}
+    ranks = _depth_profile(target, config) if config.depth_slope else None
     proxy = _skeleton_copy(target, config) if config.init != "layer-drop" else copy.deepcopy(target)
     kept = None
     timings["probe"] = timings["factorise"] = 0.0
@@ -486,7 +509,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
             t0 = time.perf_counter()
             for rec in factorize_model(proxy, config.sparsity, config.init, moments, config.rank_multiple, config.ridge,
                                        config.ipsvd_form, config.seed, config.progress, config.factor_dtype,
-                                       names=set(chunk)):
+                                       names=set(chunk), ranks=ranks):
                 records_by_name[rec["name"]] = rec
             del moments
             timings["factorise"] += time.perf_counter() - t0
@@ -504,13 +527,15 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
             kept, records = drop_layers(proxy, config.sparsity)
         else:
             records = factorize_model(proxy, config.sparsity, config.init, None, config.rank_multiple,
-                                      config.ridge, config.ipsvd_form, config.seed, config.progress, config.factor_dtype)
+                                      config.ridge, config.ipsvd_form, config.seed, config.progress, config.factor_dtype,
+                                      ranks=ranks)
         timings["factorise"] = time.perf_counter() - t0
     meta = {
         "format_version": PROXY_FORMAT_VERSION,
         "method": config.init,
         "sparsity": config.sparsity,
         "rank_multiple": config.rank_multiple,
+        "depth_slope": config.depth_slope,
         "ipsvd_form": config.ipsvd_form if config.init == "ipsvd" else None,
         "ridge": config.ridge if config.init == "ipsvd" else None,
         "factor_dtype": config.factor_dtype if config.init == "ipsvd" else None,
@@ -525,6 +550,15 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
         "config": asdict(config),
     }
     return proxy, meta
+
+
+def _depth_profile(target: nn.Module, config: ProxyConfig) -> dict[str, int]:
+    """:func:`~iprox.lowrank.depth_ranks` of the target's compressible layers under ``config``."""
+    prefix, layers = decoder_layers(target)
+    mods = compressible_modules(target)
+    shapes = {n: tuple(projection_weight(m).shape) for n, m in mods.items()}
+    blocks = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in mods}
+    return depth_ranks(shapes, blocks, len(layers), config.sparsity, config.depth_slope, config.rank_multiple)
 
 
 def _skeleton_copy(target: nn.Module, config: ProxyConfig) -> nn.Module:
