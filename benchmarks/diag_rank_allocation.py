@@ -56,7 +56,7 @@ def report(rows: dict, sparsity: float) -> None:
         "## Rank allocation: spreading a proxy's kept parameters over its layers (stage 1)",
         "",
         "`benchmarks/diag_rank_allocation.py`: stage-1 proxies (no alignment) of the fidelity study's target at "
-        f"sparsity {sparsity:g}, one probe (seed 0) and one IPSVD per layer, under rank allocations with the same "
+        f"sparsity {sparsity:g}, one probe (seed 0) and one IPSVD per layer, under rank allocations with about the same "
         "parameter count; gradient check on the study's 12 held-out examples (as `iprox fidelity --proxy`). "
         "Kept: fraction of the blocks' projection parameters kept, first / middle / last third of the blocks.",
         "",

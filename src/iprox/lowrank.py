@@ -89,7 +89,8 @@ def depth_ranks(shapes: dict[str, tuple[int, int]], blocks: dict[str, int], n_bl
     parameters: a linear profile over depth with the uniform mean (``slope`` 0 is
     :func:`rank_for_sparsity`'s; 0.6 keeps 1.6× the uniform share in the first block and 0.4× in
     the last). A compressed layer's error reaches every layer above it in the forward pass, so the
-    lower blocks' errors weigh most on the gradients (measured in BENCHMARKS.md, "rank allocation").
+    lower blocks' errors weigh most on a stage-1 proxy's gradients (BENCHMARKS.md, "rank
+    allocation"; alignment evens this out).
     Ranks are clipped to ``[multiple, max_saving_rank]`` (so a layer stays factored; the clipped
     share is not spent elsewhere) and rounded to ``multiple``.
 

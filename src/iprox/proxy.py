@@ -91,7 +91,9 @@ class ProxyConfig:
             fraction of every layer; s > 0 keeps ``(1 − sparsity)(1 + s)`` of the first decoder
             block's, ``(1 − sparsity)(1 − s)`` of the last's, linearly in between (about the same
             total; see :func:`~iprox.lowrank.depth_ranks`). A lower block's error reaches every block
-            above it, so keeping the lower ones raises the proxy's gradient fidelity.
+            above it: slope 0.6 raises a stage-1 proxy's gradient cosine with the target (0.26 → 0.32
+            on SmolLM2-135M at 0.5), but after the default alignment the gain was gone and the
+            pool's ranking agreed less with the target's (BENCHMARKS.md), hence 0.
         ridge: relative ridge added to the probe moments (fraction of their mean eigenvalue).
         ipsvd_form: ``full`` (full-ridge solution) or ``skinny`` (the paper's span-restricted form).
         factor_dtype: dtype of the eigendecompositions and SVDs, on the model's device: float32
