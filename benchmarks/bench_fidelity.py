@@ -56,7 +56,9 @@ BASE = {
               # the defaults before 0.6, under which the study's first settings ran
               "probe_balance": "loss", "align_cosine": "batch"},
     "warmup": {"fraction": 0.05, "lr": 2e-5},
-    "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam"},
+    # val_model pinned to what every setting before 0.7 ran with (settings that compare validation
+    # models set their own): a rerun under 0.7's default ("both") would not be the run its name says
+    "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam", "val_model": "proxy"},
 }
 NO_ALIGN = {"align_epochs": 0.0, "align_examples": 0}
 # the defaults since 0.6 (per-example cosine as micro-batches of one, 4 accumulated: the same examples
