@@ -1,7 +1,7 @@
+import itertools
+
 import pytest
 import torch
-
-import itertools
 
 from iprox.lowrank import FactorizedLinear, allocate_ranks, depth_ranks, max_saving_rank, rank_for_sparsity
 
