@@ -95,7 +95,7 @@ def main() -> None:
     moments = collect_moments(target, mods, probe, 4096, batch_size=1, pad_id=tok.pad_token_id, seed=0,
                               progress=False, balance="example")
     decs: dict = {}
-    decompose_layers(target, moments, set(mods), 1e-3, "full", "float32", decs)
+    decompose_layers(mods, moments, 1e-3, "full", "float32", decs)
     del moments
     print(f"probe and decompositions: {time.perf_counter() - t0:.0f}s", flush=True)
     held, _ = tokenize_examples(tok, load_examples([str(work / "heldout.jsonl")]), 320)

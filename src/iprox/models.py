@@ -254,6 +254,11 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+def block_of(prefix: str, name: str) -> int:
+    """The decoder block index of a module named ``<prefix>.<i>.…`` (``prefix`` from :func:`decoder_layers`)."""
+    return int(name[len(prefix) + 1:].split(".")[0])
+
+
 def compressible_modules(model: nn.Module) -> dict[str, nn.Module]:
     """All projections inside the decoder blocks, by qualified name, in model order.
 

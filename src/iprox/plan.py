@@ -33,7 +33,7 @@ from torch import nn
 
 from .evaluation import per_example_loss
 from .lowrank import rank_for_sparsity
-from .models import DTYPES, EMBEDDED_MODEL, compressible_modules, decoder_layers, resolve_dtype
+from .models import DTYPES, EMBEDDED_MODEL, block_of, compressible_modules, decoder_layers, resolve_dtype
 from .projection import side_dims
 from .runtime import check_types, section_config
 
@@ -271,7 +271,7 @@ def model_facts(model: nn.Module, length: int) -> ModelFacts:
         params=sum(p.numel() for p in model.parameters()), weight_bytes=param_bytes(model), vocab=vocab,
         blocks=len(blocks), layers={n: _shape(m) for n, m in mods.items()}, groups=input_groups(model, mods),
         saved_per_token=saved_activation_bytes(model, 1, length) / length,
-        block_of={n: int(n[len(prefix) + 1:].split(".")[0]) for n in mods},
+        block_of={n: block_of(prefix, n) for n in mods},
         hidden=int(model.get_input_embeddings().weight.shape[1]))
 
 

@@ -41,6 +41,7 @@ from .lowrank import FactorizedLinear, depth_ranks, rank_for_sparsity
 from .models import (
     DTYPES,
     EMBEDDED_MODEL,
+    block_of,
     compressible_modules,
     count_parameters,
     decoder_layers,
@@ -270,11 +271,10 @@ def _layer_record(name: str, mod: nn.Module, rank: int | None) -> dict[str, Any]
             "rank": rank, "params_before": before, "params_after": after}
 
 
-def decompose_layers(model: nn.Module, moments: dict[str, Any], names: set[str], ridge: float, ipsvd_form: str,
+def decompose_layers(mods: dict[str, nn.Module], moments: dict[str, Any], ridge: float, ipsvd_form: str,
                      factor_dtype: str, decompositions: dict[str, Decomposition], progress: bool = False) -> None:
-    """The rank-free IPSVD of each of ``names`` (compressible modules of ``model``) from its probe
-    statistics, into ``decompositions``."""
-    mods = compressible_modules(model)
+    """The rank-free IPSVD of each projection in ``mods`` (name → module) from its probe statistics,
+    into ``decompositions``."""
     # One basis per distinct statistic (q/k/v and gate/up share their input's), computed once:
     # eigendecompositions of moments, batched over same-sized ones, or thin SVDs of probe samples
     # (the bounded-memory route, nothing width² formed).
@@ -282,7 +282,7 @@ def decompose_layers(model: nn.Module, moments: dict[str, Any], names: set[str],
     sides = (lambda st: (st.X_h, st.X_d)) if samples else (lambda st: (st.C_h, st.C_d))
     make_bases, decompose = ((sample_bases, ipsvd_decomposition_from_samples) if samples
                              else (whitening_bases, ipsvd_decomposition))
-    todo = [n for n in mods if n in names]
+    todo = list(mods)
     distinct: dict[int, torch.Tensor] = {}
     for n in todo:
         for X in sides(moments[n]):
@@ -343,11 +343,11 @@ def factorize_model(
     ranks.update({n: r for n, r in explicit.items() if ranks.get(n) is not None})
     decompositions = {} if decompositions is None else decompositions
     if init == "ipsvd":
-        todo = {n for n in mods if ranks[n] is not None and n not in decompositions}
+        todo = {n: m for n, m in mods.items() if ranks[n] is not None and n not in decompositions}
         if todo and moments is None:
             raise ValueError("ipsvd needs probe moments")
         if todo:
-            decompose_layers(model, moments, todo, ridge, ipsvd_form, factor_dtype, decompositions, progress)
+            decompose_layers(todo, moments, ridge, ipsvd_form, factor_dtype, decompositions, progress)
     records = [_layer_record(name, mod, ranks[name]) for name, mod in mods.items()]
     for name, mod in mods.items():
         rank = ranks[name]
@@ -559,7 +559,7 @@ def _depth_profile(target: nn.Module, config: ProxyConfig) -> dict[str, int]:
     prefix, layers = decoder_layers(target)
     mods = compressible_modules(target)
     shapes = {n: tuple(projection_weight(m).shape) for n, m in mods.items()}
-    blocks = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in mods}
+    blocks = {n: block_of(prefix, n) for n in mods}
     return depth_ranks(shapes, blocks, len(layers), config.sparsity, config.depth_slope, config.rank_multiple)
 
 
@@ -587,8 +587,8 @@ def _block_chunks(model: nn.Module, mods: dict[str, nn.Module], per_pass: int) -
     prefix, layers = decoder_layers(model)
     chunks: list[dict[str, nn.Module]] = []
     for start in range(0, len(layers), per_pass):
-        blocks = {str(i) for i in range(start, min(start + per_pass, len(layers)))}
-        chunk = {n: m for n, m in mods.items() if n[len(prefix) + 1:].split(".")[0] in blocks}
+        blocks = range(start, min(start + per_pass, len(layers)))
+        chunk = {n: m for n, m in mods.items() if block_of(prefix, n) in blocks}
         if chunk:
             chunks.append(chunk)
     return chunks
