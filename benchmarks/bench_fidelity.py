@@ -153,6 +153,15 @@ def _settings() -> dict[str, dict]:
     # at stage 1 this raises the gradient cosine most at slope 0.6), validation gradients as in 0.7
     s["0.7 default, depth slope 0.6"] = {"group": "rank allocation", "run": tf,
                                          "proxy": {**DEFAULT_06, "depth_slope": 0.6}, "features": {"val_model": "both"}}
+    # the alignment's gradient cosine taken between the gradients of the target's carried LoRA adapters
+    # (the space the features are read in) instead of the factor-space projections; the target warms
+    # up first so its last checkpoint is there to align in
+    s["0.7 default, LoRA-space align"] = {"group": "alignment objective", "run": tf,
+                                          "proxy": {**DEFAULT_06, "align_space": "lora"},
+                                          "features": {"val_model": "both"}}
+    for vm, val in (("proxy", "val"), ("target", "val-target")):
+        s[f"0.7 default, LoRA-space align, val {vm}, rescored"] = {
+            "group": "alignment objective", "rescore": {"from": "0.7 default, LoRA-space align", "val": val}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}

@@ -370,3 +370,159 @@ def test_per_example_cosine_is_micro_batches_of_one(tmp_path):
     gap = lambda a, b: max(float((factors[a][k] - factors[b][k]).abs().max()) for k in factors[a])  # noqa: E731
     assert gap("example", "accumulated") < 1e-5
     assert gap("example", "batch") > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The LoRA space: align the gradients of a target's carried LoRA adapters
+# ---------------------------------------------------------------------------------------------
+
+
+def _lora_state(model, rank=2, seed=5, dtype=torch.float64):
+    """Random adapters (both factors non-zero, as after a warm-up) on every compressible projection."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, mod in compressible_modules(model).items():
+        m, n = projection_weight(mod).shape
+        state[f"{name}.lora_A.default.weight"] = 0.3 * torch.randn(rank, n, generator=g, dtype=dtype)
+        state[f"{name}.lora_B.default.weight"] = 0.3 * torch.randn(m, rank, generator=g, dtype=dtype)
+    return state
+
+
+def test_lora_space_gradients_are_the_merged_layers_gradient_projected(tmp_path):
+    """Oracle: with W' = W + s·L_B L_A merged into a dense copy and G' = ∇_{W'} loss there, the carried
+    adapters' gradients are s·L_Bᵀ G' and s·G' L_Aᵀ. An exact proxy carrying them has the target's
+    (L_GA = KL = 0), and both models get their own layers back afterwards."""
+    import copy
+
+    from iprox.alignment import LoraSpace, adapter_grads, carrying
+    from iprox.lowrank import AdaptedLinear
+
+    target = tiny_llama(dtype=torch.float64)
+    proxy = _full_rank_proxy(target)
+    enc, _, _ = _enc(tmp_path)
+    alpha, state = 4.0, _lora_state(target)
+    s = alpha / 2
+    merged = copy.deepcopy(target)
+    names = list(compressible_modules(merged))
+    with torch.no_grad():
+        for name in names:
+            merged.get_submodule(name).weight += s * state[f"{name}.lora_B.default.weight"] @ state[f"{name}.lora_A.default.weight"]
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    weights = [merged.get_submodule(n).weight.requires_grad_(True) for n in names]
+    logits = merged(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    from iprox.evaluation import per_example_loss
+
+    Gs = torch.autograd.grad(per_example_loss(logits, enc["labels"]).mean(), weights)
+    before = target(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.detach()
+    pairs = layer_pairs(proxy, target)
+    for p in list(target.parameters()) + list(proxy.parameters()):
+        p.requires_grad_(False)
+    with carrying(proxy, target, state, alpha) as space:
+        assert isinstance(space, LoraSpace) and len(space.target) == len(names) == len(space.proxy)
+        tAB, t_logits, _ = adapter_grads(target, space.target, enc, create_graph=False)
+        torch.testing.assert_close(t_logits, logits.detach(), rtol=1e-9, atol=1e-9)
+        for name, G, (gA, gB) in zip(sorted(names), [dict(zip(names, Gs))[n] for n in sorted(names)], tAB):
+            A, B = state[f"{name}.lora_A.default.weight"], state[f"{name}.lora_B.default.weight"]
+            torch.testing.assert_close(gA, s * B.T @ G, rtol=1e-8, atol=1e-12)
+            torch.testing.assert_close(gB, s * G @ A.T, rtol=1e-8, atol=1e-12)
+        loss, ga, kl = alignment_loss(proxy, target, pairs, enc, 1.0, 2.0, lora=space)
+        assert abs(float(ga)) < 1e-10 and abs(float(kl)) < 1e-10
+    assert not any(isinstance(m, AdaptedLinear) for mdl in (proxy, target) for m in mdl.modules())
+    after = target(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_lora_space_loss_gradient_matches_finite_differences(tmp_path):
+    """The second-order backward through the adapters' gradients: ⟨∇_A L, D⟩ against the central
+    difference of L along a random direction D of one factor, in float64 (but for the eager
+    attention's float32 softmax, which sets the step: at 3e-4 the difference agrees to ~2e-4)."""
+    from iprox.alignment import carrying
+
+    target = tiny_llama(dtype=torch.float64)
+    proxy = _full_rank_proxy(target)
+    proxy.set_attn_implementation("eager")  # as run_alignment runs it: a double backward
+    with torch.no_grad():  # a compressed proxy: every factor pair cut to rank 3
+        for mod in proxy.modules():
+            if isinstance(mod, FactorizedLinear):
+                mod.A.weight[:, 3:] = 0
+    enc, _, _ = _enc(tmp_path)
+    pairs = layer_pairs(proxy, target)
+    alignment.require_pair_grads(proxy, target, pairs, target_weights=False)
+    A = pairs[1].proxy.A.weight
+    D = torch.randn(A.shape, generator=torch.Generator().manual_seed(0), dtype=A.dtype)
+    with carrying(proxy, target, _lora_state(target), 4.0) as space:
+        loss, ga, _ = alignment_loss(proxy, target, pairs, enc, 0.5, 2.0, lora=space)
+        assert float(ga) > 1e-3
+        (grad,) = torch.autograd.grad(loss, [A])
+        eps = 3e-4
+        vals = []
+        for sign in (1, -1):
+            with torch.no_grad():
+                A += sign * eps * D
+            vals.append(float(alignment_loss(proxy, target, pairs, enc, 0.5, 2.0, lora=space)[0].detach()))
+            with torch.no_grad():
+                A -= sign * eps * D
+    fd = (vals[0] - vals[1]) / (2 * eps)
+    assert abs(float((grad * D).sum())) > 1e-4
+    assert float((grad * D).sum()) == pytest.approx(fd, rel=1e-3)
+
+
+def _target_warmup(tmp_path, data, model_dir, seed=0):
+    from iprox.warmup import WarmupConfig, run_warmup
+
+    cks = run_warmup(WarmupConfig(model=str(model_dir), data=[str(data)], out=str(tmp_path / f"warmup-{seed}"),
+                                  examples=8, epochs=1, lr=1e-3, lora_rank=2, max_length=96, seed=seed,
+                                  progress=False))
+    return cks[-1]
+
+
+def test_alignment_in_the_lora_space_of_a_target_warmup(tmp_path):
+    """build-proxy with align_space = lora on a real warm-up checkpoint: the LoRA-space loss falls, the
+    proxy is saved without adapters and records the checkpoint, and the factors differ from the
+    factor-space alignment's."""
+    from safetensors.torch import load_file
+
+    from conftest import write_model_folder
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    ck = _target_warmup(tmp_path, data, model_dir)
+    kw = dict(model=str(model_dir), align_steps=12, lr=3e-3, lambda_kl=0.1)
+    build_proxy(_align_cfg(tmp_path, data, out=str(tmp_path / "lora"), align_space="lora",
+                           align_checkpoint=str(ck), **kw))
+    rows = list(csv.DictReader(open(tmp_path / "lora" / "align_log.csv")))
+    ga = [float(r["grad_align"]) for r in rows]
+    assert len(ga) == 12 and sum(ga[-3:]) / 3 < 0.8 * sum(ga[:3]) / 3, ga
+    meta = json.loads((tmp_path / "lora" / "proxy.json").read_text())
+    info = json.loads((ck / "checkpoint.json").read_text())
+    assert meta["stage2"]["space"] == "lora" and meta["stage2"]["checkpoint"] == str(ck.resolve())
+    assert meta["stage2"]["checkpoint_uid"] == info["uid"]
+    lora = load_file(str(tmp_path / "lora" / "model.safetensors"))
+    assert not any("lora_" in k or "base_layer" in k for k in lora)
+    build_proxy(_align_cfg(tmp_path, data, out=str(tmp_path / "factors"), **kw))
+    factors = load_file(str(tmp_path / "factors" / "model.safetensors"))
+    assert set(lora) == set(factors)
+    assert max(float((lora[k] - factors[k]).abs().max()) for k in lora) > 1e-3
+    assert json.loads((tmp_path / "factors" / "proxy.json").read_text())["stage2"]["space"] == "factors"
+    # the same settings again: skipped; another warm-up in the same folder is another space
+    assert build_proxy(_align_cfg(tmp_path, data, out=str(tmp_path / "lora"), align_space="lora",
+                                  align_checkpoint=str(ck), **kw)).skipped
+
+
+def test_lora_space_settings_are_checked(tmp_path):
+    from conftest import write_model_folder
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    with pytest.raises(ValueError, match='align_checkpoint is the LoRA checkpoint of align_space = "lora"'):
+        ProxyConfig(data=[str(data)], align_checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match='align_space = "lora" needs align_checkpoint'):
+        build_proxy(_align_cfg(tmp_path, data, model=str(model_dir), align_space="lora"))
+    with pytest.raises(FileNotFoundError, match="not a warm-up checkpoint"):
+        build_proxy(_align_cfg(tmp_path, data, model=str(model_dir), align_space="lora", align_checkpoint=str(tmp_path)))
+    other = write_model_folder(tmp_path / "other", "llama", seed=9)
+    ck = _target_warmup(tmp_path, data, other)
+    with pytest.raises(ValueError, match="is a warm-up of .*, not of the target"):
+        build_proxy(_align_cfg(tmp_path, data, model=str(model_dir), align_space="lora", align_checkpoint=str(ck)))
+    assert not (tmp_path / "proxy").exists()  # refused before the folder was touched

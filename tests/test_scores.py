@@ -289,6 +289,35 @@ def test_pipeline_target_first_order(tmp_path):
     assert load_config(_write_config(tmp_path, model_dir)).warmup_on == "target"
 
 
+def test_pipeline_aligns_in_the_lora_space_of_its_own_warmup(tmp_path):
+    """[proxy] align_space = "lora": the target warms up before the proxy is built, the alignment runs
+    in its last checkpoint's adapters, and the features carry that same checkpoint. A changed warm-up
+    is a changed alignment; the proxy-first order is refused."""
+    from iprox.pipeline import load_config, run, stages
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    proxy = 'sparsity = 0.5\nprobe_examples = 4\nalign_examples = 4\nalign_steps = 2\nbatch_size = 4\nlr = 1e-3\n' \
+            'align_space = "lora"'
+    cfg = load_config(_write_config(tmp_path, model_dir, proxy=proxy), {"progress": False})
+    assert [st.name for st in stages(cfg)] == ["pool", "warmup", "compress", "align", "features", "score", "select"]
+    res = run(cfg)
+    assert res.selection["selected"] == 5
+    run_dir = tmp_path / "run"
+    s2 = json.loads((run_dir / "proxy" / "proxy.json").read_text())["stage2"]
+    ck = run_dir / "warmup" / "checkpoint-2"
+    assert s2["space"] == "lora" and s2["checkpoint"] == str(ck.resolve())
+    assert s2["checkpoint_uid"] == json.loads((ck / "checkpoint.json").read_text())["uid"]
+    man = json.loads((run_dir / "features" / "train-2" / "manifest.json").read_text())
+    assert man["trains"] == "target lora, carried" and man["model"] == str(run_dir / "proxy")
+    # the warm-up's settings are the alignment's: a change to them is refused from the align stage on
+    text = (tmp_path / "run.toml").read_text()
+    (tmp_path / "run.toml").write_text(text.replace("lr = 1e-3\nlora_rank", "lr = 2e-3\nlora_rank"))
+    with pytest.raises(ValueError, match="from stage 'align' on"):
+        run(load_config(tmp_path / "run.toml", {"progress": False}))
+    with pytest.raises(ValueError, match='align_space = "lora" aligns in the adapters of the target'):
+        load_config(_write_config(tmp_path, model_dir, proxy=proxy, run_extra='warmup_on = "proxy"'))
+
+
 def test_pipeline_scores_with_the_targets_validation_gradients(tmp_path):
     """[features] val_model: the target's validation gradients (it carries the same LoRA checkpoint)
     beside the proxy's pool features; ``both`` adds the two scores. The scores equal brute force from

@@ -11,6 +11,14 @@ seen in factor space is ``G Bᵀ`` for A and ``Aᵀ G`` for B (chain rule throug
 is minimised over the factors only, with AdamW. ``L_GA`` depends on the factors through ``g_A``,
 ``g_B`` (a second-order backward) and through the projections ``G Bᵀ``, ``Aᵀ G``.
 
+In the LoRA space (``align_space = "lora"``, given a target's LoRA warm-up checkpoint), both models
+carry that checkpoint's adapters and ``L_GA`` compares the gradients of the adapters instead:
+``cos(∇_{L_A} loss_proxy, ∇_{L_A} loss_target)`` and the same for ``L_B``, per adapted layer. These
+are the gradients the target-first order's features are taken from (``s·L_Bᵀ G`` and ``s·G L_Aᵀ``
+with ``G`` each model's gradient at the adapted layer), so the alignment fits the proxy where its
+features are read rather than in its own factors' subspaces. The KL term then compares the two
+adapted models.
+
 Runs are checkpointed every K optimiser steps (factors, optimiser state, step, RNG state; the data
 order is a pure function of the seed and the epoch, so the step fixes the data position) and resume
 from the last checkpoint to the same final factors as an uninterrupted run.
@@ -25,6 +33,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -39,8 +48,9 @@ from . import artifacts
 from .data import TokenizedExample, collate, load_examples, probe_split, tokenize_examples
 from .distributed import all_reduce_sum_, barrier, on_rank0, rank_device, world
 from .evaluation import per_example_loss
-from .loading import ALIGN_CHECKPOINT_DIR, PROXY_FILE, STAGE1_DONE, complete_proxy
-from .lowrank import FactorizedLinear
+from .loading import (ALIGN_CHECKPOINT_DIR, PROXY_FILE, STAGE1_DONE, complete_proxy, model_key, read_checkpoint_info,
+                      read_lora_state)
+from .lowrank import AdaptedLinear, FactorizedLinear, attach_adapters, detach_adapters
 from .models import default_device, projection_weight, recomputed_blocks
 from .session import Session
 from .training import MasterAdamW, epoch_order
@@ -52,8 +62,9 @@ log = logging.getLogger(__name__)
 
 # The settings of ProxyConfig that are the alignment's alone (stage 1 ignores them), and those both
 # stages read: together, what the align stage records.
-ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_cosine", "lambda_kl", "temperature", "lr",
-                "weight_decay", "grad_accum", "checkpoint_every", "gradient_checkpointing", "offload_optimizer")
+ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_cosine", "align_space", "align_checkpoint",
+                "lambda_kl", "temperature", "lr", "weight_decay", "grad_accum", "checkpoint_every",
+                "gradient_checkpointing", "offload_optimizer")
 SHARED_FIELDS = ("model", "data", "seed", "max_length", "dtype", "batch_size", "probe_examples", "trust_remote_code")
 # where and how an align stage runs, never taken from the compressed proxy's record
 RUN_FIELDS = ("out", "device", "overwrite", "progress")
@@ -85,8 +96,10 @@ def layer_pairs(proxy: nn.Module, target: nn.Module) -> list[LayerPair]:
     return pairs
 
 
-def require_pair_grads(proxy: nn.Module, target: nn.Module, pairs: Sequence[LayerPair]) -> None:
-    """Freezes both models except the paired layers: the proxy's factors and the target's weights.
+def require_pair_grads(proxy: nn.Module, target: nn.Module, pairs: Sequence[LayerPair],
+                       target_weights: bool = True) -> None:
+    """Freezes both models except the paired layers: the proxy's factors and the target's weights
+    (``target_weights``: the factor space needs ``G``; the LoRA space takes the adapters' gradients).
 
     The target then keeps parameter gradients only where ``G`` is needed, and nothing but the
     factors can train.
@@ -94,7 +107,7 @@ def require_pair_grads(proxy: nn.Module, target: nn.Module, pairs: Sequence[Laye
     for p in list(proxy.parameters()) + list(target.parameters()):
         p.requires_grad_(False)
     for pr in pairs:
-        pr.target.weight.requires_grad_(True)
+        pr.target.weight.requires_grad_(target_weights)
         pr.proxy.A.weight.requires_grad_(True)
         pr.proxy.B.weight.requires_grad_(True)
 
@@ -155,23 +168,56 @@ def response_kl(target_logits: torch.Tensor, proxy_logits: torch.Tensor, labels:
     is not -100.
     """
     mask = labels[:, 1:] != -100
-    zt = target_logits[:, :-1][mask].float() / temperature
-    zp = proxy_logits[:, :-1][mask].float() / temperature
+    acc = torch.promote_types(proxy_logits.dtype, torch.float32)  # float32 at least
+    zt = target_logits[:, :-1][mask].to(acc) / temperature
+    zp = proxy_logits[:, :-1][mask].to(acc) / temperature
     lt, lp = F.log_softmax(zt, -1), F.log_softmax(zp, -1)
     kl = (lt.exp() * (lt - lp)).sum(-1)
     return temperature**2 * kl.mean()
 
 
-def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float, recompute_target: bool = False):
+def adapter_grads(model: nn.Module, adapters: Sequence[AdaptedLinear], enc: dict[str, torch.Tensor],
+                  create_graph: bool):
+    """Forward + backward through a model carrying LoRA adapters: per adapter ``(g_{L_A}, g_{L_B})``
+    (shapes (r, n), (m, r)), the logits and the loss."""
+    params = [t for a in adapters for t in (a.lora_A["default"].weight, a.lora_B["default"].weight)]
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits
+    loss = per_example_loss(logits, enc["labels"]).mean()
+    grads = torch.autograd.grad(loss, params, create_graph=create_graph)
+    if not create_graph:
+        grads = [g.detach() for g in grads]
+    return [(grads[2 * i], grads[2 * i + 1]) for i in range(len(adapters))], logits, loss
+
+
+@dataclass
+class LoraSpace:
+    """The adapters both models carry when the alignment runs in the LoRA space: the target's
+    wrappers and the proxy's, layer by layer (see :func:`carrying`)."""
+
+    target: list[AdaptedLinear]
+    proxy: list[AdaptedLinear]
+
+
+def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float, recompute_target: bool = False,
+                   lora: LoraSpace | None = None):
     """``(L, L_GA, L_KL)`` for one batch; ``L`` carries the graph back to the factors.
 
     ``recompute_target``: checkpoint the target's blocks (its backward is a plain one, so their
     activations need not all be kept; the proxy's double backward holds its own graph regardless).
+    ``lora``: compare the carried adapters' gradients instead of the factor-space ones.
     """
     with recomputed_blocks(target, recompute_target):
-        G, t_logits, _ = target_weight_grads(target, pairs, enc)
-    gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=True)
-    cos_a, cos_b = factor_space_cosines(gAB, projected_target_grads(pairs, G))
+        if lora is None:
+            G, t_logits, _ = target_weight_grads(target, pairs, enc)
+        else:
+            tAB, t_logits, _ = adapter_grads(target, lora.target, enc, create_graph=False)
+            t_logits = t_logits.detach()
+    if lora is None:
+        gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=True)
+        tAB = projected_target_grads(pairs, G)
+    else:
+        gAB, p_logits, _ = adapter_grads(proxy, lora.proxy, enc, create_graph=True)
+    cos_a, cos_b = factor_space_cosines(gAB, tAB)
     l_ga = (0.5 * ((1 - cos_a) + (1 - cos_b))).mean()
     if lambda_kl > 0:
         l_kl = response_kl(t_logits, p_logits, enc["labels"], temperature)
@@ -179,6 +225,32 @@ def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: flo
     with torch.no_grad():  # still reported, but no graph for a term that does not train
         l_kl = response_kl(t_logits, p_logits.detach(), enc["labels"], temperature)
     return l_ga, l_ga.detach(), l_kl
+
+
+@contextmanager
+def carrying(proxy: nn.Module, target: nn.Module, state: dict[str, torch.Tensor], alpha: float):
+    """Both models carry the LoRA adapters of ``state`` (frozen, but differentiable) for the
+    duration; each layer's own module is put back on exit.
+
+    Yields:
+        A :class:`LoraSpace` with the wrappers, in the same layer order for both models.
+    """
+    devices = [next(m.parameters()).device for m in (proxy, target)]
+    added = []
+    try:
+        wrapped = []
+        for model, dev in zip((proxy, target), devices):
+            mods = attach_adapters(model, state, alpha, dev)
+            added.append((model, list(mods)))
+            wrapped.append(mods)
+        for mods in wrapped:
+            for a in mods.values():
+                a.lora_A["default"].weight.requires_grad_(True)
+                a.lora_B["default"].weight.requires_grad_(True)
+        yield LoraSpace(target=list(wrapped[1].values()), proxy=list(wrapped[0].values()))
+    finally:
+        for model, layers in added:
+            detach_adapters(model, layers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +325,13 @@ def run_alignment(
     out: Path,
     pad_id: int,
     progress: bool = True,
+    lora: tuple[dict[str, torch.Tensor], float] | None = None,
 ) -> dict[str, float]:
     """Trains the proxy's factors in place; checkpoints into ``out/align_checkpoint``.
+
+    ``lora``: ``(adapter state, alpha)`` of a target's LoRA checkpoint (canonical names, as
+    :func:`~iprox.loading.read_lora_state` reads them) to align in the LoRA space; both models
+    carry the adapters during the run only.
 
     Resumes from that checkpoint when it exists. Per-step losses are appended to
     ``out/align_log.csv`` (rows past the checkpoint are dropped on resume, so the file always matches
@@ -270,7 +347,7 @@ def run_alignment(
     pairs = layer_pairs(proxy, target)
     params = _factor_params(pairs)
     target_req = [p.requires_grad for p in target.parameters()]
-    require_pair_grads(proxy, target, pairs)
+    require_pair_grads(proxy, target, pairs, target_weights=lora is None)
     proxy.eval()   # no dropout: the loss is deterministic, which resume relies on
     target.eval()
     # The loss differentiates through the proxy's backward pass; fused CPU/GPU attention kernels
@@ -298,7 +375,9 @@ def run_alignment(
     t_run = time.perf_counter()
     bar = tqdm(range(start, settings.steps), desc="align", unit="step", disable=not progress or rank > 0,
                initial=start, total=settings.steps)
+    adapters = ExitStack()
     try:
+        space = adapters.enter_context(carrying(proxy, target, *lora)) if lora is not None else None
         for step in bar:
             t0 = time.perf_counter()
             epoch, micro = _micro_batches(examples, step, settings)
@@ -311,12 +390,15 @@ def run_alignment(
                     continue
                 enc = collate(mb, pad_id, device)
                 loss, l_ga, l_kl = alignment_loss(proxy, target, pairs, enc, settings.lambda_kl, settings.temperature,
-                                                  settings.gradient_checkpointing)
+                                                  settings.gradient_checkpointing, space)
                 (loss / len(micro)).backward()
                 sums += torch.tensor([float(loss.detach()), float(l_ga), float(l_kl)], dtype=torch.float64) / len(micro)
-            # Target weights only served to produce G; drop any gradient that leaked into them.
+            # Target weights only served to produce G (and the carried adapters to take gradients
+            # at); drop any gradient that leaked into them.
             for pr in pairs:
                 pr.target.weight.grad = None
+            for a in (space.proxy + space.target) if space else ():
+                a.lora_A["default"].weight.grad = a.lora_B["default"].weight.grad = None
             if n_ranks > 1:
                 for prm in params.values():
                     if prm.grad is None:
@@ -336,6 +418,7 @@ def run_alignment(
                 barrier()
     finally:
         bar.close()
+        adapters.close()   # the models' own layers back in place
         opt.zero_grad()  # the proxy stays resident for the warm-up: no stale gradients on its factors
         for p, r in zip(target.parameters(), target_req):   # leave the caller's target as it was
             p.requires_grad_(r)
@@ -373,6 +456,33 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def lora_space_checkpoint(config: "ProxyConfig", target_spec: str | None) -> dict | None:
+    """The checked ``checkpoint.json`` of the LoRA checkpoint ``align_space = "lora"`` aligns in
+    (None in the factor space, or when nothing aligns).
+
+    Args:
+        target_spec: the target's model spec, which the checkpoint must be a warm-up of (None: not
+            checked, for a target passed in as a module).
+
+    Raises:
+        ValueError: no checkpoint named, one that trained a proxy's factors, or a warm-up of
+            another model.
+        FileNotFoundError: the folder is not a warm-up checkpoint.
+    """
+    if config.align_space != "lora" or not config.aligns:
+        return None
+    if not config.align_checkpoint:
+        raise ValueError('align_space = "lora" needs align_checkpoint: a LoRA warm-up checkpoint of the target '
+                         '(<warmup>/checkpoint-<epoch>, from iprox warmup --model <the target>)')
+    info = read_checkpoint_info(config.align_checkpoint)
+    if not info["lora"]:
+        raise ValueError(f"{config.align_checkpoint} trained a proxy's factors; the LoRA space needs a target's "
+                         f"LoRA checkpoint")
+    if target_spec is not None and model_key(info["model"]) != model_key(target_spec):
+        raise ValueError(f"{config.align_checkpoint} is a warm-up of {info['model']}, not of the target {target_spec}")
+    return info
+
+
 def align_in_place(proxy: nn.Module, target: nn.Module, tokenizer, examples, config: "ProxyConfig", out: Path) -> dict:
     """Aligns ``proxy``'s factors with ``target`` on the alignment set of ``examples`` (the slice
     after the probe set of :func:`~iprox.data.probe_split`), checkpointing into ``out``; returns
@@ -392,8 +502,12 @@ def align_in_place(proxy: nn.Module, target: nn.Module, tokenizer, examples, con
                              seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
                              offload_optimizer=config.offload_optimizer,
                              per_example=config.align_cosine == "example")
-    res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress)
-    return {"examples": len(align_tok), "ids": [t.id for t in align_tok],
+    info = lora_space_checkpoint(config, None)
+    lora = None if info is None else (read_lora_state(config.align_checkpoint, next(proxy.parameters()).device),
+                                      float(info["lora_alpha"]))
+    res = run_alignment(proxy, target, align_tok, settings, out, tokenizer.pad_token_id, config.progress, lora)
+    return {"examples": len(align_tok), "ids": [t.id for t in align_tok], "space": config.align_space,
+            **({"checkpoint": config.align_checkpoint, "checkpoint_uid": info.get("uid")} if info else {}),
             "steps": steps, "steps_per_epoch": per_epoch, "batch_size": config.batch_size,
             "grad_accum": config.grad_accum, "lr": config.lr, "weight_decay": config.weight_decay,
             "lambda_kl": config.lambda_kl, "temperature": config.temperature,
@@ -444,7 +558,10 @@ def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | No
     out, source = Path(config.out), Path(source)
     src_meta = artifacts.read_json(source / PROXY_FILE, "proxy description")
     full = asdict(config)
+    info = lora_space_checkpoint(config, config.model)
     settings = {"source_uid": src_meta.get("uid"), **{k: full[k] for k in ALIGN_FIELDS + SHARED_FIELDS}}
+    if info:  # the adapters' identity: a warm-up rerun into the same folder is another space
+        settings["align_checkpoint_uid"] = info.get("uid")
     if on_rank0(lambda: artifacts.prepare_stage(out, "align", settings, overwrite=config.overwrite, resumable=True)):
         meta = artifacts.read_json(out / PROXY_FILE, "proxy description")
         return AlignSummary(str(out), meta.get("stage2"), skipped=True)

@@ -139,6 +139,18 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return read_json(path / CHECKPOINT_FILE, "checkpoint description")
 
 
+def read_lora_state(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A LoRA warm-up checkpoint's adapter tensors by canonical name (without peft's prefix).
+
+    Raises:
+        ValueError: the checkpoint trained a proxy's factors, not LoRA adapters.
+    """
+    path = Path(path)
+    if not read_checkpoint_info(path)["lora"]:
+        raise ValueError(f"{path} trained a proxy's factors; only a target's LoRA checkpoint can be carried by a proxy")
+    return {canonical_name(k): v for k, v in load_file(str(path / TRAINABLE_FILE), device=str(device)).items()}
+
+
 def checkpoint_dirs(warmup_dir: str | Path) -> list[Path]:
     """The checkpoint folders of a warm-up folder, in epoch order."""
     found = [p for p in Path(warmup_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()]

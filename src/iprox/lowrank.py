@@ -177,14 +177,63 @@ class AdaptedLinear(nn.Module):
     """
 
     def __init__(self, base: nn.Module, in_features: int, out_features: int, rank: int, alpha: float,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.base_layer = base
         self.scaling = alpha / rank
-        self.lora_A = nn.ModuleDict({"default": nn.Linear(in_features, rank, bias=False, device=device)})
-        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, out_features, bias=False, device=device)})
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(in_features, rank, **kw)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(rank, out_features, **kw)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         a, b = self.lora_A["default"], self.lora_B["default"]
         return y + (b(a(x.to(a.weight.dtype))) * self.scaling).to(y.dtype)
+
+
+def attach_adapters(model: nn.Module, state: dict[str, torch.Tensor], alpha: float,
+                    device: torch.device | str | None = None) -> dict[str, AdaptedLinear]:
+    """Puts an :class:`AdaptedLinear` around each layer a LoRA state names, holding its tensors.
+
+    Args:
+        model: a target or a proxy; a layer already adapted keeps its wrapper (its tensors are
+            overwritten).
+        state: ``<layer>.lora_A.default.weight`` (r, n) and ``<layer>.lora_B.default.weight`` (m, r)
+            by canonical name (without peft's prefix), as a target's LoRA checkpoint holds them.
+        alpha: the adapters' LoRA alpha (scaling ``alpha / r``).
+
+    Returns:
+        The wrappers by layer name, in sorted order.
+
+    Raises:
+        ValueError: the model has no layer of that name, or a tensor's shape does not fit it.
+    """
+    out = {}
+    for layer in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
+        try:
+            mod = model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"the model has no layer {layer} for the checkpoint's adapter") from None
+        a, b = state[f"{layer}.lora_A.default.weight"], state[f"{layer}.lora_B.default.weight"]
+        if not isinstance(mod, AdaptedLinear):
+            parent, _, child = layer.rpartition(".")
+            # float32 at least, as peft keeps adapters (a float64 state stays float64)
+            mod = AdaptedLinear(mod, a.shape[1], b.shape[0], a.shape[0], alpha, device=device,
+                                dtype=torch.promote_types(a.dtype, torch.float32))
+            setattr(model.get_submodule(parent), child, mod)
+        for dst, src in ((mod.lora_A["default"].weight, a), (mod.lora_B["default"].weight, b)):
+            if dst.shape != src.shape:
+                raise ValueError(f"{layer}: the adapter tensor has shape {tuple(src.shape)}, the layer takes {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(src)
+        out[layer] = mod
+    return out
+
+
+def detach_adapters(model: nn.Module, layers) -> None:
+    """Puts each named layer's base module back in place of its :class:`AdaptedLinear`."""
+    for layer in layers:
+        mod = model.get_submodule(layer)
+        if isinstance(mod, AdaptedLinear):
+            parent, _, child = layer.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod.base_layer)

@@ -151,6 +151,10 @@ class RunConfig:
                   ("features", FeatureConfig, {"data": ["x"], "out": "x", "checkpoint": "x", "grad": train_grad}, feats),
                   ("select", SelectConfig, {"scores": "x", "data": ["x"], "out": "x"}, self.select))
         built = {name: section_config(name, cls, values, **given) for name, cls, given, values in checks}
+        if self.selector == "proxy" and built["proxy"].align_space == "lora" and not built["proxy"].align_checkpoint \
+                and self.warmup_on != "target":
+            raise ValueError('[proxy] align_space = "lora" aligns in the adapters of the target\'s LoRA warm-up, '
+                             'which needs [run] warmup_on = "target" (or an align_checkpoint of its own)')
         if self.selector == "proxy" and self.warmup_on == "target" and built["proxy"].init == "layer-drop":
             raise ValueError('[proxy] init = "layer-drop" drops whole blocks, which cannot carry the target\'s LoRA '
                              'warm-up; set [run] warmup_on = "proxy" for this baseline')
@@ -163,6 +167,24 @@ class RunConfig:
         if isinstance(weights, list) and self.selector in ("proxy", "model") and len(weights) != built["warmup"].epochs:
             raise ValueError(f"[score] checkpoint_weights has {len(weights)} weights but [warmup] epochs = "
                              f"{built['warmup'].epochs} makes {built['warmup'].epochs} checkpoints")
+
+
+def aligns_in_own_warmup(cfg: RunConfig) -> bool:
+    """Whether the proxy aligns in the LoRA space of the run's own target warm-up, which then runs
+    before the proxy is built."""
+    return (cfg.selector == "proxy" and cfg.proxy.get("align_space") == "lora"
+            and not cfg.proxy.get("align_checkpoint"))
+
+
+def stages(cfg: RunConfig) -> tuple[Stage, ...]:
+    """The run's stages, in order: its selector's; the target's warm-up first when the alignment
+    runs in its adapters' space (:func:`aligns_in_own_warmup`)."""
+    order = PIPELINES[cfg.selector]
+    if aligns_in_own_warmup(cfg):
+        rest = [st for st in order if st is not WARMUP]
+        i = rest.index(COMPRESS)
+        order = tuple(rest[:i] + [WARMUP] + rest[i:])
+    return order
 
 
 def val_model(cfg: RunConfig) -> str:
@@ -248,6 +270,8 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
                      **({"val_model": val_model(cfg)} if val_model(cfg) != "proxy" else {})},
         "score": cfg.score, "select": cfg.select,
     }
+    if aligns_in_own_warmup(cfg):  # the alignment reads the warm-up's last checkpoint
+        sections["align"] = {**sections["align"], "warmup": sections["warmup"]}
     out, prev = {}, ""
     for st in STAGES:
         prev = hashlib.sha256((prev + json.dumps(sections[st], sort_keys=True)).encode()).hexdigest()[:16]
@@ -415,7 +439,7 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, ra
     feats.setdefault("seed", cfg.seed)
     feats.setdefault("max_length", cfg.max_length)
     ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad, val_model(cfg))
-    for stage in PIPELINES[cfg.selector]:
+    for stage in stages(cfg):
         timed(stage.name, lambda: stage.run(ctx))
     return RunResult(out, ctx.manifest, timings)
 
@@ -478,7 +502,9 @@ def _compress(ctx: _Context) -> None:
 
 def _align(ctx: _Context) -> None:
     cfg = ctx.cfg
-    log.info("%s", align_proxy(_proxy_config(ctx, "proxy"), ctx.out / "compressed", ctx.session).format())
+    # in the LoRA space of the run's own warm-up (which ran first): its last checkpoint's adapters
+    own = {"align_checkpoint": str(ctx.checkpoints[-1])} if aligns_in_own_warmup(cfg) else {}
+    log.info("%s", align_proxy(_proxy_config(ctx, "proxy", **own), ctx.out / "compressed", ctx.session).format())
     ctx.feature_model = str(ctx.out / "proxy")
     # target-first: the target's LoRA warm-up, carried by the proxy for the features
     ctx.warm_model = cfg.model if cfg.warmup_on == "target" else ctx.feature_model
@@ -488,7 +514,9 @@ def _align(ctx: _Context) -> None:
 
 def _warmup(ctx: _Context) -> None:
     cfg = ctx.cfg
-    if not ctx.feature_model:  # LESS on a model itself
+    if cfg.selector == "proxy" and not ctx.warm_model:  # the target's, before the proxy is built
+        ctx.warm_model = cfg.model
+    elif not ctx.feature_model:  # LESS on a model itself
         ctx.feature_model = ctx.warm_model = cfg.selector_model or cfg.model
     wcfg = WarmupConfig(**{"seed": cfg.seed, "max_length": cfg.max_length, **ctx.dtype, **cfg.warmup,
                            "model": ctx.warm_model, "data": [str(ctx.pool_file)], "out": str(ctx.out / "warmup"),

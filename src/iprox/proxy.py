@@ -120,6 +120,13 @@ class ProxyConfig:
             one, the same ``batch_size × grad_accum`` examples per step), as influence is per
             example. Per micro-batch, short answers' large gradients dominate the sum and long
             answers go unaligned.
+        align_space: which gradients the alignment compares: ``factors`` (the proxy's factor
+            gradients with the target's weight gradient projected on the factors' subspaces, as the
+            paper) or ``lora`` (the gradients of a target's LoRA warm-up adapters, carried by both
+            models: the space the target-first order's features are read in; needs
+            ``align_checkpoint``, which ``iprox run`` fills with its own warm-up's last checkpoint).
+        align_checkpoint: the target's LoRA warm-up checkpoint folder (``<warmup>/checkpoint-<epoch>``)
+            whose adapters ``align_space = "lora"`` aligns in.
         checkpoint_every: save factors and optimiser state every K steps (resume point).
         gradient_checkpointing: in the alignment, recompute the target's decoder blocks in its
             backward instead of keeping their activations (the proxy's double backward keeps its
@@ -161,6 +168,8 @@ class ProxyConfig:
     grad_accum: int = 1
     checkpoint_every: int = 10
     align_cosine: Literal["batch", "example"] = "example"
+    align_space: Literal["factors", "lora"] = "factors"
+    align_checkpoint: str = ""
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False
     overwrite: bool = False
@@ -222,6 +231,11 @@ class ProxyConfig:
             raise ValueError("grad_accum and checkpoint_every must be >= 1")
         if self.align_examples < 0:
             raise ValueError("align_examples must be >= 0 (0: 1% of the data)")
+        if self.align_checkpoint and self.align_space != "lora":
+            raise ValueError('align_checkpoint is the LoRA checkpoint of align_space = "lora"; set that too, '
+                             'or leave align_checkpoint out')
+        if self.align_checkpoint:
+            self.align_checkpoint = str(Path(self.align_checkpoint).expanduser().resolve())
 
 
 @dataclass
@@ -433,6 +447,12 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
                  "layer-drop" if config.init == "layer-drop" else "sparsity-0")
     if model is None:
         resolve_model(config.model)
+    if config.align_space == "lora":
+        from .alignment import lora_space_checkpoint
+
+        info = lora_space_checkpoint(config, config.model if model is None else None)
+        if info:  # the adapters' identity: a warm-up rerun into the same folder is another space
+            resolved["align_checkpoint_uid"] = info.get("uid")
     # Under torchrun every rank builds the same proxy (the probe and the alignment split their
     # batches over the ranks and sum); rank 0 alone writes the folder.
     rank, _ = dist_world()

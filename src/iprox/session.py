@@ -20,13 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .artifacts import read_json
 from .data import load_examples, tokenize_examples
-from .loading import (PROXY_FILE, TRAINABLE_FILE, Checkpoint, _fill, apply_lora, canonical_name, load_model_or_proxy, mark_trainable,
-                      model_key, proxy_uid, read_checkpoint_info)
+from .loading import (PROXY_FILE, Checkpoint, _fill, apply_lora, canonical_name, load_model_or_proxy, mark_trainable,
+                      model_key, proxy_uid, read_checkpoint_info, read_lora_state)
 from .models import weights_hash
 
 log = logging.getLogger(__name__)
@@ -192,20 +191,12 @@ class Session:
             self._entries.pop(key, None)
             e = self._entry(proxy, dtype, device, trust_remote_code, pristine=True)
         ident = self._identity_of(e) if e.identity is None else e.identity
-        state = {canonical_name(k): v for k, v in load_file(str(path / TRAINABLE_FILE), device=str(device)).items()}
-        from .lowrank import AdaptedLinear
+        from .lowrank import attach_adapters
 
-        for layer in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
-            try:
-                mod = e.model.get_submodule(layer)
-            except AttributeError:
-                raise ValueError(f"{path}: the proxy has no layer {layer} for the checkpoint's adapter") from None
-            if not isinstance(mod, AdaptedLinear):
-                r, n = state[f"{layer}.lora_A.default.weight"].shape
-                m = state[f"{layer}.lora_B.default.weight"].shape[0]
-                parent, _, child = layer.rpartition(".")
-                setattr(e.model.get_submodule(parent), child,
-                        AdaptedLinear(mod, n, m, r, info["lora_alpha"], device=device))
+        try:
+            attach_adapters(e.model, read_lora_state(path, device), info["lora_alpha"], device)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         e.lora, e.dirty = ("carried", info["lora_rank"], info["lora_alpha"]), True
         if self.keep:
             self._entries[key] = e
