@@ -429,6 +429,13 @@ def test_lora_space_gradients_are_the_merged_layers_gradient_projected(tmp_path)
         loss, ga, kl = alignment_loss(proxy, target, pairs, enc, 1.0, 2.0, lora=space)
         assert abs(float(ga)) < 1e-10 and abs(float(kl)) < 1e-10
     assert not any(isinstance(m, AdaptedLinear) for mdl in (proxy, target) for m in mdl.modules())
+    # a state naming a layer the models lack: refused, and neither model is left half-wrapped
+    bad = {**state, "model.layers.9.mlp.up_proj.lora_A.default.weight": state[f"{names[0]}.lora_A.default.weight"],
+           "model.layers.9.mlp.up_proj.lora_B.default.weight": state[f"{names[0]}.lora_B.default.weight"]}
+    with pytest.raises(ValueError, match="no layer model.layers.9.mlp.up_proj"):
+        with carrying(proxy, target, bad, alpha):
+            pass
+    assert not any(isinstance(m, AdaptedLinear) for mdl in (proxy, target) for m in mdl.modules())
     after = target(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 

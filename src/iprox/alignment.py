@@ -235,22 +235,31 @@ def carrying(proxy: nn.Module, target: nn.Module, state: dict[str, torch.Tensor]
     Yields:
         A :class:`LoraSpace` with the wrappers, in the same layer order for both models.
     """
-    devices = [next(m.parameters()).device for m in (proxy, target)]
-    added = []
+    layers = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+
+    def adapted(model: nn.Module) -> set[str]:
+        found = set()
+        for layer in layers:
+            try:
+                if isinstance(model.get_submodule(layer), AdaptedLinear):
+                    found.add(layer)
+            except AttributeError:
+                pass
+        return found
+
+    # layers adapted before (none, in the stages) keep their wrappers; the rest are unwrapped on
+    # exit, also after a failure half-way through wrapping
+    before = [adapted(m) for m in (proxy, target)]
     try:
-        wrapped = []
-        for model, dev in zip((proxy, target), devices):
-            mods = attach_adapters(model, state, alpha, dev)
-            added.append((model, list(mods)))
-            wrapped.append(mods)
+        wrapped = [attach_adapters(m, state, alpha, next(m.parameters()).device) for m in (proxy, target)]
         for mods in wrapped:
             for a in mods.values():
                 a.lora_A["default"].weight.requires_grad_(True)
                 a.lora_B["default"].weight.requires_grad_(True)
         yield LoraSpace(target=list(wrapped[1].values()), proxy=list(wrapped[0].values()))
     finally:
-        for model, layers in added:
-            detach_adapters(model, layers)
+        for model, kept in zip((proxy, target), before):
+            detach_adapters(model, [layer for layer in layers if layer not in kept])
 
 
 # ---------------------------------------------------------------------------------------------

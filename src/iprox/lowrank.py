@@ -231,9 +231,13 @@ def attach_adapters(model: nn.Module, state: dict[str, torch.Tensor], alpha: flo
 
 
 def detach_adapters(model: nn.Module, layers) -> None:
-    """Puts each named layer's base module back in place of its :class:`AdaptedLinear`."""
+    """Puts each named layer's base module back in place of its :class:`AdaptedLinear` (a name the
+    model lacks, or a layer not adapted, is passed over)."""
     for layer in layers:
-        mod = model.get_submodule(layer)
+        try:
+            mod = model.get_submodule(layer)
+        except AttributeError:
+            continue
         if isinstance(mod, AdaptedLinear):
             parent, _, child = layer.rpartition(".")
             setattr(model.get_submodule(parent), child, mod.base_layer)
