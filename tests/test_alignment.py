@@ -533,3 +533,41 @@ def test_lora_space_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="is a warm-up of .*, not of the target"):
         build_proxy(_align_cfg(tmp_path, data, model=str(model_dir), align_space="lora", align_checkpoint=str(ck)))
     assert not (tmp_path / "proxy").exists()  # refused before the folder was touched
+
+
+def test_fidelity_report_in_the_lora_space(tmp_path):
+    """iprox fidelity --checkpoint: the cosines between the carried adapters' gradients. An exact proxy
+    (and a sparsity-0 one, which has no factor space) measures 1 and KL 0; a compressed proxy less; both
+    models come back without adapters; a warm-up of another model is refused."""
+    from conftest import write_model_folder
+    from iprox.fidelity import FidelityConfig, fidelity_report, format_report
+    from iprox.lowrank import AdaptedLinear
+
+    target = tiny_llama(dtype=torch.float64)
+    _, tokd, tok = _enc(tmp_path, n=3)
+    lora = (_lora_state(target), 4.0)
+    exact = gradient_fidelity(_full_rank_proxy(target), target, tokd, tok.pad_token_id, progress=False, lora=lora)
+    assert exact["space"] == "lora" and len(exact["layers"]) == 14
+    assert exact["grad_cosine_global"] == pytest.approx(1.0, abs=1e-9) and exact["kl"] == pytest.approx(0.0, abs=1e-9)
+    dense = gradient_fidelity(tiny_llama(dtype=torch.float64), target, tokd, tok.pad_token_id, progress=False, lora=lora)
+    assert dense["grad_cosine_global"] == pytest.approx(1.0, abs=1e-9)
+    assert not any(isinstance(m, AdaptedLinear) for m in target.modules())
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    ck = _target_warmup(tmp_path, data, model_dir)
+    build_proxy(_align_cfg(tmp_path, data, model=str(model_dir), align_steps=0, align_epochs=0))
+    common = dict(proxy=str(tmp_path / "proxy"), target=str(model_dir), data=[str(data)], limit=4, max_length=96,
+                  progress=False)
+    rep = fidelity_report(FidelityConfig(**common, checkpoint=str(ck), out=str(tmp_path / "lora.json")))
+    fac = fidelity_report(FidelityConfig(**common, out=str(tmp_path / "factors.json")))
+    assert rep["space"] == "lora" and fac["space"] == "factors" and rep["checkpoint"] == str(ck)
+    assert 0 < rep["grad_cosine_global"] < 0.999 and rep["kl"] > 0  # (the KL of the two adapted models)
+    assert set(rep["layers"]) == set(fac["layers"])  # every factored layer carries an adapter here
+    assert "carried LoRA adapters" in format_report(rep) and "cos lora_A" in format_report(rep)
+    other = write_model_folder(tmp_path / "other", "llama", seed=9)
+    with pytest.raises(ValueError, match="not of the target"):
+        fidelity_report(FidelityConfig(**{**common, "target": str(other)}, checkpoint=str(ck),
+                                       out=str(tmp_path / "x.json")))
+    with pytest.raises(ValueError, match="--checkpoint sets the space"):
+        FidelityConfig(checkpoint=str(ck), out=str(tmp_path / "y.json"), target_scores="a", proxy_scores="b")

@@ -10,7 +10,9 @@ For each held-out example (its own forward and backward pass, so the figures are
 influence is), and each compressed layer: the cosine between the proxy's factor gradients and the
 target's weight gradient projected into factor space (``G Bᵀ`` for A, ``Aᵀ G`` for B), and the
 target-to-proxy KL on response tokens. Works on any proxy folder, so a stage-1-only proxy and its
-aligned version can be compared on the same examples.
+aligned version can be compared on the same examples. Given a target's LoRA warm-up checkpoint, the
+cosines are taken in the space the target-first order's features are read in instead: between the
+gradients of that checkpoint's adapters, carried by both models.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -26,8 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .agreement import agreement, task_share
-from .alignment import (factor_space_cosines, layer_pairs, projected_target_grads, proxy_factor_grads, response_kl,
-                        target_weight_grads)
+from .alignment import (adapter_grads, carrying, factor_space_cosines, layer_pairs, projected_target_grads,
+                        proxy_factor_grads, response_kl, target_weight_grads)
 from .data import TokenizedExample, collate
 from .lowrank import FactorizedLinear
 from .models import EMBEDDED_MODEL, frozen, resolve_dtype
@@ -37,8 +40,15 @@ log = logging.getLogger(__name__)
 
 
 def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples: Sequence[TokenizedExample],
-                      pad_id: int, temperature: float = 1.0, progress: bool = True) -> dict:
+                      pad_id: int, temperature: float = 1.0, progress: bool = True,
+                      lora: tuple[dict[str, torch.Tensor], float] | None = None) -> dict:
     """Per-layer and overall gradient cosines and the KL, averaged over ``examples``.
+
+    Args:
+        lora: ``(adapter state, alpha)`` of a target's LoRA checkpoint
+            (:func:`~iprox.loading.read_lora_state`): compare the gradients of its adapters, carried
+            by both models (``cos_A``/``cos_B`` are then the adapters' ``lora_A``/``lora_B``), instead
+            of the factor-space ones.
 
     Returns:
         ``grad_cosine`` (mean over layers and examples of ½(cos_A + cos_B)), ``grad_cosine_global``
@@ -48,28 +58,35 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
     """
     if not examples:
         raise ValueError("no examples for the fidelity report")
-    if not any(isinstance(m, FactorizedLinear) for m in proxy.modules()):
+    if lora is None and not any(isinstance(m, FactorizedLinear) for m in proxy.modules()):
         raise ValueError("the gradient report compares the proxy's factor-space gradients with the target's; this "
                          "proxy has no factored layers (layer-drop, or sparsity 0): compare its scores with the "
-                         "target's instead (--target-scores, --proxy-scores)")
-    pairs = layer_pairs(proxy, target)
+                         "target's instead (--target-scores, --proxy-scores), or in a LoRA checkpoint's space "
+                         "(--checkpoint)")
+    pairs = layer_pairs(proxy, target) if lora is None else []
+    names = [pr.name for pr in pairs] if lora is None else sorted({k.rsplit(".lora_", 1)[0] for k in lora[0]})
     target.eval()
     proxy.eval()
     device = next(proxy.parameters()).device
-    sum_a = torch.zeros(len(pairs), dtype=torch.float64)
-    sum_b = torch.zeros(len(pairs), dtype=torch.float64)
+    sum_a = torch.zeros(len(names), dtype=torch.float64)
+    sum_b = torch.zeros(len(names), dtype=torch.float64)
     glob, kls = [], []
     sources = [ex.source for ex in examples]
-    # Only the paired layers need gradients (the target's weights for G, the proxy's factors);
-    # both models get their caller's flags back afterwards.
+    # Only the paired layers need gradients (the target's weights for G, the proxy's factors; in the
+    # LoRA space only the carried adapters); both models get their caller's flags back afterwards.
     trainable = [t for pr in pairs for t in (pr.target.weight, pr.proxy.A.weight, pr.proxy.B.weight)]
-    with frozen(target, proxy, trainable=trainable):
+    with frozen(target, proxy, trainable=trainable), ExitStack() as stack:
+        space = stack.enter_context(carrying(proxy, target, *lora)) if lora is not None else None
         for ex in tqdm(examples, desc="fidelity", unit="ex", disable=not progress):
             enc = collate([ex], pad_id, device)
-            G, t_logits, _ = target_weight_grads(target, pairs, enc)
-            gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=False)
-            with torch.no_grad():
+            if space is None:
+                G, t_logits, _ = target_weight_grads(target, pairs, enc)
+                gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=False)
                 tAB = projected_target_grads(pairs, G)
+            else:
+                tAB, t_logits, _ = adapter_grads(target, space.target, enc, create_graph=False)
+                gAB, p_logits, _ = adapter_grads(proxy, space.proxy, enc, create_graph=False)
+            with torch.no_grad():
                 ca, cb = factor_space_cosines(gAB, tAB)
                 sum_a += ca.double().cpu()
                 sum_b += cb.double().cpu()
@@ -81,7 +98,7 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
                 glob.append(num / max(math.sqrt(na * nb), 1e-30))
                 kls.append(float(response_kl(t_logits, p_logits, enc["labels"], temperature)) / temperature**2)
     n = len(examples)
-    layers = {pr.name: {"cos_A": float(sum_a[i] / n), "cos_B": float(sum_b[i] / n)} for i, pr in enumerate(pairs)}
+    layers = {name: {"cos_A": float(sum_a[i] / n), "cos_B": float(sum_b[i] / n)} for i, name in enumerate(names)}
     by_source = {}
     for src in sorted(set(sources)):
         idx = [i for i, s in enumerate(sources) if s == src]
@@ -93,6 +110,7 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
         "grad_cosine_global": sum(glob) / n,
         "kl": sum(kls) / n,
         "temperature": temperature,
+        "space": "factors" if lora is None else "lora",
         "n_examples": n,
         "layers": layers,
     }
@@ -129,18 +147,22 @@ def fidelity_warning(rep: dict, threshold: float = WARN_COSINE) -> str | None:
 
 def format_report(rep: dict, max_rows: int = 12) -> str:
     """A printed table: overall figures, then the layers (first and last few when there are many)."""
-    lines = [f"gradient cosine (mean over layers): {rep['grad_cosine']:.4f}",
+    where = (f"the gradients of the carried LoRA adapters of {rep['checkpoint']}" if rep.get("space") == "lora"
+             else "the proxy's factor gradients and the target's, projected on the factors")
+    cols = ("cos lora_A", "cos lora_B") if rep.get("space") == "lora" else ("cos A", "cos B")
+    lines = [f"compared: {where}",
+             f"gradient cosine (mean over layers): {rep['grad_cosine']:.4f}",
              f"gradient cosine (all layers concatenated): {rep['grad_cosine_global']:.4f}",
-             f"KL(target || proxy) on response tokens: {rep['kl']:.4f}   ({rep['n_examples']} examples)",
-             "", f"{'layer':<48} {'cos A':>8} {'cos B':>8}"]
+             f"KL(target || proxy) on response tokens: {rep['kl']:.4f}   ({rep['n_examples']} examples)"]
     if len(rep.get("by_source", {})) > 1:
         lines += ["", f"{'source':<24} {'cosine':>8} {'KL':>8} {'examples':>9}"]
         lines += [f"{s:<24} {v['grad_cosine_global']:>8.4f} {v['kl']:>8.4f} {v['n_examples']:>9}"
                   for s, v in rep["by_source"].items()]
+    lines += ["", f"{'layer':<48} {cols[0]:>10} {cols[1]:>10}"]
     items = list(rep["layers"].items())
     shown = items if len(items) <= max_rows else items[: max_rows // 2] + [("...", None)] + items[-max_rows // 2 :]
     for name, v in shown:
-        lines.append(f"{name:<48}" if v is None else f"{name:<48} {v['cos_A']:>8.4f} {v['cos_B']:>8.4f}")
+        lines.append(f"{name:<48}" if v is None else f"{name:<48} {v['cos_A']:>10.4f} {v['cos_B']:>10.4f}")
     return "\n".join(lines)
 
 
@@ -280,6 +302,9 @@ class FidelityConfig:
             ``target_scores`` is the ceiling the proxy's figures are reported against.
         target: the proxy's target model.
         proxy: proxy folder (gradient cosines and KL on ``data``).
+        checkpoint: a LoRA warm-up checkpoint of the target: take the gradient cosines between its
+            adapters' gradients, carried by both models (the space the target-first order's features
+            are read in), instead of in the proxy's factor space.
         data: held-out data for the gradient report.
         limit: first N examples (0: all).
         per_source: a seeded sample of N examples of every source in ``data`` (e.g. the pool's), in
@@ -299,6 +324,7 @@ class FidelityConfig:
     target_again_scores: str = ""
     target: str = EMBEDDED_MODEL
     proxy: str = ""
+    checkpoint: str = ""
     data: list[str] = field(default_factory=list)
     limit: int = 32
     per_source: int = 0
@@ -318,6 +344,8 @@ class FidelityConfig:
             raise ValueError("fidelity needs --out (the report to write)")
         if self.by_scores and not (self.target_scores and self.proxy_scores):
             raise ValueError("score agreement needs both --target-scores and --proxy-scores")
+        if self.checkpoint and not self.proxy:
+            raise ValueError("--checkpoint sets the space of the gradient report: give --proxy and --data too")
         if bool(self.proxy) != bool(self.data):
             raise ValueError("the gradient report needs both --proxy and --data")
         if not self.by_scores and not self.proxy:
@@ -337,7 +365,7 @@ def fidelity_report(config: FidelityConfig) -> dict:
     the proxy looks faithful)."""
     from .artifacts import atomic_write_json
     from .data import load_examples, tokenize_examples
-    from .loading import load_proxy, read_scores
+    from .loading import load_proxy, model_key, read_checkpoint_info, read_lora_state, read_scores
     from .models import default_device, load_model
 
     rep: dict = {}
@@ -360,7 +388,15 @@ def fidelity_report(config: FidelityConfig) -> dict:
         proxy, ptok = load_proxy(config.proxy, config.dtype, device=device, with_tokenizer=True)
         target, _, _ = load_model(config.target, config.dtype, device)
         tokd, _ = tokenize_examples(ptok, examples, config.max_length)
-        rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, config.temperature, config.progress))
+        lora = None
+        if config.checkpoint:
+            info = read_checkpoint_info(config.checkpoint)
+            if model_key(info["model"]) != model_key(config.target):
+                raise ValueError(f"{config.checkpoint} is a warm-up of {info['model']}, not of the target {config.target}")
+            lora = (read_lora_state(config.checkpoint, device), float(info["lora_alpha"]))
+        rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, config.temperature, config.progress, lora))
+        if config.checkpoint:
+            rep["checkpoint"] = config.checkpoint
         rep.update(proxy=config.proxy, target=config.target)
         rep["warning"] = fidelity_warning(rep, config.warn_below)
     atomic_write_json(config.out, rep)
