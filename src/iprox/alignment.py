@@ -198,6 +198,29 @@ class LoraSpace:
     proxy: list[AdaptedLinear]
 
 
+def compared_grads(proxy, target, pairs, enc, create_graph: bool, lora: LoraSpace | None = None,
+                   recompute_target: bool = False):
+    """The gradients the alignment and the fidelity report compare, for one batch.
+
+    Returns:
+        ``(gAB, tAB, target logits, proxy logits)``: per layer the proxy's pair of gradients and the
+        target's counterpart; in the factor space ``(g_A, g_B)`` against ``(G Bᵀ, Aᵀ G)``, in the LoRA
+        space (``lora``) both models' ``(g_{L_A}, g_{L_B})`` of the carried adapters. The proxy's side
+        carries a graph when ``create_graph``; the target's never does.
+    """
+    with recomputed_blocks(target, recompute_target):
+        if lora is None:
+            G, t_logits, _ = target_weight_grads(target, pairs, enc)
+        else:
+            tAB, t_logits, _ = adapter_grads(target, lora.target, enc, create_graph=False)
+    if lora is None:
+        gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=create_graph)
+        tAB = projected_target_grads(pairs, G)
+    else:
+        gAB, p_logits, _ = adapter_grads(proxy, lora.proxy, enc, create_graph=create_graph)
+    return gAB, tAB, t_logits.detach(), p_logits
+
+
 def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float, recompute_target: bool = False,
                    lora: LoraSpace | None = None):
     """``(L, L_GA, L_KL)`` for one batch; ``L`` carries the graph back to the factors.
@@ -206,17 +229,7 @@ def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: flo
     activations need not all be kept; the proxy's double backward holds its own graph regardless).
     ``lora``: compare the carried adapters' gradients instead of the factor-space ones.
     """
-    with recomputed_blocks(target, recompute_target):
-        if lora is None:
-            G, t_logits, _ = target_weight_grads(target, pairs, enc)
-        else:
-            tAB, t_logits, _ = adapter_grads(target, lora.target, enc, create_graph=False)
-            t_logits = t_logits.detach()
-    if lora is None:
-        gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=True)
-        tAB = projected_target_grads(pairs, G)
-    else:
-        gAB, p_logits, _ = adapter_grads(proxy, lora.proxy, enc, create_graph=True)
+    gAB, tAB, t_logits, p_logits = compared_grads(proxy, target, pairs, enc, True, lora, recompute_target)
     cos_a, cos_b = factor_space_cosines(gAB, tAB)
     l_ga = (0.5 * ((1 - cos_a) + (1 - cos_b))).mean()
     if lambda_kl > 0:

@@ -29,8 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .agreement import agreement, task_share
-from .alignment import (adapter_grads, carrying, factor_space_cosines, layer_pairs, projected_target_grads,
-                        proxy_factor_grads, response_kl, target_weight_grads)
+from .alignment import carrying, compared_grads, factor_space_cosines, layer_pairs, response_kl
 from .data import TokenizedExample, collate
 from .lowrank import FactorizedLinear
 from .models import EMBEDDED_MODEL, frozen, resolve_dtype
@@ -79,13 +78,7 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
         space = stack.enter_context(carrying(proxy, target, *lora)) if lora is not None else None
         for ex in tqdm(examples, desc="fidelity", unit="ex", disable=not progress):
             enc = collate([ex], pad_id, device)
-            if space is None:
-                G, t_logits, _ = target_weight_grads(target, pairs, enc)
-                gAB, p_logits, _ = proxy_factor_grads(proxy, pairs, enc, create_graph=False)
-                tAB = projected_target_grads(pairs, G)
-            else:
-                tAB, t_logits, _ = adapter_grads(target, space.target, enc, create_graph=False)
-                gAB, p_logits, _ = adapter_grads(proxy, space.proxy, enc, create_graph=False)
+            gAB, tAB, t_logits, p_logits = compared_grads(proxy, target, pairs, enc, False, space)
             with torch.no_grad():
                 ca, cb = factor_space_cosines(gAB, tAB)
                 sum_a += ca.double().cpu()
