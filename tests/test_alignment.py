@@ -513,8 +513,16 @@ def test_alignment_in_the_lora_space_of_a_target_warmup(tmp_path):
     assert max(float((lora[k] - factors[k]).abs().max()) for k in lora) > 1e-3
     assert json.loads((tmp_path / "factors" / "proxy.json").read_text())["stage2"]["space"] == "factors"
     # the same settings again: skipped; another warm-up in the same folder is another space
-    assert build_proxy(_align_cfg(tmp_path, data, out=str(tmp_path / "lora"), align_space="lora",
-                                  align_checkpoint=str(ck), **kw)).skipped
+    again = _align_cfg(tmp_path, data, out=str(tmp_path / "lora"), align_space="lora", align_checkpoint=str(ck), **kw)
+    assert build_proxy(again).skipped
+    from iprox.artifacts import ConfigMismatchError
+    from iprox.warmup import WarmupConfig, run_warmup
+
+    run_warmup(WarmupConfig(model=str(model_dir), data=[str(data)], out=str(ck.parent), examples=8, epochs=1, lr=1e-3,
+                            lora_rank=2, max_length=96, seed=1, progress=False, overwrite=True))
+    assert json.loads((ck / "checkpoint.json").read_text())["uid"] != info["uid"]
+    with pytest.raises(ConfigMismatchError):
+        build_proxy(again)
 
 
 def test_lora_space_settings_are_checked(tmp_path):
