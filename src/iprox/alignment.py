@@ -48,9 +48,9 @@ from . import artifacts
 from .data import TokenizedExample, collate, load_examples, probe_split, tokenize_examples
 from .distributed import all_reduce_sum_, barrier, on_rank0, rank_device, world
 from .evaluation import per_example_loss
-from .loading import (ALIGN_CHECKPOINT_DIR, PROXY_FILE, STAGE1_DONE, complete_proxy, model_key, read_checkpoint_info,
-                      read_lora_state)
-from .lowrank import AdaptedLinear, FactorizedLinear, attach_adapters, detach_adapters
+from .loading import (ALIGN_CHECKPOINT_DIR, PROXY_FILE, STAGE1_DONE, complete_proxy, read_lora_state,
+                      target_lora_checkpoint)
+from .lowrank import AdaptedLinear, FactorizedLinear, adapter_layers, attach_adapters, detach_adapters
 from .models import default_device, projection_weight, recomputed_blocks
 from .session import Session
 from .training import MasterAdamW, epoch_order
@@ -248,7 +248,7 @@ def carrying(proxy: nn.Module, target: nn.Module, state: dict[str, torch.Tensor]
     Yields:
         A :class:`LoraSpace` with the wrappers, in the same layer order for both models.
     """
-    layers = sorted({k.rsplit(".lora_", 1)[0] for k in state})
+    layers = adapter_layers(state)
 
     def adapted(model: nn.Module) -> set[str]:
         found = set()
@@ -496,13 +496,7 @@ def lora_space_checkpoint(config: "ProxyConfig", target_spec: str | None) -> dic
     if not config.align_checkpoint:
         raise ValueError('align_space = "lora" needs align_checkpoint: a LoRA warm-up checkpoint of the target '
                          '(<warmup>/checkpoint-<epoch>, from iprox warmup --model <the target>)')
-    info = read_checkpoint_info(config.align_checkpoint)
-    if not info["lora"]:
-        raise ValueError(f"{config.align_checkpoint} trained a proxy's factors; the LoRA space needs a target's "
-                         f"LoRA checkpoint")
-    if target_spec is not None and model_key(info["model"]) != model_key(target_spec):
-        raise ValueError(f"{config.align_checkpoint} is a warm-up of {info['model']}, not of the target {target_spec}")
-    return info
+    return target_lora_checkpoint(config.align_checkpoint, target_spec)
 
 
 def align_in_place(proxy: nn.Module, target: nn.Module, tokenizer, examples, config: "ProxyConfig", out: Path) -> dict:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .agreement import agreement, task_share
 from .alignment import carrying, compared_grads, factor_space_cosines, layer_pairs, response_kl
 from .data import TokenizedExample, collate
-from .lowrank import FactorizedLinear
+from .lowrank import FactorizedLinear, adapter_layers
 from .models import EMBEDDED_MODEL, frozen, resolve_dtype
 from .runtime import check_types
 
@@ -63,7 +63,7 @@ def gradient_fidelity(proxy: torch.nn.Module, target: torch.nn.Module, examples:
                          "target's instead (--target-scores, --proxy-scores), or in a LoRA checkpoint's space "
                          "(--checkpoint)")
     pairs = layer_pairs(proxy, target) if lora is None else []
-    names = [pr.name for pr in pairs] if lora is None else sorted({k.rsplit(".lora_", 1)[0] for k in lora[0]})
+    names = [pr.name for pr in pairs] if lora is None else adapter_layers(lora[0])
     target.eval()
     proxy.eval()
     device = next(proxy.parameters()).device
@@ -358,7 +358,7 @@ def fidelity_report(config: FidelityConfig) -> dict:
     the proxy looks faithful)."""
     from .artifacts import atomic_write_json
     from .data import load_examples, tokenize_examples
-    from .loading import load_proxy, model_key, read_checkpoint_info, read_lora_state, read_scores
+    from .loading import load_proxy, read_lora_state, read_scores, target_lora_checkpoint
     from .models import default_device, load_model
 
     rep: dict = {}
@@ -383,9 +383,7 @@ def fidelity_report(config: FidelityConfig) -> dict:
         tokd, _ = tokenize_examples(ptok, examples, config.max_length)
         lora = None
         if config.checkpoint:
-            info = read_checkpoint_info(config.checkpoint)
-            if model_key(info["model"]) != model_key(config.target):
-                raise ValueError(f"{config.checkpoint} is a warm-up of {info['model']}, not of the target {config.target}")
+            info = target_lora_checkpoint(config.checkpoint, config.target)
             lora = (read_lora_state(config.checkpoint, device), float(info["lora_alpha"]))
         rep.update(gradient_fidelity(proxy, target, tokd, ptok.pad_token_id, config.temperature, config.progress, lora))
         if config.checkpoint:

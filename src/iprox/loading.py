@@ -139,6 +139,24 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return read_json(path / CHECKPOINT_FILE, "checkpoint description")
 
 
+def target_lora_checkpoint(path: str | Path, target_spec: str | None = None) -> dict[str, Any]:
+    """``checkpoint.json`` of a target's LoRA warm-up checkpoint, checked.
+
+    Args:
+        target_spec: the model it must be a warm-up of (None: not checked).
+
+    Raises:
+        FileNotFoundError: not a warm-up checkpoint.
+        ValueError: it trained a proxy's factors, or it is a warm-up of another model.
+    """
+    info = read_checkpoint_info(path)
+    if not info["lora"]:
+        raise ValueError(f"{path} trained a proxy's factors; only a target's LoRA checkpoint can be carried by a proxy")
+    if target_spec is not None and model_key(info["model"]) != model_key(target_spec):
+        raise ValueError(f"{path} is a warm-up of {info['model']}, not of the target {target_spec}")
+    return info
+
+
 def read_lora_state(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A LoRA warm-up checkpoint's adapter tensors by canonical name (without peft's prefix).
 
@@ -146,8 +164,7 @@ def read_lora_state(path: str | Path, device: str = "cpu") -> dict[str, torch.Te
         ValueError: the checkpoint trained a proxy's factors, not LoRA adapters.
     """
     path = Path(path)
-    if not read_checkpoint_info(path)["lora"]:
-        raise ValueError(f"{path} trained a proxy's factors; only a target's LoRA checkpoint can be carried by a proxy")
+    target_lora_checkpoint(path)
     return {canonical_name(k): v for k, v in load_file(str(path / TRAINABLE_FILE), device=str(device)).items()}
 
 

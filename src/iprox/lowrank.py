@@ -191,6 +191,11 @@ class AdaptedLinear(nn.Module):
         return y + (b(a(x.to(a.weight.dtype))) * self.scaling).to(y.dtype)
 
 
+def adapter_layers(state: dict[str, torch.Tensor]) -> list[str]:
+    """The layers a LoRA state adapts (``<layer>.lora_A/B...`` keys), sorted."""
+    return sorted({k.rsplit(".lora_", 1)[0] for k in state})
+
+
 def attach_adapters(model: nn.Module, state: dict[str, torch.Tensor], alpha: float,
                     device: torch.device | str | None = None) -> dict[str, AdaptedLinear]:
     """Puts an :class:`AdaptedLinear` around each layer a LoRA state names, holding its tensors.
@@ -209,7 +214,7 @@ def attach_adapters(model: nn.Module, state: dict[str, torch.Tensor], alpha: flo
         ValueError: the model has no layer of that name, or a tensor's shape does not fit it.
     """
     out = {}
-    for layer in sorted({k.rsplit(".lora_", 1)[0] for k in state}):
+    for layer in adapter_layers(state):
         try:
             mod = model.get_submodule(layer)
         except AttributeError:
