@@ -25,7 +25,8 @@ from torch import nn
 from .artifacts import read_json
 from .data import load_examples, tokenize_examples
 from .loading import (PROXY_FILE, Checkpoint, _fill, apply_lora, canonical_name, load_model_or_proxy, mark_trainable,
-                      model_key, proxy_uid, read_checkpoint_info, read_lora_state)
+                      model_key, proxy_uid, read_checkpoint_info, read_lora_state,
+                      target_lora_checkpoint)
 from .models import weights_hash
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,7 @@ class Session:
             ValueError: the checkpoint trained factors, or its model is not the proxy's target.
         """
         path = Path(path)
-        info = read_checkpoint_info(path)
-        if not info["lora"]:
-            raise ValueError(f"{path} trained a proxy's factors; only a target's LoRA checkpoint can be carried by a proxy")
+        info = target_lora_checkpoint(path)
         target = read_json(Path(proxy) / PROXY_FILE, "proxy description")["target"]["model"]
         if model_key(target) != model_key(info["model"]):
             raise ValueError(f"{path} is a warm-up of {info['model']}, but {proxy} was built from {target}")
