@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import math
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -162,6 +163,16 @@ def _settings() -> dict[str, dict]:
     for vm, val in (("proxy", "val"), ("target", "val-target")):
         s[f"0.7 default, LoRA-space align, val {vm}, rescored"] = {
             "group": "alignment objective", "rescore": {"from": "0.7 default, LoRA-space align", "val": val}}
+    # The 0.7 default's proxy warmed up and read out other ways. Each reuses the proxy of the same
+    # seed's "0.6 default, val both" run (the same compress and align settings, so the same proxy;
+    # its build seconds are that run's): only the warm-up and what follows run.
+    s["0.7 default, 4 checkpoints"] = {"group": "checkpoints", "run": tf, "proxy": DEFAULT_06,
+                                       "warmup": {"epochs": 4}, "features": {"val_model": "both"},
+                                       "reuse": "0.6 default, val both"}
+    for trains in ("factors", "lora"):  # the proxy warms up itself: its factors, or LoRA on them
+        s[f"0.7 default, proxy-first, {trains} warm-up"] = {
+            "group": "warm-up", "run": {"selector": "proxy", "warmup_on": "proxy"}, "proxy": DEFAULT_06,
+            "warmup": {"proxy_trains": trains}, "reuse": "0.6 default, val both"}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
@@ -288,6 +299,8 @@ def main() -> None:
                 log.info("%s, seed %d: finished earlier; read back", name, seed)
             else:
                 log.info("%s, seed %d", name, seed)
+                if "reuse" in SETTINGS[name]:
+                    reuse_build(work / "runs" / f"{slug(SETTINGS[name]['reuse'])}-s{seed}", out)
                 sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
         meta = json.loads((built / "pipeline.json").read_text())
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
@@ -295,7 +308,7 @@ def main() -> None:
         defn = SETTINGS[source]
         factored = defn.get("proxy", {}).get("init") != "layer-drop"  # the gradient check needs factors
         if defn.get("run", BASE["run"])["selector"] == "proxy" and factored:
-            fid = work / "gradcos" / f"{slug(source)}-s{seed}.json"
+            fid = work / "gradcos" / f"{slug(defn.get('reuse', source))}-s{seed}.json"  # per proxy
             fid.parent.mkdir(exist_ok=True)
             if not fid.exists():
                 sh(IPROX + ["fidelity", "--proxy", str(built / "proxy"), "--target", str(target), "--data", str(held),
@@ -318,6 +331,27 @@ def main() -> None:
         results["downstream"] = {t: {**old.get(t, {}), **rows} for t, rows in new.items()}
         res_path.write_text(json.dumps(results, indent=2))
     finish(results)
+
+
+def reuse_build(src: Path, out: Path) -> None:
+    """Starts the run folder ``out`` from ``src``'s pool and proxy (its compress and align stages),
+    their records pointed at ``out``: `iprox run` then finds them complete with its own settings and
+    runs the warm-up on, keeping their stage times. A proxy built with other settings is refused
+    there (its settings differ), not rebuilt. Nothing to do when ``out`` holds them already."""
+    if (out / "proxy").exists():
+        return
+    if not (src / "proxy" / "COMPLETE").exists():
+        raise SystemExit(f"{out.name} reuses the proxy of {src}, which has none; run that setting at this seed first")
+    out.mkdir(parents=True, exist_ok=True)
+    for d in ("pool", "compressed", "proxy"):
+        shutil.copytree(src / d, out / d)
+        for f in (out / d).rglob("*.json"):
+            f.write_text(f.read_text().replace(str(src), str(out)))
+    meta = json.loads((src / "pipeline.json").read_text())
+    keep = ("pool", "compress", "align")
+    meta = {k: {st: v for st, v in meta[k].items() if st in keep} for k in ("fingerprints", "timings", "peak_rss_gib",
+                                                                            "model_load_s") if k in meta}
+    (out / "pipeline.json").write_text(json.dumps(meta, indent=2))
 
 
 def compare(results: dict) -> None:
