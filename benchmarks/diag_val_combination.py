@@ -37,7 +37,7 @@ from bench_fidelity import TASKS, measure  # noqa: E402
 from common import slug, update_benchmarks_md  # noqa: E402
 
 from iprox.data import load_examples  # noqa: E402
-from iprox.loading import iter_features, read_scores  # noqa: E402
+from iprox.loading import load_features, read_scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = (("spearman", "whole-pool Spearman"), ("head_spearman", "head Spearman"),
@@ -53,17 +53,9 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.argsort(x, stable=True), stable=True).double()
 
 
-def _load(store: Path) -> tuple[list[str], torch.Tensor]:
-    ids, xs = [], []
-    for i, x in iter_features(store, dtype=torch.float64):
-        ids += i
-        xs.append(x)
-    return ids, torch.cat(xs)
-
-
 def _task_vectors(store: Path, tasks_of: dict[str, str]) -> dict[str, torch.Tensor]:
     """Per target task the mean of its normalised validation features (what `iprox score` uses)."""
-    ids, v = _load(store)
+    ids, v = load_features(store, dtype=torch.float64)
     v = v / v.norm(dim=1, keepdim=True)
     return {t: v[[k for k, i in enumerate(ids) if tasks_of[i] == t]].mean(0) for t in TASKS}
 
@@ -135,7 +127,7 @@ def main() -> None:
     tasks_of = {e.id: e.task for e in load_examples([str(work / "runs" / "target-s0" / "pool" / "validation.jsonl")])}
     per: dict[str, list[dict]] = {}  # one {task: figures} per run
     for name, seed, train, val, target_val in runs:
-        ids, x = _load(train)
+        ids, x = load_features(train, dtype=torch.float64)
         x = x / x.norm(dim=1, keepdim=True)
         base = read_scores(train.parent.parent / "scores")
         for how, scores in _combinations(x, _task_vectors(val, tasks_of), _task_vectors(target_val, tasks_of)).items():
