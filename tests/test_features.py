@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import FACTORIES, chat_records, make_tokenizer, write_jsonl, write
 from iprox.data import Example, collate, tokenize_examples
 from iprox.evaluation import per_example_loss
 from iprox.features import FeatureConfig, compute_features
-from iprox.loading import iter_features, load_features, read_manifest
+from iprox.loading import STORE_FORMAT_VERSION, iter_features, load_features, read_manifest
 from iprox.projection import (DenseEngine, KroneckerEngine, Preconditioner, feature_modules, make_preconditioners,
                               make_projection, make_projections, out_in, side_dims)
 
@@ -118,10 +119,45 @@ def test_inner_products_survive_projection_at_large_k():
     assert (got - true).abs().max() < 0.1
 
 
+def test_a_side_the_budget_covers_is_kept_exactly():
+    """A LoRA matrix's rank side is not projected: the identity, so nothing random distorts it; a
+    layer small enough for the budget on both sides is stored as its exact gradient."""
+    pr = make_projection("x.lora_A", 8, 384, 64, seed=0, dtype=torch.float64)
+    assert torch.equal(pr.P_out, torch.eye(8, dtype=torch.float64)) and pr.P_in.shape == (8, 384)
+    pr = make_projection("x.lora_B", 384, 8, 64, seed=0, dtype=torch.float64)
+    assert torch.equal(pr.P_in, torch.eye(8, dtype=torch.float64)) and pr.P_out.shape == (8, 384)
+    small = make_projection("tiny", 4, 6, 64, seed=0, dtype=torch.float64)
+    G = torch.randn(4, 6, dtype=torch.float64)
+    torch.testing.assert_close(small.P_out @ G @ small.P_in.T, G, rtol=0, atol=0)
+
+
+def test_kept_rank_side_distorts_inner_products_less_than_a_square_gaussian():
+    """Over 20 projection seeds, rank-8 'lora_A' gradients (8 × 384) of correlated examples: the
+    normalised inner products after projection (rank side kept, 384 → 8 on the other) are closer
+    to the true ones than with an 8×8 Gaussian on the rank side as well (the scheme before store
+    format 3)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 384, generator=g, dtype=torch.float64)
+    grads = torch.stack([base + torch.randn(8, 384, generator=g, dtype=torch.float64) for _ in range(6)])
+    flat = grads.reshape(6, -1)
+    norms = flat.norm(dim=1)
+    true = flat @ flat.T / torch.outer(norms, norms)
+    err_kept, err_square = [], []
+    for seed in range(20):
+        pr = make_projection("layer.lora_A", 8, 384, 64, seed=seed, dtype=torch.float64)
+        square = torch.randn(8, 8, generator=torch.Generator().manual_seed(100 + seed), dtype=torch.float64) / math.sqrt(8)
+        for P_out, errs in ((pr.P_out, err_kept), (square, err_square)):
+            f = torch.stack([(P_out @ G @ pr.P_in.T).reshape(-1) for G in grads])
+            errs.append((f @ f.T / torch.outer(norms, norms) - true).abs().mean())
+    assert torch.stack(err_kept).mean() < 0.75 * torch.stack(err_square).mean()
+
+
 def test_side_dims_and_determinism():
     assert side_dims(576, 576, 64) == (8, 8)
     assert side_dims(8, 576, 64) == (8, 8)
-    assert side_dims(576, 8, 256) == (16, 8)
+    assert side_dims(576, 8, 256) == (32, 8)  # a LoRA B: its rank side whole, the rest to the other
+    assert side_dims(8, 576, 256) == (8, 32)
+    assert side_dims(4, 6, 64) == (4, 6)  # a small layer: both sides whole, fewer dims than asked
     assert side_dims(576, 1536, 128) == (8, 16)
     a = make_projection("x.q_proj", 20, 30, 16, seed=1)
     b = make_projection("x.q_proj", 20, 30, 16, seed=1, dtype=torch.float64)
@@ -299,7 +335,7 @@ def test_killed_run_resumes_to_identical_store(setup_store, tmp_path, monkeypatc
     man_path.write_text(json.dumps({**man, "format_version": 1}))
     written.clear()
     compute_features(_cfg(model_dir, data, tmp_path / "cut"))
-    assert len(written) == 4 and read_manifest(tmp_path / "cut")["format_version"] == 2
+    assert len(written) == 4 and read_manifest(tmp_path / "cut")["format_version"] == STORE_FORMAT_VERSION
 
 
 def test_torchrun_two_processes_equal_one(setup_store, tmp_path):

@@ -63,7 +63,8 @@ class FeatureConfig(ModelStageConfig):
             engines) or ``factored-adam`` (a row × column approximation of it, kept for comparison).
         engine: ``kronecker`` (fast, hooks), ``dense`` (per-example reference), or
             ``representation`` (the RDS+ baseline: mean-pooled final hidden states, no gradients).
-        proj_dim: projected dimensions per layer (split ≈√k × √k; clipped to the layer's shape).
+        proj_dim: projected dimensions per layer (split ≈√k × √k; a side no longer than its share, such as
+            a LoRA matrix's rank, is kept whole and exact, and the other side takes the rest).
         total_dim: or a budget for the whole model (0: use proj_dim), shared equally by the layers,
             so the store's size does not grow with the model's depth (LESS keeps 8,192 in all).
         batch_size: examples per forward/backward (kronecker); the dense engine loops within it.

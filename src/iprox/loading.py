@@ -353,7 +353,9 @@ def load_proxy(path: str | Path, dtype: str | None = None, device: str = "cpu", 
 MANIFEST_FILE = "manifest.json"
 # 2: projections seeded by the layer's name without peft's prefix (a target's LoRA and a proxy
 # carrying it share them); shards record the version, so a resume never mixes schemes.
-STORE_FORMAT_VERSION = 2
+# 3: a layer side the budget covers whole (a LoRA matrix's rank side) is kept exactly, not
+# multiplied by a square Gaussian; the budget a kept side leaves goes to the other side.
+STORE_FORMAT_VERSION = 3
 SCORES_FILE = "scores.csv"
 
 
