@@ -62,7 +62,7 @@ from .distributed import world as dist_world
 from .alignment import ALIGN_FIELDS, align_proxy
 from .features import FeatureConfig, compute_features
 from .projection import GRADS
-from .loading import LOADS
+from .loading import LOADS, STORE_FORMAT_VERSION
 from .session import Session
 from .models import EMBEDDED_MODEL, resolve_dtype
 from .runtime import check_types, section_config
@@ -267,7 +267,10 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
         "warmup": cfg.warmup if cfg.warmup_on == "proxy" or cfg.selector != "proxy" else {**cfg.warmup, "on": "target"},
         # the resolved validation model, when not the proxy itself (the only one before it was a choice)
         "features": {**{k: v for k, v in cfg.features.items() if k != "val_model"},
-                     **({"val_model": val_model(cfg)} if val_model(cfg) != "proxy" else {})},
+                     **({"val_model": val_model(cfg)} if val_model(cfg) != "proxy" else {}),
+                     # a run whose stores an older format wrote (another projection) is refused
+                     # here, so its scores are never mixed with new stores
+                     "store_format": STORE_FORMAT_VERSION},
         "score": cfg.score, "select": cfg.select,
     }
     if aligns_in_own_warmup(cfg):  # the alignment reads the warm-up's last checkpoint
