@@ -167,7 +167,8 @@ def compare(mine: dict, base: Path, work: Path) -> None:
 def report(res: dict) -> str:
     lines = ["## The target's projection noise, and the proxy under each store format (issue 12)", "",
              "`benchmarks/diag_projection.py`: the fidelity study's target and 0.7-default proxies (sparsity 0.5) "
-             "featurised again with the code of each store format (proj_dim 64 per layer). Per task "
+             "featurised again with the code of each store format (proj_dim 64 per layer; \"exact\": 12288, every "
+             "LoRA side whole, no projection). Per task "
              "(boolean_expressions / hyperbaton / formal_fallacies): whole-pool Spearman / head Spearman / top-5% "
              "overlap / task share of the top 5% (of 15; the reference's in brackets).", ""]
     for key, mine in res.items():
