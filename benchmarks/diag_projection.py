@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -120,6 +121,7 @@ def main() -> None:
         mine = res.setdefault(key, {"seconds": {}, "vs": {}})
         base = work / "projection" / f"format-{STORE_FORMAT_VERSION}"
         base.mkdir(parents=True, exist_ok=True)
+        res["fidelity study against the exact target"] = study_against_exact(work)
         for job in jobs(work):
             if args.only and job["name"] not in args.only:
                 continue
@@ -164,6 +166,22 @@ def compare(mine: dict, base: Path, work: Path) -> None:
             mine["vs"][label] = measure(rows, against)
 
 
+def study_against_exact(work: Path) -> dict:
+    """Every fidelity-study run whose scores are on disk, against the exact target (seed 0): per
+    setting, per task, the figures of each seed. Only score tables are read; the runs' own stores
+    stay as the study made them (store format 2, proj_dim 64)."""
+    ref = work / "projection" / f"format-{STORE_FORMAT_VERSION}" / slug("target, warm-up 0, exact") / "scores"
+    study = RESULTS / "fidelity.json"
+    if not (ref / "COMPLETE").exists() or not study.exists():
+        return {}
+    exact = read_scores(ref)
+    out: dict[str, list] = {}
+    for rec in json.loads(study.read_text())["runs"].values():
+        if (Path(rec["scores"]) / "COMPLETE").exists():
+            out.setdefault(rec["setting"], []).append([rec["seed"], measure(read_scores(rec["scores"]), exact)])
+    return out
+
+
 def report(res: dict) -> str:
     lines = ["## The target's projection noise, and the proxy under each store format (issue 12)", "",
              "`benchmarks/diag_projection.py`: the fidelity study's target and 0.7-default proxies (sparsity 0.5) "
@@ -172,6 +190,8 @@ def report(res: dict) -> str:
              "(boolean_expressions / hyperbaton / formal_fallacies): whole-pool Spearman / head Spearman / top-5% "
              "overlap / task share of the top 5% (of 15; the reference's in brackets).", ""]
     for key, mine in res.items():
+        if key == "fidelity study against the exact target":
+            continue
         lines += [f"### {key}", "", "| comparison | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
         for label, m in mine["vs"].items():
             lines.append(f"| {label} | " + " | ".join(
@@ -181,7 +201,27 @@ def report(res: dict) -> str:
             lines += ["", "Pool pass (300 examples, train features) seconds: " +
                       "; ".join(f"{k} {v:.0f}" for k, v in mine["seconds"].items()) + "."]
         lines.append("")
+    study = res.get("fidelity study against the exact target")
+    if study:
+        lines += ["### The fidelity study's runs against the exact target", "",
+                  "Each run's scores as the study made them (store format 2, proj_dim 64), against the target's exact "
+                  "gradients (seed-0 warm-up): mean over the seeds on disk (n) of whole-pool Spearman / head Spearman / "
+                  "top-5% overlap. The target's own warm-up seed 1 (exact) is the ceiling: "
+                  + _cells(res, "target warm-up 1 exact against target exact") + ".", "",
+                  "| setting | n | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
+        for setting, figs in sorted(study.items(), key=lambda kv: -sum(
+                statistics.fmean(f[t]["spearman"] for _, f in kv[1]) for t in TASKS)):
+            lines.append(f"| {setting} | {len(figs)} | " + " | ".join(" / ".join(
+                f"{statistics.fmean(f[t][k] for _, f in figs):.2f}" for k in ("spearman", "head_spearman", "overlap_5"))
+                for t in TASKS) + " |")
     return "\n".join(lines).rstrip()
+
+
+def _cells(res: dict, label: str) -> str:
+    m = res.get(f"store format {STORE_FORMAT_VERSION}", {}).get("vs", {}).get(label)
+    if m is None:
+        return "not measured"
+    return "; ".join(f"{t} {m[t]['spearman']:.2f} / {m[t]['head_spearman']:.2f} / {m[t]['overlap_5']:.2f}" for t in TASKS)
 
 
 if __name__ == "__main__":
