@@ -183,7 +183,8 @@ def _add_score(sub) -> None:
 
     p = sub.add_parser("score", help="TracIn or influence-function scores of the pool on the validation set")
     add_config_args(p, ScoreConfig, required=("train", "val", "out"),
-                    overrides={"train": {"nargs": "+", "action": "store"}, "val": {"nargs": "+", "action": "store"}})
+                    overrides={"train": {"nargs": "+", "action": "store"}, "val": {"nargs": "+", "action": "store"},
+                               "calibration": {"nargs": "+", "action": "store"}})
 
 
 def _cmd_score(args) -> int:

@@ -36,7 +36,9 @@ shared data folder, ``out`` is relative to the working directory)::
     [warmup]    # WarmupConfig fields (fraction, epochs, lr, ...)
     [features]  # FeatureConfig fields, plus train_grad (default adam: LESS's elementwise Adam, exact)
                 # and val_model (proxy | target | both: which model's gradients of the validation
-                # examples score the pool; target and both need the target-first order)
+                # examples score the pool; target and both need the target-first order) and
+                # calibrate (N pool examples featurised by the target too, whose errors correct the
+                # proxy's pool features; target-first order; 0: off)
     [score]     # method, aggregate, checkpoint_weights, damping
     [select]    # fraction or top_k
 """
@@ -60,6 +62,7 @@ from .data import find_shared_data
 from .distributed import barrier, on_rank0
 from .distributed import world as dist_world
 from .alignment import ALIGN_FIELDS, align_proxy
+from .calibration import calibration_subset
 from .features import FeatureConfig, compute_features
 from .projection import GRADS
 from .loading import LOADS, STORE_FORMAT_VERSION
@@ -85,6 +88,8 @@ DEFAULT_TRAIN_GRAD = "adam"
 # proxy), or both (the two scores summed).
 VAL_MODELS = ("proxy", "target", "both")
 DEFAULT_VAL_MODEL = "both"
+# pool examples the target featurises too, to correct the proxy's pool features (iprox.calibration)
+DEFAULT_CALIBRATE = 0
 # proxy: IProX (or, with [proxy] init/align settings, the svd / layer-drop / unaligned baselines);
 # model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
 # representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
@@ -141,6 +146,19 @@ class RunConfig:
             raise ValueError(f'[features] val_model = "{val_model}" compares the proxy\'s pool gradients with the '
                              f'target\'s, which needs selector = "proxy" and warmup_on = "target" (the proxy then '
                              f'carries the target\'s LoRA checkpoints); leave val_model out otherwise')
+        n_cal = feats.pop("calibrate", None)
+        if n_cal is not None and (isinstance(n_cal, bool) or not isinstance(n_cal, int) or n_cal < 0):
+            raise ValueError(f"[features] calibrate must be a number of pool examples (0: off), got {n_cal!r}")
+        if n_cal and not (self.selector == "proxy" and self.warmup_on == "target"):
+            raise ValueError('[features] calibrate corrects the proxy\'s pool features with the target\'s on a few '
+                             'pool examples, which needs selector = "proxy" and warmup_on = "target" (the proxy then '
+                             'carries the target\'s LoRA checkpoints); leave calibrate out otherwise')
+        if n_cal and self.score.get("method", "tracin") != "tracin":
+            raise ValueError("[features] calibrate corrects the features of cosine scores; it needs [score] method = "
+                             "\"tracin\"")
+        if "calibration" in self.score:
+            raise ValueError("[score] calibration is the pipeline's (its calibration stores); set [features] calibrate "
+                             "instead, and [score] calibration_ridge for the correction's ridge")
         if "grad" in feats:
             raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
         checks = (("proxy", ProxyConfig, {"data": ["x"]}, self.proxy),
@@ -193,6 +211,14 @@ def val_model(cfg: RunConfig) -> str:
     if given is not None:
         return given
     return DEFAULT_VAL_MODEL if cfg.selector == "proxy" and cfg.warmup_on == "target" else "proxy"
+
+
+def calibrate(cfg: RunConfig) -> int:
+    """The run's calibration examples: ``[features] calibrate``, or the default where the order allows it."""
+    given = cfg.features.get("calibrate")
+    if given is not None:
+        return given
+    return DEFAULT_CALIBRATE if cfg.selector == "proxy" and cfg.warmup_on == "target" else 0
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -266,8 +292,10 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
         # made then still match when they ask for it
         "warmup": cfg.warmup if cfg.warmup_on == "proxy" or cfg.selector != "proxy" else {**cfg.warmup, "on": "target"},
         # the resolved validation model, when not the proxy itself (the only one before it was a choice)
-        "features": {**{k: v for k, v in cfg.features.items() if k != "val_model"},
+        "features": {**{k: v for k, v in cfg.features.items() if k not in ("val_model", "calibrate")},
                      **({"val_model": val_model(cfg)} if val_model(cfg) != "proxy" else {}),
+                     # (only when on, so runs made before it existed still match)
+                     **({"calibrate": calibrate(cfg)} if calibrate(cfg) else {}),
                      # a run whose stores an older format wrote (another projection) is refused
                      # here, so its scores are never mixed with new stores
                      "store_format": STORE_FORMAT_VERSION},
@@ -439,9 +467,10 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, ra
     feats = dict(cfg.features)
     train_grad = feats.pop("train_grad", DEFAULT_TRAIN_GRAD)
     feats.pop("val_model", None)
+    feats.pop("calibrate", None)
     feats.setdefault("seed", cfg.seed)
     feats.setdefault("max_length", cfg.max_length)
-    ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad, val_model(cfg))
+    ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad, val_model(cfg), calibrate(cfg))
     for stage in stages(cfg):
         timed(stage.name, lambda: stage.run(ctx))
     return RunResult(out, ctx.manifest, timings)
@@ -464,6 +493,7 @@ class _Context:
     feats: dict
     train_grad: str
     val_model: str
+    calibrate: int
     pool_file: Path | None = None
     val_file: Path | None = None
     feature_model: str = ""      # the model whose features score the pool
@@ -471,6 +501,7 @@ class _Context:
     checkpoints: list[Path] = field(default_factory=list)
     train_stores: list[str] = field(default_factory=list)
     val_stores: list[str] = field(default_factory=list)
+    calib_stores: list[str] = field(default_factory=list)  # per pair: the target's calibration store, or ""
     scores_csv: Path | None = None
     manifest: dict = field(default_factory=dict)
 
@@ -530,7 +561,8 @@ def _warmup(ctx: _Context) -> None:
 def _features(ctx: _Context) -> None:
     """Each checkpoint's pool store, and validation stores from the proxy, the target or both; a
     pool store is paired with each of its checkpoint's validation stores (``both``: two pairs, whose
-    scores add up)."""
+    scores add up). With ``calibrate``, the target's features of a seeded subset of the pool too
+    (``calib-target-<epoch>``), which correct the proxy's pool store when it is scored."""
     def store(kind: str, model: str, ck: Path, data: Path, grad: str) -> str:
         out = ctx.out / "features" / f"{kind}-{ck.name.split('-')[1]}"
         fc = FeatureConfig(**{**ctx.dtype, **ctx.feats, "model": model, "checkpoint": str(ck),
@@ -541,6 +573,11 @@ def _features(ctx: _Context) -> None:
     # the target's validation stores first, while it is resident from its warm-up; then it goes
     target_val = [store("val-target", ctx.cfg.model, ck, ctx.val_file, "sgd") for ck in ctx.checkpoints] \
         if ctx.val_model in ("target", "both") else []
+    calib = []
+    if ctx.calibrate:
+        subset = on_rank0(lambda: calibration_subset(ctx.pool_file, ctx.calibrate, ctx.cfg.seed,
+                                                     ctx.out / "features" / "calibration.jsonl"))
+        calib = [store("calib-target", ctx.cfg.model, ck, subset, ctx.train_grad) for ck in ctx.checkpoints]
     if ctx.warm_model != ctx.feature_model:
         ctx.session.drop(ctx.cfg.model)
     for i, ck in enumerate(ctx.checkpoints):
@@ -549,6 +586,7 @@ def _features(ctx: _Context) -> None:
         vals += target_val[i:i + 1]
         ctx.train_stores += [train] * len(vals)
         ctx.val_stores += vals
+        ctx.calib_stores += [calib[i] if calib else ""] * len(vals)
 
 
 def _represent(ctx: _Context) -> None:
@@ -570,6 +608,8 @@ def _score(ctx: _Context) -> None:
     if weights != "auto" and pairs > 1:  # each checkpoint's weight on each of its pairs
         weights = [float(w) for w in weights.split(",")] if isinstance(weights, str) else weights
         settings = {**settings, "checkpoint_weights": [w for w in weights for _ in range(pairs)]}
+    if any(ctx.calib_stores):
+        settings = {**settings, "calibration": ctx.calib_stores}
     scfg = ScoreConfig(**{**settings, "train": ctx.train_stores, "val": ctx.val_stores, "out": str(ctx.out / "scores"),
                           "progress": cfg.progress, "overwrite": ctx.overwrite})
     ctx.scores_csv = score(scfg)  # streaming, each rank its share of the shards

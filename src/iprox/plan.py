@@ -452,7 +452,7 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
             if key not in kw:  # the sampled size of every source, as the run's pool stage takes it
                 counted[key] = sum(s["sample"] or len(load_examples(s["path"])) for s in getattr(run, key))
         # (the pipeline's own keys: the preconditioner is per store, the validation model a few examples)
-        features = {k: v for k, v in run.features.items() if k not in ("train_grad", "val_model")}
+        features = {k: v for k, v in run.features.items() if k not in ("train_grad", "val_model", "calibrate")}
         kw = {"model": run.model, "max_length": run.max_length, **counted,
               "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features, **kw}
     for item in sets:

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from . import artifacts
+from .calibration import DEFAULT_RIDGE, Correction, fit_correction
 from .data import load_examples
 from .distributed import all_reduce_sum_, on_every_rank, on_rank0, world
 from .loading import CARRIED, SCORES_FILE, canonical_name, iter_feature_rows, iter_features, read_manifest
@@ -51,6 +52,9 @@ class ScoreConfig:
         checkpoint_weights: ``auto`` (each checkpoint's mean learning rate; 1 without checkpoints)
             or explicit weights, one per checkpoint.
         damping: ``if`` only: λ as a fraction of the mean eigenvalue of F.
+        calibration: per train store, the target's store of some of its examples (``""``: none):
+            the proxy's pool features are corrected from them (:mod:`iprox.calibration`); tracin only.
+        calibration_ridge: the correction's ridge λ (on the scale of a cosine).
         chunk_rows: pool rows scored at once.
         overwrite: replace a scores folder made with other settings.
         progress: show progress (unused: scoring logs one line per checkpoint).
@@ -63,6 +67,8 @@ class ScoreConfig:
     aggregate: Literal["max", "mean"] = "max"
     checkpoint_weights: str | list[float] = "auto"
     damping: float = 0.1
+    calibration: list[str] = field(default_factory=list)
+    calibration_ridge: float = DEFAULT_RIDGE
     chunk_rows: int = 4096
     overwrite: bool = False
     progress: bool = True
@@ -86,8 +92,19 @@ class ScoreConfig:
             raise ValueError(f"{len(self.checkpoint_weights)} checkpoint_weights for {len(self.train)} checkpoints")
         if self.damping <= 0 or self.chunk_rows < 1:
             raise ValueError("damping must be > 0 and chunk_rows >= 1")
+        if isinstance(self.calibration, str):
+            self.calibration = [self.calibration]
+        if self.calibration:
+            if len(self.calibration) != len(self.train):
+                raise ValueError(f"one --calibration store per --train store (got {len(self.calibration)} for "
+                                 f"{len(self.train)}; \"\" for a store without one)")
+            if self.method != "tracin":
+                raise ValueError("calibration corrects the features of cosine scores; it needs method = tracin")
+            if self.calibration_ridge <= 0:
+                raise ValueError(f"calibration_ridge must be > 0, got {self.calibration_ridge}")
         self.train = [str(Path(p).resolve()) for p in self.train]
         self.val = [str(Path(p).resolve()) for p in self.val]
+        self.calibration = [str(Path(p).resolve()) if p else "" for p in self.calibration]
 
 
 def _canonical_layout(man: dict) -> list[dict]:
@@ -171,8 +188,13 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
     subtasks = sorted(set(vtasks))
     n = tman[0]["n_examples"]
     total = torch.zeros(n, len(subtasks), dtype=torch.float64)
+    fits: dict[tuple[str, str], Correction] = {}  # a pool store paired twice ("both") is fitted once
     for c, (t, v, w) in enumerate(zip(config.train, config.val, weights)):
         U = _subtask_matrix(v, config.method, subtasks, vtasks)
+        calib = config.calibration[c] if config.calibration else ""
+        if calib and (t, calib) not in fits:
+            fits[t, calib] = fit_correction(t, calib, config.calibration_ridge, config.chunk_rows)
+        corr = fits.get((t, calib))
         if config.method == "if":
             F = second_moment(t, config.chunk_rows)
             lam = config.damping * torch.trace(F) / F.shape[0]
@@ -180,9 +202,11 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
         def mine() -> None:
             # under torchrun each rank scores its share of the shards into its rows of ``total`` (the
             # others stay zero) and one all-reduce assembles the table on every rank
-            for row, _, X in iter_feature_rows(t, config.chunk_rows, torch.float64, part=world()):
+            for row, ids, X in iter_feature_rows(t, config.chunk_rows, torch.float64, part=world()):
                 if config.method == "tracin":
                     X = X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                if corr is not None:
+                    X = corr.apply(ids, X)
                 total[row:row + X.shape[0]] += w * (X @ U)
 
         on_every_rank(mine)
@@ -244,7 +268,7 @@ def score(config: ScoreConfig) -> Path:
     every rank scores a share of the pool's shards and rank 0 writes."""
     out = Path(config.out)
     cfg = asdict(config)
-    for store in config.train + config.val:  # readable stores before anything is written
+    for store in config.train + config.val + [p for p in config.calibration if p]:  # readable stores before anything is written
         read_manifest(store)
     if on_rank0(lambda: artifacts.prepare_stage(out, "score", cfg, config.overwrite)):
         return out / SCORES_FILE

@@ -1,0 +1,138 @@
+"""Calibration: the proxy's pool features corrected by the target's on a few pool examples.
+
+The proxy's per-example gradient errors are not independent noise: examples alike (the same task, the
+same answer format) share much of their error, so the errors compound in the scores and shift whole
+blocks of the pool (``BENCHMARKS.md``, "validation model" and "calibration"). A few pool examples
+featurised by the target as well (``c`` target passes) show that error, and its shared part can be
+predicted for every other example from how alike their proxy features are.
+
+With ``P`` and ``T`` the proxy's and the target's unit feature rows of the calibration examples (the
+same coordinates: in the target-first order the proxy carries the target's LoRA checkpoint and both
+are projected alike), kernel ridge regression of the error on the proxy's features gives, for a pool
+example with unit proxy feature ``x``::
+
+    x' = normalise(x + (x Pᵀ) M),   M = (P Pᵀ + λ I)⁻¹ (T − P)      (c × dim)
+
+A calibration example's own row is replaced by the target's. ``λ`` (``ridge``) trades how far the
+correction reaches from the calibration examples against fitting their noise; ``P Pᵀ`` has ones on its
+diagonal (unit rows), so ``λ`` is on the scale of a cosine.
+
+The correction is linear in ``x``, so it is applied chunk by chunk while the pool is streamed past
+the scores (:func:`iprox.scores.compute_scores`); it reads the proxy's rows of the calibration
+examples from the pool store (one pass) and the target's from the calibration store.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+from .loading import iter_feature_rows, read_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RIDGE = 0.01
+
+
+def calibration_subset(pool_file: str | Path, n: int, seed: int, out: str | Path) -> Path:
+    """Writes ``n`` records of the pool file (seeded choice, in pool order; all of them when the pool
+    is smaller) to ``out`` as JSON lines and returns its path. The records keep their ids, so the
+    target's store of them lines up with the proxy's pool store.
+
+    Raises:
+        ValueError: ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"a calibration subset needs at least one example, got {n}")
+    lines = [ln for ln in Path(pool_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    keep = sorted(random.Random(seed).sample(range(len(lines)), min(n, len(lines))))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(lines[i] + "\n" for i in keep)
+    if not out.exists() or out.read_text(encoding="utf-8") != text:
+        artifacts.atomic_write_text(out, text)
+    return out
+
+
+def _unit(X: torch.Tensor) -> torch.Tensor:
+    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+@dataclass
+class Correction:
+    """The fitted correction of one pool store (float64).
+
+    Attributes:
+        ids: the calibration examples' ids, in the order of the rows below.
+        P: (c, dim) the proxy's unit rows of them.
+        T: (c, dim) the target's unit rows of them.
+        M: (c, dim) ``(P Pᵀ + λI)⁻¹ (T − P)``.
+    """
+
+    ids: list[str]
+    P: torch.Tensor
+    T: torch.Tensor
+    M: torch.Tensor
+
+    def apply(self, ids: list[str], X: torch.Tensor) -> torch.Tensor:
+        """Corrected unit rows of a chunk of unit pool features ``X`` (n, dim) with ``ids``."""
+        Y = _unit(X + (X @ self.P.T) @ self.M)
+        where = {i: k for k, i in enumerate(self.ids)}
+        rows = [(r, where[i]) for r, i in enumerate(ids) if i in where]
+        if rows:
+            Y[[r for r, _ in rows]] = self.T[[k for _, k in rows]]
+        return Y
+
+
+def check_calibration_store(train: str, calib: str, tm: dict, cm: dict) -> None:
+    """Refuses a calibration store whose features do not share the pool store's coordinates."""
+    from .scores import same_gradient_space
+
+    for key in ("seed", "proj_dim", "dim", "grad"):
+        if tm.get(key) != cm.get(key):
+            raise ValueError(f"calibration store {calib} and pool store {train} differ in {key} "
+                             f"({cm.get(key)!r} against {tm.get(key)!r}); featurise the calibration examples with the "
+                             f"pool's settings")
+    if not same_gradient_space(tm, cm):
+        raise ValueError(f"calibration store {calib} is not the target at the checkpoint the proxy of {train} carries; "
+                         f"calibration needs the target-first order (the proxy carrying the target's LoRA checkpoint)")
+    if [L["k_out"] * L["k_in"] for L in tm["layout"]] != [L["k_out"] * L["k_in"] for L in cm["layout"]]:
+        raise ValueError(f"calibration store {calib} and pool store {train} have other layouts")
+
+
+def fit_correction(train: str | Path, calib: str | Path, ridge: float = DEFAULT_RIDGE, chunk_rows: int = 4096) -> Correction:
+    """Fits the correction of pool store ``train`` (the proxy's) from calibration store ``calib``
+    (the target's features of some of the same examples).
+
+    Raises:
+        ValueError: the stores do not share coordinates, ``ridge <= 0``, or none of the calibration
+            examples is in the pool store.
+    """
+    if ridge <= 0:
+        raise ValueError(f"calibration_ridge must be > 0, got {ridge}")
+    tm, cm = read_manifest(train), read_manifest(calib)
+    check_calibration_store(str(train), str(calib), tm, cm)
+    in_pool = set(tm["ids"])
+    missing = [i for i in cm["ids"] if i not in in_pool]
+    if missing:
+        raise ValueError(f"calibration store {calib} holds {len(missing)} examples that pool store {train} does not "
+                         f"(first: {missing[0]!r}); calibrate on examples of the pool")
+    want = {i: k for k, i in enumerate(cm["ids"])}
+    T = torch.cat([x for _, _, x in iter_feature_rows(calib, chunk_rows, torch.float64)])
+    P = torch.zeros_like(T)
+    for _, ids, X in iter_feature_rows(train, chunk_rows, torch.float64):
+        for r, i in enumerate(ids):
+            if i in want:
+                P[want[i]] = X[r]
+    P, T = _unit(P), _unit(T)
+    K = P @ P.T
+    M = torch.linalg.solve(K + ridge * torch.eye(len(K), dtype=K.dtype), T - P)
+    cos = (P * T).sum(1)
+    log.info("calibration of %s: %d examples, proxy-target cosine %.3f (min %.3f), ridge %g",
+             Path(train).name, len(T), float(cos.mean()), float(cos.min()), ridge)
+    return Correction(list(cm["ids"]), P, T, M)

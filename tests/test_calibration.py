@@ -1,0 +1,186 @@
+"""Calibration: the proxy's pool features corrected by the target's on a few pool examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_model_folder
+from test_scores import _write_config, fake_store
+
+from iprox.agreement import spearman
+from iprox.calibration import calibration_subset, fit_correction
+from iprox.loading import MANIFEST_FILE, load_features, read_scores
+from iprox.scores import ScoreConfig, compute_scores
+
+
+def unit(X: torch.Tensor) -> torch.Tensor:
+    return X / X.norm(dim=1, keepdim=True)
+
+
+def primal(P: torch.Tensor, T: torch.Tensor, X: torch.Tensor, lam: float) -> torch.Tensor:
+    """The correction in its primal form: ridge regression of the error ``T − P`` on the proxy's
+    features, ``W = (PᵀP + λI)⁻¹ Pᵀ (T − P)`` (dim × dim), applied as ``x + x W`` (an independent
+    derivation of the kernel form the library uses)."""
+    P, T, X = unit(P), unit(T), unit(X)
+    W = torch.linalg.solve(P.T @ P + lam * torch.eye(P.shape[1], dtype=P.dtype), P.T @ (T - P))
+    return unit(X + X @ W)
+
+
+def _stores(tmp_path, n=20, c=5, d=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Xp = torch.randn(n, d, generator=g, dtype=torch.float64)
+    calib = [1, 4, 9, 13, 18][:c]
+    Tc = Xp[calib] + 0.7 * torch.randn(c, d, generator=g, dtype=torch.float64)
+    ids = [f"p{i}" for i in range(n)]
+    pool = fake_store(tmp_path / "pool", Xp, ids, ["t"] * n, lr=1e-5)
+    cal = fake_store(tmp_path / "calib", Tc, [ids[i] for i in calib], ["t"] * c, lr=1e-5)
+    return pool, cal, Xp, Tc, calib, ids
+
+
+def test_correction_equals_the_primal_ridge_and_keeps_the_targets_rows(tmp_path):
+    pool, cal, Xp, Tc, calib, ids = _stores(tmp_path)
+    corr = fit_correction(pool, cal, ridge=0.05)
+    got = corr.apply(ids, unit(Xp))
+    want = primal(Xp[calib], Tc, Xp, 0.05)
+    rest = [i for i in range(len(ids)) if i not in calib]
+    torch.testing.assert_close(got[rest], want[rest], rtol=1e-9, atol=1e-12)
+    # a calibration example's own row is the target's
+    torch.testing.assert_close(got[calib], unit(Tc), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(got[rest], unit(Xp)[rest])  # it did correct something
+
+
+def test_scores_with_calibration_equal_brute_force(tmp_path):
+    pool, cal, Xp, Tc, calib, ids = _stores(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(4, Xp.shape[1], generator=g, dtype=torch.float64)
+    val = fake_store(tmp_path / "val", V, [f"v{i}" for i in range(4)], ["a", "a", "b", "b"], lr=1e-5)
+    res = compute_scores(ScoreConfig(train=[pool], val=[val], out=str(tmp_path / "s"), calibration=[cal],
+                                     calibration_ridge=0.1))
+    X = primal(Xp[calib], Tc, Xp, 0.1)
+    X[calib] = unit(Tc)
+    U = unit(V)
+    want = torch.stack([X @ U[:2].mean(0), X @ U[2:].mean(0)], dim=1) * 1e-5
+    torch.testing.assert_close(res.per_subtask, want, rtol=1e-9, atol=1e-14)
+    # a store paired twice ("both") with its calibration store scores as the sum of two pairs
+    res2 = compute_scores(ScoreConfig(train=[pool, pool], val=[val, val], out=str(tmp_path / "s2"),
+                                      calibration=[cal, cal], calibration_ridge=0.1))
+    torch.testing.assert_close(res2.per_subtask, 2 * want, rtol=1e-9, atol=1e-14)
+
+
+def test_a_proxy_without_error_is_left_as_it_is(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    ids = [f"p{i}" for i in range(12)]
+    pool = fake_store(tmp_path / "pool", X, ids, ["t"] * 12)
+    cal = fake_store(tmp_path / "calib", 3.0 * X[[0, 5, 7]], [ids[i] for i in (0, 5, 7)], ["t"] * 3)  # same directions
+    corr = fit_correction(pool, cal)
+    torch.testing.assert_close(corr.apply(ids, unit(X)), unit(X), rtol=1e-12, atol=1e-14)
+
+
+def test_a_shared_error_is_removed():
+    """Proxy features = the target's + an error along one direction shared by every example + a
+    little noise: corrected from 8 calibration examples, the other examples' features point closer
+    to the target's and their scores rank closer to the target's."""
+    import tempfile
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(3)
+    n, d, c = 80, 256, 8
+    T = torch.randn(n, d, generator=g, dtype=torch.float64)
+    e = unit(torch.randn(1, d, generator=g, dtype=torch.float64))[0]
+    amp = 20.0 * (1 + torch.rand(n, 1, generator=g, dtype=torch.float64))
+    P = T + amp * e + 0.3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    v = unit(torch.randn(1, d, generator=g, dtype=torch.float64))[0] + 0.5 * e  # the task shares the direction
+    ids = [f"p{i}" for i in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = fake_store(Path(tmp) / "pool", P, ids, ["t"] * n)
+        cal = fake_store(Path(tmp) / "cal", T[:c], ids[:c], ["t"] * c)
+        Y = fit_correction(pool, cal).apply(ids, unit(P))
+    rest = slice(c, n)
+    before = (unit(P)[rest] * unit(T)[rest]).sum(1).mean()
+    after = (Y[rest] * unit(T)[rest]).sum(1).mean()
+    assert before < 0.5 and after > before + 0.3
+    ref = (unit(T)[rest] @ v).tolist()
+    assert spearman((Y[rest] @ v).tolist(), ref) > spearman((unit(P)[rest] @ v).tolist(), ref) + 0.1
+
+
+def test_calibration_refuses_what_does_not_line_up(tmp_path):
+    pool, cal, Xp, Tc, calib, ids = _stores(tmp_path)
+    with pytest.raises(ValueError, match="one --calibration store per --train store"):
+        ScoreConfig(train=[pool, pool], val=[pool, pool], out="x", calibration=[cal])
+    with pytest.raises(ValueError, match="needs method = tracin"):
+        ScoreConfig(train=[pool], val=[pool], out="x", calibration=[cal], method="if")
+    with pytest.raises(ValueError, match="calibration_ridge must be > 0"):
+        ScoreConfig(train=[pool], val=[pool], out="x", calibration=[cal], calibration_ridge=0.0)
+    other = fake_store(tmp_path / "other-seed", Tc, [ids[i] for i in calib], ["t"] * len(calib), seed=1)
+    with pytest.raises(ValueError, match="differ in seed"):
+        fit_correction(pool, other)
+    foreign = fake_store(tmp_path / "foreign", Tc, ["x0", *[ids[i] for i in calib[1:]]], ["t"] * len(calib))
+    with pytest.raises(ValueError, match="holds 1 examples that pool store"):
+        fit_correction(pool, foreign)
+    man = json.loads((tmp_path / "calib" / MANIFEST_FILE).read_text())
+    (tmp_path / "calib" / MANIFEST_FILE).write_text(json.dumps({**man, "model_hash": "another model"}))
+    with pytest.raises(ValueError, match="calibration needs the target-first order"):
+        fit_correction(pool, cal)
+
+
+def test_calibration_subset_is_seeded_and_keeps_records(tmp_path):
+    lines = [json.dumps({"id": f"e{i}", "messages": []}) for i in range(30)]
+    (tmp_path / "pool.jsonl").write_text("\n".join(lines) + "\n")
+    a = calibration_subset(tmp_path / "pool.jsonl", 7, 0, tmp_path / "a.jsonl").read_text().splitlines()
+    b = calibration_subset(tmp_path / "pool.jsonl", 7, 0, tmp_path / "b.jsonl").read_text().splitlines()
+    c = calibration_subset(tmp_path / "pool.jsonl", 7, 1, tmp_path / "c.jsonl").read_text().splitlines()
+    assert a == b and a != c and len(a) == 7 and set(a) <= set(lines)
+    assert [lines.index(x) for x in a] == sorted(lines.index(x) for x in a)  # pool order
+    assert len(calibration_subset(tmp_path / "pool.jsonl", 99, 0, tmp_path / "d.jsonl").read_text().splitlines()) == 30
+    with pytest.raises(ValueError, match="at least one example"):
+        calibration_subset(tmp_path / "pool.jsonl", 0, 0, tmp_path / "e.jsonl")
+
+
+def test_pipeline_calibrates_the_proxys_pool_features(tmp_path):
+    """[features] calibrate = N: the target featurises N seeded pool examples at each checkpoint
+    (``calib-target-<epoch>``, the same rows the target's own pool store would hold) and the scores
+    are the proxy's corrected features against brute force; the setting enters the features'
+    fingerprint and needs the target-first order."""
+    from iprox.pipeline import load_config, run
+
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    cfg = _write_config(tmp_path, model_dir)
+    cfg.write_text(cfg.read_text().replace("[features]\n", "[features]\ncalibrate = 6\n"))
+    run(load_config(cfg, {"progress": False}))
+    r = tmp_path / "run"
+    sub = [json.loads(x)["id"] for x in (r / "features" / "calibration.jsonl").read_text().splitlines()]
+    pool_ids = [json.loads(x)["id"] for x in (r / "pool" / "pool.jsonl").read_text().splitlines()]
+    assert len(sub) == 6 and set(sub) <= set(pool_ids)
+    total = 0.0
+    for e in ("1", "2"):
+        man = json.loads((r / "features" / f"calib-target-{e}" / MANIFEST_FILE).read_text())
+        assert man["trains"] == "lora" and man["model"] == str(model_dir.resolve()) and man["grad"] == "adam"
+        ids, X = load_features(r / "features" / f"train-{e}")
+        cids, C = load_features(r / "features" / f"calib-target-{e}")
+        assert cids == sub
+        at = [ids.index(i) for i in cids]
+        assert not torch.allclose(X[at], C)  # the proxy's features of them are not the target's
+        Y = primal(X[at].double(), C.double(), X.double(), 0.01)
+        Y[at] = unit(C.double())
+        lr = json.loads((r / "features" / f"train-{e}" / MANIFEST_FILE).read_text())["lr"]
+        for v in ("val", "val-target"):
+            _, V = load_features(r / "features" / f"{v}-{e}")
+            total = total + lr * (Y @ unit(V.double()).mean(0))
+    got = torch.tensor([float(row["score"]) for row in read_scores(r / "scores" / "scores.csv")], dtype=torch.float64)
+    torch.testing.assert_close(got, total, rtol=1e-6, atol=1e-9)
+    # off again: another features stage, refused on this folder without --overwrite
+    cfg.write_text(cfg.read_text().replace("calibrate = 6", "calibrate = 0"))
+    with pytest.raises(ValueError, match="from stage 'features' on"):
+        run(load_config(cfg, {"progress": False}))
+    cfg.write_text(cfg.read_text().replace("calibrate = 0", "calibrate = -1"))
+    with pytest.raises(ValueError, match="calibrate must be a number"):
+        load_config(cfg)
+    cfg.write_text(cfg.read_text().replace("calibrate = -1", "calibrate = 4").replace("[run]\n", '[run]\nwarmup_on = "proxy"\n'))
+    with pytest.raises(ValueError, match="calibrate corrects the proxy's pool features"):
+        load_config(cfg)
+    cfg.write_text(cfg.read_text().replace('warmup_on = "proxy"\n', "").replace('method = "tracin"', 'method = "if"'))
+    with pytest.raises(ValueError, match='needs \\[score\\] method = "tracin"'):
+        load_config(cfg)
