@@ -173,6 +173,10 @@ def _settings() -> dict[str, dict]:
         s[f"0.7 default, proxy-first, {trains} warm-up"] = {
             "group": "warm-up", "run": {"selector": "proxy", "warmup_on": "proxy"}, "proxy": DEFAULT_06,
             "warmup": {"proxy_trains": trains}, "reuse": "0.6 default, val both"}
+    # The 0.7 default's proxy with its pool features corrected by the target's on 32 seeded pool
+    # examples ([features] calibrate, 0.8): only the warm-up and what follows run, under store format 3
+    s["0.8, calibrate 32"] = {"group": "calibration", "run": tf, "proxy": DEFAULT_06,
+                              "features": {"val_model": "both", "calibrate": 32}, "reuse": "0.6 default, val both"}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}

@@ -10,7 +10,7 @@ from conftest import write_model_folder
 from test_scores import _write_config, fake_store
 
 from iprox.agreement import spearman
-from iprox.calibration import calibration_subset, fit_correction
+from iprox.calibration import calibration_size, calibration_subset, fit_correction
 from iprox.loading import MANIFEST_FILE, load_features, read_scores
 from iprox.scores import ScoreConfig, compute_scores
 
@@ -184,3 +184,10 @@ def test_pipeline_calibrates_the_proxys_pool_features(tmp_path):
     cfg.write_text(cfg.read_text().replace('warmup_on = "proxy"\n', "").replace('method = "tracin"', 'method = "if"'))
     with pytest.raises(ValueError, match='needs \\[score\\] method = "tracin"'):
         load_config(cfg)
+
+
+def test_the_default_size_is_32_and_at_most_a_tenth_of_the_pool():
+    assert calibration_size(None, 10_000) == 32
+    assert calibration_size(None, 200) == 20
+    assert calibration_size(None, 9) == 0  # too small a pool: off
+    assert calibration_size(50, 30) == 30 and calibration_size(7, 300) == 7

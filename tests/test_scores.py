@@ -231,9 +231,11 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     assert main(["run", str(cfg), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "selected 5 of 24" in out and "selected records:" in out
-    # (the target's validation stores first, while it is resident from its warm-up; val_model = "both")
-    assert skipped == [("val-target-1", True), ("val-target-2", True),
+    # (the target's validation and calibration stores first, while it is resident from its warm-up;
+    # val_model = "both", calibrate = auto: 2 of the 24 pool examples)
+    assert skipped == [("val-target-1", True), ("val-target-2", True), ("calib-target-1", True), ("calib-target-2", True),
                        ("train-1", True), ("val-1", True), ("train-2", True), ("val-2", False)]
+    assert len((run / "features" / "calibration.jsonl").read_text().splitlines()) == 2
     sel = (run / "selection" / "selected.jsonl").read_text().splitlines()
     originals = set((tmp_path / "pool.jsonl").read_text().splitlines())
     assert len(sel) == 5 and all(line in originals for line in sel)  # original records, unchanged
@@ -247,15 +249,15 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     skipped.clear()
     assert main(["run", str(cfg), "--no-progress"]) == 0
     assert "gradient_checkpointing = true" in cfg.read_text()
-    assert skipped == [("val-target-1", True), ("val-target-2", True),
+    assert skipped == [("val-target-1", True), ("val-target-2", True), ("calib-target-1", True), ("calib-target-2", True),
                        ("train-1", True), ("val-1", True), ("train-2", True), ("val-2", True)]
     # A changed setting is refused, then rebuilt from that stage on with --overwrite.
-    text = cfg.read_text().replace("method = \"tracin\"", "method = \"if\"")
+    text = cfg.read_text().replace("method = \"tracin\"", "method = \"tracin\"\naggregate = \"mean\"")
     cfg.write_text(text)
     assert main(["run", str(cfg), "--no-progress"]) == 2
     assert "from stage 'score' on" in capsys.readouterr().err
     assert main(["run", str(cfg), "--no-progress", "--overwrite"]) == 0
-    assert json.loads((run / "scores" / "scores.json").read_text())["method"] == "if"
+    assert json.loads((run / "scores" / "scores.json").read_text())["aggregate"] == "mean"
     # A run whose stores another store format wrote (another projection) is refused at the features.
     monkeypatch.setattr(P, "STORE_FORMAT_VERSION", P.STORE_FORMAT_VERSION + 1)
     assert main(["run", str(cfg), "--no-progress"]) == 2
@@ -332,7 +334,8 @@ def test_pipeline_scores_with_the_targets_validation_gradients(tmp_path):
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     before = LOADS[model_key(str(model_dir))]
     cfg = _write_config(tmp_path, model_dir)
-    cfg.write_text(cfg.read_text().replace("[features]\n", '[features]\nval_model = "both"\n'))
+    # (calibration off: these scores are the uncorrected features' brute force)
+    cfg.write_text(cfg.read_text().replace("[features]\n", '[features]\nval_model = "both"\ncalibrate = 0\n'))
     run(load_config(cfg, {"progress": False}))
     assert LOADS[model_key(str(model_dir))] - before == 1
     r = tmp_path / "run"

@@ -37,6 +37,18 @@ from .loading import iter_feature_rows, read_manifest
 log = logging.getLogger(__name__)
 
 DEFAULT_RIDGE = 0.01
+# The default calibration size: 32 examples, at most a tenth of the pool (a proxy whose pool is mostly
+# featurised by the target saves little). 32 at ridge 0.01 is what the study measured (BENCHMARKS.md).
+DEFAULT_SIZE = 32
+MAX_DEFAULT_SHARE = 0.1
+
+
+def calibration_size(given: int | None, n_pool: int) -> int:
+    """How many pool examples to calibrate on: ``given`` (capped at the pool), or by default
+    ``min(32, n_pool // 10)``."""
+    if given is None:
+        return min(DEFAULT_SIZE, int(n_pool * MAX_DEFAULT_SHARE))
+    return min(given, n_pool)
 
 
 def calibration_subset(pool_file: str | Path, n: int, seed: int, out: str | Path) -> Path:
@@ -129,10 +141,17 @@ def fit_correction(train: str | Path, calib: str | Path, ridge: float = DEFAULT_
         for r, i in enumerate(ids):
             if i in want:
                 P[want[i]] = X[r]
-    P, T = _unit(P), _unit(T)
-    K = P @ P.T
-    M = torch.linalg.solve(K + ridge * torch.eye(len(K), dtype=K.dtype), T - P)
-    cos = (P * T).sum(1)
+    corr = correction_from_rows(list(cm["ids"]), P, T, ridge)
+    cos = (corr.P * corr.T).sum(1)
     log.info("calibration of %s: %d examples, proxy-target cosine %.3f (min %.3f), ridge %g",
              Path(train).name, len(T), float(cos.mean()), float(cos.min()), ridge)
-    return Correction(list(cm["ids"]), P, T, M)
+    return corr
+
+
+def correction_from_rows(ids: list[str], P: torch.Tensor, T: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> Correction:
+    """The correction from the proxy's rows ``P`` and the target's rows ``T`` (c, dim) of the
+    calibration examples ``ids`` (any scale: rows are normalised here)."""
+    P, T = _unit(P.double()), _unit(T.double())
+    K = P @ P.T
+    M = torch.linalg.solve(K + ridge * torch.eye(len(K), dtype=K.dtype), T - P)
+    return Correction(list(ids), P, T, M)

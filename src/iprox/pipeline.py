@@ -38,7 +38,7 @@ shared data folder, ``out`` is relative to the working directory)::
                 # and val_model (proxy | target | both: which model's gradients of the validation
                 # examples score the pool; target and both need the target-first order) and
                 # calibrate (N pool examples featurised by the target too, whose errors correct the
-                # proxy's pool features; target-first order; 0: off)
+                # proxy's pool features; target-first order; default min(32, a tenth of the pool); 0: off)
     [score]     # method, aggregate, checkpoint_weights, damping
     [select]    # fraction or top_k
 """
@@ -62,7 +62,7 @@ from .data import find_shared_data
 from .distributed import barrier, on_rank0
 from .distributed import world as dist_world
 from .alignment import ALIGN_FIELDS, align_proxy
-from .calibration import calibration_subset
+from .calibration import calibration_size, calibration_subset
 from .features import FeatureConfig, compute_features
 from .projection import GRADS
 from .loading import LOADS, STORE_FORMAT_VERSION
@@ -88,8 +88,6 @@ DEFAULT_TRAIN_GRAD = "adam"
 # proxy), or both (the two scores summed).
 VAL_MODELS = ("proxy", "target", "both")
 DEFAULT_VAL_MODEL = "both"
-# pool examples the target featurises too, to correct the proxy's pool features (iprox.calibration)
-DEFAULT_CALIBRATE = 0
 # proxy: IProX (or, with [proxy] init/align settings, the svd / layer-drop / unaligned baselines);
 # model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
 # representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
@@ -213,12 +211,15 @@ def val_model(cfg: RunConfig) -> str:
     return DEFAULT_VAL_MODEL if cfg.selector == "proxy" and cfg.warmup_on == "target" else "proxy"
 
 
-def calibrate(cfg: RunConfig) -> int:
-    """The run's calibration examples: ``[features] calibrate``, or the default where the order allows it."""
+def calibrate(cfg: RunConfig) -> int | str:
+    """The run's calibration examples: ``[features] calibrate``, or where the order allows it
+    ``"auto"`` (:func:`iprox.calibration.calibration_size` of the pool, at the features stage; TracIn
+    scores only: the correction is of the cosine's unit features)."""
     given = cfg.features.get("calibrate")
     if given is not None:
         return given
-    return DEFAULT_CALIBRATE if cfg.selector == "proxy" and cfg.warmup_on == "target" else 0
+    on = cfg.selector == "proxy" and cfg.warmup_on == "target" and cfg.score.get("method", "tracin") == "tracin"
+    return "auto" if on else 0
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -294,7 +295,7 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
         # the resolved validation model, when not the proxy itself (the only one before it was a choice)
         "features": {**{k: v for k, v in cfg.features.items() if k not in ("val_model", "calibrate")},
                      **({"val_model": val_model(cfg)} if val_model(cfg) != "proxy" else {}),
-                     # (only when on, so runs made before it existed still match)
+                     # (only when on: a proxy-first or LESS run made before it existed still matches)
                      **({"calibrate": calibrate(cfg)} if calibrate(cfg) else {}),
                      # a run whose stores an older format wrote (another projection) is refused
                      # here, so its scores are never mixed with new stores
@@ -493,7 +494,7 @@ class _Context:
     feats: dict
     train_grad: str
     val_model: str
-    calibrate: int
+    calibrate: int | str         # a number of pool examples, or "auto"
     pool_file: Path | None = None
     val_file: Path | None = None
     feature_model: str = ""      # the model whose features score the pool
@@ -574,8 +575,13 @@ def _features(ctx: _Context) -> None:
     target_val = [store("val-target", ctx.cfg.model, ck, ctx.val_file, "sgd") for ck in ctx.checkpoints] \
         if ctx.val_model in ("target", "both") else []
     calib = []
+    n_cal = 0
     if ctx.calibrate:
-        subset = on_rank0(lambda: calibration_subset(ctx.pool_file, ctx.calibrate, ctx.cfg.seed,
+        n_pool = on_rank0(lambda: sum(1 for ln in Path(ctx.pool_file).open(encoding="utf-8") if ln.strip()))
+        n_cal = calibration_size(None if ctx.calibrate == "auto" else ctx.calibrate, n_pool)
+        log.info("calibration: the target featurises %d of the %d pool examples too", n_cal, n_pool)
+    if n_cal:
+        subset = on_rank0(lambda: calibration_subset(ctx.pool_file, n_cal, ctx.cfg.seed,
                                                      ctx.out / "features" / "calibration.jsonl"))
         calib = [store("calib-target", ctx.cfg.model, ck, subset, ctx.train_grad) for ck in ctx.checkpoints]
     if ctx.warm_model != ctx.feature_model:
