@@ -191,3 +191,22 @@ def test_the_default_size_is_32_and_at_most_a_tenth_of_the_pool():
     assert calibration_size(None, 200) == 20
     assert calibration_size(None, 9) == 0  # too small a pool: off
     assert calibration_size(50, 30) == 30 and calibration_size(7, 300) == 7
+
+
+def test_a_scores_folder_made_before_calibration_existed_is_still_complete(tmp_path):
+    from dataclasses import asdict
+
+    from iprox import artifacts
+    from iprox.scores import score
+
+    pool, cal, Xp, Tc, calib, ids = _stores(tmp_path)
+    cfg = ScoreConfig(train=[pool], val=[pool], out=str(tmp_path / "s"))
+    score(cfg)
+    meta = json.loads((tmp_path / "s" / "stage.json").read_text())
+    for key in ("calibration", "calibration_ridge"):
+        del meta["config"][key]
+    (tmp_path / "s" / "stage.json").write_text(json.dumps(meta))
+    assert artifacts.prepare_stage(tmp_path / "s", "score", asdict(cfg))
+    with pytest.raises(artifacts.ConfigMismatchError, match="calibration"):
+        artifacts.prepare_stage(tmp_path / "s", "score", asdict(ScoreConfig(train=[pool], val=[pool], out=str(tmp_path / "s"),
+                                                                            calibration=[cal])))

@@ -103,7 +103,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # Settings added after folders were first written, with the default that reproduces the older
 # behaviour: a folder that lacks one and a config that holds its default compare equal.
 ADDED_WITH_DEFAULT = {"probe_statistics": "moments", "probe_balance": "loss", "align_cosine": "batch",
-                      "depth_slope": 0.0, "align_space": "factors", "align_checkpoint": ""}
+                      "depth_slope": 0.0, "align_space": "factors", "align_checkpoint": "",
+                      "calibration": [], "calibration_ridge": 0.01}
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
