@@ -10,7 +10,9 @@ multistep_arithmetic_two 39 and 163 (selected at 0.2-0.3) come back and formal_f
 for multistep_arithmetic_two 101, 21 and 11. At 0.8 (store format 3: a LoRA matrix's rank side kept
 exact in the features) eight of those stay; multistep_arithmetic_two 11 and 21 come back for
 formal_fallacies 70 and multistep_arithmetic_two 163, so nine of the ten are in the ten that LESS on
-the target itself selected (measured under format 2).
+the target itself selected (measured under format 2). At 0.9 (calibration on by default: the target
+featurises 20 of the 200 pool examples at each checkpoint) nine stay; multistep_arithmetic_two 101
+replaces 39, and nine of the ten are still in LESS-on-target's ten (all but boolean_expressions 206).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from conftest import SHARED_DATA
 pytestmark = pytest.mark.regression
 
 DEMO_SELECTION = {
-    "multistep_arithmetic_two:11", "multistep_arithmetic_two:21", "multistep_arithmetic_two:39",
+    "multistep_arithmetic_two:11", "multistep_arithmetic_two:21", "multistep_arithmetic_two:101",
     "multistep_arithmetic_two:139", "boolean_expressions:37", "boolean_expressions:206",
     "boolean_expressions:47", "boolean_expressions:165", "boolean_expressions:104", "boolean_expressions:244",
 }
