@@ -177,6 +177,17 @@ def report(res: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _rounded(obj):
+    """Floats to 4 significant digits (the report prints 2 decimals), through dicts and lists."""
+    if isinstance(obj, float):
+        return float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/iprox-bench-fidelity", help="the fidelity study's work folder")
@@ -191,7 +202,7 @@ def main() -> None:
         exact = read_scores(ref)
         res = {"pipeline": pipeline_runs(work, exact), "sweep": sweep(work, exact)}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=2))
+        path.write_text(json.dumps(_rounded(res), separators=(",", ":")) + "\n")  # (many subsets: kept compact)
     res = json.loads(path.read_text())
     update_benchmarks_md("calibration", report(res))
     print(report(res))
