@@ -121,6 +121,10 @@ def test_calibration_refuses_what_does_not_line_up(tmp_path):
     with pytest.raises(ValueError, match="holds 1 examples that pool store"):
         fit_correction(pool, foreign)
     man = json.loads((tmp_path / "calib" / MANIFEST_FILE).read_text())
+    (tmp_path / "calib" / MANIFEST_FILE).write_text(json.dumps({**man, "layout": [{"name": "l", "k_out": 3, "k_in": 4,
+                                                                                     "offset": 0}]}))
+    with pytest.raises(ValueError, match="have other layouts"):
+        fit_correction(pool, cal)
     (tmp_path / "calib" / MANIFEST_FILE).write_text(json.dumps({**man, "model_hash": "another model"}))
     with pytest.raises(ValueError, match="calibration needs the target-first order"):
         fit_correction(pool, cal)

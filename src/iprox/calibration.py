@@ -103,7 +103,7 @@ class Correction:
 
 def check_calibration_store(train: str, calib: str, tm: dict, cm: dict) -> None:
     """Refuses a calibration store whose features do not share the pool store's coordinates."""
-    from .scores import same_gradient_space
+    from .scores import _canonical_layout, same_gradient_space
 
     for key in ("seed", "proj_dim", "dim", "grad"):
         if tm.get(key) != cm.get(key):
@@ -113,8 +113,8 @@ def check_calibration_store(train: str, calib: str, tm: dict, cm: dict) -> None:
     if not same_gradient_space(tm, cm):
         raise ValueError(f"calibration store {calib} is not the target at the checkpoint the proxy of {train} carries; "
                          f"calibration needs the target-first order (the proxy carrying the target's LoRA checkpoint)")
-    if [L["k_out"] * L["k_in"] for L in tm["layout"]] != [L["k_out"] * L["k_in"] for L in cm["layout"]]:
-        raise ValueError(f"calibration store {calib} and pool store {train} have other layouts")
+    if _canonical_layout(tm) != _canonical_layout(cm):
+        raise ValueError(f"calibration store {calib} and pool store {train} have other layouts (layers, shapes, order)")
 
 
 def fit_correction(train: str | Path, calib: str | Path, ridge: float = DEFAULT_RIDGE, chunk_rows: int = 4096) -> Correction:
@@ -122,8 +122,8 @@ def fit_correction(train: str | Path, calib: str | Path, ridge: float = DEFAULT_
     (the target's features of some of the same examples).
 
     Raises:
-        ValueError: the stores do not share coordinates, ``ridge <= 0``, or none of the calibration
-            examples is in the pool store.
+        ValueError: the stores do not share coordinates, ``ridge <= 0``, or a calibration example is
+            not in the pool store.
     """
     if ridge <= 0:
         raise ValueError(f"calibration_ridge must be > 0, got {ridge}")
