@@ -14,6 +14,12 @@ Two parts, against the target's exact gradients (seed-0 warm-up; ``diag_projecti
    projection <s>``; the script checks those rows against a calibration store the pipeline wrote),
    subsets drawn by :func:`iprox.calibration.calibration_subset` with seeds 0-4. Figures over all 300
    examples (as a run scores them: a calibration example's row is the target's) and over the others.
+3. **Other sparsities and plain SVD**, seed 0, from the study's own stores (store format 2, read
+   directly): IProX and plain SVD at sparsity 0.3 and 0.7, scored "both" (the pool store with the
+   proxy's and, from the study's ``..., val both`` run, the target's validation store), uncalibrated
+   and corrected with 32 examples (5 subsets), the target's rows from the study's ``target`` run
+   (the same seed-0 warm-up: its adapters and Adam state checked equal tensor for tensor; the same
+   projection seed).
 
     python benchmarks/diag_calibration.py            # measure, then rewrite the section
     python benchmarks/diag_calibration.py --report   # only rewrite the section
@@ -29,12 +35,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, measure  # noqa: E402
 from common import slug, update_benchmarks_md  # noqa: E402
+
+from diag_layer_agreement import read_store  # noqa: E402
 
 from iprox.calibration import calibration_subset, correction_from_rows  # noqa: E402
 from iprox.loading import load_features, read_manifest, read_scores  # noqa: E402
@@ -45,6 +54,10 @@ RIDGES = (0.001, 0.01, 0.1)
 SUBSETS = range(5)
 SEEDS = (0, 1, 2)
 SETTING = "0.8, calibrate 32"
+# part 3: label -> the study's setting (its "..., val both" run holds the target's validation store)
+OTHER = {"IProX 0.3": "0.6 default, sparsity 0.3", "IProX 0.7": "0.6 default, sparsity 0.7",
+         "plain SVD 0.3": "target-first svd 0.3, per-example align",
+         "plain SVD 0.7": "target-first svd 0.7, per-example align"}
 
 
 def unit(X: torch.Tensor) -> torch.Tensor:
@@ -94,9 +107,7 @@ def sweep(work: Path, exact: list[dict]) -> dict:
             for lam in RIDGES:
                 key = f"{c} / {lam:g}"
                 for k in SUBSETS:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        f = calibration_subset(pool_file, c, k, Path(tmp) / "c.jsonl")
-                        sub = [json.loads(x)["id"] for x in f.read_text().splitlines()]
+                    sub = subset_ids(pool_file, c, k)
                     at = [ids.index(i) for i in sub]
                     Y = correction_from_rows(sub, Xp[at], Xt[at], lam).apply(ids, X)
                     S = task_scores(Y, vals)
@@ -108,6 +119,46 @@ def sweep(work: Path, exact: list[dict]) -> dict:
         print(f"seed {s} swept", flush=True)
     if not checked:
         print("warning: no calibration store of the pipeline to check the rows against", flush=True)
+    return out
+
+
+def subset_ids(pool_file: Path, c: int, k: int) -> list[str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        f = calibration_subset(pool_file, c, k, Path(tmp) / "c.jsonl")
+        return [json.loads(x)["id"] for x in f.read_text().splitlines()]
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    """Whether two warm-up checkpoints hold the same adapters and Adam state, tensor for tensor (each
+    warm-up names its checkpoint with a random uid, so two identical warm-ups differ in that alone)."""
+    for f in ("adapter_model.safetensors", "optimizer.safetensors"):
+        x, y = load_file(str(Path(a) / f)), load_file(str(Path(b) / f))
+        if set(x) != set(y) or any(not torch.equal(x[k], y[k]) for k in x):
+            return False
+    return True
+
+
+def other_sparsities(work: Path, exact: list[dict]) -> dict:
+    runs = work / "runs"
+    tids, Xt, tman = read_store(runs / "target-s0" / "features" / "train-1")
+    out = {}
+    for label, setting in OTHER.items():
+        run, both = runs / f"{slug(setting)}-s0", runs / f"{slug(setting + ', val both')}-s0"
+        ids, Xp, man = read_store(run / "features" / "train-1")
+        if ids != tids or man["seed"] != tman["seed"] or not same_checkpoint(man["checkpoint"], tman["checkpoint"]):
+            raise SystemExit(f"{run} does not share the target's coordinates (checkpoint, projection, pool)")
+        vals = [(read_store(d)[1], read_store(d)[2]["tasks"]) for d in (run / "features" / "val-1",
+                                                                         both / "features" / "val-target-1")]
+        X = unit(Xp)
+        rec = {"uncalibrated": measure(rows_of(ids, man["sources"], man["tasks"], task_scores(X, vals)), exact),
+               "calibrated": [], "pool_cosine": float((X * unit(Xt)).sum(1).mean())}
+        for k in SUBSETS:
+            sub = subset_ids(run / "pool" / "pool.jsonl", 32, k)
+            at = [ids.index(i) for i in sub]
+            Y = correction_from_rows(sub, Xp[at], Xt[at], 0.01).apply(ids, X)
+            rec["calibrated"].append(measure(rows_of(ids, man["sources"], man["tasks"], task_scores(Y, vals)), exact))
+        out[label] = rec
+        print(f"{label} done", flush=True)
     return out
 
 
@@ -174,6 +225,16 @@ def report(res: dict) -> str:
                 lines.append(f"| {key} | {part} | " + " | ".join(_triple(ms, t) for t in TASKS) + " | "
                              + f"{min(m[t]['spearman'] for m in ms for t in TASKS):.2f} / "
                              f"{min(m[t]['head_spearman'] for m in ms for t in TASKS):.2f} |")
+    other = res.get("other sparsities")
+    if other:
+        lines += ["", "### Other sparsities and plain SVD (seed 0, store format 2, 32 examples, ridge 0.01, 5 subsets)", "",
+                  "The study's own stores, scored \"both\"; \"pool cosine\": the proxy's pool features against the "
+                  "target's, per example, mean.", "",
+                  "| proxy | pool cosine | run | " + " | ".join(TASKS) + " |", "|---|---|---|" + "---|" * len(TASKS)]
+        for label, rec in other.items():
+            lines.append(f"| {label} | {rec['pool_cosine']:.2f} | uncalibrated | "
+                         + " | ".join(_triple([rec["uncalibrated"]], t) for t in TASKS) + " |")
+            lines.append(f"| {label} | | calibrated | " + " | ".join(_triple(rec["calibrated"], t) for t in TASKS) + " |")
     return "\n".join(lines).rstrip()
 
 
@@ -200,7 +261,8 @@ def main() -> None:
         if not (ref / "COMPLETE").exists():
             raise SystemExit(f"no exact target scores at {ref}: run benchmarks/diag_projection.py first")
         exact = read_scores(ref)
-        res = {"pipeline": pipeline_runs(work, exact), "sweep": sweep(work, exact)}
+        res = {"pipeline": pipeline_runs(work, exact), "sweep": sweep(work, exact),
+               "other sparsities": other_sparsities(work, exact)}
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_rounded(res), separators=(",", ":")) + "\n")  # (many subsets: kept compact)
     res = json.loads(path.read_text())
