@@ -115,7 +115,7 @@ def test_calibration_refuses_what_does_not_line_up(tmp_path):
     with pytest.raises(ValueError, match="calibration_ridge must be > 0"):
         ScoreConfig(train=[pool], val=[pool], out="x", calibration=[cal], calibration_ridge=0.0)
     other = fake_store(tmp_path / "other-seed", Tc, [ids[i] for i in calib], ["t"] * len(calib), seed=1)
-    with pytest.raises(ValueError, match="differ in seed"):
+    with pytest.raises(ValueError, match="their seed differ"):
         fit_correction(pool, other)
     foreign = fake_store(tmp_path / "foreign", Tc, ["x0", *[ids[i] for i in calib[1:]]], ["t"] * len(calib))
     with pytest.raises(ValueError, match="holds 1 examples that pool store"):
@@ -123,10 +123,10 @@ def test_calibration_refuses_what_does_not_line_up(tmp_path):
     man = json.loads((tmp_path / "calib" / MANIFEST_FILE).read_text())
     (tmp_path / "calib" / MANIFEST_FILE).write_text(json.dumps({**man, "layout": [{"name": "l", "k_out": 3, "k_in": 4,
                                                                                      "offset": 0}]}))
-    with pytest.raises(ValueError, match="have other layouts"):
+    with pytest.raises(ValueError, match="their layouts .* differ"):
         fit_correction(pool, cal)
     (tmp_path / "calib" / MANIFEST_FILE).write_text(json.dumps({**man, "model_hash": "another model"}))
-    with pytest.raises(ValueError, match="calibration needs the target-first order"):
+    with pytest.raises(ValueError, match="different models or checkpoints.*calibration needs the target-first order"):
         fit_correction(pool, cal)
 
 

@@ -91,30 +91,31 @@ class Correction:
     T: torch.Tensor
     M: torch.Tensor
 
+    def __post_init__(self):
+        self._row = {i: k for k, i in enumerate(self.ids)}  # id -> its row in T
+
     def apply(self, ids: list[str], X: torch.Tensor) -> torch.Tensor:
         """Corrected unit rows of a chunk of unit pool features ``X`` (n, dim) with ``ids``."""
         Y = _unit(X + (X @ self.P.T) @ self.M)
-        where = {i: k for k, i in enumerate(self.ids)}
-        rows = [(r, where[i]) for r, i in enumerate(ids) if i in where]
+        rows = [(r, self._row[i]) for r, i in enumerate(ids) if i in self._row]
         if rows:
             Y[[r for r, _ in rows]] = self.T[[k for _, k in rows]]
         return Y
 
 
 def check_calibration_store(train: str, calib: str, tm: dict, cm: dict) -> None:
-    """Refuses a calibration store whose features do not share the pool store's coordinates."""
-    from .scores import _canonical_layout, same_gradient_space
+    """Refuses a calibration store whose features do not share the pool store's coordinates: the
+    checks of a scoring pair (:func:`iprox.scores._check_pair`), and the same preconditioner."""
+    from .scores import _check_pair
 
-    for key in ("seed", "proj_dim", "dim", "grad"):
-        if tm.get(key) != cm.get(key):
-            raise ValueError(f"calibration store {calib} and pool store {train} differ in {key} "
-                             f"({cm.get(key)!r} against {tm.get(key)!r}); featurise the calibration examples with the "
-                             f"pool's settings")
-    if not same_gradient_space(tm, cm):
-        raise ValueError(f"calibration store {calib} is not the target at the checkpoint the proxy of {train} carries; "
-                         f"calibration needs the target-first order (the proxy carrying the target's LoRA checkpoint)")
-    if _canonical_layout(tm) != _canonical_layout(cm):
-        raise ValueError(f"calibration store {calib} and pool store {train} have other layouts (layers, shapes, order)")
+    try:
+        _check_pair(tm, cm, train, calib)
+    except ValueError as e:
+        raise ValueError(f"calibration: {e}; calibration needs the target-first order (the target and the proxy "
+                         f"carrying its LoRA checkpoint, featurised alike)") from None
+    if tm.get("grad") != cm.get("grad"):
+        raise ValueError(f"calibration store {calib} and pool store {train} differ in grad ({cm.get('grad')!r} against "
+                         f"{tm.get('grad')!r}); featurise the calibration examples with the pool's preconditioner")
 
 
 def fit_correction(train: str | Path, calib: str | Path, ridge: float = DEFAULT_RIDGE, chunk_rows: int = 4096) -> Correction:
