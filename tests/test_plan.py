@@ -134,9 +134,13 @@ def test_llama_8b_config_plans_stage1_within_60_gb_in_bf16():
 def test_cli_plan_prints_every_stage(capsys):
     assert main(["plan", "--model", "tiny", "--pool", "1000", "--budget-gib", "8"]) == 0
     out = capsys.readouterr().out
-    for stage in ("probe+factorise", "align", "warmup (proxy)", "features (proxy)", "features (target)"):
+    for stage in ("probe+factorise", "align", "warmup (target)", "features (proxy)", "features (target)",
+                  "features (target, val + calibration)"):
         assert stage in out
     assert "fits in 8 GiB" in out
+    assert main(["plan", "--model", "tiny", "--pool", "1000", "--warmup-on", "proxy"]) == 0
+    out = capsys.readouterr().out
+    assert "warmup (proxy)" in out and "val + calibration" not in out
     # the loss's logits alone (4 × 512 × 49,152 in float32, five of them) exceed 1 GiB
     assert main(["plan", "--model", "tiny", "--budget-gib", "1"]) == 0
     assert "does NOT fit in 1 GiB" in capsys.readouterr().out
@@ -171,3 +175,59 @@ def test_plan_takes_a_run_configs_settings_and_stage_defaults(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"\[warmup\]"):
         PlanConfig(warmup={"epochs": 0})
     assert main(["plan", "--set", "sparsity=0.3"]) == 2
+
+
+def test_plan_counts_the_target_first_orders_own_passes():
+    """Target-first (the default), the IProX run warms the target up and has the target featurise
+    the validation examples and the calibration subset; each pipeline's FLOPs are its stages' sum."""
+    base = dict(model="tiny", pool=1000, validation=12, max_length=64, warmup={"epochs": 2})
+    p = plan(PlanConfig(**base))
+    st = p["stages"]
+    assert p["pipelines"]["iprox"] == ["probe+factorise", "align", "warmup (target)",
+                                       "features (target, val + calibration)", "features (proxy)"]
+    assert p["proxy_flops"] == sum(st[k]["flops"] for k in p["pipelines"]["iprox"])
+    assert p["target_flops"] == st["warmup (target)"]["flops"] + st["features (target)"]["flops"]
+    extra = st["features (target, val + calibration)"]
+    # the default: validation "both" (12 examples) and min(32, 1000 // 10) = 32 calibration examples
+    assert extra["examples"] == {"validation": 12, "calibration": 32}
+    per_example = st["features (target)"]["flops"] / (1000 + 12)  # the same passes, per example
+    assert extra["flops"] == pytest.approx(per_example * (12 + 32))
+    # the proxy carries the target's LoRA: its store has the target's dimensions, and it featurises
+    # the pool and (val_model "both") the validation examples
+    assert st["features (proxy)"]["dim"] == st["features (target)"]["dim"]
+    assert st["features (proxy)"]["store_gib"] == pytest.approx(st["features (target)"]["store_gib"])
+    # no calibration and the proxy's validation alone: the target's extra passes are gone
+    none = plan(PlanConfig(**base, calibrate=0, val_model="proxy"))["stages"]["features (target, val + calibration)"]
+    assert none["flops"] == 0 and none["examples"] == {"validation": 0, "calibration": 0}
+    assert plan(PlanConfig(**base, calibrate=100))["stages"]["features (target, val + calibration)"]["examples"][
+        "calibration"] == 100
+    # proxy-first: the proxy warms up its factors and featurises everything; the target none of it
+    pf = plan(PlanConfig(**base, warmup_on="proxy"))
+    assert pf["pipelines"]["iprox"] == ["probe+factorise", "align", "warmup (proxy)", "features (proxy)"]
+    assert "features (target, val + calibration)" not in pf["stages"]
+    # the proxy featurises the pool and the validation examples in both orders; with val_model
+    # "target" the pool alone
+    assert pf["stages"]["features (proxy)"]["flops"] == pytest.approx(st["features (proxy)"]["flops"])
+    only_target = plan(PlanConfig(**base, val_model="target"))["stages"]["features (proxy)"]["flops"]
+    assert only_target == pytest.approx(st["features (proxy)"]["flops"] * 1000 / 1012)
+    with pytest.raises(ValueError, match="target-first"):
+        PlanConfig(**base, warmup_on="proxy", calibrate=8)
+    with pytest.raises(ValueError, match="calibrate must be"):
+        PlanConfig(**base, calibrate=-2)
+
+
+def test_plan_takes_the_run_configs_order_and_calibration(tmp_path):
+    from conftest import chat_records, write_jsonl
+
+    pool = write_jsonl(tmp_path / "pool.jsonl", chat_records(30, seed=0))
+    val = write_jsonl(tmp_path / "val.jsonl", chat_records(3, seed=1))
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[run]\nout = "{tmp_path}/run"\nmodel = "tiny"\n[data]\npool = ["{pool}"]\n'
+                   f'validation = ["{val}"]\nmax_length = 64\n[features]\ncalibrate = 5\nval_model = "target"\n')
+    assert main(["plan", "--config", str(cfg), "--out", str(tmp_path / "p.json")]) == 0
+    extra = json.loads((tmp_path / "p.json").read_text())["stages"]["features (target, val + calibration)"]
+    assert extra["examples"] == {"validation": 3, "calibration": 5}
+    # a flag given beside the config wins
+    assert main(["plan", "--config", str(cfg), "--calibrate", "0", "--out", str(tmp_path / "q.json")]) == 0
+    assert json.loads((tmp_path / "q.json").read_text())["stages"]["features (target, val + calibration)"][
+        "examples"] == {"validation": 3, "calibration": 0}

@@ -27,6 +27,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -104,6 +105,13 @@ class PlanConfig:
             are ProxyConfig's defaults, as in ``iprox run``.
         warmup: the run's ``[warmup]`` settings (fraction, epochs, batch_size, lora_rank, proxy_trains).
         features: the run's ``[features]`` settings (batch_size, proj_dim, total_dim, store_dtype).
+        warmup_on: the run's order, as ``[run] warmup_on``: ``target`` (the default: the target warms
+            up, the proxy carries its LoRA checkpoints, the target featurises the validation and the
+            calibration examples) or ``proxy`` (the proxy warms up and featurises everything).
+        val_model: the model(s) whose validation gradients are featurised, as ``[features]
+            val_model`` ("": the order's default, ``both`` target-first, ``proxy`` proxy-first).
+        calibrate: pool examples the target also featurises, as ``[features] calibrate`` (-1: the
+            default, ``min(32, pool / 10)`` target-first and none proxy-first; 0: none).
     """
 
     model: str = EMBEDDED_MODEL
@@ -115,9 +123,16 @@ class PlanConfig:
     proxy: dict = field(default_factory=dict)
     warmup: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)
+    warmup_on: Literal["target", "proxy"] = "target"
+    val_model: Literal["", "proxy", "target", "both"] = ""
+    calibrate: int = -1
 
     def __post_init__(self):
         check_types(self)
+        if self.warmup_on == "proxy" and (self.val_model not in ("", "proxy") or self.calibrate > 0):
+            raise ValueError("val_model target/both and calibrate need the target-first order (warmup_on = target)")
+        if self.calibrate < -1:
+            raise ValueError(f"calibrate must be a number of pool examples (0: none, -1: the default), got {self.calibrate}")
         self.dtype = resolve_dtype(self.dtype, "cuda")
         if min(self.pool, self.max_length) < 1:
             raise ValueError("pool and max_length must be >= 1")
@@ -133,6 +148,18 @@ class PlanConfig:
         self.stage_warmup = section_config("warmup", WarmupConfig, self.warmup, data=["x"], out="x", **common)
         self.stage_features = section_config("features", FeatureConfig, self.features, data=["x"], out="x",
                                              checkpoint="x", **common)
+
+    def target_featurises(self) -> tuple[int, int]:
+        """The target's own feature passes per checkpoint in the IProX run: (validation examples,
+        calibration examples), as the pipeline resolves ``val_model`` and ``calibrate``."""
+        from .calibration import calibration_size
+        from .pipeline import DEFAULT_VAL_MODEL
+
+        if self.warmup_on == "proxy":
+            return 0, 0
+        vm = self.val_model or DEFAULT_VAL_MODEL
+        n_cal = calibration_size(None if self.calibrate < 0 else self.calibrate, self.pool)
+        return (self.validation if vm in ("target", "both") else 0), n_cal
 
     def align_steps(self) -> int:
         """The alignment's optimiser steps for this pool, as the align stage counts them."""
@@ -370,7 +397,15 @@ def plan(config: PlanConfig) -> dict:
     adam = lambda trained_params: trained_params * (4 + 4 + 4 + (4 if es < 4 else 0))  # noqa: E731  (grad, m, v, master)
     factor_params = sum(r * (m + k) for (m, k), r in zip(f.layers.values(), _ranks(f, px.sparsity).values()) if r)
     lora_params = sum(wc.lora_rank * (m + k) for m, k in f.layers.values())
-    trained_proxy = lora_params if wc.proxy_trains == "lora" else factor_params
+    target_first = config.warmup_on == "target"
+    # target-first, the proxy carries the target's LoRA checkpoints: its features are the LoRA's
+    proxy_lora = target_first or wc.proxy_trains == "lora"
+    if target_first:
+        store_dim = target_dim
+    trained_proxy = lora_params if proxy_lora else factor_params
+    n_val_target, n_cal = config.target_featurises()
+    vm = config.val_model or ("both" if target_first else "proxy")
+    n_feat_proxy = config.pool + (config.validation if vm != "target" else 0)
     n_feat = config.pool + config.validation
     # Alignment, one micro-batch at a time in two phases. Both hold the two models, the optimiser
     # (on the device unless offloaded: then only the factors' gradients) and the target's weight
@@ -400,31 +435,51 @@ def plan(config: PlanConfig) -> dict:
                            "flops": wc.epochs * 3 * fwd_flops(P_proxy, n_train)},
         "features (proxy)": {"peak_gib": (W_proxy + 4 * trained_proxy * 2 + acts(fc.batch_size, ratio)
                                           + logits(fc.batch_size)) / GIB,
-                             "flops": wc.epochs * 2 * fwd_flops(P_proxy, n_feat),
-                             "store_gib": wc.epochs * n_feat * store_dim * sb / GIB, "dim": store_dim},
+                             "flops": wc.epochs * 2 * fwd_flops(P_proxy, n_feat_proxy),
+                             "store_gib": wc.epochs * n_feat_proxy * store_dim * sb / GIB, "dim": store_dim},
         "warmup (target)": {"peak_gib": (W + adam(lora_params) + acts(wc.batch_size) + logits(wc.batch_size)) / GIB,
                             "flops": wc.epochs * 3 * fwd_flops(f.params, n_train)},
         "features (target)": {"peak_gib": (W + 4 * lora_params * 2 + acts(fc.batch_size) + logits(fc.batch_size)) / GIB,
                               "flops": wc.epochs * 2 * fwd_flops(f.params, n_feat),
                               "store_gib": wc.epochs * n_feat * target_dim * sb / GIB, "dim": target_dim},
     }
+    # The IProX run's stages in its order; the target-only run (LESS on the target) warms up and
+    # featurises the target alone. Target-first, the warm-up is the target's in both, and the target
+    # featurises the validation examples and the calibration subset at each checkpoint, before it goes.
+    if target_first:
+        extra = n_val_target + n_cal
+        stages["features (target, val + calibration)"] = {
+            "peak_gib": stages["features (target)"]["peak_gib"],
+            "flops": wc.epochs * 2 * fwd_flops(f.params, extra),
+            "store_gib": wc.epochs * extra * target_dim * sb / GIB, "dim": target_dim,
+            "examples": {"validation": n_val_target, "calibration": n_cal}}
+        iprox = ["probe+factorise", "align", "warmup (target)", "features (target, val + calibration)",
+                 "features (proxy)"]
+        del stages["warmup (proxy)"]
+    else:
+        iprox = ["probe+factorise", "align", "warmup (proxy)", "features (proxy)"]
+    baseline = ["warmup (target)", "features (target)"]
     return {"model": config.model, "dtype": config.dtype, "params": f.params, "proxy_params": P_proxy,
             "blocks": f.blocks, "weights_gib": W / GIB, "proxy_weights_gib": W_proxy / GIB,
             "probe_blocks_per_pass": chosen, "probe_statistics": px.probe_statistics,
             "probe_fits_budget": stage1(chosen) <= budget,
-            "budget_gib": config.budget_gib, "stages": stages,
-            "proxy_flops": sum(v["flops"] for k, v in stages.items() if "target" not in k),
-            "target_flops": stages["warmup (target)"]["flops"] + stages["features (target)"]["flops"]}
+            "budget_gib": config.budget_gib, "warmup_on": config.warmup_on, "stages": stages,
+            "pipelines": {"iprox": iprox, "target-only": baseline},
+            "proxy_flops": sum(stages[k]["flops"] for k in iprox),
+            "target_flops": sum(stages[k]["flops"] for k in baseline)}
 
 
 def format_plan(p: dict) -> str:
+    width = max(len(n) for n in p["stages"]) + 1
     lines = [f"plan for {p['model']} in {p['dtype']}: {p['params'] / 1e9:.2f}B parameters "
              f"({p['weights_gib']:.1f} GiB), proxy {p['proxy_params'] / 1e9:.2f}B ({p['proxy_weights_gib']:.1f} GiB)",
-             f"{'stage':<20} {'peak GiB':>9} {'TFLOPs':>10} {'store GiB':>10}"]
+             f"{'stage':<{width}} {'run':<11} {'peak GiB':>9} {'TFLOPs':>10} {'store GiB':>10}"]
+    runs = p["pipelines"]
     for name, s in p["stages"].items():
         store = f"{s['store_gib']:>10.2f}" if "store_gib" in s else f"{'':>10}"
-        lines.append(f"{name:<20} {s['peak_gib']:>9.1f} {s['flops'] / 1e12:>10.1f} {store}")
-    lines.append(f"IProX pipeline {p['proxy_flops'] / 1e12:.1f} TFLOPs against the target-only "
+        run = "both" if all(name in r for r in runs.values()) else "IProX" if name in runs["iprox"] else "target-only"
+        lines.append(f"{name:<{width}} {run:<11} {s['peak_gib']:>9.1f} {s['flops'] / 1e12:>10.1f} {store}")
+    lines.append(f"IProX pipeline ({p['warmup_on']}-first) {p['proxy_flops'] / 1e12:.1f} TFLOPs against the target-only "
                  f"{p['target_flops'] / 1e12:.1f} ({p['proxy_flops'] / max(p['target_flops'], 1):.2f}x)")
     verdict = "fits" if p["probe_fits_budget"] else "does NOT fit"
     lines.append(f"stage 1 with probe_blocks_per_pass = {p['probe_blocks_per_pass'] or 'all'} and probe_statistics = "
@@ -444,7 +499,9 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
     kw = dict(given)
     if run_config:
         from .data import load_examples
+        from .pipeline import calibrate as pipeline_calibrate
         from .pipeline import load_config
+        from .pipeline import val_model as pipeline_val_model
 
         run = load_config(run_config)
         counted = {}
@@ -453,8 +510,11 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
                 counted[key] = sum(s["sample"] or len(load_examples(s["path"])) for s in getattr(run, key))
         # (the pipeline's own keys: the preconditioner is per store, the validation model a few examples)
         features = {k: v for k, v in run.features.items() if k not in ("train_grad", "val_model", "calibrate")}
+        n_cal = pipeline_calibrate(run)
         kw = {"model": run.model, "max_length": run.max_length, **counted,
-              "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features, **kw}
+              "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features,
+              "warmup_on": run.warmup_on, "val_model": pipeline_val_model(run),
+              "calibrate": -1 if n_cal == "auto" else n_cal, **kw}
     for item in sets:
         key, eq, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
