@@ -20,6 +20,15 @@ Two parts, against the target's exact gradients (seed-0 warm-up; ``diag_projecti
    and corrected with 32 examples (5 subsets), the target's rows from the study's ``target`` run
    (the same seed-0 warm-up: its adapters and Adam state checked equal tensor for tensor; the same
    projection seed).
+4. **Within each pool source**: the same runs' Spearman within the BBH and within the GSM8K examples,
+   beside the target's (warm-up seed 1, exact; warm-up seed 0 at proj_dim 64): where the calibrated
+   proxy's whole-pool order still parts from the target's.
+5. **Alternatives** (the stores of part 2, 32 examples, ridge 0.01): other kernels for the correction
+   (a Gaussian one in the features' cosine, one correction per decoder layer) and calibration
+   examples chosen to cover the proxy's feature space (k-means++ seeding, pivoted Cholesky) instead
+   of at random.
+
+The plot (``results/calibration.png``) draws part 2's curve: fidelity against calibration examples.
 
     python benchmarks/diag_calibration.py            # measure, then rewrite the section
     python benchmarks/diag_calibration.py --report   # only rewrite the section
@@ -45,6 +54,7 @@ from common import slug, update_benchmarks_md  # noqa: E402
 
 from diag_layer_agreement import read_store  # noqa: E402
 
+from iprox.agreement import spearman  # noqa: E402
 from iprox.calibration import calibration_subset, correction_from_rows  # noqa: E402
 from iprox.loading import load_features, read_manifest, read_scores  # noqa: E402
 
@@ -176,6 +186,148 @@ def pipeline_runs(work: Path, exact: list[dict]) -> dict:
     return out
 
 
+def per_source(work: Path) -> dict:
+    """Spearman within each pool source (per task) against the exact target: the pipeline's runs
+    calibrated and not, and the target's own stores as the ceiling."""
+    base = work / "projection" / "format-3"
+    exact = {r["id"]: r for r in read_scores(base / slug("target, warm-up 0, exact") / "scores")}
+
+    def within(scores: Path) -> dict:
+        rows = read_scores(scores)
+        return {t: {src: spearman([float(r[t]) for r in rows if r["source"] == src],
+                                   [float(exact[r["id"]][t]) for r in rows if r["source"] == src])
+                    for src in ("bbh", "gsm8k")} for t in TASKS}
+
+    out = {"target, warm-up 1, exact": within(base / slug("target, warm-up 1, exact") / "scores"),
+           "target, warm-up 0, proj_dim 64": within(base / slug("target, warm-up 0, projection 0") / "scores")}
+    for s in SEEDS:
+        cal = work / "runs" / f"{slug(SETTING)}-s{s}" / "scores"
+        if (cal / "COMPLETE").exists():
+            out[f"IProX seed {s}, uncalibrated"] = within(base / slug(f"IProX, seed {s}") / "scores")
+            out[f"IProX seed {s}, calibrated"] = within(cal)
+    return out
+
+
+def _per_layer(layout: list[dict]) -> list[slice]:
+    """The store's columns of each decoder layer (its blocks are contiguous)."""
+    spans: dict[str, list[int]] = {}
+    for b in layout:
+        layer = b["name"].split(".layers.")[1].split(".")[0]
+        lo, hi = b["offset"], b["offset"] + b["k_out"] * b["k_in"]
+        spans.setdefault(layer, [lo, hi])
+        spans[layer] = [min(spans[layer][0], lo), max(spans[layer][1], hi)]
+    return [slice(lo, hi) for lo, hi in spans.values()]
+
+
+def _kernel_error(X, P, T, kernel, ridge=0.01):
+    """The error ``T - P`` predicted at each row of ``X`` by kernel ridge regression (the ridge
+    relative to the kernel's mean diagonal: 1 for unit rows, a layer's share of it for its columns)."""
+    K = kernel(P, P)
+    lam = ridge * float(K.diagonal().mean())
+    return kernel(X, P) @ torch.linalg.solve(K + lam * torch.eye(len(K), dtype=K.dtype), T - P)
+
+
+def _kmeanspp(X, c: int, seed: int) -> list[int]:
+    """k-means++ seeding in cosine distance: each next row drawn with probability ∝ distance²."""
+    g = torch.Generator().manual_seed(seed)
+    chosen = [int(torch.randint(len(X), (1,), generator=g))]
+    d = 1 - X @ X[chosen[0]]
+    for _ in range(c - 1):
+        w = d.clamp_min(0) ** 2
+        chosen.append(int(torch.multinomial(w / w.sum(), 1, generator=g)))
+        d = torch.minimum(d, 1 - X @ X[chosen[-1]])
+    return chosen
+
+
+def _pivoted(X, c: int) -> list[int]:
+    """Greedy pivoted Cholesky of ``X Xᵀ``: each next row the one least explained by those chosen."""
+    K = X @ X.T
+    d, L, chosen = K.diagonal().clone(), torch.zeros(len(X), c, dtype=X.dtype), []
+    for j in range(c):
+        d[chosen] = -1.0
+        i = int(d.argmax())
+        chosen.append(i)
+        L[:, j] = (K[:, i] - L[:, :j] @ L[i, :j]) / d[i].sqrt()
+        d = d - L[:, j] ** 2
+    return chosen
+
+
+def alternatives(work: Path, exact: list[dict]) -> dict:
+    base = work / "projection" / "format-3"
+    out: dict = {}
+    for s in SEEDS:
+        proxy, target = base / slug(f"IProX, seed {s}"), base / slug(f"target, warm-up {s}, projection {s}")
+        pm = read_manifest(proxy / "train")
+        ids, Xp = load_features(proxy / "train", torch.float64)
+        _, Xt = load_features(target / "train", torch.float64)
+        vals = [(load_features(proxy / v, torch.float64)[1], read_manifest(proxy / v)["tasks"]) for v in ("val", "val-target")]
+        X, T = unit(Xp), unit(Xt)
+        Xc = unit(X - X.mean(0))  # centred: what the pool shares taken out before covering it
+        pool_file = work / "runs" / f"{slug('0.6 default, val both')}-s{s}" / "pool" / "pool.jsonl"
+        layers = _per_layer(pm["layout"])
+
+        def per_layer(at):
+            E = torch.zeros_like(X)
+            for sl in layers:
+                E[:, sl] = _kernel_error(X[:, sl], X[at][:, sl], T[at][:, sl], lambda a, b: a @ b.T)
+            return E
+
+        def gaussian(at):
+            return _kernel_error(X, X[at], T[at], lambda a, b: torch.exp((a @ b.T - 1) / 0.1))
+
+        def record(label, at, error=None):
+            if error is None:  # the library's correction
+                Y = correction_from_rows([ids[i] for i in at], Xp[at], Xt[at], 0.01).apply(ids, X)
+            else:
+                Y = unit(X + error(at))
+                Y[at] = T[at]
+            m = measure(rows_of(ids, pm["sources"], pm["tasks"], task_scores(Y, vals)), exact)
+            out.setdefault(label, {}).setdefault(str(s), []).append(m)
+
+        for k in SUBSETS:
+            at = [ids.index(i) for i in subset_ids(pool_file, 32, k)]
+            record("random (the library's)", at)
+            record("Gaussian kernel, width 0.1", at, gaussian)
+            record("one correction per layer", at, per_layer)
+            record("k-means++ choice", _kmeanspp(Xc, 32, k))
+        record("pivoted Cholesky choice", _pivoted(Xc, 32))
+        print(f"seed {s}: alternatives done", flush=True)
+    return out
+
+
+def plot(res: dict) -> str:
+    """Part 2's curve (ridge 0.01, all examples): mean whole-pool and head Spearman per task against
+    calibration examples, the target's own ceiling dotted. Returns the markdown image line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sw = res["sweep"]
+    ceiling = json.loads((RESULTS / "projection.json").read_text()).get("store format 3", {}).get(
+        "vs", {}).get("target warm-up 1 exact against target exact")
+    sizes = [0] + [c for c in SIZES if f"{c} / 0.01" in sw]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (key, title) in zip(axes, (("spearman", "whole-pool Spearman"), ("head_spearman", "head Spearman"))):
+        for t, colour in zip(TASKS, ("C0", "C1", "C2")):
+            ys = [_mean(list(sw["uncalibrated"].values()), t, key)]
+            ys += [_mean([m for rec in sw[f"{c} / 0.01"].values() for m in rec["all"]], t, key) for c in sizes[1:]]
+            ax.plot(sizes, ys, "o-", color=colour, label=t)
+            if ceiling:
+                ax.axhline(ceiling[t][key], color=colour, ls=":", lw=1)
+        ax.set_title(title)
+        ax.set_xlabel("calibration examples (target passes per checkpoint)")
+        ax.set_xticks(sizes)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("against the exact target")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Calibration (mean of 3 seeds x 5 subsets); dotted: the target's own warm-up seed 1, exact", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "calibration.png", dpi=110)
+    plt.close(fig)
+    return "![fidelity against calibration examples](benchmarks/results/calibration.png)"
+
+
 def _mean(ms: list[dict], t: str, k: str) -> float:
     return statistics.fmean(m[t][k] for m in ms)
 
@@ -235,6 +387,28 @@ def report(res: dict) -> str:
             lines.append(f"| {label} | {rec['pool_cosine']:.2f} | uncalibrated | "
                          + " | ".join(_triple([rec["uncalibrated"]], t) for t in TASKS) + " |")
             lines.append(f"| {label} | | calibrated | " + " | ".join(_triple(rec["calibrated"], t) for t in TASKS) + " |")
+    src = res.get("per source")
+    if src:
+        lines += ["", "### Within each pool source (Spearman against the exact target, per task: within BBH / within GSM8K)", "",
+                  "The calibrated runs are the pipeline's (seed s, 32 examples); GSM8K is a third of the pool and "
+                  "never among these tasks' selections.", "",
+                  "| scores | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for label, per in src.items():
+            lines.append(f"| {label} | " + " | ".join(f"{per[t]['bbh']:.2f} / {per[t]['gsm8k']:.2f}" for t in TASKS) + " |")
+    alt = res.get("alternatives")
+    if alt:
+        lines += ["", "### Other kernels and other choices of the calibration examples (32 examples, ridge 0.01)", "",
+                  "Mean over seeds 0, 1, 2 (× 5 subsets, or one deterministic choice for pivoted Cholesky); "
+                  "\"worst\": the lowest whole-pool / head Spearman over seeds × subsets × tasks. Choices are made "
+                  "on the proxy's centred unit features.", "",
+                  "| variant | " + " | ".join(TASKS) + " | worst |", "|---|" + "---|" * (len(TASKS) + 1)]
+        for label, per in alt.items():
+            ms = [m for rec in per.values() for m in rec]
+            lines.append(f"| {label} | " + " | ".join(_triple(ms, t) for t in TASKS) + " | "
+                         + f"{min(m[t]['spearman'] for m in ms for t in TASKS):.2f} / "
+                         f"{min(m[t]['head_spearman'] for m in ms for t in TASKS):.2f} |")
+    if res.get("sweep") and (RESULTS / "calibration.png").exists():
+        lines += ["", "![fidelity against calibration examples](benchmarks/results/calibration.png)"]
     return "\n".join(lines).rstrip()
 
 
@@ -253,6 +427,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/iprox-bench-fidelity", help="the fidelity study's work folder")
     ap.add_argument("--report", action="store_true", help="only rewrite the section from the results file")
+    ap.add_argument("--only", nargs="+", metavar="PART", help="measure only these parts (pipeline, sweep, other "
+                    "sparsities, per source, alternatives), keeping the others' results")
     args = ap.parse_args()
     path = RESULTS / "calibration.json"
     if not args.report:
@@ -261,11 +437,18 @@ def main() -> None:
         if not (ref / "COMPLETE").exists():
             raise SystemExit(f"no exact target scores at {ref}: run benchmarks/diag_projection.py first")
         exact = read_scores(ref)
-        res = {"pipeline": pipeline_runs(work, exact), "sweep": sweep(work, exact),
-               "other sparsities": other_sparsities(work, exact)}
+        res = json.loads(path.read_text()) if path.exists() and args.only else {}
+        parts = {"pipeline": lambda: pipeline_runs(work, exact), "sweep": lambda: sweep(work, exact),
+                 "other sparsities": lambda: other_sparsities(work, exact), "per source": lambda: per_source(work),
+                 "alternatives": lambda: alternatives(work, exact)}
+        for name, part in parts.items():
+            if not args.only or name in args.only:
+                res[name] = part()
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_rounded(res), separators=(",", ":")) + "\n")  # (many subsets: kept compact)
     res = json.loads(path.read_text())
+    if res.get("sweep"):
+        plot(res)
     update_benchmarks_md("calibration", report(res))
     print(report(res))
 
