@@ -28,6 +28,11 @@ Two parts, against the target's exact gradients (seed-0 warm-up; ``diag_projecti
    examples chosen to cover the proxy's feature space (k-means++ seeding, pivoted Cholesky) instead
    of at random.
 
+6. **The run's own estimate** (:func:`iprox.calibration.estimate_agreement`, in every calibrated
+   run's ``scores.json``): per proxy and calibration subset, the estimated Spearman with the target's
+   scores against the one measured over the whole pool (against the target's run at the same
+   checkpoint and projection, which is what the estimate's reference is, and against the exact target).
+
 The plot (``results/calibration.png``) draws part 2's curve: fidelity against calibration examples.
 
     python benchmarks/diag_calibration.py            # measure, then rewrite the section
@@ -55,7 +60,7 @@ from common import slug, update_benchmarks_md  # noqa: E402
 from diag_layer_agreement import read_store  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
-from iprox.calibration import calibration_subset, correction_from_rows  # noqa: E402
+from iprox.calibration import calibration_subset, correction_from_rows, estimate_agreement  # noqa: E402
 from iprox.loading import load_features, read_manifest, read_scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -295,6 +300,49 @@ def alternatives(work: Path, exact: list[dict]) -> dict:
     return out
 
 
+def _task_matrix(V: torch.Tensor, vtasks: list[str]) -> torch.Tensor:
+    """(dim, tasks): each task's mean unit validation feature, as scoring makes it."""
+    return torch.stack([unit(V)[[i for i, x in enumerate(vtasks) if x == t]].mean(0) for t in TASKS], dim=1)
+
+
+def estimates(work: Path, exact: list[dict]) -> dict:
+    """Per proxy (3 seeds of the 0.7 default, store format 3; the other sparsities and plain SVD,
+    seed 0, format 2) and 5 subsets of 32: the estimate against the measured whole-pool Spearman."""
+    base, runs = work / "projection" / "format-3", work / "runs"
+    cases = []
+    for s in SEEDS:
+        proxy, target = base / slug(f"IProX, seed {s}"), base / slug(f"target, warm-up {s}, projection {s}")
+        pm = read_manifest(proxy / "train")
+        ids, Xp = load_features(proxy / "train", torch.float64)
+        _, Xt = load_features(target / "train", torch.float64)
+        vals = [(load_features(proxy / v, torch.float64)[1], read_manifest(proxy / v)["tasks"]) for v in ("val", "val-target")]
+        cases.append((f"IProX 0.5, seed {s}", ids, Xp, Xt, vals, pm,
+                      runs / f"{slug('0.6 default, val both')}-s{s}" / "pool" / "pool.jsonl"))
+    tids, Xt0, _ = read_store(runs / "target-s0" / "features" / "train-1")
+    for label, setting in OTHER.items():
+        run, both = runs / f"{slug(setting)}-s0", runs / f"{slug(setting + ', val both')}-s0"
+        ids, Xp, man = read_store(run / "features" / "train-1")
+        assert ids == tids  # (other_sparsities checks the checkpoint and projection)
+        vals = [(read_store(d)[1], read_store(d)[2]["tasks"]) for d in (run / "features" / "val-1",
+                                                                         both / "features" / "val-target-1")]
+        cases.append((f"{label}, seed 0", ids, Xp, Xt0, vals, man, run / "pool" / "pool.jsonl"))
+    out = {}
+    for label, ids, Xp, Xt, vals, man, pool_file in cases:
+        X = unit(Xp)
+        Up, Ut = (_task_matrix(V, vt) for V, vt in vals)
+        own = rows_of(ids, man["sources"], man["tasks"], {t: unit(Xt) @ Ut[:, j] for j, t in enumerate(TASKS)})
+        for k in SUBSETS:
+            sub = subset_ids(pool_file, 32, k)
+            at = [ids.index(i) for i in sub]
+            corr = correction_from_rows(sub, Xp[at], Xt[at], 0.01)
+            est = estimate_agreement([(corr, Up, 1.0, False), (corr, Ut, 1.0, True)], TASKS)
+            rows = rows_of(ids, man["sources"], man["tasks"], task_scores(corr.apply(ids, X), vals))
+            out.setdefault(label, []).append({"estimate": est, "vs_own_target": measure(rows, own),
+                                              "vs_exact": measure(rows, exact)})
+        print(f"{label}: estimates done", flush=True)
+    return out
+
+
 def plot(res: dict) -> str:
     """Part 2's curve (ridge 0.01, all examples): mean whole-pool and head Spearman per task against
     calibration examples, the target's own ceiling dotted. Returns the markdown image line."""
@@ -407,6 +455,32 @@ def report(res: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(_triple(ms, t) for t in TASKS) + " | "
                          + f"{min(m[t]['spearman'] for m in ms for t in TASKS):.2f} / "
                          f"{min(m[t]['head_spearman'] for m in ms for t in TASKS):.2f} |")
+    est = res.get("estimates")
+    if est:
+        lines += ["", "### The run's own estimate of its agreement (32 examples, ridge 0.01, 5 subsets per proxy)", "",
+                  "Per proxy, the mean over subsets of the estimated Spearman (over the 32 calibration examples, held "
+                  "out) / the whole-pool Spearman measured against the target's run at the same checkpoint and "
+                  "projection (the estimate's reference) / against the exact target, per task.", "",
+                  "| proxy | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        pairs = []
+        for label, recs in est.items():
+            cells = []
+            for t in TASKS:
+                e = [r["estimate"]["spearman"][t] for r in recs]
+                own = [r["vs_own_target"][t]["spearman"] for r in recs]
+                ex = [r["vs_exact"][t]["spearman"] for r in recs]
+                pairs += list(zip(e, own, ex))
+                cells.append(f"{statistics.fmean(e):.2f} / {statistics.fmean(own):.2f} / {statistics.fmean(ex):.2f}")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        e, own, ex = zip(*pairs)
+        lines += ["", f"Over the {len(pairs)} proxy × subset × task cases: estimate minus measured (same-seed target) "
+                  f"{statistics.fmean(a - b for a, b in zip(e, own)):+.2f} on average, mean absolute difference "
+                  f"{statistics.fmean(abs(a - b) for a, b in zip(e, own)):.2f}, rank correlation {spearman(e, own):.2f}; "
+                  f"against the exact target {statistics.fmean(a - b for a, b in zip(e, ex)):+.2f}, "
+                  f"{statistics.fmean(abs(a - b) for a, b in zip(e, ex)):.2f}, {spearman(e, ex):.2f}. Below "
+                  "0.5 the run warns: " + f"{sum(a < 0.5 for a in e)} of {len(e)} estimates, where the measured "
+                  f"(same-seed) Spearman was below 0.5 in {sum(b < 0.5 for b in own)}, both in "
+                  f"{sum(a < 0.5 and b < 0.5 for a, b in zip(e, own))}."]
     if res.get("sweep") and (RESULTS / "calibration.png").exists():
         lines += ["", "![fidelity against calibration examples](benchmarks/results/calibration.png)"]
     return "\n".join(lines).rstrip()
@@ -428,7 +502,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/iprox-bench-fidelity", help="the fidelity study's work folder")
     ap.add_argument("--report", action="store_true", help="only rewrite the section from the results file")
     ap.add_argument("--only", nargs="+", metavar="PART", help="measure only these parts (pipeline, sweep, other "
-                    "sparsities, per source, alternatives), keeping the others' results")
+                    "sparsities, per source, alternatives, estimates), keeping the others' results")
     args = ap.parse_args()
     path = RESULTS / "calibration.json"
     if not args.report:
@@ -440,7 +514,7 @@ def main() -> None:
         res = json.loads(path.read_text()) if path.exists() and args.only else {}
         parts = {"pipeline": lambda: pipeline_runs(work, exact), "sweep": lambda: sweep(work, exact),
                  "other sparsities": lambda: other_sparsities(work, exact), "per source": lambda: per_source(work),
-                 "alternatives": lambda: alternatives(work, exact)}
+                 "alternatives": lambda: alternatives(work, exact), "estimates": lambda: estimates(work, exact)}
         for name, part in parts.items():
             if not args.only or name in args.only:
                 res[name] = part()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from test_scores import _write_config, fake_store
 
 from iprox.agreement import spearman
 from iprox.calibration import calibration_size, calibration_subset, fit_correction
-from iprox.loading import MANIFEST_FILE, load_features, read_scores
+from iprox.loading import CARRIED, MANIFEST_FILE, load_features, read_scores
 from iprox.scores import ScoreConfig, compute_scores
 
 
@@ -31,7 +32,7 @@ def primal(P: torch.Tensor, T: torch.Tensor, X: torch.Tensor, lam: float) -> tor
 def _stores(tmp_path, n=20, c=5, d=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     Xp = torch.randn(n, d, generator=g, dtype=torch.float64)
-    calib = [1, 4, 9, 13, 18][:c]
+    calib = [1, 4, 9, 13, 18][:c] if c <= 5 else list(range(1, n, n // c))[:c]
     Tc = Xp[calib] + 0.7 * torch.randn(c, d, generator=g, dtype=torch.float64)
     ids = [f"p{i}" for i in range(n)]
     pool = fake_store(tmp_path / "pool", Xp, ids, ["t"] * n, lr=1e-5)
@@ -106,6 +107,85 @@ def test_a_shared_error_is_removed():
     assert spearman((Y[rest] @ v).tolist(), ref) > spearman((unit(P)[rest] @ v).tolist(), ref) + 0.1
 
 
+def test_held_out_rows_equal_refitting_without_each_example(tmp_path):
+    """The closed-form leave-one-out rows against the primal ridge refitted on the other examples."""
+    pool, cal, Xp, Tc, calib, ids = _stores(tmp_path)
+    held = fit_correction(pool, cal, ridge=0.05).held_out_rows()
+    for j, i in enumerate(calib):
+        keep = [k for k in range(len(calib)) if k != j]
+        want = primal(Xp[[calib[k] for k in keep]], Tc[keep], Xp[[i]], 0.05)[0]
+        torch.testing.assert_close(held[j], want, rtol=1e-9, atol=1e-12)
+
+
+def _as_model(store: str, which: str) -> str:
+    """A fake store relabelled as the proxy's (carrying the target's LoRA checkpoint) or the target's."""
+    f = Path(store) / MANIFEST_FILE
+    man = json.loads(f.read_text())
+    label = {"proxy": ("proxy:p+ck", CARRIED), "target": ("t+ck", "lora")}[which]
+    f.write_text(json.dumps({**man, "model_hash": label[0], "trains": label[1]}))
+    return store
+
+
+def test_the_agreement_estimate_equals_brute_force(tmp_path, caplog):
+    """Scored "both" (the proxy's and the target's validation stores, one calibration store), the
+    run's held-out scores of the calibration examples are ranked against the target's own scores
+    (its rows against its validation gradients alone), per subtask; without a target's validation
+    store there is no reference and no estimate."""
+    import logging
+
+    pool, cal, Xp, Tc, calib, ids = _stores(tmp_path, n=40, c=12, d=10)
+    g = torch.Generator().manual_seed(5)
+    Vp, Vt = (torch.randn(4, 10, generator=g, dtype=torch.float64) for _ in range(2))
+    vp = _as_model(fake_store(tmp_path / "vp", Vp, [f"v{i}" for i in range(4)], ["a", "a", "b", "b"], lr=1e-5), "proxy")
+    vt = _as_model(fake_store(tmp_path / "vt", Vt, [f"v{i}" for i in range(4)], ["a", "a", "b", "b"], lr=1e-5), "target")
+    _as_model(pool, "proxy")
+    _as_model(cal, "target")
+    with caplog.at_level(logging.INFO, logger="iprox.scores"):
+        res = compute_scores(ScoreConfig(train=[pool, pool], val=[vp, vt], out=str(tmp_path / "s"),
+                                         calibration=[cal, cal], calibration_ridge=0.1))
+    rep = res.calibration
+    held = torch.stack([primal(Xp[[calib[k] for k in range(12) if k != j]], Tc[[k for k in range(12) if k != j]],
+                               Xp[[i]], 0.1)[0] for j, i in enumerate(calib)])
+    Up, Ut = unit(Vp), unit(Vt)
+    for c, sub in enumerate(("a", "b")):
+        rows = slice(2 * c, 2 * c + 2)
+        u_both, u_t = Up[rows].mean(0) + Ut[rows].mean(0), Ut[rows].mean(0)
+        ref = (unit(Tc) @ u_t).tolist()
+        assert rep["spearman"][sub] == pytest.approx(spearman((held @ u_both).tolist(), ref))
+        assert rep["uncalibrated_spearman"][sub] == pytest.approx(spearman((unit(Xp[calib]) @ u_both).tolist(), ref))
+    assert rep["examples"] == 12
+    assert rep["cosine"] == pytest.approx(float((unit(Xp[calib]) * unit(Tc)).sum(1).mean()))
+    assert rep["held_out_cosine"] == pytest.approx(float((held * unit(Tc)).sum(1).mean()))
+    assert "estimated Spearman with the target's scores over the 12 calibration examples" in caplog.text
+    # the proxy's validation store alone: nothing to rank against
+    assert compute_scores(ScoreConfig(train=[pool], val=[vp], out=str(tmp_path / "s2"), calibration=[cal])).calibration is None
+
+
+def test_the_agreement_warning_fires_on_an_unrelated_proxy_only(tmp_path, caplog):
+    """A proxy whose features have nothing to do with the target's is warned about; one whose
+    features are the target's (up to scale) is not."""
+    import logging
+
+    g = torch.Generator().manual_seed(7)
+    n, c, d = 60, 20, 16
+    T = torch.randn(n, d, generator=g, dtype=torch.float64)
+    V = torch.randn(6, d, generator=g, dtype=torch.float64)
+    ids = [f"p{i}" for i in range(n)]
+    val = fake_store(tmp_path / "val", V, [f"v{i}" for i in range(6)], ["a", "a", "a", "b", "b", "b"], lr=1e-5)
+    cal = fake_store(tmp_path / "cal", T[:c], ids[:c], ["t"] * c, lr=1e-5)
+    for name, P in (("exact", 2.0 * T), ("unrelated", torch.randn(n, d, generator=g, dtype=torch.float64))):
+        pool = fake_store(tmp_path / name, P, ids, ["t"] * n, lr=1e-5)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="iprox.scores"):
+            rep = compute_scores(ScoreConfig(train=[pool], val=[val], out=str(tmp_path / f"s-{name}"),
+                                             calibration=[cal])).calibration
+        warned = "unlikely to rank the pool as the target would" in caplog.text
+        if name == "exact":
+            assert rep["spearman"] == pytest.approx({"a": 1.0, "b": 1.0}) and not warned
+        else:
+            assert min(rep["uncalibrated_spearman"].values()) < 0.5 and warned
+
+
 def test_calibration_refuses_what_does_not_line_up(tmp_path):
     pool, cal, Xp, Tc, calib, ids = _stores(tmp_path)
     with pytest.raises(ValueError, match="one --calibration store per --train store"):
@@ -175,6 +255,10 @@ def test_pipeline_calibrates_the_proxys_pool_features(tmp_path):
             total = total + lr * (Y @ unit(V.double()).mean(0))
     got = torch.tensor([float(row["score"]) for row in read_scores(r / "scores" / "scores.csv")], dtype=torch.float64)
     torch.testing.assert_close(got, total, rtol=1e-6, atol=1e-9)
+    # the run's own estimate of its agreement with the target, over the 6 calibration examples
+    est = json.loads((r / "scores" / "scores.json").read_text())["calibration"]
+    assert est["examples"] == 6 and set(est["spearman"]) == set(json.loads((r / "scores" / "scores.json").read_text())["subtasks"])
+    assert all(v is None or -1 <= v <= 1 for v in est["spearman"].values())
     # off again: another features stage, refused on this folder without --overwrite
     cfg.write_text(cfg.read_text().replace("calibrate = 6", "calibrate = 0"))
     with pytest.raises(ValueError, match="from stage 'features' on"):

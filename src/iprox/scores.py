@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 
 from . import artifacts
-from .calibration import DEFAULT_RIDGE, Correction, fit_correction
+from .calibration import AGREEMENT_WARNING, DEFAULT_RIDGE, Correction, estimate_agreement, fit_correction
 from .data import load_examples
 from .distributed import all_reduce_sum_, on_every_rank, on_rank0, world
 from .loading import CARRIED, SCORES_FILE, canonical_name, iter_feature_rows, iter_features, read_manifest
@@ -168,6 +168,7 @@ class ScoreResult:
     per_subtask: torch.Tensor  # (n, n_subtasks) float64
     score: torch.Tensor  # (n,)
     weights: list[float]
+    calibration: dict | None = None  # estimate_agreement's report, when the run is calibrated
 
 
 def compute_scores(config: ScoreConfig) -> ScoreResult:
@@ -189,12 +190,16 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
     n = tman[0]["n_examples"]
     total = torch.zeros(n, len(subtasks), dtype=torch.float64)
     fits: dict[tuple[str, str], Correction] = {}  # a pool store paired twice ("both") is fitted once
+    estimate = []  # per calibrated pair: (correction, U, weight, whether its validation store is the target's)
     for c, (t, v, w) in enumerate(zip(config.train, config.val, weights)):
         U = _subtask_matrix(v, config.method, subtasks, vtasks)
         calib = config.calibration[c] if config.calibration else ""
         if calib and (t, calib) not in fits:
             fits[t, calib] = fit_correction(t, calib, config.calibration_ridge, config.chunk_rows)
         corr = fits.get((t, calib))
+        if corr is not None:
+            cm = read_manifest(calib)
+            estimate.append((corr, U, w, (vman[c]["model_hash"], vman[c]["checkpoint"]) == (cm["model_hash"], cm["checkpoint"])))
         if config.method == "if":
             F = second_moment(t, config.chunk_rows)
             lam = config.damping * torch.trace(F) / F.shape[0]
@@ -219,7 +224,26 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
     if not bool(torch.isfinite(total).all()):
         raise ValueError("scores came out non-finite (NaN or inf); check the stores' features and the damping")
     agg = total.max(dim=1).values if config.aggregate == "max" else total.mean(dim=1)
-    return ScoreResult(tman[0]["ids"], tman[0]["sources"], tman[0]["tasks"], subtasks, total, agg, weights)
+    return ScoreResult(tman[0]["ids"], tman[0]["sources"], tman[0]["tasks"], subtasks, total, agg, weights,
+                       _report_agreement(estimate, subtasks) if estimate else None)
+
+
+def _report_agreement(estimate: list, subtasks: list[str]) -> dict | None:
+    """Logs (rank 0) and returns the calibration's estimate of the scores' agreement with the target's."""
+    rep = estimate_agreement(estimate, subtasks)
+    if rep is None or world()[0] != 0:
+        return rep
+    sp = rep["spearman"]
+    fmt = lambda d: ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in d.items())  # noqa: E731
+    log.info("calibration: proxy-target feature cosine %.3f (%.3f corrected, held out); estimated Spearman with the "
+             "target's scores over the %d calibration examples: %s (uncalibrated %s)", rep["cosine"],
+             rep["held_out_cosine"], rep["examples"], fmt(sp), fmt(rep["uncalibrated_spearman"]))
+    low = {k: v for k, v in sp.items() if v is not None and v < AGREEMENT_WARNING}
+    if low:
+        log.warning("the proxy's scores are unlikely to rank the pool as the target would: estimated Spearman %s, "
+                    "below %.1f (from %d examples: ±0.15 or so); check the proxy with `iprox fidelity --proxy`, or "
+                    "calibrate on more examples", fmt(low), AGREEMENT_WARNING, rep["examples"])
+    return rep
 
 
 def _column_names(subtasks: list[str]) -> list[str]:
@@ -282,6 +306,7 @@ def score(config: ScoreConfig) -> Path:
             "method": config.method, "aggregate": config.aggregate, "weights": res.weights,
             "subtasks": res.subtasks, "n": len(res.ids),
             "score_min": float(s.min()), "score_max": float(s.max()), "score_mean": float(s.mean()),
+            **({"calibration": res.calibration} if res.calibration else {}),
         })
         artifacts.mark_complete(out)
 
