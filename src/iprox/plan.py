@@ -153,13 +153,17 @@ class PlanConfig:
         """The target's own feature passes per checkpoint in the IProX run: (validation examples,
         calibration examples), as the pipeline resolves ``val_model`` and ``calibrate``."""
         from .calibration import calibration_size
-        from .pipeline import DEFAULT_VAL_MODEL
 
         if self.warmup_on == "proxy":
             return 0, 0
-        vm = self.val_model or DEFAULT_VAL_MODEL
         n_cal = calibration_size(None if self.calibrate < 0 else self.calibrate, self.pool)
-        return (self.validation if vm in ("target", "both") else 0), n_cal
+        return (self.validation if self.resolved_val_model() in ("target", "both") else 0), n_cal
+
+    def resolved_val_model(self) -> str:
+        """``val_model``, or the order's default as the pipeline takes it."""
+        from .pipeline import DEFAULT_VAL_MODEL
+
+        return self.val_model or (DEFAULT_VAL_MODEL if self.warmup_on == "target" else "proxy")
 
     def align_steps(self) -> int:
         """The alignment's optimiser steps for this pool, as the align stage counts them."""
@@ -404,8 +408,7 @@ def plan(config: PlanConfig) -> dict:
         store_dim = target_dim
     trained_proxy = lora_params if proxy_lora else factor_params
     n_val_target, n_cal = config.target_featurises()
-    vm = config.val_model or ("both" if target_first else "proxy")
-    n_feat_proxy = config.pool + (config.validation if vm != "target" else 0)
+    n_feat_proxy = config.pool + (config.validation if config.resolved_val_model() != "target" else 0)
     n_feat = config.pool + config.validation
     # Alignment, one micro-batch at a time in two phases. Both hold the two models, the optimiser
     # (on the device unless offloaded: then only the factors' gradients) and the target's weight
