@@ -33,6 +33,10 @@ Two parts, against the target's exact gradients (seed-0 warm-up; ``diag_projecti
    scores against the one measured over the whole pool (against the target's run at the same
    checkpoint and projection, which is what the estimate's reference is, and against the exact target).
 
+7. **Exact stores** (only with ``--only exact``: ~6 min and ~12 GB per seed): the same correction on
+   the unprojected stores of ``diag_projection.py`` (IProX seeds 0 and 1 and the target's warm-ups 0
+   and 1, every LoRA side whole), to tell the projection's share of what is left from the proxy's.
+
 The plot (``results/calibration.png``) draws part 2's curve: fidelity against calibration examples.
 
     python benchmarks/diag_calibration.py            # measure, then rewrite the section
@@ -348,6 +352,40 @@ def estimates(work: Path, exact: list[dict]) -> dict:
     return out
 
 
+def exact_stores(work: Path, exact: list[dict]) -> dict:
+    """Part 7: 32 examples, ridge 0.01, 5 subsets on the exact stores (float32, applied in chunks:
+    2.4 M dimensions per row)."""
+    base = work / "projection" / "format-3"
+    out = {}
+    for s in (0, 1):
+        proxy, target = base / slug(f"IProX, seed {s}, exact"), base / slug(f"target, warm-up {s}, exact")
+        pm = read_manifest(proxy / "train")
+        ids, Xp = load_features(proxy / "train", torch.float32)
+        tids, Xt = load_features(target / "train", torch.float32)
+        assert ids == tids and pm["seed"] == read_manifest(target / "train")["seed"]
+        vals = [(load_features(proxy / v, torch.float32)[1], read_manifest(proxy / v)["tasks"]) for v in ("val", "val-target")]
+        X = unit(Xp)
+        del Xp
+        rec = {"uncalibrated": measure(rows_of(ids, pm["sources"], pm["tasks"], task_scores(X, vals)), exact),
+               "calibrated": []}
+        pool_file = work / "runs" / f"{slug('0.6 default, val both')}-s{s}" / "pool" / "pool.jsonl"
+        for k in SUBSETS:
+            sub = subset_ids(pool_file, 32, k)
+            at = [ids.index(i) for i in sub]
+            corr = correction_from_rows(sub, X[at], Xt[at], 0.01)
+            P, M = corr.P.float(), corr.M.float()
+            Y = torch.empty_like(X)
+            for a in range(0, len(X), 50):
+                Y[a:a + 50] = unit(X[a:a + 50] + (X[a:a + 50] @ P.T) @ M)
+            Y[at] = corr.T.float()
+            rec["calibrated"].append(measure(rows_of(ids, pm["sources"], pm["tasks"], task_scores(Y, vals)), exact))
+            del Y
+        out[str(s)] = rec
+        del X, Xt
+        print(f"exact stores, seed {s} done", flush=True)
+    return out
+
+
 def plot(res: dict) -> str:
     """Part 2's curve (ridge 0.01, all examples): mean whole-pool and head Spearman per task against
     calibration examples, the target's own ceiling dotted. Returns the markdown image line."""
@@ -489,6 +527,18 @@ def report(res: dict) -> str:
                   f"{sum(a < 0.5 and b < 0.5 for a, b in zip(e, own))}. The same Spearman over the half of the "
                   "calibration examples the target ranks higher, as an estimate of the head Spearman: rank correlation "
                   f"{spearman(*zip(*heads)):.2f} with the head Spearman measured (same-seed target)."]
+    ex = res.get("exact")
+    if ex:
+        lines += ["", "### Exact stores (no projection; 32 examples, ridge 0.01, 5 subsets)", "",
+                  "The proxy's and the target's exact gradients (every LoRA side whole) against the exact target "
+                  "(warm-up seed 0), beside the projected stores of part 2 at the same seed (proj_dim 64).", "",
+                  "| seed | stores | run | " + " | ".join(TASKS) + " |", "|---|---|---|" + "---|" * len(TASKS)]
+        for s, rec in ex.items():
+            lines.append(f"| {s} | exact | uncalibrated | " + " | ".join(_triple([rec['uncalibrated']], t) for t in TASKS) + " |")
+            lines.append(f"| {s} | exact | calibrated | " + " | ".join(_triple(rec['calibrated'], t) for t in TASKS) + " |")
+            proj = res.get("sweep", {}).get("32 / 0.01", {}).get(s)
+            if proj:
+                lines.append(f"| {s} | proj_dim 64 | calibrated | " + " | ".join(_triple(proj['all'], t) for t in TASKS) + " |")
     if res.get("sweep") and (RESULTS / "calibration.png").exists():
         lines += ["", "![fidelity against calibration examples](benchmarks/results/calibration.png)"]
     return "\n".join(lines).rstrip()
@@ -510,7 +560,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/iprox-bench-fidelity", help="the fidelity study's work folder")
     ap.add_argument("--report", action="store_true", help="only rewrite the section from the results file")
     ap.add_argument("--only", nargs="+", metavar="PART", help="measure only these parts (pipeline, sweep, other "
-                    "sparsities, per source, alternatives, estimates), keeping the others' results")
+                    "sparsities, per source, alternatives, estimates, exact; all but exact by default), keeping the others' "
+                    "results")
     args = ap.parse_args()
     path = RESULTS / "calibration.json"
     if not args.report:
@@ -519,12 +570,13 @@ def main() -> None:
         if not (ref / "COMPLETE").exists():
             raise SystemExit(f"no exact target scores at {ref}: run benchmarks/diag_projection.py first")
         exact = read_scores(ref)
-        res = json.loads(path.read_text()) if path.exists() and args.only else {}
+        res = json.loads(path.read_text()) if path.exists() else {}  # parts not measured now keep their results
         parts = {"pipeline": lambda: pipeline_runs(work, exact), "sweep": lambda: sweep(work, exact),
                  "other sparsities": lambda: other_sparsities(work, exact), "per source": lambda: per_source(work),
-                 "alternatives": lambda: alternatives(work, exact), "estimates": lambda: estimates(work, exact)}
+                 "alternatives": lambda: alternatives(work, exact), "estimates": lambda: estimates(work, exact),
+                 "exact": lambda: exact_stores(work, exact)}
         for name, part in parts.items():
-            if not args.only or name in args.only:
+            if (not args.only and name != "exact") or (args.only and name in args.only):
                 res[name] = part()
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(_rounded(res), separators=(",", ":")) + "\n")  # (many subsets: kept compact)
