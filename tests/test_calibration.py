@@ -233,7 +233,7 @@ def test_pipeline_calibrates_the_proxys_pool_features(tmp_path):
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     cfg = _write_config(tmp_path, model_dir)
     cfg.write_text(cfg.read_text().replace("[features]\n", "[features]\ncalibrate = 6\n"))
-    run(load_config(cfg, {"progress": False}))
+    result = run(load_config(cfg, {"progress": False}))
     r = tmp_path / "run"
     sub = [json.loads(x)["id"] for x in (r / "features" / "calibration.jsonl").read_text().splitlines()]
     pool_ids = [json.loads(x)["id"] for x in (r / "pool" / "pool.jsonl").read_text().splitlines()]
@@ -259,6 +259,7 @@ def test_pipeline_calibrates_the_proxys_pool_features(tmp_path):
     est = json.loads((r / "scores" / "scores.json").read_text())["calibration"]
     assert est["examples"] == 6 and set(est["spearman"]) == set(json.loads((r / "scores" / "scores.json").read_text())["subtasks"])
     assert all(v is None or -1 <= v <= 1 for v in est["spearman"].values())
+    assert result.agreement == est and "estimated over the 6 calibration examples" in result.format()
     # off again: another features stage, refused on this folder without --overwrite
     cfg.write_text(cfg.read_text().replace("calibrate = 6", "calibrate = 0"))
     with pytest.raises(ValueError, match="from stage 'features' on"):

@@ -368,10 +368,16 @@ class RunResult:
     out: Path
     selection: dict
     timings: dict[str, float]
+    agreement: dict | None = None  # scores.json's calibration estimate, when the run is calibrated
 
     def format(self) -> str:
         lines = [format_selection(self.selection), "stage times: " +
                  ", ".join(f"{k} {v:.0f}s" for k, v in self.timings.items())]
+        a = self.agreement
+        if a:
+            fmt = lambda d: ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in d.items())  # noqa: E731
+            lines.append(f"agreement with the target, estimated over the {a['examples']} calibration examples (whole "
+                         f"pool, Spearman): {fmt(a['spearman'])} (uncalibrated {fmt(a['uncalibrated_spearman'])})")
         lines.append(f"selected records: {self.out / 'selection' / 'selected.jsonl'}")
         lines.append(f"scores:           {self.out / 'scores' / 'scores.csv'}")
         return "\n".join(lines)
@@ -474,7 +480,9 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, ra
     ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad, val_model(cfg), calibrate(cfg))
     for stage in stages(cfg):
         timed(stage.name, lambda: stage.run(ctx))
-    return RunResult(out, ctx.manifest, timings)
+    summary = out / "scores" / "scores.json"
+    agreement = json.loads(summary.read_text()).get("calibration") if summary.exists() else None
+    return RunResult(out, ctx.manifest, timings, agreement)
 
 
 # ---------------------------------------------------------------------------------------------
