@@ -14,6 +14,10 @@ projection seed and dimensions:
   checkpoint and projection (the target's, for ``val_model = "both"`` and as the same-seed reference);
 * the target's exact gradients at warm-up seeds 0 (the reference) and 1 (the ceiling).
 
+With ``--settings``, other proxies of the fidelity study (seed 0, e.g. its sparsity 0.3 and 0.7 runs)
+are featurised too, pool and validation stores, as ``diag_projection.py`` does (their warm-up
+checkpoint is the target's own: checked tensor for tensor), and measured the same way.
+
 The proxy's pool features are corrected as a calibrated run does (32 seeded examples, ridge 0.01,
 the target's rows from its pool store at the same checkpoint and projection; 5 subsets) and scored
 "both". Figures: whole-pool Spearman, head Spearman (the reference's top 20%), top-5% overlap, the
@@ -40,8 +44,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import BASE  # noqa: E402
 from common import IPROX, find_data, sh, slug, update_benchmarks_md  # noqa: E402
-from diag_calibration import SEEDS, SUBSETS, subset_ids, unit  # noqa: E402
-from diag_projection import DEFAULT  # noqa: E402
+from diag_calibration import SEEDS, SUBSETS, same_checkpoint, subset_ids, unit  # noqa: E402
+from diag_projection import DEFAULT, featurise  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.calibration import correction_from_rows, estimate_agreement  # noqa: E402
@@ -50,6 +54,8 @@ from iprox.loading import load_features, read_manifest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASK = "gsm8k"
+DEFAULT_LABEL = "0.7 default"  # the study's "0.6 default, val both" runs: the 0.7 default at sparsity 0.5
+DEFAULT_KEYS = [f"{DEFAULT_LABEL}, seed {s}" for s in SEEDS]
 
 
 def validation_file(work: Path, n: int) -> Path:
@@ -87,7 +93,7 @@ def figures(scores: torch.Tensor, ref: torch.Tensor, ids: list[str], sources: li
             "within_gsm8k": spearman(scores[g].tolist(), ref[g].tolist())}
 
 
-def measure_all(work: Path, n_val: int, max_length: int) -> dict:
+def measure_all(work: Path, n_val: int, max_length: int, settings: list[str]) -> dict:
     base = work / "projection" / "format-3"
     val = validation_file(work, n_val)
 
@@ -104,8 +110,18 @@ def measure_all(work: Path, n_val: int, max_length: int) -> dict:
         exact[s] = (unit(X) @ u).double()
         del X
     out = {"n_val": n_val, "ceiling": figures(exact[1], exact[0], ids, man["sources"], man["tasks"]), "seeds": {}}
-    for s in SEEDS:
-        proxy, tgt = base / slug(f"IProX, seed {s}") / "train", base / slug(f"target, warm-up {s}, projection {s}") / "train"
+    proxies = [(key, base / slug(f"IProX, seed {s}") / "train", s) for key, s in zip(DEFAULT_KEYS, SEEDS)]
+    for name in settings:  # other proxies of the study, seed 0, featurised as diag_projection does
+        run = work / "runs" / f"{slug(name)}-s0"
+        ck = run / "warmup" / "checkpoint-1"
+        if not same_checkpoint(str(ck), read_manifest(base / slug("target, warm-up 0, projection 0") / "train")["checkpoint"]):
+            raise SystemExit(f"{run} does not carry the target's seed-0 warm-up checkpoint")
+        folder = base / slug(f"{name}, seed 0")
+        featurise({"name": f"{name}, seed 0", "model": run / "proxy", "ckpt": ck, "seed": 0, "both": True},
+                  folder, work, max_length)
+        proxies.append((f"{name}, seed 0", folder / "train", 0))
+    for key, proxy, s in proxies:
+        tgt = base / slug(f"target, warm-up {s}, projection {s}") / "train"
         pm = read_manifest(proxy)
         pids, Xp = load_features(proxy, torch.float64)
         tids, Xt = load_features(tgt, torch.float64)
@@ -139,8 +155,8 @@ def measure_all(work: Path, n_val: int, max_length: int) -> dict:
             corr = correction_from_rows([ids[a] for a in at], Xp[at], Xt[at], 0.01)
             rec.setdefault("32 of the uncalibrated proxy's top 64", []).append(
                 figures(corr.apply(ids, X) @ (up + ut), exact[0], ids, pm["sources"], pm["tasks"]))
-        out["seeds"][str(s)] = rec
-        print(f"seed {s} measured", flush=True)
+        out["seeds"][key] = rec
+        print(f"{key} measured", flush=True)
     return out
 
 
@@ -154,29 +170,33 @@ def report(res: dict) -> str:
     lines = ["## A long-answer target task: GSM8K (issue 12)", "",
              f"`benchmarks/diag_long_task.py`: the target task is GSM8K ({res['n_val']} validation problems from its "
              "test split); the pool, its stores and the proxies are the fidelity study's (300 examples, a third of "
-             "them GSM8K train problems; the 0.7 default at sparsity 0.5, store format 3, proj_dim 64). Against the "
-             "target's exact gradients (warm-up seed 0); calibrated: 32 examples, ridge 0.01, mean over 5 subsets; "
+             "them GSM8K train problems; the 0.7 default at sparsity 0.5 unless named; store format 3, proj_dim 64). "
+             "Against the target's exact gradients (warm-up seed 0); the target at the same seed: its own run at "
+             "the proxy's checkpoint and projection; calibrated: 32 examples, ridge 0.01, mean over 5 subsets; "
              "scored \"both\". Share: GSM8K examples in the top 5% (of 15; the reference's in brackets).", "",
-             "| scores | seed | whole-pool Spearman | head Spearman | top-5% overlap | share | within GSM8K |",
+             "| scores | proxy, seed | whole-pool Spearman | head Spearman | top-5% overlap | share | within GSM8K |",
              "|---|---|---|---|---|---|---|",
-             f"| target, warm-up seed 1 (exact): the ceiling | 1 | {_cell([res['ceiling']])} |"]
+             f"| target, warm-up seed 1 (exact): the ceiling | – | {_cell([res['ceiling']])} |"]
     for label in ("target, same seed (proj_dim 64)", "uncalibrated", "calibrated"):
-        for s, rec in res["seeds"].items():
+        for key, rec in res["seeds"].items():
+            if label.startswith("target") and key not in DEFAULT_KEYS:
+                continue  # (the same target store as the default's seed 0)
             r = rec[label]
-            lines.append(f"| {label} | {s} | {_cell(r if isinstance(r, list) else [r])} |")
-    variants = [k for k in next(iter(res["seeds"].values())) if k.endswith("examples") or k.startswith("32 of")]
+            lines.append(f"| {label} | {key} | {_cell(r if isinstance(r, list) else [r])} |")
+    default = [rec for key, rec in res["seeds"].items() if key in DEFAULT_KEYS]
+    variants = [k for k in default[0] if k.endswith("examples") or k.startswith("32 of")]
     if variants:
-        lines += ["", "Other calibration sets (mean over seeds and 5 subsets; the top-64 choice is of the proxy's own "
-                  "uncalibrated ranking for the task, 32 drawn from it per subset):", "",
+        lines += ["", f"Other calibration sets for the {DEFAULT_LABEL} (mean over its seeds and 5 subsets; the top-64 "
+                  "choice is of the proxy's own uncalibrated ranking for the task, 32 drawn from it per subset):", "",
                   "| calibration | whole-pool Spearman | head Spearman | top-5% overlap | share | within GSM8K |",
                   "|---|---|---|---|---|---|",
-                  f"| 32 random examples (the default) | {_cell([m for r in res['seeds'].values() for m in r['calibrated']])} |"]
-        lines += [f"| {v} | {_cell([m for r in res['seeds'].values() for m in r[v]])} |" for v in variants]
+                  f"| 32 random examples (the default) | {_cell([m for r in default for m in r['calibrated']])} |"]
+        lines += [f"| {v} | {_cell([m for r in default for m in r[v]])} |" for v in variants]
     lines += ["", "The run's own estimate (over its 32 calibration examples) beside the whole-pool Spearman measured "
               "against the target's run at the same checkpoint and projection, mean over the 5 subsets: "
-              + "; ".join(f"seed {s} {statistics.fmean(rec['estimate']):.2f} against "
+              + "; ".join(f"{key} {statistics.fmean(rec['estimate']):.2f} against "
                           f"{statistics.fmean(m['spearman'] for m in rec['calibrated, against the same-seed target']):.2f}"
-                          for s, rec in res["seeds"].items()) + "."]
+                          for key, rec in res["seeds"].items()) + "."]
     return "\n".join(lines)
 
 
@@ -185,11 +205,13 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/iprox-bench-fidelity", help="the fidelity study's work folder")
     ap.add_argument("--n-val", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=320)
+    ap.add_argument("--settings", nargs="*", default=[], metavar="NAME",
+                    help="other proxies of the fidelity study to measure too (seed 0; their pool is featurised first)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     path = RESULTS / "long_task.json"
     if not args.report:
-        res = measure_all(Path(args.work), args.n_val, args.max_length)
+        res = measure_all(Path(args.work), args.n_val, args.max_length, args.settings)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=1) + "\n")
     res = json.loads(path.read_text())
