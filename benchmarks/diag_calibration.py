@@ -423,6 +423,11 @@ def _mean(ms: list[dict], t: str, k: str) -> float:
     return statistics.fmean(m[t][k] for m in ms)
 
 
+def _worst(ms: list[dict]) -> str:
+    """The lowest whole-pool / head Spearman over the measurements and tasks."""
+    return " / ".join(f"{min(m[t][k] for m in ms for t in TASKS):.2f}" for k in ("spearman", "head_spearman"))
+
+
 def _triple(ms: list[dict], t: str) -> str:
     return " / ".join(f"{_mean(ms, t, k):.2f}" for k in ("spearman", "head_spearman", "overlap_5"))
 
@@ -457,17 +462,13 @@ def report(res: dict) -> str:
                   "| calibration examples / ridge | scored | " + " | ".join(TASKS) + " | worst |",
                   "|---|---|" + "---|" * (len(TASKS) + 1)]
         un = list(sw["uncalibrated"].values())
-        lines.append("| none | all | " + " | ".join(_triple(un, t) for t in TASKS) + " | "
-                     + f"{min(m[t]['spearman'] for m in un for t in TASKS):.2f} / "
-                     f"{min(m[t]['head_spearman'] for m in un for t in TASKS):.2f} |")
+        lines.append("| none | all | " + " | ".join(_triple(un, t) for t in TASKS) + f" | {_worst(un)} |")
         for key, per in sw.items():
             if key in ("uncalibrated", "rows_check"):
                 continue
             for part in ("all", "others"):
                 ms = [m for rec in per.values() for m in rec[part]]
-                lines.append(f"| {key} | {part} | " + " | ".join(_triple(ms, t) for t in TASKS) + " | "
-                             + f"{min(m[t]['spearman'] for m in ms for t in TASKS):.2f} / "
-                             f"{min(m[t]['head_spearman'] for m in ms for t in TASKS):.2f} |")
+                lines.append(f"| {key} | {part} | " + " | ".join(_triple(ms, t) for t in TASKS) + f" | {_worst(ms)} |")
     other = res.get("other sparsities")
     if other:
         lines += ["", "### Other sparsities and plain SVD (seed 0, store format 2, 32 examples, ridge 0.01, 5 subsets)", "",
@@ -495,9 +496,7 @@ def report(res: dict) -> str:
                   "| variant | " + " | ".join(TASKS) + " | worst |", "|---|" + "---|" * (len(TASKS) + 1)]
         for label, per in alt.items():
             ms = [m for rec in per.values() for m in rec]
-            lines.append(f"| {label} | " + " | ".join(_triple(ms, t) for t in TASKS) + " | "
-                         + f"{min(m[t]['spearman'] for m in ms for t in TASKS):.2f} / "
-                         f"{min(m[t]['head_spearman'] for m in ms for t in TASKS):.2f} |")
+            lines.append(f"| {label} | " + " | ".join(_triple(ms, t) for t in TASKS) + f" | {_worst(ms)} |")
     est = res.get("estimates")
     if est:
         lines += ["", "### The run's own estimate of its agreement (32 examples, ridge 0.01, 5 subsets per proxy)", "",
