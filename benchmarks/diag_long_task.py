@@ -14,8 +14,8 @@ projection seed and dimensions:
   checkpoint and projection (the target's, for ``val_model = "both"`` and as the same-seed reference);
 * the target's exact gradients at warm-up seeds 0 (the reference) and 1 (the ceiling).
 
-With ``--settings``, other proxies of the fidelity study (seed 0, e.g. its sparsity 0.3 and 0.7 runs)
-are featurised too, pool and validation stores, as ``diag_projection.py`` does (their warm-up
+With ``--settings``, other proxies of the fidelity study (``NAME`` at seed 0 or ``NAME@SEED``, e.g.
+its sparsity 0.3 and 0.7 runs) are featurised too, pool and validation stores, as ``diag_projection.py`` does (their warm-up
 checkpoint is the target's own: checked tensor for tensor), and measured the same way.
 
 The proxy's pool features are corrected as a calibrated run does (32 seeded examples, ridge 0.01,
@@ -111,15 +111,18 @@ def measure_all(work: Path, n_val: int, max_length: int, settings: list[str]) ->
         del X
     out = {"n_val": n_val, "ceiling": figures(exact[1], exact[0], ids, man["sources"], man["tasks"]), "seeds": {}}
     proxies = [(key, base / slug(f"IProX, seed {s}") / "train", s) for key, s in zip(DEFAULT_KEYS, SEEDS)]
-    for name in settings:  # other proxies of the study, seed 0, featurised as diag_projection does
-        run = work / "runs" / f"{slug(name)}-s0"
+    for spec in settings:  # other proxies of the study ("NAME" at seed 0, "NAME@SEED"), as diag_projection does
+        name, _, seed = spec.partition("@")
+        s = int(seed or 0)
+        run = work / "runs" / f"{slug(name)}-s{s}"
         ck = run / "warmup" / "checkpoint-1"
-        if not same_checkpoint(str(ck), read_manifest(base / slug("target, warm-up 0, projection 0") / "train")["checkpoint"]):
-            raise SystemExit(f"{run} does not carry the target's seed-0 warm-up checkpoint")
-        folder = base / slug(f"{name}, seed 0")
-        featurise({"name": f"{name}, seed 0", "model": run / "proxy", "ckpt": ck, "seed": 0, "both": True},
+        ref = read_manifest(base / slug(f"target, warm-up {s}, projection {s}") / "train")["checkpoint"]
+        if not same_checkpoint(str(ck), ref):
+            raise SystemExit(f"{run} does not carry the target's seed-{s} warm-up checkpoint")
+        folder = base / slug(f"{name}, seed {s}")
+        featurise({"name": f"{name}, seed {s}", "model": run / "proxy", "ckpt": ck, "seed": s, "both": True},
                   folder, work, max_length)
-        proxies.append((f"{name}, seed 0", folder / "train", 0))
+        proxies.append((f"{name}, seed {s}", folder / "train", s))
     for key, proxy, s in proxies:
         tgt = base / slug(f"target, warm-up {s}, projection {s}") / "train"
         pm = read_manifest(proxy)
@@ -206,7 +209,8 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=320)
     ap.add_argument("--settings", nargs="*", default=[], metavar="NAME",
-                    help="other proxies of the fidelity study to measure too (seed 0; their pool is featurised first)")
+                    help="other proxies of the fidelity study to measure too (NAME at seed 0, or NAME@SEED; their pool "
+                         "is featurised first)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     path = RESULTS / "long_task.json"
