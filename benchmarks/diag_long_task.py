@@ -22,7 +22,9 @@ The proxy's pool features are corrected as a calibrated run does (32 seeded exam
 the target's rows from its pool store at the same checkpoint and projection; 5 subsets) and scored
 "both". Figures: whole-pool Spearman, head Spearman (the reference's top 20%), top-5% overlap, the
 task's share of the top 5%, Spearman within GSM8K, and the run's own estimate
-(:func:`iprox.calibration.estimate_agreement`).
+(:func:`iprox.calibration.estimate_agreement`); and, for the same proxies calibrated alike, the
+figures on the study's BBH tasks (their own validation stores), so that a setting's gain on the long
+task is seen beside what it does to the short ones.
 
     python benchmarks/diag_long_task.py             # featurise what is missing, measure, report
     python benchmarks/diag_long_task.py --report    # only rewrite the section
@@ -42,15 +44,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_fidelity import BASE  # noqa: E402
+from bench_fidelity import BASE, TASKS, measure  # noqa: E402
 from common import IPROX, find_data, sh, slug, update_benchmarks_md  # noqa: E402
-from diag_calibration import SEEDS, SUBSETS, same_checkpoint, subset_ids, unit  # noqa: E402
+from diag_calibration import SEEDS, SUBSETS, _triple, rows_of, same_checkpoint, subset_ids, task_scores, unit  # noqa: E402
 from diag_projection import DEFAULT, featurise  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.calibration import correction_from_rows, estimate_agreement  # noqa: E402
 from iprox.fidelity import score_agreement  # noqa: E402
-from iprox.loading import load_features, read_manifest  # noqa: E402
+from iprox.loading import load_features, read_manifest, read_scores  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASK = "gsm8k"
@@ -110,6 +112,7 @@ def measure_all(work: Path, n_val: int, max_length: int, settings: list[str]) ->
         exact[s] = (unit(X) @ u).double()
         del X
     out = {"n_val": n_val, "ceiling": figures(exact[1], exact[0], ids, man["sources"], man["tasks"]), "seeds": {}}
+    bbh_exact = read_scores(base / slug("target, warm-up 0, exact") / "scores")  # the BBH tasks' reference
     proxies = [(key, base / slug(f"IProX, seed {s}") / "train", s) for key, s in zip(DEFAULT_KEYS, SEEDS)]
     for spec in settings:  # other proxies of the study ("NAME" at seed 0, "NAME@SEED"), as diag_projection does
         name, _, seed = spec.partition("@")
@@ -138,12 +141,17 @@ def measure_all(work: Path, n_val: int, max_length: int, settings: list[str]) ->
                "uncalibrated": figures(X @ (up + ut), exact[0], ids, pm["sources"], pm["tasks"]),
                "calibrated": [], "calibrated, against the same-seed target": [], "estimate": []}
         pool_file = work / "runs" / f"{slug(DEFAULT)}-s{s}" / "pool" / "pool.jsonl"
+        # the same proxy and correction on the study's BBH tasks (its own validation stores)
+        bbh = [(load_features(proxy.parent / v, torch.float64)[1], read_manifest(proxy.parent / v)["tasks"])
+               for v in ("val", "val-target")]
         for k in SUBSETS:
             sub = subset_ids(pool_file, 32, k)
             at = [ids.index(i) for i in sub]
             corr = correction_from_rows(sub, Xp[at], Xt[at], 0.01)
             S = corr.apply(ids, X) @ (up + ut)
             rec["calibrated"].append(figures(S, exact[0], ids, pm["sources"], pm["tasks"]))
+            rec.setdefault("BBH tasks, calibrated", []).append(
+                measure(rows_of(ids, pm["sources"], pm["tasks"], task_scores(corr.apply(ids, X), bbh)), bbh_exact))
             rec["calibrated, against the same-seed target"].append(figures(S, own, ids, pm["sources"], pm["tasks"]))
             est = estimate_agreement([(corr, up[:, None], 1.0, False), (corr, ut[:, None], 1.0, True)], [TASK])
             rec["estimate"].append(est["spearman"][TASK])
@@ -186,6 +194,12 @@ def report(res: dict) -> str:
                 continue  # (the same target store as the default's seed 0)
             r = rec[label]
             lines.append(f"| {label} | {key} | {_cell(r if isinstance(r, list) else [r])} |")
+    if all("BBH tasks, calibrated" in rec for rec in res["seeds"].values()):
+        lines += ["", "The same proxies, calibrated alike, on the fidelity study's BBH tasks (against the exact "
+                  "target; whole-pool Spearman / head Spearman / top-5% overlap, mean over the 5 subsets):", "",
+                  "| proxy, seed | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        lines += [f"| {key} | " + " | ".join(_triple(rec["BBH tasks, calibrated"], t) for t in TASKS) + " |"
+                  for key, rec in res["seeds"].items()]
     default = [rec for key, rec in res["seeds"].items() if key in DEFAULT_KEYS]
     variants = [k for k in default[0] if k.endswith("examples") or k.startswith("32 of")]
     if variants:
