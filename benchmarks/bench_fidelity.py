@@ -59,7 +59,8 @@ BASE = {
     "warmup": {"fraction": 0.05, "lr": 2e-5},
     # val_model pinned to what every setting before 0.7 ran with (settings that compare validation
     # models set their own): a rerun under 0.7's default ("both") would not be the run its name says
-    "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam", "val_model": "proxy"},
+    # (and calibrate to 0, as every run before 0.8 had none: settings that calibrate set their own)
+    "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam", "val_model": "proxy", "calibrate": 0},
 }
 NO_ALIGN = {"align_epochs": 0.0, "align_examples": 0}
 # the defaults since 0.6 (per-example cosine as micro-batches of one, 4 accumulated: the same examples
@@ -112,9 +113,10 @@ def _settings() -> dict[str, dict]:
     s["0.6 default, align set 80 x 1 epoch"] = {
         "group": "alignment set", "run": {"selector": "proxy", "warmup_on": "target"},
         "proxy": {**DEFAULT_06, "align_examples": 80, "align_epochs": 1.0}}
-    s["0.6 default, align 40 steps"] = {
-        "group": "alignment length", "run": {"selector": "proxy", "warmup_on": "target"},
-        "proxy": {**DEFAULT_06, "align_epochs": 0.0, "align_steps": 40}}
+    for steps in (40, 80):
+        s[f"0.6 default, align {steps} steps"] = {
+            "group": "alignment length", "run": {"selector": "proxy", "warmup_on": "target"},
+            "proxy": {**DEFAULT_06, "align_epochs": 0.0, "align_steps": steps}}
     # the remaining sweeps of the issue, from the 0.6 default
     tf = {"selector": "proxy", "warmup_on": "target"}
     for lam in (0.0, 1.0):
@@ -245,6 +247,9 @@ def main() -> None:
     ap.add_argument("--downstream", nargs="*", default=None, metavar="NAME",
                     help="fine-tune the target on each named setting's top 5%% per task (seed 0; default: target, "
                          "proxy-first, target-first, RDS+, random) and evaluate on 40 held-out examples per task")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="do not run the target reference (seed 0) first: for runs another script needs on disk; "
+                         "the comparisons recorded for them stay as they were")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     res_path = RESULTS / "fidelity.json"
@@ -265,7 +270,8 @@ def main() -> None:
     runs = results.setdefault("runs", {})
     # The reference first (every comparison needs it), then the rest seed by seed, so an
     # interrupted study has every setting at its first seeds rather than one setting at all of them.
-    order = [("target", 0)] + [(n, s) for s in args.seeds for n in names if (n, s) != ("target", 0)]
+    order = [] if args.no_reference else [("target", 0)]
+    order += [(n, s) for s in args.seeds for n in names if (n, s) not in order]
     if args.downstream is not None:
         want = args.downstream or ["target", "proxy-first", "target-first", "representation (RDS+)", "random"]
         order = [("target", 0)] + [(n, 0) for n in want if n != "target"]

@@ -28,6 +28,7 @@ task is seen beside what it does to the short ones.
 
     python benchmarks/diag_long_task.py             # featurise what is missing, measure, report
     python benchmarks/diag_long_task.py --report    # only rewrite the section
+    python benchmarks/diag_long_task.py --add --settings "NAME@1"   # measure one more proxy, keep the rest
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_fidelity import BASE, TASKS, measure  # noqa: E402
 from common import IPROX, find_data, sh, slug, update_benchmarks_md  # noqa: E402
 from diag_calibration import SEEDS, SUBSETS, _triple, rows_of, same_checkpoint, subset_ids, task_scores, unit  # noqa: E402
-from diag_projection import DEFAULT, featurise  # noqa: E402
+from diag_projection import DEFAULT, featurise, jobs  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.calibration import correction_from_rows, estimate_agreement  # noqa: E402
@@ -95,31 +96,43 @@ def figures(scores: torch.Tensor, ref: torch.Tensor, ids: list[str], sources: li
             "within_gsm8k": spearman(scores[g].tolist(), ref[g].tolist())}
 
 
-def measure_all(work: Path, n_val: int, max_length: int, settings: list[str]) -> dict:
+def measure_all(work: Path, n_val: int, max_length: int, settings: list[str], previous: dict | None = None) -> dict:
+    """Every proxy's figures; with ``previous`` (the results on disk), only ``settings`` are measured
+    and added to them (the default's seeds and the ceiling are kept as they were)."""
     base = work / "projection" / "format-3"
     val = validation_file(work, n_val)
+    known = {j["name"]: j for j in jobs(work)}
 
     def task_vector(store: Path) -> torch.Tensor:
         return unit(load_features(store, torch.float64)[1]).mean(0)
 
     # the reference and the ceiling: the target's exact gradients, warm-ups 0 and 1
     exact = {}
-    for s in (0, 1):
+    for s in (0,) if previous else (0, 1):
+        featurise(known[f"target, warm-up {s}, exact"], base / slug(f"target, warm-up {s}, exact"), work, max_length)
         pool = base / slug(f"target, warm-up {s}, exact") / "train"
         ids, X = load_features(pool, torch.float32)
         man = read_manifest(pool)
         u = task_vector(_val_store(work, val, man, pool.parent.name, max_length)).float()
         exact[s] = (unit(X) @ u).double()
         del X
-    out = {"n_val": n_val, "ceiling": figures(exact[1], exact[0], ids, man["sources"], man["tasks"]), "seeds": {}}
+    if previous:
+        if previous["n_val"] != n_val:
+            raise SystemExit(f"the results on disk have {previous['n_val']} validation problems, not {n_val}")
+        out = previous
+    else:
+        out = {"n_val": n_val, "ceiling": figures(exact[1], exact[0], ids, man["sources"], man["tasks"]), "seeds": {}}
     bbh_exact = read_scores(base / slug("target, warm-up 0, exact") / "scores")  # the BBH tasks' reference
-    proxies = [(key, base / slug(f"IProX, seed {s}") / "train", s) for key, s in zip(DEFAULT_KEYS, SEEDS)]
+    proxies = [] if previous else [(key, base / slug(f"IProX, seed {s}") / "train", s) for key, s in zip(DEFAULT_KEYS, SEEDS)]
     for spec in settings:  # other proxies of the study ("NAME" at seed 0, "NAME@SEED"), as diag_projection does
         name, _, seed = spec.partition("@")
         s = int(seed or 0)
         run = work / "runs" / f"{slug(name)}-s{s}"
         ck = run / "warmup" / "checkpoint-1"
-        ref = read_manifest(base / slug(f"target, warm-up {s}, projection {s}") / "train")["checkpoint"]
+        target_store = base / slug(f"target, warm-up {s}, projection {s}")
+        if not (target_store / "train" / "COMPLETE").exists():  # (a work folder rebuilt since: from this run's warm-up)
+            featurise({**known[f"target, warm-up {s}, projection {s}"], "ckpt": ck}, target_store, work, max_length)
+        ref = read_manifest(target_store / "train")["checkpoint"]
         if not same_checkpoint(str(ck), ref):
             raise SystemExit(f"{run} does not carry the target's seed-{s} warm-up checkpoint")
         folder = base / slug(f"{name}, seed {s}")
@@ -140,7 +153,7 @@ def measure_all(work: Path, n_val: int, max_length: int, settings: list[str]) ->
         rec = {"target, same seed (proj_dim 64)": figures(own, exact[0], ids, pm["sources"], pm["tasks"]),
                "uncalibrated": figures(X @ (up + ut), exact[0], ids, pm["sources"], pm["tasks"]),
                "calibrated": [], "calibrated, against the same-seed target": [], "estimate": []}
-        pool_file = work / "runs" / f"{slug(DEFAULT)}-s{s}" / "pool" / "pool.jsonl"
+        pool_file = work / "runs" / f"{slug(DEFAULT)}-s0" / "pool" / "pool.jsonl"  # (every run's pool is this one)
         # the same proxy and correction on the study's BBH tasks (its own validation stores)
         bbh = [(load_features(proxy.parent / v, torch.float64)[1], read_manifest(proxy.parent / v)["tasks"])
                for v in ("val", "val-target")]
@@ -225,11 +238,15 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=[], metavar="NAME",
                     help="other proxies of the fidelity study to measure too (NAME at seed 0, or NAME@SEED; their pool "
                          "is featurised first)")
+    ap.add_argument("--add", action="store_true",
+                    help="measure only the --settings proxies and add them to the results on disk (for a work folder "
+                         "rebuilt since: the stores they need are featurised if missing)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
     path = RESULTS / "long_task.json"
     if not args.report:
-        res = measure_all(Path(args.work), args.n_val, args.max_length, args.settings)
+        previous = json.loads(path.read_text()) if args.add else None
+        res = measure_all(Path(args.work), args.n_val, args.max_length, args.settings, previous)
         RESULTS.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=1) + "\n")
     res = json.loads(path.read_text())
