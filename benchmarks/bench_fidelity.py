@@ -248,14 +248,16 @@ def main() -> None:
                     help="fine-tune the target on each named setting's top 5%% per task (seed 0; default: target, "
                          "proxy-first, target-first, RDS+, random) and evaluate on 40 held-out examples per task")
     ap.add_argument("--no-reference", action="store_true",
-                    help="do not run the target reference (seed 0) first: for runs another script needs on disk; "
-                         "the comparisons recorded for them stay as they were")
+                    help="only build the runs on disk, for another script that needs them (the target reference "
+                         "is not run first; results and report are not written)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     res_path = RESULTS / "fidelity.json"
     if args.report:
         finish(json.loads(res_path.read_text()))
         return
+    if args.no_reference and args.downstream is not None:
+        raise SystemExit("--downstream needs the target reference; leave --no-reference out")
     names = list(SETTINGS) if args.settings == ["all"] else args.settings
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
@@ -326,6 +328,11 @@ def main() -> None:
                    work / "log.txt")
             g = json.loads(fid.read_text())
             rec.update(grad_cosine=g["grad_cosine_global"], kl=g["kl"])
+        if args.no_reference:  # a rebuild for another script: the study's record stays as it was measured
+            was = runs.get(key, {})
+            log.info("%s, seed %d rebuilt: gradient cosine %s, KL %s (recorded: %s, %s); results not written", name,
+                     seed, rec.get("grad_cosine"), rec.get("kl"), was.get("grad_cosine"), was.get("kl"))
+            continue
         # comparisons made earlier against a reference whose folder is gone since stay as measured
         if "vs" in runs.get(key, {}):
             rec["vs"] = dict(runs[key]["vs"])
@@ -340,7 +347,8 @@ def main() -> None:
         old = results.get("downstream", {})
         results["downstream"] = {t: {**old.get(t, {}), **rows} for t, rows in new.items()}
         res_path.write_text(json.dumps(results, indent=2))
-    finish(results)
+    if not args.no_reference:
+        finish(results)
 
 
 def reuse_build(src: Path, out: Path) -> None:

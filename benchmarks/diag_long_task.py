@@ -100,6 +100,7 @@ def measure_all(work: Path, n_val: int, max_length: int, settings: list[str], pr
     """Every proxy's figures; with ``previous`` (the results on disk), only ``settings`` are measured
     and added to them (the default's seeds and the ceiling are kept as they were)."""
     base = work / "projection" / "format-3"
+    base.mkdir(parents=True, exist_ok=True)
     val = validation_file(work, n_val)
     known = {j["name"]: j for j in jobs(work)}
 
