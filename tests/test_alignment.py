@@ -195,6 +195,49 @@ def test_stage2_settings_are_checked():
     assert not ProxyConfig(data=["x"], sparsity=0.0).aligns
 
 
+def test_epochs_count_to_at_least_align_min_steps():
+    cfg = ProxyConfig(data=["x"])  # 5 epochs, a floor of 40 steps
+    assert cfg.alignment_steps(4) == 40          # a 16-example set at batch 4: 20 steps raised to 40
+    assert cfg.alignment_steps(10) == 50         # a larger set: the floor changes nothing
+    assert ProxyConfig(data=["x"], align_min_steps=0).alignment_steps(4) == 20
+    assert ProxyConfig(data=["x"], align_steps=7).alignment_steps(4) == 7     # given steps are not floored
+    assert ProxyConfig(data=["x"], align_epochs=0).alignment_steps(4) == 0    # no alignment asked for
+    with pytest.raises(ValueError, match="align_min_steps"):
+        ProxyConfig(data=["x"], align_min_steps=-1)
+
+
+def test_stage2_runs_the_floored_steps(tmp_path):
+    # one pass over 8 examples at batch 8 is one step; the floor makes it 3, and the proxy records 3
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    target, tok = tiny_llama(), make_tokenizer()
+    build_proxy(_align_cfg(tmp_path, data, align_steps=0, align_epochs=1.0, align_min_steps=3), model=target, tokenizer=tok)
+    rows = list(csv.DictReader(open(tmp_path / "proxy" / "align_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    meta = json.loads((tmp_path / "proxy" / "proxy.json").read_text())
+    assert meta["stage2"]["steps"] == 3 and meta["stage2"]["steps_per_epoch"] == 1
+
+
+def test_a_proxy_aligned_before_the_floor_still_matches_where_the_floor_changes_nothing(tmp_path):
+    # a proxy aligned with no floor (as before 0.11) is skipped by the default's rerun when the floor
+    # leaves its steps as they were, and refused (it would align longer now) when it raises them
+    from conftest import write_model_folder
+    from iprox.alignment import align_proxy, floor_binds
+    from iprox.artifacts import ConfigMismatchError
+
+    data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
+    model_dir = str(write_model_folder(tmp_path / "tiny", "llama"))
+    build_proxy(_align_cfg(tmp_path, data, model=model_dir, out=str(tmp_path / "c"), align_steps=0, align_epochs=0.0))
+    # 3 passes over 8 examples at batch 8: 3 steps
+    cfg = lambda **kw: _align_cfg(tmp_path, data, model=model_dir, align_steps=0, align_epochs=3.0, **kw)  # noqa: E731
+    assert not floor_binds(cfg(align_min_steps=3), 16) and floor_binds(cfg(align_min_steps=4), 16)
+    first = align_proxy(cfg(align_min_steps=0), tmp_path / "c")
+    assert first.stage2["steps"] == 3 and not first.skipped
+    again = align_proxy(cfg(align_min_steps=3), tmp_path / "c")
+    assert again.skipped
+    with pytest.raises(ConfigMismatchError, match="align_min_steps"):
+        align_proxy(cfg(align_min_steps=4), tmp_path / "c")
+
+
 def test_gradient_report_refuses_a_proxy_without_factors(tmp_path):
     # a layer-drop or sparsity-0 proxy has no factor space to compare in: a clear refusal that points
     # at the score comparison, not the alignment's "nothing to align"

@@ -167,8 +167,10 @@ def test_plan_takes_a_run_configs_settings_and_stage_defaults(tmp_path, capsys):
     default = plan(PlanConfig(model="tiny", pool=30, validation=3, max_length=64))
     assert from_run["proxy_params"] > default["proxy_params"]
     assert from_run["stages"]["features (target)"]["flops"] == pytest.approx(default["stages"]["features (target)"]["flops"] / 2)
-    # the stage's own defaults: 5 alignment epochs over max(16, 1%) examples at batch 4 = 20 steps
-    assert PlanConfig(model="tiny", pool=30).align_steps() == 20
+    # the stage's own defaults: 5 alignment epochs over max(16, 1%) examples at batch 4 = 20 steps,
+    # raised to align_min_steps (40); a larger pool's set is past the floor
+    assert PlanConfig(model="tiny", pool=30).align_steps() == 40
+    assert PlanConfig(model="tiny", pool=30, proxy={"align_min_steps": 0}).align_steps() == 20
     assert PlanConfig(model="tiny", pool=10000, proxy={"batch_size": 1, "grad_accum": 4}).align_steps() == 125
     with pytest.raises(ValueError, match=r"\[proxy\] has unknown settings \['sparsty'\]"):
         PlanConfig(proxy={"sparsty": 0.3})

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 # The settings of ProxyConfig that are the alignment's alone (stage 1 ignores them), and those both
 # stages read: together, what the align stage records.
-ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_cosine", "align_space", "align_checkpoint",
+ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_min_steps", "align_cosine", "align_space", "align_checkpoint",
                 "lambda_kl", "temperature", "lr", "weight_decay", "grad_accum", "checkpoint_every",
                 "gradient_checkpointing", "offload_optimizer")
 SHARED_FIELDS = ("model", "data", "seed", "max_length", "dtype", "batch_size", "probe_examples", "trust_remote_code")
@@ -511,7 +511,7 @@ def align_in_place(proxy: nn.Module, target: nn.Module, tokenizer, examples, con
         log.warning("only %d examples left for an alignment set of %d", len(align_ex), n_align)
     align_tok, _ = tokenize_examples(tokenizer, align_ex, config.max_length)
     per_epoch = steps_per_epoch(len(align_tok), config.batch_size, config.grad_accum)
-    steps = config.align_steps or math.ceil(config.align_epochs * per_epoch)  # steps, when given, win
+    steps = config.alignment_steps(per_epoch)
     settings = AlignSettings(steps=steps, batch_size=config.batch_size, grad_accum=config.grad_accum,
                              lr=config.lr, weight_decay=config.weight_decay, lambda_kl=config.lambda_kl,
                              temperature=config.temperature, checkpoint_every=config.checkpoint_every,
@@ -563,6 +563,16 @@ def align_config(source: str | Path, **settings) -> "ProxyConfig":
     return ProxyConfig(**{**inherited, **settings})
 
 
+def floor_binds(config: "ProxyConfig", n_examples: int) -> bool:
+    """Whether ``align_min_steps`` raises the steps ``align_epochs`` counts for ``n_examples`` of
+    data (counted before tokenisation, which drops an example without response tokens)."""
+    if config.align_steps or not config.aligns:
+        return False
+    n_probe, n_align = config.split_sizes(n_examples)
+    per_epoch = steps_per_epoch(max(1, min(n_align, n_examples - n_probe)), config.batch_size, config.grad_accum)
+    return config.alignment_steps(per_epoch) > math.ceil(config.align_epochs * per_epoch)
+
+
 def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | None = None) -> AlignSummary:
     """The align stage of ``iprox run``: the compressed proxy in ``source`` aligned with its target
     into ``config.out``, a proxy folder of its own (``source`` is left as it was).
@@ -576,6 +586,9 @@ def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | No
     full = asdict(config)
     info = lora_space_checkpoint(config, config.model)
     settings = {"source_uid": src_meta.get("uid"), **{k: full[k] for k in ALIGN_FIELDS + SHARED_FIELDS}}
+    examples = load_examples(config.data) if config.aligns else []
+    if not floor_binds(config, len(examples)):  # the same steps as before 0.11's floor: such a proxy still matches
+        del settings["align_min_steps"]
     if info:  # the adapters' identity: a warm-up rerun into the same folder is another space
         settings["align_checkpoint_uid"] = info.get("uid")
     if on_rank0(lambda: artifacts.prepare_stage(out, "align", settings, overwrite=config.overwrite, resumable=True)):
@@ -597,7 +610,6 @@ def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | No
         log.info("align: nothing to align; %s is the compressed proxy of %s", out, source)
         return AlignSummary(str(out), None, skipped=False)
     device = rank_device(config.device or default_device())
-    examples = load_examples(config.data)
     proxy, tokenizer = session.model(str(source), config.dtype, device, config.trust_remote_code)
     target, _ = session.model(config.model, config.dtype, device, config.trust_remote_code)
     meta = dict(src_meta)

@@ -24,7 +24,6 @@ estimate is tested against measured peaks (tests/test_plan.py).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -171,7 +170,7 @@ class PlanConfig:
 
         px = self.stage_proxy
         per_epoch = steps_per_epoch(min(self.pool, px.split_sizes(self.pool)[1]), px.batch_size, px.grad_accum)
-        return px.align_steps or math.ceil(px.align_epochs * per_epoch)
+        return px.alignment_steps(per_epoch)
 
 
 # ---------------------------------------------------------------------------------------------

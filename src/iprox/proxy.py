@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,6 +112,11 @@ class ProxyConfig:
             (layer-drop, sparsity 0).
         align_examples: size of the alignment set, the slice after the probe set (0: 1% of the
             data, at least 16; the paper takes 1%).
+        align_min_steps: the fewest optimiser steps ``align_epochs`` counts to (0: no floor; not
+            applied to ``align_steps``). A pool under 1,600 examples has an alignment set of 16:
+            5 epochs at 4 examples a step are 20 steps, and 40 ranked a GSM8K target task's pool
+            closer to the target's on 3 of 3 seeds (BENCHMARKS.md). From a set of 32 (a pool of
+            3,200) up, 5 epochs are 40 steps or more and the floor changes nothing.
         lambda_kl: weight of the KL anchor against the gradient-alignment term.
         temperature: softmax temperature τ of the KL term (scaled by τ²).
         lr, weight_decay: AdamW settings for the factors.
@@ -161,6 +167,7 @@ class ProxyConfig:
     align_steps: int = 0
     align_epochs: float = 5.0
     align_examples: int = 0
+    align_min_steps: int = 40
     lambda_kl: float = 0.1
     temperature: float = 2.0
     lr: float = 1e-4
@@ -185,6 +192,16 @@ class ProxyConfig:
         n_align = self.align_examples or max(16, round(0.01 * n_data))
         n_probe = self.probe_examples or max(16, round(0.1 * n_align))
         return n_probe, n_align
+
+    def alignment_steps(self, per_epoch: int) -> int:
+        """Stage 2's optimiser steps for an alignment set of ``per_epoch`` steps per pass:
+        ``align_steps`` when given, else ``align_epochs`` passes, at least ``align_min_steps``
+        (0 when no alignment is asked for)."""
+        if self.align_steps:
+            return self.align_steps
+        if self.align_epochs <= 0:
+            return 0
+        return max(self.align_min_steps, math.ceil(self.align_epochs * per_epoch))
 
     @property
     def has_factors(self) -> bool:
@@ -231,6 +248,8 @@ class ProxyConfig:
             raise ValueError("grad_accum and checkpoint_every must be >= 1")
         if self.align_examples < 0:
             raise ValueError("align_examples must be >= 0 (0: 1% of the data)")
+        if self.align_min_steps < 0:
+            raise ValueError(f"align_min_steps must be >= 0 (0: no floor), got {self.align_min_steps}")
         if self.align_checkpoint and self.align_space != "lora":
             raise ValueError('align_checkpoint is the LoRA checkpoint of align_space = "lora"; set that too, '
                              'or leave align_checkpoint out')
