@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 
 # The settings of ProxyConfig that are the alignment's alone (stage 1 ignores them), and those both
 # stages read: together, what the align stage records.
-ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_min_steps", "align_cosine", "align_space", "align_checkpoint",
-                "lambda_kl", "temperature", "lr", "weight_decay", "grad_accum", "checkpoint_every",
+ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_min_steps", "align_cosine", "align_space",
+                "align_checkpoint", "lambda_kl", "temperature", "lr", "weight_decay", "grad_accum", "checkpoint_every",
                 "gradient_checkpointing", "offload_optimizer")
 SHARED_FIELDS = ("model", "data", "seed", "max_length", "dtype", "batch_size", "probe_examples", "trust_remote_code")
 # where and how an align stage runs, never taken from the compressed proxy's record
