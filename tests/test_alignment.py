@@ -221,15 +221,20 @@ def test_a_proxy_aligned_before_the_floor_still_matches_where_the_floor_changes_
     # a proxy aligned with no floor (as before 0.11) is skipped by the default's rerun when the floor
     # leaves its steps as they were, and refused (it would align longer now) when it raises them
     from conftest import write_model_folder
-    from iprox.alignment import align_proxy, floor_binds
+    from iprox.alignment import align_proxy
     from iprox.artifacts import ConfigMismatchError
 
     data = write_jsonl(tmp_path / "pool.jsonl", chat_records(16))
     model_dir = str(write_model_folder(tmp_path / "tiny", "llama"))
     build_proxy(_align_cfg(tmp_path, data, model=model_dir, out=str(tmp_path / "c"), align_steps=0, align_epochs=0.0))
+    # stage 1 alone, with or without a floor, is the same proxy (a run's compressed/ made before 0.11 is kept)
+    stage = json.loads((tmp_path / "c" / "stage.json").read_text())["config"]
+    assert "align_min_steps" not in stage
+    assert build_proxy(_align_cfg(tmp_path, data, model=model_dir, out=str(tmp_path / "c"), align_steps=0,
+                                  align_epochs=0.0, align_min_steps=0)).skipped
     # 3 passes over 8 examples at batch 8: 3 steps
     cfg = lambda **kw: _align_cfg(tmp_path, data, model=model_dir, align_steps=0, align_epochs=3.0, **kw)  # noqa: E731
-    assert not floor_binds(cfg(align_min_steps=3), 16) and floor_binds(cfg(align_min_steps=4), 16)
+    assert not cfg(align_min_steps=3).floor_binds(16) and cfg(align_min_steps=4).floor_binds(16)
     first = align_proxy(cfg(align_min_steps=0), tmp_path / "c")
     assert first.stage2["steps"] == 3 and not first.skipped
     again = align_proxy(cfg(align_min_steps=3), tmp_path / "c")

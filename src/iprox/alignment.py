@@ -563,16 +563,6 @@ def align_config(source: str | Path, **settings) -> "ProxyConfig":
     return ProxyConfig(**{**inherited, **settings})
 
 
-def floor_binds(config: "ProxyConfig", n_examples: int) -> bool:
-    """Whether ``align_min_steps`` raises the steps ``align_epochs`` counts for ``n_examples`` of
-    data (counted before tokenisation, which drops an example without response tokens)."""
-    if config.align_steps or not config.aligns:
-        return False
-    n_probe, n_align = config.split_sizes(n_examples)
-    per_epoch = steps_per_epoch(max(1, min(n_align, n_examples - n_probe)), config.batch_size, config.grad_accum)
-    return config.alignment_steps(per_epoch) > math.ceil(config.align_epochs * per_epoch)
-
-
 def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | None = None) -> AlignSummary:
     """The align stage of ``iprox run``: the compressed proxy in ``source`` aligned with its target
     into ``config.out``, a proxy folder of its own (``source`` is left as it was).
@@ -587,7 +577,7 @@ def align_proxy(config: "ProxyConfig", source: str | Path, session: Session | No
     info = lora_space_checkpoint(config, config.model)
     settings = {"source_uid": src_meta.get("uid"), **{k: full[k] for k in ALIGN_FIELDS + SHARED_FIELDS}}
     examples = load_examples(config.data) if config.aligns else []
-    if not floor_binds(config, len(examples)):  # the same steps as before 0.11's floor: such a proxy still matches
+    if not config.floor_binds(len(examples)):  # the same steps as before 0.11's floor: such a proxy still matches
         del settings["align_min_steps"]
     if info:  # the adapters' identity: a warm-up rerun into the same folder is another space
         settings["align_checkpoint_uid"] = info.get("uid")

@@ -203,6 +203,19 @@ class ProxyConfig:
             return 0
         return max(self.align_min_steps, math.ceil(self.align_epochs * per_epoch))
 
+    def floor_binds(self, n_examples: int) -> bool:
+        """Whether ``align_min_steps`` raises the steps ``align_epochs`` counts for ``n_examples``
+        of data (counted before tokenisation, which drops an example without response tokens).
+        Only then is it among the settings a stage records: a proxy made before the floor
+        existed matches wherever the floor changes nothing."""
+        from .alignment import steps_per_epoch
+
+        if self.align_steps or not self.aligns:
+            return False
+        n_probe, n_align = self.split_sizes(n_examples)
+        per_epoch = steps_per_epoch(max(1, min(n_align, n_examples - n_probe)), self.batch_size, self.grad_accum)
+        return self.alignment_steps(per_epoch) > math.ceil(self.align_epochs * per_epoch)
+
     @property
     def has_factors(self) -> bool:
         return self.init != "layer-drop" and self.sparsity > 0
@@ -461,6 +474,8 @@ def build_proxy(config: ProxyConfig, model: nn.Module | None = None, tokenizer=N
     examples = load_examples(config.data) if config.data else None
     if config.aligns and not examples:
         raise ValueError("alignment needs data: pass --data (or --align-epochs 0 for stage 1 only)")
+    if not config.floor_binds(len(examples or [])):  # (as ``align_proxy`` records it)
+        del resolved["align_min_steps"]
     if (config.align_steps or config.align_epochs) and not config.has_factors:
         log.info("build-proxy: a %s proxy has no factors; stage 2 (alignment) does not apply",
                  "layer-drop" if config.init == "layer-drop" else "sparsity-0")
