@@ -166,11 +166,8 @@ class PlanConfig:
 
     def align_steps(self) -> int:
         """The alignment's optimiser steps for this pool, as the align stage counts them."""
-        from .alignment import steps_per_epoch
-
         px = self.stage_proxy
-        per_epoch = steps_per_epoch(min(self.pool, px.split_sizes(self.pool)[1]), px.batch_size, px.grad_accum)
-        return px.alignment_steps(per_epoch)
+        return px.alignment_steps(px.steps_per_pass(self.pool))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -208,13 +208,18 @@ class ProxyConfig:
         of data (counted before tokenisation, which drops an example without response tokens).
         Only then is it among the settings a stage records: a proxy made before the floor
         existed matches wherever the floor changes nothing."""
-        from .alignment import steps_per_epoch
-
         if self.align_steps or not self.aligns:
             return False
-        n_probe, n_align = self.split_sizes(n_examples)
-        per_epoch = steps_per_epoch(max(1, min(n_align, n_examples - n_probe)), self.batch_size, self.grad_accum)
+        per_epoch = self.steps_per_pass(n_examples)
         return self.alignment_steps(per_epoch) > math.ceil(self.align_epochs * per_epoch)
+
+    def steps_per_pass(self, n_examples: int) -> int:
+        """Optimiser steps of one pass over the alignment set of ``n_examples`` of data: the slice
+        after the probe set (counted before tokenisation)."""
+        from .alignment import steps_per_epoch
+
+        n_probe, n_align = self.split_sizes(n_examples)
+        return steps_per_epoch(max(1, min(n_align, n_examples - n_probe)), self.batch_size, self.grad_accum)
 
     @property
     def has_factors(self) -> bool:
