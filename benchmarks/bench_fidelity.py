@@ -55,7 +55,10 @@ BASE = {
     "proxy": {"sparsity": 0.5, "probe_examples": 16, "probe_tokens": 4096, "batch_size": 4,
               "align_examples": 16, "align_epochs": 5.0, "lambda_kl": 0.1, "lr": 1e-4,
               # the defaults before 0.6, under which the study's first settings ran
-              "probe_balance": "loss", "align_cosine": "batch"},
+              "probe_balance": "loss", "align_cosine": "batch",
+              # no floor on the steps align_epochs counts (0.11's default is 40): every setting before
+              # 0.11 aligned 5 epochs of 16 = 20 steps; settings that want more say align_steps
+              "align_min_steps": 0},
     "warmup": {"fraction": 0.05, "lr": 2e-5},
     # val_model pinned to what every setting before 0.7 ran with (settings that compare validation
     # models set their own): a rerun under 0.7's default ("both") would not be the run its name says
@@ -117,10 +120,11 @@ def _settings() -> dict[str, dict]:
         s[f"0.6 default, align {steps} steps"] = {
             "group": "alignment length", "run": {"selector": "proxy", "warmup_on": "target"},
             "proxy": {**DEFAULT_06, "align_epochs": 0.0, "align_steps": steps}}
-    # the loss still falls at step 40 of a constant learning rate of 1e-4: the default's 20 steps at
-    # 3x the rate, the same cost as the default (is the longer alignment's gain only its step count?)
-    s["0.6 default, align lr 3e-4"] = {"group": "alignment length", "run": {"selector": "proxy", "warmup_on": "target"},
-                                       "proxy": {**DEFAULT_06, "lr": 3e-4}}
+    # the loss still falls at step 40 of a constant learning rate of 1e-4 and levels off by step 50
+    # (80-step log): 40 steps (0.11's default length) at 3x the rate, half the 80 steps' cost
+    s["0.6 default, align 40 steps, lr 3e-4"] = {
+        "group": "alignment length", "run": {"selector": "proxy", "warmup_on": "target"},
+        "proxy": {**DEFAULT_06, "align_epochs": 0.0, "align_steps": 40, "lr": 3e-4}}
     # the remaining sweeps of the issue, from the 0.6 default
     tf = {"selector": "proxy", "warmup_on": "target"}
     for lam in (0.0, 1.0):
