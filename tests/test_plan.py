@@ -186,7 +186,8 @@ def test_plan_counts_the_target_first_orders_own_passes():
     p = plan(PlanConfig(**base))
     st = p["stages"]
     assert p["pipelines"]["iprox"] == ["probe+factorise", "align", "warmup (target)",
-                                       "features (target, val + calibration)", "features (proxy)"]
+                                       "features (target, val + calibration)", "features (proxy)",
+                                       "features (target, rerank)"]
     assert p["proxy_flops"] == sum(st[k]["flops"] for k in p["pipelines"]["iprox"])
     assert p["target_flops"] == st["warmup (target)"]["flops"] + st["features (target)"]["flops"]
     extra = st["features (target, val + calibration)"]

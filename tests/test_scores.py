@@ -233,8 +233,10 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     assert "selected 5 of 24" in out and "selected records:" in out
     # (the target's validation and calibration stores first, while it is resident from its warm-up;
     # val_model = "both", calibrate = auto: 2 of the 24 pool examples)
+    # (then the rerank: the target's stores of the proxy's shortlist)
     assert skipped == [("val-target-1", True), ("val-target-2", True), ("calib-target-1", True), ("calib-target-2", True),
-                       ("train-1", True), ("val-1", True), ("train-2", True), ("val-2", False)]
+                       ("train-1", True), ("val-1", True), ("train-2", True), ("val-2", False),
+                       ("target-1", False), ("target-2", False)]
     assert len((run / "features" / "calibration.jsonl").read_text().splitlines()) == 2
     sel = (run / "selection" / "selected.jsonl").read_text().splitlines()
     originals = set((tmp_path / "pool.jsonl").read_text().splitlines())
@@ -242,7 +244,7 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     ids, X = load_features(run / "features" / "train-1")
     assert len(ids) == 24 and not set(ids) & {f"val.jsonl:{i}" for i in range(1, 5)}
     meta = json.loads((run / "pipeline.json").read_text())
-    assert set(meta["timings"]) == {"pool", "compress", "align", "warmup", "features", "score", "select"}
+    assert set(meta["timings"]) == {"pool", "compress", "align", "warmup", "features", "score", "rerank", "select"}
     # Settings that change only how a stage runs are no change: everything is skipped.
     cfg.write_text(cfg.read_text().replace("lr = 1e-3\n[warmup]", "lr = 1e-3\ngradient_checkpointing = true\n"
                                            "offload_optimizer = true\ncheckpoint_every = 3\n[warmup]"))
@@ -305,7 +307,8 @@ def test_pipeline_aligns_in_the_lora_space_of_its_own_warmup(tmp_path):
     proxy = 'sparsity = 0.5\nprobe_examples = 4\nalign_examples = 4\nalign_steps = 2\nbatch_size = 4\nlr = 1e-3\n' \
             'align_space = "lora"'
     cfg = load_config(_write_config(tmp_path, model_dir, proxy=proxy), {"progress": False})
-    assert [st.name for st in stages(cfg)] == ["pool", "warmup", "compress", "align", "features", "score", "select"]
+    assert [st.name for st in stages(cfg)] == ["pool", "warmup", "compress", "align", "features", "score", "rerank",
+                                             "select"]
     res = run(cfg)
     assert res.selection["selected"] == 5
     run_dir = tmp_path / "run"

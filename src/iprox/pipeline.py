@@ -1,9 +1,10 @@
-"""``iprox run CONFIG.toml``: pool → compress → align → warm-up → features → scores → selection, resumably.
+"""``iprox run CONFIG.toml``: pool → compress → align → warm-up → features → scores → rerank → selection, resumably.
 
 Every stage writes its own folder under the run directory (``pool/``, ``compressed/`` (stage 1),
 ``proxy/`` (the aligned proxy), ``warmup/``, ``features/train-<epoch>/`` and ``val-<epoch>/``
 (``val-target-<epoch>/``: the target's validation gradients, with ``val_model``), ``scores/``,
-``selection/``); a stage complete
+``rerank/`` (the target's scores of the proxy's shortlist, and the reranked table), ``selection/``);
+a stage complete
 with the same settings is skipped, an unfinished one resumes (the stages themselves resume from
 their last shard, checkpoint or epoch).
 
@@ -40,6 +41,9 @@ shared data folder, ``out`` is relative to the working directory)::
                 # calibrate (N pool examples featurised by the target too, whose errors correct the
                 # proxy's pool features; target-first order; default min(32, a tenth of the pool); 0: off)
     [score]     # method, aggregate, checkpoint_weights, damping
+    [rerank]    # fraction: the proxy's top share of the pool that the target scores again, placed
+                # above the rest in the target's order ("auto", the default in the target-first order
+                # with tracin: 3 times the selection; 0: off); see iprox.rerank
     [select]    # fraction or top_k
 """
 
@@ -72,8 +76,9 @@ from .runtime import check_types, section_config
 from .monitor import PeakRSS
 from .pool import PoolConfig, source_spec, write_pool
 from .proxy import ProxyConfig, build_proxy
-from .scores import ScoreConfig, random_scores, score
-from .selection import SelectConfig, format_selection, select_into
+from .rerank import check_fraction, combine, format_rerank, shortlist, shortlist_size, warn_if_short, write_shortlist
+from .scores import ScoreConfig, random_scores, read_score_result, score, write_scores_folder
+from .selection import SelectConfig, format_selection, select_into, selection_size
 from .warmup import WarmupConfig, run_warmup
 
 log = logging.getLogger(__name__)
@@ -92,8 +97,8 @@ DEFAULT_VAL_MODEL = "both"
 # model: LESS on a model itself (the target, or an off-the-shelf smaller model in selector_model);
 # representation: RDS+ (cosine of mean-pooled final hidden states of selector_model); random.
 SELECTORS = ("proxy", "model", "representation", "random")
-STAGES = ("pool", "compress", "align", "warmup", "features", "score", "select")
-SECTIONS = {"run", "data", "proxy", "warmup", "features", "score", "select"}
+STAGES = ("pool", "compress", "align", "warmup", "features", "score", "rerank", "select")
+SECTIONS = {"run", "data", "proxy", "warmup", "features", "score", "rerank", "select"}
 
 
 @dataclass
@@ -113,6 +118,7 @@ class RunConfig:
     warmup: dict = field(default_factory=dict)
     features: dict = field(default_factory=dict)
     score: dict = field(default_factory=dict)
+    rerank: dict = field(default_factory=dict)
     select: dict = field(default_factory=lambda: {"fraction": 0.05})
     device: str = ""
     dtype: str = "float32"
@@ -159,6 +165,18 @@ class RunConfig:
                              "instead, and [score] calibration_ridge for the correction's ridge")
         if "grad" in feats:
             raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
+        unknown = sorted(set(self.rerank) - {"fraction"})
+        if unknown:
+            raise ValueError(f"[rerank] has unknown settings {unknown}; it takes fraction")
+        fraction = self.rerank.get("fraction")
+        if fraction is not None:
+            check_fraction(fraction)
+        if fraction and not (self.selector == "proxy" and self.warmup_on == "target"):
+            raise ValueError('[rerank] scores the proxy\'s shortlist again with the target at the same LoRA checkpoints, '
+                             'which needs selector = "proxy" and warmup_on = "target"; leave [rerank] out otherwise')
+        if fraction and self.score.get("method", "tracin") != "tracin":
+            raise ValueError('[rerank] needs [score] method = "tracin" (the influence-function variant\'s second moment '
+                             'is the whole pool\'s, which the target does not featurise)')
         checks = (("proxy", ProxyConfig, {"data": ["x"]}, self.proxy),
                   ("warmup", WarmupConfig, {"data": ["x"], "out": "x"}, self.warmup),
                   # checkpoint_weights are checked against the warm-up's epochs below
@@ -194,12 +212,16 @@ def aligns_in_own_warmup(cfg: RunConfig) -> bool:
 
 def stages(cfg: RunConfig) -> tuple[Stage, ...]:
     """The run's stages, in order: its selector's; the target's warm-up first when the alignment
-    runs in its adapters' space (:func:`aligns_in_own_warmup`)."""
+    runs in its adapters' space (:func:`aligns_in_own_warmup`); the rerank before the selection
+    when it is on (:func:`rerank_fraction`)."""
     order = PIPELINES[cfg.selector]
     if aligns_in_own_warmup(cfg):
         rest = [st for st in order if st is not WARMUP]
         i = rest.index(COMPRESS)
         order = tuple(rest[:i] + [WARMUP] + rest[i:])
+    if rerank_fraction(cfg):
+        i = order.index(SELECT)
+        order = order[:i] + (RERANK,) + order[i:]
     return order
 
 
@@ -216,6 +238,15 @@ def calibrate(cfg: RunConfig) -> int | str:
     ``"auto"`` (:func:`iprox.calibration.calibration_size` of the pool, at the features stage; TracIn
     scores only: the correction is of the cosine's unit features)."""
     given = cfg.features.get("calibrate")
+    if given is not None:
+        return given
+    on = cfg.selector == "proxy" and cfg.warmup_on == "target" and cfg.score.get("method", "tracin") == "tracin"
+    return "auto" if on else 0
+
+
+def rerank_fraction(cfg: RunConfig) -> float | str:
+    """The run's ``[rerank] fraction``, or where the order allows it ``"auto"``; 0: no rerank stage."""
+    given = cfg.rerank.get("fraction")
     if given is not None:
         return given
     on = cfg.selector == "proxy" and cfg.warmup_on == "target" and cfg.score.get("method", "tracin") == "tracin"
@@ -264,7 +295,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
     kw = dict(run, pool=[resolve(s) for s in data.get("pool", [])],
               validation=[resolve(s) for s in data.get("validation", [])],
               max_length=data.get("max_length", 512),
-              **{k: raw.get(k, {}) for k in ("proxy", "warmup", "features", "score")})
+              **{k: raw.get(k, {}) for k in ("proxy", "warmup", "features", "score", "rerank")})
     if "select" in raw:
         kw["select"] = raw["select"]
     kw.update(overrides or {})
@@ -300,13 +331,17 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
                      # a run whose stores an older format wrote (another projection) is refused
                      # here, so its scores are never mixed with new stores
                      "store_format": STORE_FORMAT_VERSION},
-        "score": cfg.score, "select": cfg.select,
+        "score": cfg.score,
+        # (only when on, so that a run without it keeps its selection's fingerprint)
+        "rerank": {"fraction": rerank_fraction(cfg), "select": cfg.select} if rerank_fraction(cfg) else None,
+        "select": cfg.select,
     }
     if aligns_in_own_warmup(cfg):  # the alignment reads the warm-up's last checkpoint
         sections["align"] = {**sections["align"], "warmup": sections["warmup"]}
     out, prev = {}, ""
     for st in STAGES:
-        prev = hashlib.sha256((prev + json.dumps(sections[st], sort_keys=True)).encode()).hexdigest()[:16]
+        if sections[st] is not None or st != "rerank":
+            prev = hashlib.sha256((prev + json.dumps(sections[st], sort_keys=True)).encode()).hexdigest()[:16]
         out[st] = prev
     return out
 
@@ -328,7 +363,8 @@ def _accelerator_peak() -> float:
 
 def _stage_dirs(run: Path) -> dict[str, list[Path]]:
     return {"pool": [run / "pool"], "compress": [run / "compressed"], "align": [run / "proxy"], "warmup": [run / "warmup"],
-            "features": [run / "features"], "score": [run / "scores"], "select": [run / "selection"]}
+            "features": [run / "features"], "score": [run / "scores"], "rerank": [run / "rerank"],
+            "select": [run / "selection"]}
 
 
 def _check_lineage(cfg: RunConfig, run: Path, overwrite: bool) -> dict[str, str]:
@@ -369,6 +405,7 @@ class RunResult:
     selection: dict
     timings: dict[str, float]
     agreement: dict | None = None  # scores.json's calibration estimate, when the run is calibrated
+    rerank: dict | None = None     # the rerank's report, when the run reranks (iprox.rerank)
 
     def format(self) -> str:
         lines = [format_selection(self.selection), "stage times: " +
@@ -378,8 +415,10 @@ class RunResult:
             fmt = lambda d: ", ".join(f"{k} {'n/a' if v is None else f'{v:.2f}'}" for k, v in d.items())  # noqa: E731
             lines.append(f"agreement with the target, estimated over the {a['examples']} calibration examples (whole "
                          f"pool, Spearman): {fmt(a['spearman'])} (uncalibrated {fmt(a['uncalibrated_spearman'])})")
+        if self.rerank:
+            lines.append(format_rerank(self.rerank))
         lines.append(f"selected records: {self.out / 'selection' / 'selected.jsonl'}")
-        lines.append(f"scores:           {self.out / 'scores' / 'scores.csv'}")
+        lines.append(f"scores:           {self.out / ('rerank/scores' if self.rerank else 'scores') / 'scores.csv'}")
         return "\n".join(lines)
 
 
@@ -388,7 +427,9 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
 
     Each model is loaded once: the target for stage 1 and 2 (then released), the proxy (or the
     selector model) from the warm-up through every checkpoint's features, with each checkpoint's
-    trained tensors copied into it in place; the pool is read and tokenised once.
+    trained tensors copied into it in place; the pool is read and tokenised once. With the rerank the
+    target stays resident beside the proxy until it has scored the shortlist (the two together take
+    less memory than the target's own feature passes, which come first).
     """
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     out = Path(cfg.out)
@@ -480,9 +521,9 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, ra
     ctx = _Context(cfg, out, session, overwrite, common, dtype, feats, train_grad, val_model(cfg), calibrate(cfg))
     for stage in stages(cfg):
         timed(stage.name, lambda: stage.run(ctx))
-    summary = out / "scores" / "scores.json"
-    agreement = json.loads(summary.read_text()).get("calibration") if summary.exists() else None
-    return RunResult(out, ctx.manifest, timings, agreement)
+    summary = Path(ctx.scores_csv).parent / "scores.json" if ctx.scores_csv else None
+    meta = json.loads(summary.read_text()) if summary and summary.exists() else {}
+    return RunResult(out, ctx.manifest, timings, meta.get("calibration"), meta.get("rerank"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,6 +552,7 @@ class _Context:
     train_stores: list[str] = field(default_factory=list)
     val_stores: list[str] = field(default_factory=list)
     calib_stores: list[str] = field(default_factory=list)  # per pair: the target's calibration store, or ""
+    target_val_stores: list[str] = field(default_factory=list)  # per checkpoint: the target's validation store
     scores_csv: Path | None = None
     manifest: dict = field(default_factory=dict)
 
@@ -573,15 +615,12 @@ def _features(ctx: _Context) -> None:
     scores add up). With ``calibrate``, the target's features of a seeded subset of the pool too
     (``calib-target-<epoch>``), which correct the proxy's pool store when it is scored."""
     def store(kind: str, model: str, ck: Path, data: Path, grad: str) -> str:
-        out = ctx.out / "features" / f"{kind}-{ck.name.split('-')[1]}"
-        fc = FeatureConfig(**{**ctx.dtype, **ctx.feats, "model": model, "checkpoint": str(ck),
-                              "data": [str(data)], "out": str(out), "grad": grad, **ctx.common})
-        log.info("%s", compute_features(fc, ctx.session).format())
-        return str(out)
+        return _store(ctx, ctx.out / "features" / f"{kind}-{ck.name.split('-')[1]}", model, ck, data, grad)
 
     # the target's validation stores first, while it is resident from its warm-up; then it goes
     target_val = [store("val-target", ctx.cfg.model, ck, ctx.val_file, "sgd") for ck in ctx.checkpoints] \
         if ctx.val_model in ("target", "both") else []
+    ctx.target_val_stores = target_val
     calib = []
     n_cal = 0
     if ctx.calibrate:
@@ -592,7 +631,7 @@ def _features(ctx: _Context) -> None:
         subset = on_rank0(lambda: calibration_subset(ctx.pool_file, n_cal, ctx.cfg.seed,
                                                      ctx.out / "features" / "calibration.jsonl"))
         calib = [store("calib-target", ctx.cfg.model, ck, subset, ctx.train_grad) for ck in ctx.checkpoints]
-    if ctx.warm_model != ctx.feature_model:
+    if ctx.warm_model != ctx.feature_model and not rerank_fraction(ctx.cfg):  # (the rerank needs it again)
         ctx.session.drop(ctx.cfg.model)
     for i, ck in enumerate(ctx.checkpoints):
         train = store("train", ctx.feature_model, ck, ctx.pool_file, ctx.train_grad)
@@ -601,6 +640,14 @@ def _features(ctx: _Context) -> None:
         ctx.train_stores += [train] * len(vals)
         ctx.val_stores += vals
         ctx.calib_stores += [calib[i] if calib else ""] * len(vals)
+
+
+def _store(ctx: _Context, out: Path, model: str, ck: Path, data: Path, grad: str) -> str:
+    """One feature store: ``model`` at checkpoint ``ck`` on ``data``, in folder ``out``."""
+    fc = FeatureConfig(**{**ctx.dtype, **ctx.feats, "model": model, "checkpoint": str(ck),
+                          "data": [str(data)], "out": str(out), "grad": grad, **ctx.common})
+    log.info("%s", compute_features(fc, ctx.session).format())
+    return str(out)
 
 
 def _represent(ctx: _Context) -> None:
@@ -629,6 +676,48 @@ def _score(ctx: _Context) -> None:
     ctx.scores_csv = score(scfg)  # streaming, each rank its share of the shards
 
 
+def _rerank(ctx: _Context) -> None:
+    """The target featurises the proxy's shortlist at each checkpoint (and, without its validation
+    stores from the features stage, the validation examples), LESS scores it, and the shortlist goes
+    above the rest of the pool in the target's order (:mod:`iprox.rerank`)."""
+    cfg, folder = ctx.cfg, ctx.out / "rerank"
+    proxy = on_rank0(lambda: read_score_result(Path(ctx.scores_csv).parent))
+    n = len(proxy.ids)
+    k = selection_size(cfg.select.get("fraction", 0.0), cfg.select.get("top_k", 0), n)
+    m = shortlist_size(rerank_fraction(cfg), n, k)
+    settings = {"fraction": rerank_fraction(cfg), "shortlist": m, "k": k, "scores": str(ctx.scores_csv)}
+    if not on_rank0(lambda: artifacts.prepare_stage(folder, "rerank", settings, ctx.overwrite, resumable=True)):
+        log.info("rerank: the target featurises the proxy's top %d of %d pool examples (%.1f%%)", m, n, 100 * m / n)
+        ids = shortlist(proxy, m)
+        short = on_rank0(lambda: write_shortlist(ctx.pool_file, ids, folder / "shortlist.jsonl"))
+        epoch = lambda ck: ck.name.split("-")[1]  # noqa: E731
+        train = [_store(ctx, folder / f"target-{epoch(ck)}", cfg.model, ck, short, ctx.train_grad)
+                 for ck in ctx.checkpoints]
+        val = ctx.target_val_stores or [_store(ctx, folder / f"val-target-{epoch(ck)}", cfg.model, ck, ctx.val_file,
+                                               "sgd") for ck in ctx.checkpoints]
+        ctx.session.drop(cfg.model)
+        settings_score = {k_: v for k_, v in cfg.score.items() if k_ != "calibration_ridge"}
+        score(ScoreConfig(**{**settings_score, "train": train, "val": val, "out": str(folder / "target-scores"),
+                             "progress": cfg.progress, "overwrite": ctx.overwrite}))
+
+        def write() -> None:
+            target = read_score_result(folder / "target-scores")
+            res, rep = combine(proxy, target, k)
+            meta = artifacts.read_json(Path(ctx.scores_csv).parent / "scores.json", "scores summary")
+            keep = {key: v for key, v in meta.items() if key not in ("subtasks", "n") and not key.startswith("score_")}
+            (folder / "scores").mkdir(exist_ok=True)
+            write_scores_folder(folder / "scores", res, {**keep, "rerank": rep})
+            artifacts.mark_complete(folder)
+
+        on_rank0(write)
+    rep = artifacts.read_json(folder / "scores" / "scores.json", "scores summary")["rerank"]
+    log.info("%s", format_rerank(rep))
+    warning = warn_if_short(rep)
+    if warning:
+        log.warning("%s", warning)
+    ctx.scores_csv = folder / "scores" / "scores.csv"
+
+
 def _random(ctx: _Context) -> None:
     ctx.scores_csv = on_rank0(lambda: random_scores(ctx.pool_file, ctx.out / "scores", ctx.cfg.seed))
 
@@ -641,7 +730,7 @@ def _select(ctx: _Context) -> None:
 
 POOL, WARMUP, FEATURES = Stage("pool", _pool), Stage("warmup", _warmup), Stage("features", _features)
 COMPRESS, ALIGN = Stage("compress", _compress), Stage("align", _align)
-SCORE, SELECT = Stage("score", _score), Stage("select", _select)
+SCORE, RERANK, SELECT = Stage("score", _score), Stage("rerank", _rerank), Stage("select", _select)
 # A selector is the list of its stages, in order.
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     "proxy": (POOL, COMPRESS, ALIGN, WARMUP, FEATURES, SCORE, SELECT),   # IProX

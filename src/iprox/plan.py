@@ -111,6 +111,8 @@ class PlanConfig:
             val_model`` ("": the order's default, ``both`` target-first, ``proxy`` proxy-first).
         calibrate: pool examples the target also featurises, as ``[features] calibrate`` (-1: the
             default, ``min(32, pool / 10)`` target-first and none proxy-first; 0: none).
+        rerank: pool examples the target scores again after the proxy, as ``[rerank]`` resolves them
+            (-1: the default, three times a 5% selection target-first and none proxy-first; 0: none).
     """
 
     model: str = EMBEDDED_MODEL
@@ -125,13 +127,16 @@ class PlanConfig:
     warmup_on: Literal["target", "proxy"] = "target"
     val_model: Literal["", "proxy", "target", "both"] = ""
     calibrate: int = -1
+    rerank: int = -1
 
     def __post_init__(self):
         check_types(self)
-        if self.warmup_on == "proxy" and (self.val_model not in ("", "proxy") or self.calibrate > 0):
-            raise ValueError("val_model target/both and calibrate need the target-first order (warmup_on = target)")
-        if self.calibrate < -1:
-            raise ValueError(f"calibrate must be a number of pool examples (0: none, -1: the default), got {self.calibrate}")
+        if self.warmup_on == "proxy" and (self.val_model not in ("", "proxy") or self.calibrate > 0 or self.rerank > 0):
+            raise ValueError("val_model target/both, calibrate and rerank need the target-first order (warmup_on = target)")
+        for name in ("calibrate", "rerank"):
+            if getattr(self, name) < -1:
+                raise ValueError(f"{name} must be a number of pool examples (0: none, -1: the default), "
+                                 f"got {getattr(self, name)}")
         self.dtype = resolve_dtype(self.dtype, "cuda")
         if min(self.pool, self.max_length) < 1:
             raise ValueError("pool and max_length must be >= 1")
@@ -157,6 +162,16 @@ class PlanConfig:
             return 0, 0
         n_cal = calibration_size(None if self.calibrate < 0 else self.calibrate, self.pool)
         return (self.validation if self.resolved_val_model() in ("target", "both") else 0), n_cal
+
+    def rerank_examples(self) -> int:
+        """The shortlist the target scores again after the proxy, as the pipeline resolves ``[rerank]``
+        (by default for ``[select]``'s default 5%)."""
+        from .rerank import shortlist_size
+        from .selection import selection_size
+
+        if self.warmup_on == "proxy":
+            return 0
+        return shortlist_size("auto", self.pool, selection_size(0.05, 0, self.pool)) if self.rerank < 0 else self.rerank
 
     def resolved_val_model(self) -> str:
         """``val_model``, or the order's default as the pipeline takes it."""
@@ -454,6 +469,15 @@ def plan(config: PlanConfig) -> dict:
             "examples": {"validation": n_val_target, "calibration": n_cal}}
         iprox = ["probe+factorise", "align", "warmup (target)", "features (target, val + calibration)",
                  "features (proxy)"]
+        n_rerank = config.rerank_examples()
+        if n_rerank:  # the target again, on the proxy's shortlist (its validation stores are reused)
+            stages["features (target, rerank)"] = {
+                "peak_gib": stages["features (target)"]["peak_gib"],
+                "flops": wc.epochs * 2 * fwd_flops(f.params, n_rerank),
+                "store_gib": wc.epochs * n_rerank * target_dim * sb / GIB, "dim": target_dim,
+                "examples": {"shortlist": n_rerank}}
+            iprox.append("features (target, rerank)")
+            stages["features (proxy)"]["peak_gib"] += W / GIB  # the target stays resident for it
         del stages["warmup (proxy)"]
     else:
         iprox = ["probe+factorise", "align", "warmup (proxy)", "features (proxy)"]
@@ -499,8 +523,10 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
     if run_config:
         from .data import load_examples
         from .pipeline import calibrate as pipeline_calibrate
-        from .pipeline import load_config
+        from .pipeline import load_config, rerank_fraction
         from .pipeline import val_model as pipeline_val_model
+        from .rerank import shortlist_size
+        from .selection import selection_size
 
         run = load_config(run_config)
         counted = {}
@@ -510,10 +536,14 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
         # (the pipeline's own keys: the preconditioner is per store, the validation model a few examples)
         features = {k: v for k, v in run.features.items() if k not in ("train_grad", "val_model", "calibrate")}
         n_cal = pipeline_calibrate(run)
+        n_pool = kw.get("pool", counted.get("pool"))
+        fraction = rerank_fraction(run)
+        k = selection_size(run.select.get("fraction", 0.0), run.select.get("top_k", 0), n_pool)
         kw = {"model": run.model, "max_length": run.max_length, **counted,
               "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features,
               "warmup_on": run.warmup_on, "val_model": pipeline_val_model(run),
-              "calibrate": -1 if n_cal == "auto" else n_cal, **kw}
+              "calibrate": -1 if n_cal == "auto" else n_cal,
+              "rerank": shortlist_size(fraction, n_pool, k) if fraction else 0, **kw}
     for item in sets:
         key, eq, value = item.partition("=")
         section, dot, name = key.strip().partition(".")

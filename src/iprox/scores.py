@@ -31,7 +31,7 @@ from . import artifacts
 from .calibration import AGREEMENT_WARNING, DEFAULT_RIDGE, Correction, estimate_agreement, fit_correction
 from .data import load_examples
 from .distributed import all_reduce_sum_, on_every_rank, on_rank0, world
-from .loading import CARRIED, SCORES_FILE, canonical_name, iter_feature_rows, iter_features, read_manifest
+from .loading import CARRIED, SCORES_FILE, canonical_name, iter_feature_rows, iter_features, read_manifest, read_scores
 from .runtime import check_types
 
 log = logging.getLogger(__name__)
@@ -297,21 +297,39 @@ def score(config: ScoreConfig) -> Path:
     if on_rank0(lambda: artifacts.prepare_stage(out, "score", cfg, config.overwrite)):
         return out / SCORES_FILE
     res = compute_scores(config)
-
-    def write() -> None:
-        write_scores_csv(out / SCORES_FILE, res)
-        write_scores_parquet(out / "scores.parquet", res)
-        s = res.score
-        artifacts.atomic_write_json(out / "scores.json", {
-            "method": config.method, "aggregate": config.aggregate, "weights": res.weights,
-            "subtasks": res.subtasks, "n": len(res.ids),
-            "score_min": float(s.min()), "score_max": float(s.max()), "score_mean": float(s.mean()),
-            **({"calibration": res.calibration} if res.calibration else {}),
-        })
-        artifacts.mark_complete(out)
-
-    on_rank0(write)
+    on_rank0(lambda: write_scores_folder(out, res, {
+        "method": config.method, "aggregate": config.aggregate, "weights": res.weights,
+        **({"calibration": res.calibration} if res.calibration else {})}))
     return out / SCORES_FILE
+
+
+def write_scores_folder(out: Path, res: ScoreResult, meta: dict) -> None:
+    """Writes a scores table's files into the prepared folder ``out`` (``scores.csv``,
+    ``scores.parquet``, ``scores.json``: ``meta`` with the subtasks and a summary) and marks it complete."""
+    write_scores_csv(out / SCORES_FILE, res)
+    write_scores_parquet(out / "scores.parquet", res)
+    s = res.score
+    artifacts.atomic_write_json(out / "scores.json", {
+        **meta, "subtasks": res.subtasks, "n": len(res.ids),
+        "score_min": float(s.min()), "score_max": float(s.max()), "score_mean": float(s.mean())})
+    artifacts.mark_complete(out)
+
+
+def read_score_result(folder: str | Path) -> ScoreResult:
+    """A scores folder written by :func:`score` as a :class:`ScoreResult` (its per-subtask columns
+    and aggregate, float64; the weights from ``scores.json``)."""
+    folder = Path(folder)
+    meta = artifacts.read_json(folder / "scores.json", "scores summary")
+    rows = read_scores(folder)
+    subtasks = list(meta.get("subtasks", []))
+    cols = _column_names(subtasks)
+    missing = [c for c in cols if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{folder / SCORES_FILE} lacks the subtask columns {missing} that scores.json names")
+    per = torch.tensor([[float(r[c]) for c in cols] for r in rows], dtype=torch.float64).reshape(len(rows), len(cols))
+    return ScoreResult([r["id"] for r in rows], [r.get("source", "") for r in rows], [r.get("task", "") for r in rows],
+                       subtasks, per, torch.tensor([r["score"] for r in rows], dtype=torch.float64),
+                       list(meta.get("weights", [])), meta.get("calibration"))
 
 
 def random_scores(pool_file: str | Path, out: str | Path, seed: int) -> Path:

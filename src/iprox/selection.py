@@ -62,6 +62,12 @@ class SelectConfig:
             raise ValueError(f"top_k must be positive, got {self.top_k}")
 
 
+def selection_size(fraction: float, top_k: int, n: int) -> int:
+    """How many of ``n`` pool examples a selection keeps: ``top_k``, or ``fraction`` of them (at
+    least one), at most ``n``."""
+    return min(n, top_k or max(1, math.floor(fraction * n + 1e-9)))
+
+
 def rank(rows: list[dict], k: int | None = None) -> list[dict]:
     """Rows by descending score, ties broken by ascending id; only the first ``k`` when given, found
     in O(n log k) without sorting the whole pool."""
@@ -82,8 +88,7 @@ def select(config: SelectConfig) -> dict:
     if bad:
         raise ValueError(f"{config.scores}: {len(bad)} scores are not finite (first: {bad[0]!r}); a selection from "
                          f"them would be arbitrary: recompute the features and scores")
-    k = config.top_k or max(1, math.floor(config.fraction * len(rows) + 1e-9))
-    k = min(k, len(rows))
+    k = selection_size(config.fraction, config.top_k, len(rows))
     top = rank(rows, k)
     by_id = {}
     for ex in load_examples(config.data):

@@ -1,0 +1,167 @@
+"""The reranked scores: the head of the proxy's ranking scored again by the target.
+
+The proxy scores the whole pool; the target then featurises only the proxy's shortlist, the ``m``
+examples it ranks highest by the aggregate score the selection uses (by default three times the
+selection), at the same LoRA checkpoints and projection, and LESS scores them with the target's own
+validation gradients. The shortlist, in the target's order, goes above the rest of the pool, which
+keeps the proxy's order. A selection of ``k <= m`` examples is then the target's own choice among
+the proxy's top ``m``, for ``m / n`` of the target's pool pass beside the proxy's pass. It needs the
+target-first order (the proxy carries the target's LoRA checkpoints, so the two models' features
+share coordinates) and TracIn scores (the influence-function variant's second moment is the whole
+pool's, which the target never sees).
+
+Why: the proxy agrees with the target least where selection happens, on the order of the head
+(``BENCHMARKS.md``, "Reranking the proxy's shortlist with the target").
+
+Every column of the table (the aggregate and each subtask's) is placed alike: the shortlist's rows
+hold the target's scores, the others the proxy's shifted to lie below the shortlist's lowest (their
+order and differences kept; the shifts are in ``scores.json``).
+
+The report (``scores.json``'s ``rerank``, and the log) gives the shortlist's size and, per column,
+the Spearman of the proxy's and the target's scores over the shortlist (the proxy's agreement with
+the target where selection happens, measured on every run at no extra cost), how many of the
+proxy's top ``k`` the target keeps, and how deep into the shortlist the target's top ``k`` reaches
+in the proxy's order (near its end, a longer shortlist might change the selection).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from . import artifacts
+from .agreement import spearman
+from .scores import ScoreResult
+from .selection import rank
+
+log = logging.getLogger(__name__)
+
+# "auto": the shortlist holds this many times the selection (BENCHMARKS.md: at 3x a 5% selection the
+# target's top 5% was found in full or within an example or two on every task measured).
+DEFAULT_FACTOR = 3
+# the target's top k reaching past this share of the shortlist (in the proxy's order) is warned about
+DEEP_WARNING = 0.8
+
+
+def check_fraction(fraction) -> None:
+    """Refuses a ``[rerank] fraction`` other than ``"auto"`` or a share of the pool in [0, 1]."""
+    if fraction == "auto":
+        return
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+        raise ValueError(f'[rerank] fraction must be "auto" ({DEFAULT_FACTOR} times the selection), a share of the '
+                         f"pool in [0, 1], or 0 (off); got {fraction!r}")
+
+
+def shortlist_size(fraction: float | str, n: int, k: int) -> int:
+    """The shortlist's size for a pool of ``n`` and a selection of ``k``: ``DEFAULT_FACTOR * k`` for
+    ``"auto"``, else ``ceil(fraction * n)``; at least ``k`` (a shorter shortlist would leave part of
+    the selection unchecked) and at most ``n``."""
+    check_fraction(fraction)
+    m = DEFAULT_FACTOR * k if fraction == "auto" else math.ceil(fraction * n - 1e-9)
+    return min(n, max(k, m))
+
+
+def shortlist(res: ScoreResult, m: int) -> list[str]:
+    """The ids of the ``m`` examples ranked highest by the aggregate score (ties: the smaller id, as
+    the selection breaks them)."""
+    return [r["id"] for r in rank([{"id": i, "score": s} for i, s in zip(res.ids, res.score.tolist())], m)]
+
+
+def write_shortlist(pool_file: str | Path, ids: list[str], out: str | Path) -> Path:
+    """Writes the records of the pool file whose ids are in ``ids`` (in pool order) to ``out``.
+
+    Raises:
+        ValueError: an id is not in the pool file.
+    """
+    want = set(ids)
+    lines = [ln for ln in Path(pool_file).read_text(encoding="utf-8").splitlines()
+             if ln.strip() and json.loads(ln)["id"] in want]
+    if len(lines) != len(want):
+        raise ValueError(f"{len(want) - len(lines)} shortlisted ids are not in the pool file {pool_file}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    artifacts.atomic_write_text(out, "".join(ln + "\n" for ln in lines))
+    return out
+
+
+def _place(proxy: torch.Tensor, target: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One column: the target's scores at rows ``at`` (a bool mask), the proxy's elsewhere, shifted
+    to lie strictly below the lowest of the target's; returns the column and the shift."""
+    out = proxy.clone()
+    out[at] = target
+    rest = ~at
+    if not bool(rest.any()):
+        return out, 0.0
+    top, floor = float(proxy[rest].max()), float(target.min())
+    span = float(proxy[rest].max() - proxy[rest].min())
+    gap = 1e-3 * max(span, abs(floor), abs(top), 1e-12)
+    shift = floor - gap - top
+    out[rest] = proxy[rest] + shift
+    return out, shift
+
+
+def _column_report(proxy: torch.Tensor, target: torch.Tensor, at: list[int], ids: list[str], k: int) -> dict:
+    """Agreement over the shortlist rows ``at`` of one column (orders as the selection takes them)."""
+    p = proxy[at]
+    by_proxy = [r["id"] for r in rank([{"id": ids[a], "score": x} for a, x in zip(at, p.tolist())])]
+    by_target = [r["id"] for r in rank([{"id": ids[a], "score": x} for a, x in zip(at, target.tolist())], k)]
+    depth = {i: r for r, i in enumerate(by_proxy, 1)}
+    rho = spearman(p.tolist(), target.tolist()) if len(at) > 1 else float("nan")
+    return {"spearman": None if rho != rho else rho, "kept": len(set(by_proxy[:k]) & set(by_target)),
+            "deepest": max(depth[i] for i in by_target)}
+
+
+def combine(proxy: ScoreResult, target: ScoreResult, k: int) -> tuple[ScoreResult, dict]:
+    """The reranked table from the proxy's scores of the pool and the target's of its shortlist, and
+    the report (see the module docstring) for a selection of ``k``.
+
+    Raises:
+        ValueError: the target's table names examples the proxy's does not, or other subtasks.
+    """
+    if target.subtasks != proxy.subtasks:
+        raise ValueError(f"the target's scores have subtasks {target.subtasks}, the proxy's {proxy.subtasks}: "
+                         "score both with the same validation examples")
+    pos = {i: r for r, i in enumerate(proxy.ids)}
+    missing = [i for i in target.ids if i not in pos]
+    if missing:
+        raise ValueError(f"{len(missing)} of the target's examples are not in the proxy's scores (first: {missing[0]!r})")
+    at = [pos[i] for i in target.ids]
+    mask = torch.zeros(len(proxy.ids), dtype=torch.bool)
+    mask[at] = True
+    k = min(k, len(at))
+    score, shift = _place(proxy.score, target.score, mask)
+    cols, shifts = proxy.per_subtask.clone(), []
+    for j in range(len(proxy.subtasks)):
+        cols[:, j], s = _place(proxy.per_subtask[:, j], target.per_subtask[:, j], mask)
+        shifts.append(s)
+    columns = {"score": _column_report(proxy.score, target.score, at, proxy.ids, k)}
+    columns.update({s: _column_report(proxy.per_subtask[:, j], target.per_subtask[:, j], at, proxy.ids, k)
+                    for j, s in enumerate(proxy.subtasks)})
+    report = {"shortlist": len(at), "pool": len(proxy.ids), "k": k, "columns": columns,
+              "shift": {"score": shift, **dict(zip(proxy.subtasks, shifts))}}
+    out = ScoreResult(proxy.ids, proxy.sources, proxy.tasks, proxy.subtasks, cols, score, proxy.weights,
+                      proxy.calibration)
+    return out, report
+
+
+def format_rerank(rep: dict) -> str:
+    """One line for the log: the shortlist and the aggregate column's agreement."""
+    a = rep["columns"]["score"]
+    rho = "n/a" if a["spearman"] is None else f"{a['spearman']:.2f}"
+    return (f"rerank: the target rescored the proxy's top {rep['shortlist']} of {rep['pool']} "
+            f"({100 * rep['shortlist'] / rep['pool']:.1f}%); Spearman of the two over them {rho}; of the proxy's top "
+            f"{rep['k']} the target kept {a['kept']}; its top {rep['k']} reach down to the proxy's rank {a['deepest']}")
+
+
+def warn_if_short(rep: dict) -> str | None:
+    """A warning when the target's top ``k`` reaches into the last part of the shortlist (some of
+    what the target would select may lie past it), else ``None``."""
+    d, m = rep["columns"]["score"]["deepest"], rep["shortlist"]
+    if m < rep["pool"] and d > DEEP_WARNING * m:
+        return (f"the target's top {rep['k']} reach down to rank {d} of the proxy's shortlist of {m}: examples past it "
+                f"might be selected too; a longer shortlist ([rerank] fraction) would check")
+    return None
