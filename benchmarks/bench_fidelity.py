@@ -64,6 +64,9 @@ BASE = {
     # models set their own): a rerun under 0.7's default ("both") would not be the run its name says
     # (and calibrate to 0, as every run before 0.8 had none: settings that calibrate set their own)
     "features": {"proj_dim": 64, "batch_size": 8, "train_grad": "adam", "val_model": "proxy", "calibrate": 0},
+    # no rerank (0.12's default in the target-first order): the study measures the proxy's own scores
+    # (diag_rerank.py measures the rerank from the same stores)
+    "rerank": {"fraction": 0},
 }
 NO_ALIGN = {"align_epochs": 0.0, "align_examples": 0}
 # the defaults since 0.6 (per-example cosine as micro-batches of one, 4 accumulated: the same examples
@@ -216,7 +219,7 @@ def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, set
                  epochs: int, max_len: int) -> None:
     sections = {k: dict(v) for k, v in BASE.items()}
     sections["warmup"].setdefault("epochs", epochs)
-    for sec in ("run", "proxy", "warmup", "features"):
+    for sec in ("run", "proxy", "warmup", "features", "rerank"):
         sections[sec].update(setting.get(sec, {}))
     sections["run"].update(out=str(out), model=str(target), seed=seed)
     sections["data"] = {"pool": [str(pool)], "validation": [str(val)], "max_length": max_len}

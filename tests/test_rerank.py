@@ -33,38 +33,67 @@ def test_shortlist_size_and_fraction():
             check_fraction(bad)
 
 
-def test_combine_puts_the_shortlist_on_top_in_the_targets_order():
-    g = torch.Generator().manual_seed(0)
-    n, subtasks = 40, ["a", "b"]
+def _ranked(ids, col) -> list[int]:
+    """Rows of a column as the selection orders them (score down, then id)."""
+    return sorted(range(len(ids)), key=lambda r: (-float(col[r]), ids[r]))
+
+
+@pytest.mark.parametrize("n_subtasks", [1, 3])
+def test_combine_puts_each_columns_scored_head_on_top_in_the_targets_order(n_subtasks):
+    g = torch.Generator().manual_seed(n_subtasks)
+    n, subtasks = 40, ["a", "b", "c"][:n_subtasks]
     ids = [f"x{i:02d}" for i in range(n)]
-    proxy = _table(ids, torch.randn(n, 2, generator=g), subtasks)
+    raw = torch.randn(n, n_subtasks, generator=g)
+    if n_subtasks > 1:
+        raw[:, 0] += 1.0  # subtask a's scores run larger: the aggregate's shortlist is mostly its head
+    proxy = _table(ids, raw, subtasks)
     m, k = 12, 4
     short = shortlist(proxy, m)
-    assert short == [r["id"] for r in rank([{"id": i, "score": s} for i, s in zip(ids, proxy.score.tolist())], m)]
+    # the head of each subtask's column, m / subtasks each, in pool order
+    per = -(-m // n_subtasks)
+    assert short == sorted({ids[r] for j in range(n_subtasks) for r in _ranked(ids, raw[:, j])[:per]})
+    assert len(short) <= m
+    m = len(short)
     # the target's table of the shortlist, in pool order (as its store holds it), on another scale
     at = sorted(ids.index(i) for i in short)
-    target = _table([ids[a] for a in at], 5 + torch.randn(len(at), 2, generator=g), subtasks)
+    target = _table([ids[a] for a in at], 5 + torch.randn(len(at), n_subtasks, generator=g), subtasks)
     res, rep = combine(proxy, target, k)
+    tval = {ids[a]: j for j, a in enumerate(at)}
+    reranked = {}
     for col, new, old, tgt in [("score", res.score, proxy.score, target.score)] + [
             (s, res.per_subtask[:, j], proxy.per_subtask[:, j], target.per_subtask[:, j]) for j, s in enumerate(subtasks)]:
-        order = new.argsort(descending=True).tolist()
-        # the shortlist first, in the target's order, with the target's scores
-        assert [ids[i] for i in order[:m]] == [target.ids[j] for j in tgt.argsort(descending=True).tolist()]
-        torch.testing.assert_close(new[at], tgt)
+        # brute force: the aggregate's reranked rows are the whole shortlist (in the proxy's order); a
+        # column's the longest head of its own ranking that the target scored, at least its own share
+        head = []
+        for r in _ranked(ids, old):
+            if ids[r] not in tval:
+                if col == "score":
+                    continue
+                break
+            head.append(r)
+        reranked[col] = len(head)
+        assert len(head) == m if col == "score" or n_subtasks == 1 else len(head) >= per
+        order = _ranked(ids, new)
+        # those first, in the target's order, with the target's scores
+        assert order[:len(head)] == sorted(head, key=lambda r: (-float(tgt[tval[ids[r]]]), ids[r]))
+        torch.testing.assert_close(new[head], tgt[[tval[ids[r]] for r in head]])
         # the rest below, in the proxy's order, their differences kept
-        rest = [i for i in range(n) if i not in at]
-        assert order[m:] == sorted(rest, key=lambda i: -float(old[i]))
-        assert float(new[rest].max()) < float(tgt.min())
-        torch.testing.assert_close(new[rest] - old[rest], torch.full((n - m,), rep["shift"][col], dtype=torch.float64))
+        rest = [r for r in range(n) if r not in head]
+        assert order[len(head):] == [r for r in _ranked(ids, old) if r not in head]
+        assert float(new[rest].max()) < float(new[head].min())
+        torch.testing.assert_close(new[rest] - old[rest], torch.full((len(rest),), rep["shift"][col], dtype=torch.float64))
         # the report, by brute force
-        p = old[at]
         c = rep["columns"][col]
-        assert c["spearman"] == pytest.approx(spearman(p.tolist(), tgt.tolist()))
-        proxy_top = {ids[at[j]] for j in p.argsort(descending=True)[:k].tolist()}
-        target_top = [ids[at[j]] for j in tgt.argsort(descending=True)[:k].tolist()]
-        assert c["kept"] == len(proxy_top & set(target_top))
-        by_proxy = [ids[at[j]] for j in p.argsort(descending=True).tolist()]
-        assert c["deepest"] == max(by_proxy.index(i) + 1 for i in target_top)
+        assert c["reranked"] == len(head)
+        if len(head) > 1:
+            p, t = old[head], new[head]
+            assert c["spearman"] == pytest.approx(spearman(p.tolist(), t.tolist()))
+            kk = min(k, len(head))
+            target_top = order[:kk]
+            assert c["kept"] == len(set(head[:kk]) & set(target_top))
+            assert c["deepest"] == max(head.index(r) + 1 for r in target_top)
+    if n_subtasks > 1:
+        assert min(reranked[s] for s in subtasks) < m  # (a column's reranked head is its own, not the whole shortlist)
     assert rep["shortlist"] == m and rep["pool"] == n and rep["k"] == k
     # a shortlist whose end the target's top k reaches is warned about; the whole pool is not
     assert (warn_if_short(rep) is None) == (rep["columns"]["score"]["deepest"] <= 0.8 * m)
@@ -121,16 +150,18 @@ def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path):
     ids, X = load_features(r / "rerank" / "target-1")
     lids, LX = load_features(tmp_path / "less" / "features" / "train-1")
     at = [lids.index(i) for i in ids]
-    torch.testing.assert_close(X, LX[at], rtol=1e-4, atol=1e-6)  # the same rows as the target's own store
+    # the same rows as the target's own store (fp16 stores whose examples were batched with others:
+    # a rounding step at most)
+    torch.testing.assert_close(X, LX[at], rtol=2e-3, atol=1e-6)
     target = {x["id"]: x["score"] for x in read_scores(r / "rerank" / "target-scores")}
     assert set(target) == set(short)
     for i in short:
-        assert target[i] == pytest.approx(less[i], rel=1e-4, abs=1e-9)
+        assert target[i] == pytest.approx(less[i], rel=1e-3, abs=1e-9)
     final = read_scores(r / "rerank" / "scores")
     top5 = [x["id"] for x in rank(final, 5)]
     assert top5 == [x["id"] for x in rank([{"id": i, "score": less[i]} for i in short], 5)]
     assert [t["id"] for t in res.selection["top"]] == top5
-    assert res.rerank["shortlist"] == 15 and "the target rescored the proxy's top 15 of 24" in res.format()
+    assert res.rerank["shortlist"] == 15 and "the proxy's shortlist, 15 of 24 pool examples" in res.format()
     assert "rerank/scores/scores.csv" in res.format()
     # turned off: the selection is rebuilt from the proxy's own scores, refused without --overwrite
     cfg.write_text(cfg.read_text().replace("[select]", "[rerank]\nfraction = 0\n[select]"))

@@ -687,8 +687,9 @@ def _rerank(ctx: _Context) -> None:
     m = shortlist_size(rerank_fraction(cfg), n, k)
     settings = {"fraction": rerank_fraction(cfg), "shortlist": m, "k": k, "scores": str(ctx.scores_csv)}
     if not on_rank0(lambda: artifacts.prepare_stage(folder, "rerank", settings, ctx.overwrite, resumable=True)):
-        log.info("rerank: the target featurises the proxy's top %d of %d pool examples (%.1f%%)", m, n, 100 * m / n)
         ids = shortlist(proxy, m)
+        log.info("rerank: the target featurises the proxy's shortlist, %d of %d pool examples (%.1f%%: the head of "
+                 "each subtask's column)", len(ids), n, 100 * len(ids) / n)
         short = on_rank0(lambda: write_shortlist(ctx.pool_file, ids, folder / "shortlist.jsonl"))
         epoch = lambda ck: ck.name.split("-")[1]  # noqa: E731
         train = [_store(ctx, folder / f"target-{epoch(ck)}", cfg.model, ck, short, ctx.train_grad)

@@ -1,11 +1,15 @@
 """The reranked scores: the head of the proxy's ranking scored again by the target.
 
-The proxy scores the whole pool; the target then featurises only the proxy's shortlist, the ``m``
-examples it ranks highest by the aggregate score the selection uses (by default three times the
-selection), at the same LoRA checkpoints and projection, and LESS scores them with the target's own
-validation gradients. The shortlist, in the target's order, goes above the rest of the pool, which
-keeps the proxy's order. A selection of ``k <= m`` examples is then the target's own choice among
-the proxy's top ``m``, for ``m / n`` of the target's pool pass beside the proxy's pass. It needs the
+The proxy scores the whole pool; the target then featurises only the proxy's shortlist, at most
+``m`` examples (by default three times the selection): the head of each subtask's column, ``m /
+subtasks`` examples each, at the same LoRA checkpoints and projection, and LESS scores them with the
+target's own validation gradients. The shortlist, in the target's order, goes above the rest of the
+pool, which keeps the proxy's order. A selection of ``k`` examples is then the target's own choice
+among the shortlist, for ``m / n`` of the target's pool pass beside the proxy's pass. The heads are
+taken per subtask, not from the aggregate, because the aggregate (LESS's max over subtasks) depends
+on how the subtasks' scores compare in size, which the proxy preserves worse than each subtask's
+order: with three BBH tasks, a shortlist of the proxy's aggregate held mostly one task's examples
+and the target's top 5% were mostly not in it. It needs the
 target-first order (the proxy carries the target's LoRA checkpoints, so the two models' features
 share coordinates) and TracIn scores (the influence-function variant's second moment is the whole
 pool's, which the target never sees).
@@ -13,15 +17,18 @@ pool's, which the target never sees).
 Why: the proxy agrees with the target least where selection happens, on the order of the head
 (``BENCHMARKS.md``, "Reranking the proxy's shortlist with the target").
 
-Every column of the table (the aggregate and each subtask's) is placed alike: the shortlist's rows
-hold the target's scores, the others the proxy's shifted to lie below the shortlist's lowest (their
-order and differences kept; the shifts are in ``scores.json``).
+Every column of the table is placed alike. Its reranked rows (for the aggregate ``score``: the
+whole shortlist; for a subtask's column: the longest head of its own ranking that lies wholly in the
+shortlist, at least its own ``m / subtasks``, since a row the target did not score cannot be placed
+among those it did) hold the target's scores; the others keep the proxy's, shifted to lie below the
+lowest of those (their order and differences kept; the shifts are in ``scores.json``). The aggregate
+is therefore not recomputed from the columns; with one subtask the two are the same.
 
 The report (``scores.json``'s ``rerank``, and the log) gives the shortlist's size and, per column,
-the Spearman of the proxy's and the target's scores over the shortlist (the proxy's agreement with
-the target where selection happens, measured on every run at no extra cost), how many of the
-proxy's top ``k`` the target keeps, and how deep into the shortlist the target's top ``k`` reaches
-in the proxy's order (near its end, a longer shortlist might change the selection).
+how many rows were reranked, the Spearman of the proxy's and the target's scores over them (the
+proxy's agreement with the target where selection happens, measured on every run at no extra cost),
+how many of the proxy's top ``k`` the target keeps, and how deep in the proxy's order the target's
+top ``k`` reaches (near the shortlist's end, a longer shortlist might change the selection).
 """
 
 from __future__ import annotations
@@ -66,9 +73,17 @@ def shortlist_size(fraction: float | str, n: int, k: int) -> int:
 
 
 def shortlist(res: ScoreResult, m: int) -> list[str]:
-    """The ids of the ``m`` examples ranked highest by the aggregate score (ties: the smaller id, as
-    the selection breaks them)."""
-    return [r["id"] for r in rank([{"id": i, "score": s} for i, s in zip(res.ids, res.score.tolist())], m)]
+    """The ids (in pool order) of the head of each subtask's column, ``ceil(m / subtasks)`` examples
+    each (ties: the smaller id, as the selection breaks them); a table without subtask columns by its
+    score. At most ``m`` (fewer where the heads share examples); the whole pool when ``m`` is."""
+    if m >= len(res.ids):
+        return list(res.ids)
+    cols = [res.per_subtask[:, j] for j in range(res.per_subtask.shape[1])] or [res.score]
+    per = math.ceil(m / len(cols))
+    keep: set[str] = set()
+    for col in cols:
+        keep.update(r["id"] for r in rank([{"id": i, "score": s} for i, s in zip(res.ids, col.tolist())], per))
+    return [i for i in res.ids if i in keep]
 
 
 def write_shortlist(pool_file: str | Path, ids: list[str], out: str | Path) -> Path:
@@ -88,12 +103,15 @@ def write_shortlist(pool_file: str | Path, ids: list[str], out: str | Path) -> P
     return out
 
 
-def _place(proxy: torch.Tensor, target: torch.Tensor, at: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """One column: the target's scores at rows ``at`` (a bool mask), the proxy's elsewhere, shifted
-    to lie strictly below the lowest of the target's; returns the column and the shift."""
+def _place(proxy: torch.Tensor, target: torch.Tensor, at: list[int]) -> tuple[torch.Tensor, float]:
+    """One column: the target's scores ``target`` at rows ``at``, the proxy's elsewhere, shifted to
+    lie strictly below the lowest of the target's; returns the column and the shift."""
     out = proxy.clone()
+    rest = torch.ones(len(proxy), dtype=torch.bool)
+    rest[at] = False
+    if not at:
+        return out, 0.0
     out[at] = target
-    rest = ~at
     if not bool(rest.any()):
         return out, 0.0
     top, floor = float(proxy[rest].max()), float(target.min())
@@ -104,15 +122,29 @@ def _place(proxy: torch.Tensor, target: torch.Tensor, at: torch.Tensor) -> tuple
     return out, shift
 
 
+def _leading(proxy: torch.Tensor, ids: list[str], scored: set[int]) -> list[int]:
+    """The rows of the longest prefix of a column's ranking (as the selection orders it) whose rows
+    all have the target's scores."""
+    out = []
+    for r in rank([{"id": i, "score": x, "row": j} for j, (i, x) in enumerate(zip(ids, proxy.tolist()))]):
+        if r["row"] not in scored:
+            break
+        out.append(r["row"])
+    return out
+
+
 def _column_report(proxy: torch.Tensor, target: torch.Tensor, at: list[int], ids: list[str], k: int) -> dict:
-    """Agreement over the shortlist rows ``at`` of one column (orders as the selection takes them)."""
+    """Agreement over the reranked rows ``at`` of one column (orders as the selection takes them)."""
+    if not at:
+        return {"reranked": 0, "spearman": None, "kept": 0, "deepest": 0}
+    k = min(k, len(at))
     p = proxy[at]
     by_proxy = [r["id"] for r in rank([{"id": ids[a], "score": x} for a, x in zip(at, p.tolist())])]
     by_target = [r["id"] for r in rank([{"id": ids[a], "score": x} for a, x in zip(at, target.tolist())], k)]
     depth = {i: r for r, i in enumerate(by_proxy, 1)}
     rho = spearman(p.tolist(), target.tolist()) if len(at) > 1 else float("nan")
-    return {"spearman": None if rho != rho else rho, "kept": len(set(by_proxy[:k]) & set(by_target)),
-            "deepest": max(depth[i] for i in by_target)}
+    return {"reranked": len(at), "spearman": None if rho != rho else rho,
+            "kept": len(set(by_proxy[:k]) & set(by_target)), "deepest": max(depth[i] for i in by_target)}
 
 
 def combine(proxy: ScoreResult, target: ScoreResult, k: int) -> tuple[ScoreResult, dict]:
@@ -129,20 +161,22 @@ def combine(proxy: ScoreResult, target: ScoreResult, k: int) -> tuple[ScoreResul
     missing = [i for i in target.ids if i not in pos]
     if missing:
         raise ValueError(f"{len(missing)} of the target's examples are not in the proxy's scores (first: {missing[0]!r})")
-    at = [pos[i] for i in target.ids]
-    mask = torch.zeros(len(proxy.ids), dtype=torch.bool)
-    mask[at] = True
-    k = min(k, len(at))
-    score, shift = _place(proxy.score, target.score, mask)
-    cols, shifts = proxy.per_subtask.clone(), []
-    for j in range(len(proxy.subtasks)):
-        cols[:, j], s = _place(proxy.per_subtask[:, j], target.per_subtask[:, j], mask)
-        shifts.append(s)
-    columns = {"score": _column_report(proxy.score, target.score, at, proxy.ids, k)}
-    columns.update({s: _column_report(proxy.per_subtask[:, j], target.per_subtask[:, j], at, proxy.ids, k)
-                    for j, s in enumerate(proxy.subtasks)})
-    report = {"shortlist": len(at), "pool": len(proxy.ids), "k": k, "columns": columns,
-              "shift": {"score": shift, **dict(zip(proxy.subtasks, shifts))}}
+    row = {pos[i]: r for r, i in enumerate(target.ids)}  # pool row -> the target table's row
+    scored = set(row)
+
+    def column(p: torch.Tensor, t: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, float, dict]:
+        at = sorted(scored) if whole else _leading(p, proxy.ids, scored)
+        tv = t[[row[a] for a in at]]
+        placed, shift = _place(p, tv, at)
+        return placed, shift, _column_report(p, tv, at, proxy.ids, k)
+
+    score, shift, rep = column(proxy.score, target.score, whole=True)
+    columns, shifts = {"score": rep}, {"score": shift}
+    cols = proxy.per_subtask.clone()
+    for j, name in enumerate(proxy.subtasks):
+        cols[:, j], shifts[name], columns[name] = column(proxy.per_subtask[:, j], target.per_subtask[:, j])
+    report = {"shortlist": len(scored), "pool": len(proxy.ids), "k": min(k, len(scored)), "columns": columns,
+              "shift": shifts}
     out = ScoreResult(proxy.ids, proxy.sources, proxy.tasks, proxy.subtasks, cols, score, proxy.weights,
                       proxy.calibration)
     return out, report
@@ -152,8 +186,8 @@ def format_rerank(rep: dict) -> str:
     """One line for the log: the shortlist and the aggregate column's agreement."""
     a = rep["columns"]["score"]
     rho = "n/a" if a["spearman"] is None else f"{a['spearman']:.2f}"
-    return (f"rerank: the target rescored the proxy's top {rep['shortlist']} of {rep['pool']} "
-            f"({100 * rep['shortlist'] / rep['pool']:.1f}%); Spearman of the two over them {rho}; of the proxy's top "
+    return (f"rerank: the target rescored the proxy's shortlist, {rep['shortlist']} of {rep['pool']} pool examples "
+            f"({100 * rep['shortlist'] / rep['pool']:.1f}%); Spearman of the two over it {rho}; of the proxy's top "
             f"{rep['k']} the target kept {a['kept']}; its top {rep['k']} reach down to the proxy's rank {a['deepest']}")
 
 
