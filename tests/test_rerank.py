@@ -170,6 +170,10 @@ def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path):
     res = run(load_config(cfg, {"progress": False}), overwrite=True)
     assert not (r / "rerank").exists() and res.rerank is None
     assert [t["id"] for t in res.selection["top"]] == [x["id"] for x in rank(proxy_rows, 5)]
+    # a run without it (as every run before 0.12) is refused at its selection when the default is back
+    cfg.write_text(cfg.read_text().replace("[rerank]\nfraction = 0\n", ""))
+    with pytest.raises(ValueError, match="from stage 'select' on"):
+        run(load_config(cfg, {"progress": False}))
 
 
 def test_rerank_settings_are_checked(tmp_path):
