@@ -24,10 +24,12 @@ from conftest import SHARED_DATA
 
 pytestmark = pytest.mark.regression
 
+# Since 0.12 (the rerank) the demo selects the ten that LESS on the target itself selects (README);
+# the proxy's own scores had boolean_expressions:206 in for multistep_arithmetic_two:39.
 DEMO_SELECTION = {
-    "multistep_arithmetic_two:11", "multistep_arithmetic_two:21", "multistep_arithmetic_two:101",
-    "multistep_arithmetic_two:139", "boolean_expressions:37", "boolean_expressions:206",
-    "boolean_expressions:47", "boolean_expressions:165", "boolean_expressions:104", "boolean_expressions:244",
+    "multistep_arithmetic_two:11", "multistep_arithmetic_two:21", "multistep_arithmetic_two:39",
+    "multistep_arithmetic_two:101", "multistep_arithmetic_two:139", "boolean_expressions:37",
+    "boolean_expressions:47", "boolean_expressions:104", "boolean_expressions:165", "boolean_expressions:244",
 }
 
 
