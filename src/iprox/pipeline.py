@@ -41,9 +41,10 @@ shared data folder, ``out`` is relative to the working directory)::
                 # calibrate (N pool examples featurised by the target too, whose errors correct the
                 # proxy's pool features; target-first order; default min(32, a tenth of the pool); 0: off)
     [score]     # method, aggregate, checkpoint_weights, damping
-    [rerank]    # fraction: the proxy's top share of the pool that the target scores again, placed
-                # above the rest in the target's order ("auto", the default in the target-first order
-                # with tracin: 3 times the selection; 0: off); see iprox.rerank
+    [rerank]    # fraction: the share of the pool, the head of each subtask's column of the proxy's
+                # scores, that the target scores again, placed above the rest in the target's order
+                # ("auto", the default in the target-first order with tracin: 3 times the selection;
+                # 0: off); see iprox.rerank
     [select]    # fraction or top_k
 """
 
@@ -696,7 +697,6 @@ def _rerank(ctx: _Context) -> None:
                  for ck in ctx.checkpoints]
         val = ctx.target_val_stores or [_store(ctx, folder / f"val-target-{epoch(ck)}", cfg.model, ck, ctx.val_file,
                                                "sgd") for ck in ctx.checkpoints]
-        ctx.session.drop(cfg.model)
         settings_score = {k_: v for k_, v in cfg.score.items() if k_ != "calibration_ridge"}
         score(ScoreConfig(**{**settings_score, "train": train, "val": val, "out": str(folder / "target-scores"),
                              "progress": cfg.progress, "overwrite": ctx.overwrite}))
@@ -711,6 +711,7 @@ def _rerank(ctx: _Context) -> None:
             artifacts.mark_complete(folder)
 
         on_rank0(write)
+    ctx.session.drop(cfg.model)  # (kept resident for this stage by the features stage)
     rep = artifacts.read_json(folder / "scores" / "scores.json", "scores summary")["rerank"]
     log.info("%s", format_rerank(rep))
     warning = warn_if_short(rep)
