@@ -19,6 +19,7 @@ Shortlist fractions: 0 (no rerank), 0.10, 0.15 (the default for a 5% selection: 
 0.30, and 1 (the target's own run at this projection: the rerank's cap).
 
     python benchmarks/diag_rerank.py            # measure and write the section
+    python benchmarks/diag_rerank.py --featurise   # first make the 0.7 default's stores where its run is on disk
     python benchmarks/diag_rerank.py --report   # only rewrite the section
 """
 
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_fidelity import TASKS, measure  # noqa: E402
 from common import slug, update_benchmarks_md  # noqa: E402
 from diag_calibration import SUBSETS, rows_of, subset_ids, unit  # noqa: E402
-from diag_long_task import TASK, figures, validation_file  # noqa: E402
+from diag_long_task import DEFAULT_KEYS, TASK, _val_store, figures, validation_file  # noqa: E402
+from diag_projection import featurise, jobs  # noqa: E402
 
 from iprox.calibration import correction_from_rows  # noqa: E402
 from iprox.loading import load_features, read_manifest, read_scores  # noqa: E402
@@ -71,6 +73,27 @@ def _rerank(proxy: ScoreResult, target_cols: dict[str, torch.Tensor], fraction: 
     return combine(proxy, target, selection_size(SELECT, 0, n))
 
 
+def proxy_folder(base: Path, key: str) -> Path:
+    """Where a proxy of the long-answer table has its stores (the 0.7 default's are diag_projection's)."""
+    if key in DEFAULT_KEYS:
+        return base / slug(f"IProX, seed {key.rsplit('seed ', 1)[1]}")
+    return base / slug(key)
+
+
+def featurise_missing(work: Path, max_length: int) -> None:
+    """The 0.7 default's stores, where its run is on disk but its stores are not (a work folder whose
+    stores were cleared): pool, validation and GSM8K validation stores, as diag_long_task makes them."""
+    base = work / "projection" / "format-3"
+    val = validation_file(work, json.loads((RESULTS / "long_task.json").read_text())["n_val"])
+    for job in jobs(work):
+        if not job["name"].startswith("IProX, seed") or job["name"].endswith("exact") or not Path(job["model"]).exists():
+            continue
+        folder = base / slug(job["name"])
+        featurise(job, folder, work, max_length)
+        _val_store(work, val, read_manifest(folder / "train"), folder.name, max_length)
+        print(f"{job['name']}: stores at {folder}", flush=True)
+
+
 def measure_all(work: Path) -> dict:
     base = work / "projection" / "format-3"
     long_task = json.loads((RESULTS / "long_task.json").read_text())
@@ -88,7 +111,7 @@ def measure_all(work: Path) -> dict:
     pool_file = work / "runs" / "0.6_default__val_both-s0" / "pool" / "pool.jsonl"
     out: dict = {"fractions": list(FRACTIONS), "pool": len(ids), "proxies": {}}
     for key in long_task["seeds"]:
-        folder = base / slug(key)
+        folder = proxy_folder(base, key)
         if not (folder / "train" / "COMPLETE").exists():
             print(f"{key}: no store at {folder}; skipped", flush=True)
             continue
@@ -221,8 +244,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default="/tmp/iprox-bench-fidelity", help="the fidelity study's work folder")
     ap.add_argument("--report", action="store_true")
+    ap.add_argument("--featurise", action="store_true",
+                    help="first featurise the 0.7 default's proxies whose runs are on disk but whose stores are not")
+    ap.add_argument("--max-length", type=int, default=320)
     args = ap.parse_args()
     path = RESULTS / "rerank.json"
+    if args.featurise:
+        featurise_missing(Path(args.work), args.max_length)
     if not args.report:
         res = measure_all(Path(args.work))
         RESULTS.mkdir(parents=True, exist_ok=True)
