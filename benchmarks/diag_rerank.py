@@ -189,9 +189,10 @@ def report(res: dict) -> str:
         return f"{statistics.fmean(v):.2f} ({min(v):.2f})"
 
     lines = ["## Reranking the proxy's shortlist with the target (issue 12)", "",
-             "`benchmarks/diag_rerank.py`: the rerank stage (`[rerank] fraction`: the target featurises the proxy's top "
-             "share of the pool at the same checkpoint and projection and its order tops the table) measured from the "
-             f"stores on disk, for the {len(keys)} proxies of the long-answer table ({', '.join(keys)}); each calibrated "
+             "`benchmarks/diag_rerank.py`: the rerank stage (`[rerank] fraction`: the target featurises the head of each "
+             "subtask's column of the proxy's scores at the same checkpoint and projection, and its order tops the "
+             f"table) measured from the stores on disk, for the {len(keys)} proxies of the long-answer table "
+             f"({'; '.join(keys)}); each calibrated "
              "(32 examples, ridge 0.01, 5 subsets) and scored \"both\" as the pipeline does. Against the target's exact "
              "gradients (warm-up seed 0). Each cell: the mean over the proxies of their 5-subset means, the lowest "
              "proxy in brackets. Cost: the target's extra feature passes, as a share of its own pool pass "
