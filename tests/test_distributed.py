@@ -74,6 +74,12 @@ def test_torchrun_pipeline_equals_one_process(tmp_path, method):
     assert a.keys() == b.keys()
     scale = max(abs(v) for v in a.values())
     assert max(abs(a[k] - b[k]) for k in a) <= 1e-3 * scale
+    if method == "tracin":  # the rerank (on by default here): the same shortlist, the target's scores of it alike
+        assert (tmp_path / "one" / "rerank" / "shortlist.jsonl").read_bytes() == \
+            (tmp_path / "two" / "rerank" / "shortlist.jsonl").read_bytes()
+        a = {r["id"]: r["score"] for r in read_scores(tmp_path / "one" / "rerank" / "target-scores")}
+        b = {r["id"]: r["score"] for r in read_scores(tmp_path / "two" / "rerank" / "target-scores")}
+        assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) <= 1e-3 * max(abs(v) for v in a.values())
     # the ranks really split the work (each says so in the log)
     for r in (0, 1):
         assert f"probe: rank {r} of 2 ran 1 of 2 batches" in two.stderr
