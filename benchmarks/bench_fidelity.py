@@ -190,6 +190,11 @@ def _settings() -> dict[str, dict]:
     # examples ([features] calibrate, 0.8): only the warm-up and what follows run, under store format 3
     s["0.8, calibrate 32"] = {"group": "calibration", "run": tf, "proxy": DEFAULT_06,
                               "features": {"val_model": "both", "calibrate": 32}, "reuse": "0.6 default, val both"}
+    # 0.12's defaults as a new user gets them: nothing pinned but the data, the seed, the selection and
+    # the study's one warm-up checkpoint. One run per target task (its own validation examples alone),
+    # as a user with one task runs it: there the rerank's shortlist is that task's head (in a run of the
+    # three tasks each column's head is a third of it, and a column's top 5% keeps the proxy's set)
+    s["0.12 default, one task per run"] = {"group": "defaults", "defaults": True, "alone": True}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
@@ -217,10 +222,13 @@ def _toml(v) -> str:
 
 def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, setting: dict, seed: int,
                  epochs: int, max_len: int) -> None:
-    sections = {k: dict(v) for k, v in BASE.items()}
-    sections["warmup"].setdefault("epochs", epochs)
-    for sec in ("run", "proxy", "warmup", "features", "rerank"):
-        sections[sec].update(setting.get(sec, {}))
+    if setting.get("defaults"):  # the library's defaults: only what every run of the study shares
+        sections = {"run": {"selector": "proxy"}, "warmup": {"epochs": epochs}}
+    else:
+        sections = {k: dict(v) for k, v in BASE.items()}
+        sections["warmup"].setdefault("epochs", epochs)
+        for sec in ("run", "proxy", "warmup", "features", "rerank"):
+            sections[sec].update(setting.get(sec, {}))
     sections["run"].update(out=str(out), model=str(target), seed=seed)
     sections["data"] = {"pool": [str(pool)], "validation": [str(val)], "max_length": max_len}
     sections["score"] = {"method": "tracin", "aggregate": "max"}
@@ -281,6 +289,7 @@ def main() -> None:
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
     results.update(pool=len(pool), tasks=TASKS, epochs=args.epochs, max_length=args.max_length, base=BASE)
     runs = results.setdefault("runs", {})
+    fresh: set[str] = set()  # the runs this invocation made or read back
     # The reference first (every comparison needs it), then the rest seed by seed, so an
     # interrupted study has every setting at its first seeds rather than one setting at all of them.
     order = [] if args.no_reference else [("target", 0)]
@@ -317,17 +326,29 @@ def main() -> None:
             sh(IPROX + ["score", "--train", *[str(t) for t, _ in pairs], "--val", *[str(v) for _, v in pairs],
                         "--out", str(out / "scores"), "--no-progress"], work / "log.txt")
         else:
-            write_config(cfg, out, target, pool_f, val_f, SETTINGS[name], seed, args.epochs, args.max_length)
-            if key in runs and (out / "selection" / "COMPLETE").exists():
-                log.info("%s, seed %d: finished earlier; read back", name, seed)
-            else:
-                log.info("%s, seed %d", name, seed)
+            # a setting run once per target task has a folder per task (the first one's proxy is checked)
+            alone = TASKS if SETTINGS[name].get("alone") else [None]
+            outs = {t: out if t is None else work / "runs" / f"{slug(name)}-{slug(t)}-s{seed}" for t in alone}
+            built = outs[alone[0]]
+            for t, o in outs.items():
+                c = cfg if t is None else cfg.with_name(f"{o.name}.toml")
+                write_config(c, o, target, pool_f, val_f if t is None else task_validation(val_f, t), SETTINGS[name],
+                             seed, args.epochs, args.max_length)
+                if key in runs and (o / "selection" / "COMPLETE").exists():
+                    log.info("%s, seed %d%s: finished earlier; read back", name, seed, f", {t}" if t else "")
+                    continue
+                log.info("%s, seed %d%s", name, seed, f", {t}" if t else "")
                 if "reuse" in SETTINGS[name]:
-                    reuse_build(work / "runs" / f"{slug(SETTINGS[name]['reuse'])}-s{seed}", out)
-                sh(IPROX + ["run", str(cfg), "--no-progress"], work / "log.txt")
+                    reuse_build(work / "runs" / f"{slug(SETTINGS[name]['reuse'])}-s{seed}", o)
+                sh(IPROX + ["run", str(c), "--no-progress"], work / "log.txt")
         meta = json.loads((built / "pipeline.json").read_text())
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
-               "timings": meta["timings"], "scores": str(out / "scores")}
+               "timings": meta["timings"], "scores": str(final_scores(out))}
+        if rescore is None and SETTINGS[name].get("alone"):
+            rec.update(out=str(built), scores=None, scores_by_task={t: str(final_scores(o)) for t, o in outs.items()},
+                       rerank={t: _rerank_report(o) for t, o in outs.items()},
+                       timings_by_task={t: json.loads((o / "pipeline.json").read_text())["timings"]
+                                        for t, o in outs.items()})
         defn = SETTINGS[source]
         factored = defn.get("proxy", {}).get("init") != "layer-drop"  # the gradient check needs factors
         if defn.get("run", BASE["run"])["selector"] == "proxy" and factored:
@@ -348,18 +369,40 @@ def main() -> None:
         if "vs" in runs.get(key, {}):
             rec["vs"] = dict(runs[key]["vs"])
         runs[key] = rec
-        compare(results)
+        fresh.add(key)
+        compare(results, fresh)
         RESULTS.mkdir(parents=True, exist_ok=True)
         res_path.write_text(json.dumps(results, indent=2))
     if args.downstream is not None:
-        new = downstream(work, target, pool_f, test_f, TASKS,
-                         {n: Path(runs[f"{n} | 0"]["scores"]) for n, _ in order}, 15, args.max_length)
+        sel = {n: ({t: Path(f) for t, f in runs[f"{n} | 0"]["scores_by_task"].items()}
+                   if runs[f"{n} | 0"].get("scores_by_task") else Path(runs[f"{n} | 0"]["scores"])) for n, _ in order}
+        new = downstream(work, target, pool_f, test_f, TASKS, sel, 15, args.max_length)
         # selectors measured in an earlier invocation (whose run folders may be gone) keep their rows
         old = results.get("downstream", {})
         results["downstream"] = {t: {**old.get(t, {}), **rows} for t, rows in new.items()}
         res_path.write_text(json.dumps(results, indent=2))
     if not args.no_reference:
         finish(results)
+
+
+def task_validation(val_f: Path, task: str) -> Path:
+    """The validation file's examples of one task, beside it (for a run of that task alone)."""
+    out = val_f.with_name(f"{val_f.stem}-{task}.jsonl")
+    text = "".join(ln + "\n" for ln in val_f.read_text().splitlines() if ln.strip() and json.loads(ln)["task"] == task)
+    if not out.exists() or out.read_text() != text:
+        out.write_text(text)
+    return out
+
+
+def final_scores(out: Path) -> Path:
+    """A run's scores as its selection took them: the reranked ones where the run reranked."""
+    return out / "rerank" / "scores" if (out / "rerank" / "scores" / "COMPLETE").exists() else out / "scores"
+
+
+def _rerank_report(out: Path) -> dict | None:
+    """The rerank's report of a run (``scores.json``'s ``rerank``), when it reranked."""
+    f = out / "rerank" / "scores" / "scores.json"
+    return json.loads(f.read_text()).get("rerank") if f.exists() else None
 
 
 def reuse_build(src: Path, out: Path) -> None:
@@ -383,19 +426,26 @@ def reuse_build(src: Path, out: Path) -> None:
     (out / "pipeline.json").write_text(json.dumps(meta, indent=2))
 
 
-def compare(results: dict) -> None:
-    """Each run against the target (seed 0) and exact LESS, per task."""
+def compare(results: dict, fresh: set[str]) -> None:
+    """Each run against the target (seed 0) and exact LESS, per task. A comparison made earlier is kept
+    unless the run is in ``fresh`` (run or read back by this invocation): a reference rerun since
+    (under a newer store format, say) does not change the figures measured against it then."""
     runs = results["runs"]
     refs = {"target": runs.get("target | 0"), "exact LESS": runs.get("exact LESS | 0")}
-    for rec in runs.values():
-        if not Path(rec["scores"]).is_dir():
+    for key, rec in runs.items():
+        if key not in fresh and all(r is None or r is rec or name in rec.get("vs", {}) for name, r in refs.items()):
+            continue
+        # per task, the scores its column is read from (a run per task: that task's own run)
+        folders = rec.get("scores_by_task") or {t: rec["scores"] for t in TASKS}
+        if not all(Path(f).is_dir() for f in folders.values()):
             # a run from an earlier work folder (since cleared) keeps the comparison made when it ran;
             # a reference rerun since then is deterministic (seeded pool, warm-up and projection)
             continue
-        rows = read_scores(rec["scores"])
+        tables = {f: read_scores(f) for f in set(folders.values())}
         for rname, ref in refs.items():
             if ref is not None and ref is not rec and Path(ref["scores"]).is_dir():
-                rec.setdefault("vs", {})[rname] = measure(rows, read_scores(ref["scores"]))
+                ref_rows = read_scores(ref["scores"])
+                rec.setdefault("vs", {})[rname] = {t: measure(tables[f], ref_rows)[t] for t, f in folders.items()}
 
 
 def _stat(xs: list[float]) -> tuple[float, float, int]:

@@ -104,9 +104,9 @@ def slug(name: str) -> str:
 
 
 def downstream(work: Path, target: Path, pool_f: Path, test_f: dict[str, Path], tasks: list[str],
-               selections: dict[str, Path], k: int, max_len: int) -> dict[str, dict]:
-    """Per task and selection: the top ``k`` of the pool by that task's score column (the aggregate
-    where there is none) fine-tunes the target (LoRA, 3 epochs, lr 2e-4), which is then evaluated on
+               selections: dict[str, Path | dict[str, Path]], k: int, max_len: int) -> dict[str, dict]:
+    """Per task and selection (a scores folder, or one per task: runs of one task each): the top ``k``
+    of the pool by that task's score column (the aggregate where there is none) fine-tunes the target (LoRA, 3 epochs, lr 2e-4), which is then evaluated on
     the task's held-out test examples; also the target without fine-tuning. Every step is skipped
     when its output exists.
 
@@ -129,7 +129,7 @@ def downstream(work: Path, target: Path, pool_f: Path, test_f: dict[str, Path], 
         e = json.loads(ev.read_text())
         down[t]["no fine-tuning"] = {"share": None, "loss": e["token_loss"], "accuracy": e["accuracy"]}
         for name, scores in selections.items():
-            rows = read_scores(scores)
+            rows = read_scores(scores[t] if isinstance(scores, dict) else scores)  # (per task: runs of one task each)
             col = t if t in rows[0] else "score"  # random has no subtask columns
             top = rank([{"id": r["id"], "score": float(r[col])} for r in rows], k)
             sel_f = work / "eval" / f"sel-{slug(name)}-{t}.jsonl"
