@@ -288,6 +288,11 @@ def main() -> None:
     held.write_text("".join("".join(test_f[t].read_text().splitlines(keepends=True)[:4]) for t in TASKS))
     results = json.loads(res_path.read_text()) if res_path.exists() else {}
     results.update(pool=len(pool), tasks=TASKS, epochs=args.epochs, max_length=args.max_length, base=BASE)
+    # a third reference where diag_projection.py made it in this work folder: the target's exact
+    # gradients (every LoRA side whole, no projection; warm-up seed 0), diag_rerank.py's reference
+    exact_store = work / "projection" / "format-3" / "target__warm-up_0__exact" / "scores"
+    if (exact_store / "COMPLETE").exists():
+        results["exact_gradients"] = str(exact_store)
     runs = results.setdefault("runs", {})
     fresh: set[str] = set()  # the runs this invocation made or read back
     # The reference first (every comparison needs it), then the rest seed by seed, so an
@@ -431,9 +436,12 @@ def compare(results: dict, fresh: set[str]) -> None:
     unless the run is in ``fresh`` (run or read back by this invocation): a reference rerun since
     (under a newer store format, say) does not change the figures measured against it then."""
     runs = results["runs"]
-    refs = {"target": runs.get("target | 0"), "exact LESS": runs.get("exact LESS | 0")}
+    refs = {"target": runs.get("target | 0"), "exact LESS": runs.get("exact LESS | 0"),
+            "exact gradients": {"scores": results["exact_gradients"]} if results.get("exact_gradients") else None}
     for key, rec in runs.items():
-        if key not in fresh and all(r is None or r is rec or name in rec.get("vs", {}) for name, r in refs.items()):
+        want = {n: r for n, r in refs.items() if r is not None and r is not rec and Path(r["scores"]).is_dir()
+                and (key in fresh or n not in rec.get("vs", {}))}
+        if not want:
             continue
         # per task, the scores its column is read from (a run per task: that task's own run)
         folders = rec.get("scores_by_task") or {t: rec["scores"] for t in TASKS}
@@ -442,10 +450,9 @@ def compare(results: dict, fresh: set[str]) -> None:
             # a reference rerun since then is deterministic (seeded pool, warm-up and projection)
             continue
         tables = {f: read_scores(f) for f in set(folders.values())}
-        for rname, ref in refs.items():
-            if ref is not None and ref is not rec and Path(ref["scores"]).is_dir():
-                ref_rows = read_scores(ref["scores"])
-                rec.setdefault("vs", {})[rname] = {t: measure(tables[f], ref_rows)[t] for t, f in folders.items()}
+        for rname, ref in want.items():
+            ref_rows = read_scores(ref["scores"])
+            rec.setdefault("vs", {})[rname] = {t: measure(tables[f], ref_rows)[t] for t, f in folders.items()}
 
 
 def _stat(xs: list[float]) -> tuple[float, float, int]:
@@ -492,8 +499,13 @@ def report(r: dict) -> str:
              "mean ± half-range over the seeds run (n = seeds); whole-pool Spearman, Spearman over the reference's "
              "top 20% (head), top-5% overlap, and the share of the top 5% drawn from the task (the reference's in brackets).",
              ""]
-    for ref in ("target", "exact LESS"):
-        lines += [f"### Against {ref} (seed 0)" if ref == "target" else "### Against exact LESS (dense engine, seed 0)", "",
+    titles = {"target": "### Against target (seed 0)", "exact LESS": "### Against exact LESS (dense engine, seed 0)",
+              "exact gradients": "### Against the target's exact gradients (no projection, warm-up seed 0; "
+                                 "diag_rerank.py's reference)"}
+    for ref, title in titles.items():
+        if not any(ref in x.get("vs", {}) for x in runs.values()):
+            continue
+        lines += [title, "",
                   "| setting | n | build (s) | grad cos | " + " | ".join(f"{t}: Spearman / head / top-5% / share" for t in r["tasks"]) + " |",
                   "|---|---|---|---|" + "---|" * len(r["tasks"])]
         for name, recs in by_setting.items():
