@@ -446,8 +446,7 @@ def compare(results: dict, fresh: set[str]) -> None:
         # per task, the scores its column is read from (a run per task: that task's own run)
         folders = rec.get("scores_by_task") or {t: rec["scores"] for t in TASKS}
         if not all(Path(f).is_dir() for f in folders.values()):
-            # a run from an earlier work folder (since cleared) keeps the comparison made when it ran;
-            # a reference rerun since then is deterministic (seeded pool, warm-up and projection)
+            # a run from an earlier work folder (since cleared) keeps the comparison made when it ran
             continue
         tables = {f: read_scores(f) for f in set(folders.values())}
         for rname, ref in want.items():
