@@ -107,8 +107,8 @@ def downstream(work: Path, target: Path, pool_f: Path, test_f: dict[str, Path], 
                selections: dict[str, Path | dict[str, Path]], k: int, max_len: int) -> dict[str, dict]:
     """Per task and selection (a scores folder, or one per task: runs of one task each): the top ``k``
     of the pool by that task's score column (the aggregate where there is none) fine-tunes the target
-    (LoRA, 3 epochs, lr 2e-4), which is then evaluated on the task's held-out test examples; also the target without fine-tuning. Every step is skipped
-    when its output exists.
+    (LoRA, 3 epochs, lr 2e-4), which is then evaluated on the task's held-out test examples; also the
+    target without fine-tuning. Every step is skipped when its output exists.
 
     Returns:
         ``{task: {name: {"share", "loss", "accuracy"}}}`` (share: of the top ``k`` from the task).
