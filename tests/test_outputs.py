@@ -88,6 +88,25 @@ def test_files_get_the_umask_mode_and_scores_have_a_parquet_copy(tmp_path):
     assert [repr(r["score"]) for r in table] == [line.split(",")[3] for line in csv_rows]
 
 
+def test_scores_without_pyarrow_keep_the_csv_and_say_so(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    from iprox.scores import ScoreResult, write_scores_folder
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else real(name, *a))
+    col = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    res = ScoreResult(ids=["a", "b"], sources=["s", "s"], tasks=["t", "t"], subtasks=["t"], per_subtask=col[:, None],
+                      score=col, weights=[1.0])
+    out = tmp_path / "scores"
+    out.mkdir()
+    with caplog.at_level("WARNING"):
+        write_scores_folder(out, res, {"method": "tracin"})
+    assert (out / "scores.csv").read_text().splitlines()[1].startswith("a,s,t,0.5")
+    assert not (out / "scores.parquet").exists() and (out / "COMPLETE").exists()
+    assert "pyarrow is not installed" in caplog.text
+
+
 def test_a_held_folder_lock_refuses_a_second_holder(tmp_path):
     import subprocess
     import sys

@@ -20,6 +20,7 @@ and ``COMPLETE``.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -307,7 +308,11 @@ def write_scores_folder(out: Path, res: ScoreResult, meta: dict) -> None:
     """Writes a scores table's files into the prepared folder ``out`` (``scores.csv``,
     ``scores.parquet``, ``scores.json``: ``meta`` with the subtasks and a summary) and marks it complete."""
     write_scores_csv(out / SCORES_FILE, res)
-    write_scores_parquet(out / "scores.parquet", res)
+    if importlib.util.find_spec("pyarrow") is not None:
+        write_scores_parquet(out / "scores.parquet", res)
+    else:  # an environment assembled without iprox's dependencies (pip installs pyarrow with iprox)
+        log.warning("score: pyarrow is not installed, so %s has scores.csv but no scores.parquet (the same table)",
+                    out)
     s = res.score
     artifacts.atomic_write_json(out / "scores.json", {
         **meta, "subtasks": res.subtasks, "n": len(res.ids),
