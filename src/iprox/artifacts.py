@@ -242,3 +242,27 @@ class FolderLock:
 
 def mark_complete(folder: str | Path) -> None:
     atomic_write_text(Path(folder) / COMPLETE_FILE, "ok\n")
+
+
+def copy_finished(src: str | Path, dst: str | Path, src_root: str | Path, dst_root: str | Path) -> None:
+    """Copies a finished stage's folder (or file) ``src`` to ``dst`` as another run folder's: JSON records
+    are rewritten with ``src_root`` replaced by ``dst_root`` (they name their run's paths), every
+    other file is hard-linked where the file system allows (stages never change a finished file in
+    place: they replace it), else copied."""
+    src, dst = Path(src), Path(dst)
+    old, new = str(Path(src_root).resolve()), str(Path(dst_root).resolve())
+    for f in ([src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())):
+        if f.name.startswith("."):  # the run's lock, temporaries of an interrupted write
+            continue
+        to = dst if f == src else dst / f.relative_to(src)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        if f.suffix == ".json":
+            text = f.read_text(encoding="utf-8")
+            for a, b in {(old, new), (json.dumps(old)[1:-1], json.dumps(new)[1:-1])}:  # (as JSON escapes it)
+                text = text.replace(a, b)
+            atomic_write_text(to, text)
+        else:
+            try:
+                os.link(f, to)
+            except OSError:
+                shutil.copy2(f, to)

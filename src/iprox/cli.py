@@ -219,6 +219,10 @@ def _add_run(sub) -> None:
     p.add_argument("config", help="CONFIG.toml")
     p.add_argument("--out", default="", help="override [run] out")
     p.add_argument("--overwrite", action="store_true", help="rebuild stages whose settings changed")
+    p.add_argument("--from", dest="reuse", default="", metavar="RUN",
+                   help="start this (new) run folder from an earlier run: its finished stages with the same "
+                        "settings and data are copied, e.g. the proxy, warm-up and pool features for another "
+                        "target task's validation examples")
     p.add_argument("--device", default="")
     p.add_argument("--no-progress", action="store_true")
 
@@ -237,7 +241,7 @@ def _cmd_run(args) -> int:
 
     import os
 
-    res = run(load_config(args.config, _run_overrides(args)), overwrite=args.overwrite)
+    res = run(load_config(args.config, _run_overrides(args)), overwrite=args.overwrite, reuse=args.reuse or None)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report for the run
         print(res.format())
     return 0

@@ -75,7 +75,7 @@ from .session import Session
 from .models import EMBEDDED_MODEL, resolve_dtype
 from .runtime import check_types, section_config
 from .monitor import PeakRSS
-from .pool import PoolConfig, source_spec, write_pool
+from .pool import PoolConfig, content_digests, source_spec, write_pool
 from .proxy import ProxyConfig, build_proxy
 from .rerank import check_fraction, combine, format_rerank, shortlist, shortlist_size, warn_if_short, write_shortlist
 from .scores import ScoreConfig, random_scores, read_score_result, score, write_scores_folder
@@ -309,8 +309,18 @@ def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _fingerprints(cfg: RunConfig) -> dict[str, str]:
-    """One hash per stage over its settings and everything upstream of it."""
+# 2 (0.13): the stages that read only the pool hash its content, not the validation set's sources,
+# and the validation set enters at its own key; 1: the validation set was part of the pool stage.
+FINGERPRINT_VERSION = 2
+
+
+def _fingerprints(cfg: RunConfig, run: Path, version: int = FINGERPRINT_VERSION) -> dict[str, str]:
+    """One hash per stage over its settings and everything upstream of it.
+
+    Version 2 chains compress, align, warm-up and features from the pool's content (the records the
+    pool stage writes), so that other validation examples leave them as they are; the validation
+    set's content enters at the key ``validation`` (the validation stores), which score and the
+    stages after it chain from. Version 1 is how runs made before it were fingerprinted."""
     # settings that change only how a stage runs (device, recomputation, ...) stay out
     proxy = artifacts.comparable(cfg.proxy) if cfg.selector == "proxy" else None
     sections = {
@@ -339,10 +349,20 @@ def _fingerprints(cfg: RunConfig) -> dict[str, str]:
     }
     if aligns_in_own_warmup(cfg):  # the alignment reads the warm-up's last checkpoint
         sections["align"] = {**sections["align"], "warmup": sections["warmup"]}
+    def chain(prev: str, section) -> str:
+        return hashlib.sha256((prev + json.dumps(section, sort_keys=True)).encode()).hexdigest()[:16]
+
     out, prev = {}, ""
+    if version >= 2:
+        pool_digest, val_digest = content_digests(PoolConfig(pool=cfg.pool, validation=cfg.validation, seed=cfg.seed),
+                                                  run / "pool")
     for st in STAGES:
+        if version >= 2 and st == "compress":
+            prev = pool_digest[:16]  # the pool stage's settings name the validation set too
+        if version >= 2 and st == "score":
+            prev = out["validation"] = chain(prev, {"validation": val_digest})
         if sections[st] is not None or st != "rerank":
-            prev = hashlib.sha256((prev + json.dumps(sections[st], sort_keys=True)).encode()).hexdigest()[:16]
+            prev = chain(prev, sections[st])
         out[st] = prev
     return out
 
@@ -368,36 +388,113 @@ def _stage_dirs(run: Path) -> dict[str, list[Path]]:
             "select": [run / "selection"]}
 
 
+def _validation_stores(run: Path) -> list[Path]:
+    """The features stage's validation stores (the proxy's and the target's): what other validation
+    examples change in it, beside the pool stores and the calibration stores they keep."""
+    return sorted((run / "features").glob("val-*"))
+
+
+def _holds_work(d: Path) -> bool:
+    """A folder with only a stage's settings holds nothing to protect."""
+    return d.exists() and (artifacts.is_complete(d) or any(
+        p.name not in (artifacts.STAGE_FILE, "train_ids.json") and not p.name.startswith(".") for p in d.iterdir()))
+
+
 def _check_lineage(cfg: RunConfig, run: Path, overwrite: bool) -> dict[str, str]:
-    new = _fingerprints(cfg)
+    """Compares the run's fingerprints with the folder's record and removes what changed settings
+    invalidate (with ``overwrite``; refused without). Returns the fingerprints to record.
+
+    Other validation examples over the same pool invalidate only the validation stores and the
+    stages from score on: the proxy, the warm-up and the pool's features are kept. A record of
+    fingerprint version 1 (before 0.13) is compared in its own version, then recorded in this one."""
+    new = _fingerprints(cfg, run)
     meta_path = run / PIPELINE_FILE
-    old = artifacts.read_json(meta_path, "run record").get("fingerprints", {}) if meta_path.exists() else {}
+    record = artifacts.read_json(meta_path, "run record") if meta_path.exists() else {}
+    old = record.get("fingerprints", {})
+    cmp = new if record.get("fingerprint_version", 1) >= 2 or not old else _fingerprints(cfg, run, version=1)
     dirs = _stage_dirs(run)
-
-    def holds_work(d: Path) -> bool:  # a folder with only a stage's settings holds nothing to protect
-        return d.exists() and (artifacts.is_complete(d) or any(
-            p.name not in (artifacts.STAGE_FILE, "train_ids.json") and not p.name.startswith(".") for p in d.iterdir()))
-
-    changed = [st for st in STAGES if old.get(st) not in (None, new[st]) and any(holds_work(d) for d in dirs[st])]
+    changed = [st for st in STAGES if old.get(st) not in (None, cmp[st]) and any(_holds_work(d) for d in dirs[st])]
     legacy = "proxy" in old and "compress" not in old  # before 0.5: one proxy stage, no compressed/
-    if legacy and any(holds_work(d) for st in STAGES[STAGES.index("align"):] for d in dirs[st]):
+    if legacy and any(_holds_work(d) for st in STAGES[STAGES.index("align"):] for d in dirs[st]):
         if not overwrite:
             raise artifacts.ConfigMismatchError(
                 f"{run} was made by iprox before 0.5, whose proxy was one stage (now compress and align); pass "
                 f"--overwrite to rebuild it from the proxy on, or choose another [run] out")
         changed = ["compress"]
+    # the validation stores sit between the features stage's pool stores and the score stage
+    order = [*STAGES[:STAGES.index("score")], "validation", *STAGES[STAGES.index("score"):]]
+    dirs["validation"] = _validation_stores(run)
+    if old.get("validation") not in (None, cmp.get("validation")) and any(_holds_work(d) for d in dirs["validation"]):
+        changed.append("validation")
     if changed:
-        first = changed[0]
+        first = min(changed, key=order.index)
+        remove = order[order.index(first):]
+        if cmp is new and first == "pool":
+            # in version 2 nothing chains from the pool stage's settings: the stages after it go only
+            # where their own fingerprints (over the pool's content) changed
+            rest = [st for st in changed if st != "pool"]
+            first = min(rest, key=order.index) if rest else "pool"
+            remove = ["pool"] + (order[order.index(first):] if rest else [])
         if not overwrite:
-            raise artifacts.ConfigMismatchError(
-                f"{run} holds a run made with other settings from stage '{first}' on; pass --overwrite to "
-                f"rebuild '{first}' and the stages after it, or choose another [run] out")
-        for st in STAGES[STAGES.index(first):]:
+            what = (f"other validation examples: pass --overwrite to score the pool against them (the proxy, the "
+                    f"warm-up and the pool's features are kept)" if first == "validation" else
+                    f"other settings from stage '{first}' on; pass --overwrite to rebuild '{first}' and the stages "
+                    f"after it")
+            raise artifacts.ConfigMismatchError(f"{run} holds a run made with {what}, or choose another [run] out")
+        for st in remove:
             for d in dirs[st]:
                 if d.exists():
                     log.warning("run: removing %s (settings changed upstream or here)", d)
                     shutil.rmtree(d)
+        if first == "validation" and "features" in record.get("timings", {}):
+            # the features stage runs again (its validation stores): its time is this run's, not the record's
+            record["timings"].pop("features")
+            artifacts.atomic_write_json(meta_path, record)
     return new
+
+
+def _reuse(cfg: RunConfig, out: Path, src: Path) -> list[str]:
+    """Starts the new run folder ``out`` from the run folder ``src``: every finished stage there
+    whose fingerprint equals this run's is copied in (:func:`artifacts.copy_finished`), the
+    features stage's pool and calibration stores when only the validation examples differ. Returns
+    the stages copied (``features`` when only its pool stores were)."""
+    rec_path = src / PIPELINE_FILE
+    if not rec_path.is_file():
+        raise FileNotFoundError(f"--from {src}: no {PIPELINE_FILE} there; name the folder of an earlier `iprox run`")
+    record = artifacts.read_json(rec_path, "run record")
+    if record.get("fingerprint_version", 1) < 2:
+        raise artifacts.ConfigMismatchError(
+            f"--from {src}: its record predates iprox 0.13; run `iprox run` on its own config once (every stage is "
+            f"skipped) to bring its record up to date")
+    theirs, mine = record.get("fingerprints", {}), _fingerprints(cfg, out)
+    src_dirs, out_dirs = _stage_dirs(src), _stage_dirs(out)
+    reused = []
+    for st in STAGES:
+        if theirs.get(st) != mine[st]:
+            continue
+        if st == "features":  # one folder per store
+            keep_val = theirs.get("validation") == mine["validation"]
+            stores = [d for d in sorted((src / "features").glob("*")) if d.is_dir() and artifacts.is_complete(d)
+                      and (keep_val or d not in _validation_stores(src))]
+            extra = [f for f in (src / "features").glob("*.jsonl")]  # the calibration subset
+            for d in stores + extra:
+                artifacts.copy_finished(d, out / "features" / d.name, src, out)
+            if stores:
+                reused.append(st)
+            continue
+        if all(artifacts.is_complete(d) for d in src_dirs[st]):
+            for a, b in zip(src_dirs[st], out_dirs[st]):
+                artifacts.copy_finished(a, b, src, out)
+            reused.append(st)
+    if reused:
+        artifacts.atomic_write_json(out / PIPELINE_FILE, {
+            "fingerprints": {st: mine[st] for st in reused} | ({"validation": mine["validation"]}
+                                                               if "score" in reused else {}),
+            "fingerprint_version": FINGERPRINT_VERSION, "reused_from": str(src.resolve()), "reused": reused})
+        log.info("run: reusing %s from %s", ", ".join(reused), src)
+    else:
+        log.warning("run: nothing in %s matches this run's settings and data; every stage runs", src)
+    return reused
 
 
 @dataclass
@@ -423,8 +520,13 @@ class RunResult:
         return "\n".join(lines)
 
 
-def run(config: RunConfig | str | Path, overwrite: bool = False, session: Session | None = None) -> RunResult:
+def run(config: RunConfig | str | Path, overwrite: bool = False, session: Session | None = None,
+        reuse: str | Path | None = None) -> RunResult:
     """Runs (or resumes) the whole pipeline; returns the selection manifest and stage times.
+
+    ``reuse``: an earlier run folder to start a new one from (``iprox run --from``): its finished
+    stages whose settings and inputs equal this run's are copied, not recomputed; with the same pool
+    and other validation examples, that is the proxy, the warm-up and the pool's features.
 
     Each model is loaded once: the target for stage 1 and 2 (then released), the proxy (or the
     selector model) from the warm-up through every checkpoint's features, with each checkpoint's
@@ -447,22 +549,30 @@ def run(config: RunConfig | str | Path, overwrite: bool = False, session: Sessio
 
     on_rank0(acquire)
     try:
-        return _run_locked(cfg, out, overwrite, session or Session(), rank)
+        return _run_locked(cfg, out, overwrite, session or Session(), rank, Path(reuse) if reuse else None)
     finally:
         if rank == 0:
             lock.__exit__(None, None, None)
 
 
-def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, rank: int = 0) -> RunResult:
+def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, rank: int = 0,
+                reuse: Path | None = None) -> RunResult:
     def start():
         # Under the lock no other process writes here, so a temporary file is what a killed run left
         # between writing and renaming it. (Temporary *folders* are the stages' own resume points.)
         for tmp in out.rglob(".*.tmp"):
             if tmp.is_file():
                 tmp.unlink()
+        if reuse is not None:
+            if (out / PIPELINE_FILE).exists():
+                raise artifacts.ConfigMismatchError(
+                    f"--from {reuse}: {out} holds a run already; --from starts a new run folder")
+            _reuse(cfg, out, reuse)
         fps = _check_lineage(cfg, out, overwrite)
         old = artifacts.read_json(out / PIPELINE_FILE, "run record") if (out / PIPELINE_FILE).exists() else {}
-        artifacts.atomic_write_json(out / PIPELINE_FILE, {"fingerprints": fps, "config": dataclasses.asdict(cfg)})
+        artifacts.atomic_write_json(out / PIPELINE_FILE, {
+            "fingerprints": fps, "fingerprint_version": FINGERPRINT_VERSION, "config": dataclasses.asdict(cfg),
+            **{k: old[k] for k in ("reused_from", "reused") if k in old}})
         return old
 
     old = on_rank0(start)

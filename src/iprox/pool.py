@@ -9,6 +9,7 @@ its original id, source and task, so the selection can name and copy the origina
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -76,21 +77,47 @@ def _sample(specs: list[dict], seed: int, exclude: frozenset = frozenset()) -> l
     return out
 
 
+def _lines(exs: list[Example]) -> str:
+    return "".join(json.dumps({"id": e.id, "source": e.source, "task": e.task, "messages": e.messages},
+                              ensure_ascii=False) + "\n" for e in exs)
+
+
+def _sets(config: PoolConfig) -> tuple[str, str]:
+    """The pool's and the validation set's records as written (JSON lines)."""
+    val = _sample(config.validation, config.seed)
+    pool = _sample(config.pool, config.seed, exclude=frozenset(e.id for e in val))  # never select a validation example
+    return _lines(pool), _lines(val)
+
+
 def write_pool(config: PoolConfig) -> tuple[Path, Path]:
     """Samples and writes the pool and validation sets (skipped when ``out`` holds them already);
     returns the two files."""
     folder = Path(config.out)
     if not artifacts.prepare_stage(folder, "pool", config.settings()):
-        val = _sample(config.validation, config.seed)
-        pool = _sample(config.pool, config.seed, exclude=frozenset(e.id for e in val))  # never select a validation example
-        for name, exs in ((POOL_FILE, pool), (VALIDATION_FILE, val)):
-            artifacts.atomic_write_text(folder / name, "".join(
-                json.dumps({"id": e.id, "source": e.source, "task": e.task, "messages": e.messages},
-                           ensure_ascii=False) + "\n" for e in exs))
-        artifacts.atomic_write_json(folder / "pool.json", {"pool": len(pool), "validation": len(val),
-                                                           "validation_tasks": sorted({e.task for e in val})})
+        pool, val = _sets(config)
+        for name, text in ((POOL_FILE, pool), (VALIDATION_FILE, val)):
+            artifacts.atomic_write_text(folder / name, text)
+        artifacts.atomic_write_json(folder / "pool.json", {
+            "pool": pool.count("\n"), "validation": val.count("\n"),
+            "validation_tasks": sorted({json.loads(ln)["task"] for ln in val.splitlines()})})
         artifacts.mark_complete(folder)
     return load_pool(folder)
+
+
+def content_digests(config: PoolConfig, folder: str | Path) -> tuple[str, str]:
+    """SHA-256 of the pool's and of the validation set's records as the pool stage writes them: read
+    from ``folder`` where it holds them with these settings, else sampled here (nothing written).
+    Every stage that reads only the pool depends on the first alone, so that a run with other
+    validation examples keeps its proxy, warm-up and pool features while its pool is the same."""
+    folder = Path(folder)
+    meta = folder / artifacts.STAGE_FILE
+    done = artifacts.is_complete(folder) and meta.exists() and artifacts.comparable(
+        artifacts.read_json(meta, "stage settings file").get("config", {})) == artifacts.comparable(config.settings())
+    if done:
+        texts = [(folder / POOL_FILE).read_bytes(), (folder / VALIDATION_FILE).read_bytes()]
+    else:
+        texts = [t.encode("utf-8") for t in _sets(config)]
+    return hashlib.sha256(texts[0]).hexdigest(), hashlib.sha256(texts[1]).hexdigest()
 
 
 def load_pool(folder: str | Path) -> tuple[Path, Path]:
