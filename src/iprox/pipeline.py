@@ -349,6 +349,7 @@ def _fingerprints(cfg: RunConfig, run: Path, version: int = FINGERPRINT_VERSION)
     }
     if aligns_in_own_warmup(cfg):  # the alignment reads the warm-up's last checkpoint
         sections["align"] = {**sections["align"], "warmup": sections["warmup"]}
+
     def chain(prev: str, section) -> str:
         return hashlib.sha256((prev + json.dumps(section, sort_keys=True)).encode()).hexdigest()[:16]
 
