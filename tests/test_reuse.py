@@ -55,6 +55,7 @@ def test_from_an_earlier_run_reuses_what_reads_only_the_pool(runs, monkeypatch, 
     _no_rebuild(monkeypatch)
     out = tmp / "b-from-a"
     assert main(["run", str(cfg_b), "--out", str(out), "--from", str(tmp / "run"), "--no-progress"]) == 0
+    assert f"started from {(tmp / 'run').resolve()}: its compress, align, warmup, features reused" in capsys.readouterr().out
     _same_selection(out, tmp / "fresh-b")
     meta = json.loads((out / "pipeline.json").read_text())
     assert meta["reused"] == ["compress", "align", "warmup", "features"]  # the pool stage names the validation set

@@ -505,6 +505,7 @@ class RunResult:
     timings: dict[str, float]
     agreement: dict | None = None  # scores.json's calibration estimate, when the run is calibrated
     rerank: dict | None = None     # the rerank's report, when the run reranks (iprox.rerank)
+    reused: tuple[str, list[str]] | None = None  # (the run folder it started from, the stages copied)
 
     def format(self) -> str:
         lines = [format_selection(self.selection), "stage times: " +
@@ -516,6 +517,8 @@ class RunResult:
                          f"pool, Spearman): {fmt(a['spearman'])} (uncalibrated {fmt(a['uncalibrated_spearman'])})")
         if self.rerank:
             lines.append(format_rerank(self.rerank))
+        if self.reused:
+            lines.append(f"started from {self.reused[0]}: its {', '.join(self.reused[1])} reused")
         lines.append(f"selected records: {self.out / 'selection' / 'selected.jsonl'}")
         lines.append(f"scores:           {self.out / ('rerank/scores' if self.rerank else 'scores') / 'scores.csv'}")
         return "\n".join(lines)
@@ -635,7 +638,8 @@ def _run_locked(cfg: RunConfig, out: Path, overwrite: bool, session: Session, ra
         timed(stage.name, lambda: stage.run(ctx))
     summary = Path(ctx.scores_csv).parent / "scores.json" if ctx.scores_csv else None
     meta = json.loads(summary.read_text()) if summary and summary.exists() else {}
-    return RunResult(out, ctx.manifest, timings, meta.get("calibration"), meta.get("rerank"))
+    reused = (old["reused_from"], old["reused"]) if old.get("reused_from") else None
+    return RunResult(out, ctx.manifest, timings, meta.get("calibration"), meta.get("rerank"), reused)
 
 
 # ---------------------------------------------------------------------------------------------
