@@ -23,8 +23,8 @@ Usage::
 
     python benchmarks/bench_scale.py --geometry 135m               # CPU (float32), writes BENCHMARKS.md
     python benchmarks/bench_scale.py --geometry tiny --quick         # seconds: checks the script
-    # GPU (one run, benchmarks/device_scale.sh; about 8 minutes on one H200): copy inputs into the repo first, since the data
-    # and the GGUF tokenizer do not travel to the device machine
+    # GPU (one run, benchmarks/device_scale.sh; estimated at 8 minutes on one H200, not yet run there):
+    # copy inputs into the repo first, since the data and the GGUF tokenizer do not travel to the device
     python benchmarks/bench_scale.py --export-inputs bench-inputs --pool 512
     PYTHONPATH=src python3 benchmarks/bench_scale.py --inputs bench-inputs --geometry 1b --dtype bf16 --pool 512 --max-length 512
 
