@@ -10,8 +10,10 @@ their last shard, checkpoint or epoch).
 
 A changed setting invalidates its stage and every stage after it. ``pipeline.json`` in the run
 folder holds a fingerprint per stage, each hashing the stage's settings and the fingerprint of the
-stage before; a rerun whose fingerprints differ from the folders on disk is refused unless
-``overwrite`` is set, in which case the changed stage and the ones after it are rebuilt.
+stage before (compress chains from the pool's content instead, and the validation set enters
+between the pool's features and score, so another target task keeps the proxy); a rerun whose
+fingerprints differ from the folders on disk is refused unless ``overwrite`` is set, in which case
+the changed stage and the ones after it are rebuilt.
 
 Config (TOML; relative data paths are relative to the config file, ``{data}`` expands to the
 shared data folder, ``out`` is relative to the working directory)::
@@ -477,7 +479,7 @@ def _reuse(cfg: RunConfig, out: Path, src: Path) -> list[str]:
             keep_val = theirs.get("validation") == mine["validation"]
             stores = [d for d in sorted((src / "features").glob("*")) if d.is_dir() and artifacts.is_complete(d)
                       and (keep_val or d not in _validation_stores(src))]
-            extra = [f for f in (src / "features").glob("*.jsonl")]  # the calibration subset
+            extra = list((src / "features").glob("*.jsonl"))  # the calibration subset
             for d in stores + extra:
                 artifacts.copy_finished(d, out / "features" / d.name, src, out)
             if stores:
