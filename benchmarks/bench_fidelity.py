@@ -197,6 +197,11 @@ def _settings() -> dict[str, dict]:
     # From seed 1 on, the second and third task start from the first's run (--from, 0.13): the same
     # selection as a fresh run (tested), the build paid once.
     s["0.12 default, one task per run"] = {"group": "defaults", "defaults": True, "alone": True}
+    # 0.14's defaults: the same, but the rerank's shortlist doubles where the target's top k reach its
+    # last fifth. Each (task, seed) starts from 0.12's run of it (--from): everything up to the scores is
+    # the same, so only the rerank runs again.
+    s["0.14 default, one task per run"] = {"group": "defaults", "defaults": True, "alone": True,
+                                           "start_from": "0.12 default, one task per run"}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
@@ -350,6 +355,8 @@ def main() -> None:
                 # a later task over the same pool starts from the first task's run (`iprox run --from`: its
                 # proxy, warm-up and pool features, which a fresh run would rebuild bit for bit)
                 src = outs[alone[0]]
+                if SETTINGS[name].get("start_from"):  # (or from an earlier setting's run of this task and seed)
+                    src = work / "runs" / f"{slug(SETTINGS[name]['start_from'])}-{slug(t)}-s{seed}"
                 start = (["--from", str(src)] if o != src and (src / "selection" / "COMPLETE").exists()
                          and not (o / "pipeline.json").exists() else [])
                 sh(IPROX + ["run", str(c), "--no-progress", *start], work / "log.txt")
@@ -439,14 +446,17 @@ def reuse_build(src: Path, out: Path) -> None:
 
 
 def compare(results: dict, fresh: set[str]) -> None:
-    """Each run against the target (seed 0) and exact LESS, per task. A comparison made earlier is kept
+    """Each run against the target (seed 0 and, where its folder is on disk, the run's own seed) and
+    exact LESS, per task. A comparison made earlier is kept
     unless the run is in ``fresh`` (run or read back by this invocation): a reference rerun since
     (under a newer store format, say) does not change the figures measured against it then."""
     runs = results["runs"]
     refs = {"target": runs.get("target | 0"), "exact LESS": runs.get("exact LESS | 0"),
             "exact gradients": {"scores": results["exact_gradients"]} if results.get("exact_gradients") else None}
     for key, rec in runs.items():
-        want = {n: r for n, r in refs.items() if r is not None and r is not rec and Path(r["scores"]).is_dir()
+        # and the target run at the run's own seed (warm-up and projection): the proxy's error alone
+        mine = {**refs, "target, same seed": runs.get(f"target | {rec['seed']}")}
+        want = {n: r for n, r in mine.items() if r is not None and r is not rec and Path(r["scores"]).is_dir()
                 and (key in fresh or n not in rec.get("vs", {}))}
         if not want:
             continue
@@ -507,7 +517,9 @@ def report(r: dict) -> str:
              ""]
     titles = {"target": "### Against target (seed 0)", "exact LESS": "### Against exact LESS (dense engine, seed 0)",
               "exact gradients": "### Against the target's exact gradients (no projection, warm-up seed 0; "
-                                 "diag_rerank.py's reference)"}
+                                 "diag_rerank.py's reference)",
+              "target, same seed": "### Against the target at the run's own seed (the same warm-up and projection "
+                                   "seed: the proxy's own error, without the seed-to-seed spread)"}
     for ref, title in titles.items():
         if not any(ref in x.get("vs", {}) for x in runs.values()):
             continue

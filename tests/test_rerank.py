@@ -11,7 +11,8 @@ from test_scores import _write_config
 
 from iprox.agreement import spearman
 from iprox.loading import LOADS, load_features, model_key, read_scores
-from iprox.rerank import check_fraction, combine, shortlist, shortlist_size, warn_if_short, write_shortlist
+from iprox.rerank import (check_fraction, check_growth, combine, rerank_rounds, shortlist, shortlist_size, warn_if_short,
+                          write_shortlist)
 from iprox.scores import ScoreResult
 from iprox.selection import rank
 
@@ -101,6 +102,72 @@ def test_combine_puts_each_columns_scored_head_on_top_in_the_targets_order(n_sub
     assert warn_if_short({**rep, "columns": {"score": {"deepest": m}}}) is not None
 
 
+def _rows(table: ScoreResult, ids: list[str]) -> ScoreResult:
+    at = [table.ids.index(i) for i in ids]
+    return ScoreResult(list(ids), [table.sources[a] for a in at], [table.tasks[a] for a in at], table.subtasks,
+                       table.per_subtask[at], table.score[at], table.weights)
+
+
+@pytest.mark.parametrize("n_subtasks", [1, 3])
+def test_rerank_rounds_grow_the_shortlist_where_the_targets_top_k_reach_its_end(n_subtasks):
+    """Brute force: a grown run's table is :func:`combine` of the proxy and the target's scores of
+    the longer shortlist; the target is asked only for examples it has not scored; the shortlist
+    grows only where the target's top k reach its last fifth, and never past max_growth."""
+    g = torch.Generator().manual_seed(10 + n_subtasks)
+    n, k, m, subtasks = 120, 4, 24, ["a", "b", "c"][:n_subtasks]
+    ids = [f"x{i:02d}" for i in range(n)]
+    # the subtasks' columns share most of their order (each column's head holds much the same examples)
+    base = torch.randn(n, 1, generator=g)
+    truth = _table(ids, base + 0.05 * torch.randn(n, n_subtasks, generator=g), subtasks)
+    calls: list[list[str]] = []
+
+    def target(ids_: list[str], r: int) -> ScoreResult:
+        assert r == len(calls)
+        calls.append(ids_)
+        return _rows(truth, ids_)
+
+    # a faithful proxy (the target's order): one round, the target's top k at the proxy's top k
+    res, rep = rerank_rounds(truth, k, m, 2, target)
+    assert rep["rounds"] == [len(calls[0])] and calls[0] == shortlist(truth, m)
+    assert rep["columns"]["score"]["deepest"] == k and warn_if_short(rep) is None
+    # a proxy that puts the target's best last within the top m: the target's top k lie at the end
+    # of the first shortlist, so it doubles
+    order = _ranked(ids, truth.score)
+    proxy_cols = truth.per_subtask.clone()
+    head = order[:m]
+    proxy_cols[head] = truth.per_subtask[head].flip(0)
+    proxy = _table(ids, proxy_cols, subtasks)
+    calls.clear()
+    res, rep = rerank_rounds(proxy, k, m, 2, target)
+    first, grown = shortlist(proxy, m), shortlist(proxy, 2 * m)
+    assert len(rep["rounds"]) == 2 and calls[0] == first and calls[1] == [i for i in grown if i not in first]
+    assert rep["rounds"] == [len(c) for c in calls] and rep["shortlist"] == len(grown)
+    want, want_rep = combine(proxy, _rows(truth, first + calls[1]), k)
+    torch.testing.assert_close(res.per_subtask, want.per_subtask)
+    torch.testing.assert_close(res.score, want.score)
+    assert {key: v for key, v in rep.items() if key != "rounds"} == want_rep
+    top = [r["id"] for r in rank([{"id": i, "score": float(x)} for i, x in zip(res.ids, res.score)], k)]
+    assert top == [r["id"] for r in rank([{"id": i, "score": float(truth.score[ids.index(i)])} for i in grown], k)]
+    if n_subtasks == 1:  # the doubled shortlist holds the whole reversed head, so the target's own top k
+        assert top == [ids[r] for r in order[:k]]
+    # max_growth 1: never grows, and the run warns instead
+    calls.clear()
+    _, rep1 = rerank_rounds(proxy, k, m, 1, target)
+    assert rep1["rounds"] == [len(first)] and len(calls) == 1 and warn_if_short(rep1) is not None
+    # an uninformative proxy (the target's order upside down) grows by doubling up to max_growth * m
+    calls.clear()
+    worst = _table(ids, -truth.per_subtask, subtasks)
+    _, rep4 = rerank_rounds(worst, k, m, 4, target)
+    assert [len(shortlist(worst, s)) for s in (m, 2 * m, 4 * m)] == list(torch.tensor(rep4["rounds"]).cumsum(0))
+    assert sum(len(c) for c in calls) == len({i for c in calls for i in c})  # no example scored twice
+    assert warn_if_short(rep4) is not None  # still deep: the longest shortlist holds the target's top k last
+    _, rep_all = rerank_rounds(worst, k, m, 100, lambda i, r: _rows(truth, i))
+    assert rep_all["shortlist"] == n and warn_if_short(rep_all) is None  # (grown to the whole pool)
+    for bad in (0.5, 0, True, "2"):
+        with pytest.raises(ValueError, match="max_growth"):
+            check_growth(bad)
+
+
 def test_combine_refuses_tables_that_do_not_match():
     ids = ["a", "b", "c"]
     proxy = _table(ids, torch.randn(3, 1), ["t"])
@@ -176,6 +243,39 @@ def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path):
         run(load_config(cfg, {"progress": False}))
 
 
+def test_pipeline_grows_the_shortlist_to_the_targets_own_selection(tmp_path, monkeypatch):
+    """With the growth forced (every shortlist shorter than the pool counts as too short) and room to
+    grow to the whole pool, the selection is LESS's on the target over the whole pool; the second round
+    featurises only the examples the first did not."""
+    import iprox.rerank as R
+    from iprox.pipeline import load_config, run
+
+    monkeypatch.setattr(R, "DEEP_WARNING", -1.0)
+    model_dir = write_model_folder(tmp_path / "tiny", "llama")
+    before = LOADS[model_key(str(model_dir))]
+    cfg = _write_config(tmp_path, model_dir)
+    cfg.write_text(cfg.read_text().replace("[select]", "[rerank]\nmax_growth = 4\n[select]"))
+    res = run(load_config(cfg, {"progress": False}))
+    assert LOADS[model_key(str(model_dir))] - before == 1
+    r = tmp_path / "run" / "rerank"
+    first = [json.loads(x)["id"] for x in (r / "shortlist.jsonl").read_text().splitlines()]
+    second = [json.loads(x)["id"] for x in (r / "shortlist-2.jsonl").read_text().splitlines()]
+    pool = [x["id"] for x in read_scores(tmp_path / "run" / "scores")]
+    assert len(first) == 15 and sorted(first + second) == sorted(pool) and not set(first) & set(second)
+    assert load_features(r / "target-1-2")[0] == [i for i in pool if i in set(second)]
+    assert res.rerank["rounds"] == [15, 9] and res.rerank["shortlist"] == 24
+    assert "grown from 15 in 1 more round(s)" in res.format()
+    less_cfg = tmp_path / "less.toml"
+    less_cfg.write_text(cfg.read_text().replace('selector = "proxy"', 'selector = "model"')
+                        .replace("[rerank]\nmax_growth = 4\n", "").replace(str(tmp_path / "run"), str(tmp_path / "less")))
+    run(load_config(less_cfg, {"progress": False}))
+    less = read_scores(tmp_path / "less" / "scores")
+    assert [t["id"] for t in res.selection["top"]] == [x["id"] for x in rank(less, 5)]
+    # finished: a second call skips every stage
+    again = run(load_config(cfg, {"progress": False}))
+    assert again.rerank == res.rerank and [t["id"] for t in again.selection["top"]] == [t["id"] for t in res.selection["top"]]
+
+
 def test_rerank_settings_are_checked(tmp_path):
     from iprox.pipeline import load_config, rerank_fraction, stages
 
@@ -192,6 +292,8 @@ def test_rerank_settings_are_checked(tmp_path):
         load_config(with_("fraction = 2"))
     with pytest.raises(ValueError, match="unknown settings \\['factor'\\]"):
         load_config(with_("factor = 3"))
+    with pytest.raises(ValueError, match="max_growth must be a number >= 1"):
+        load_config(with_("max_growth = 0.5"))
     with pytest.raises(ValueError, match='needs selector = "proxy" and warmup_on = "target"'):
         load_config(with_("fraction = 0.2", "[run]\n", '[run]\nwarmup_on = "proxy"\n'))
     with pytest.raises(ValueError, match='needs selector = "proxy" and warmup_on = "target"'):
@@ -218,6 +320,16 @@ def test_plan_costs_the_rerank(tmp_path):
     # the target stays resident while the proxy featurises the pool
     assert p["stages"]["features (proxy)"]["peak_gib"] == pytest.approx(
         off["stages"]["features (proxy)"]["peak_gib"] + p["weights_gib"])
+    # where the target's top k reach its end the shortlist grows, by default to at most twice its length
+    from iprox.plan import format_plan
+
+    assert s["max_examples"] == 300 and "grows to at most 300" in format_plan(p)
+    once = plan(PlanConfig(model="tiny", pool=1000, rerank_growth=1))
+    assert once["stages"]["features (target, rerank)"]["max_examples"] == 150 and "grows" not in format_plan(once)
+    assert plan(PlanConfig(model="tiny", pool=200, rerank=80, rerank_growth=4))["stages"]["features (target, rerank)"][
+        "max_examples"] == 200  # (at most the pool)
+    with pytest.raises(ValueError, match="max_growth"):
+        PlanConfig(model="tiny", pool=1000, rerank_growth=0.5)
     assert plan(PlanConfig(model="tiny", pool=1000, rerank=40))["stages"]["features (target, rerank)"]["examples"] == \
         {"shortlist": 40}
     assert "features (target, rerank)" not in plan(PlanConfig(model="tiny", pool=1000, warmup_on="proxy"))["stages"]

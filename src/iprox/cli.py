@@ -110,7 +110,8 @@ def _add_plan(sub) -> None:
                         "and its pool's size (flags given beside it win)")
     add_config_args(p, PlanConfig, skip=PLAN_SECTIONS,
                     overrides={n: {"default": None} for n in ("model", "pool", "validation", "max_length",
-                                                               "warmup_on", "val_model", "calibrate", "rerank")})
+                                                               "warmup_on", "val_model", "calibrate", "rerank",
+                                                               "rerank_growth")})
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="one stage setting, e.g. proxy.sparsity=0.3 or warmup.epochs=2 (a TOML value; repeatable)")
     p.add_argument("--out", default="", help="also write the plan as JSON here")

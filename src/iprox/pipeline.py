@@ -46,7 +46,8 @@ shared data folder, ``out`` is relative to the working directory)::
     [rerank]    # fraction: the share of the pool, the head of each subtask's column of the proxy's
                 # scores, that the target scores again, placed above the rest in the target's order
                 # ("auto", the default in the target-first order with tracin: 3 times the selection;
-                # 0: off); see iprox.rerank
+                # 0: off); max_growth: where the target's top k reach the shortlist's last fifth, it
+                # doubles, up to this many times its first length (default 2; 1: never); see iprox.rerank
     [select]    # fraction or top_k
 """
 
@@ -79,7 +80,8 @@ from .runtime import check_types, section_config
 from .monitor import PeakRSS
 from .pool import PoolConfig, content_digests, source_spec, write_pool
 from .proxy import ProxyConfig, build_proxy
-from .rerank import check_fraction, combine, format_rerank, shortlist, shortlist_size, warn_if_short, write_shortlist
+from .rerank import (DEFAULT_GROWTH, check_fraction, check_growth, format_rerank, rerank_rounds, shortlist_size,
+                     warn_if_short, write_shortlist)
 from .scores import ScoreConfig, random_scores, read_score_result, score, write_scores_folder
 from .selection import SelectConfig, format_selection, select_into, selection_size
 from .warmup import WarmupConfig, run_warmup
@@ -168,12 +170,14 @@ class RunConfig:
                              "instead, and [score] calibration_ridge for the correction's ridge")
         if "grad" in feats:
             raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
-        unknown = sorted(set(self.rerank) - {"fraction"})
+        unknown = sorted(set(self.rerank) - {"fraction", "max_growth"})
         if unknown:
-            raise ValueError(f"[rerank] has unknown settings {unknown}; it takes fraction")
+            raise ValueError(f"[rerank] has unknown settings {unknown}; it takes fraction and max_growth")
         fraction = self.rerank.get("fraction")
         if fraction is not None:
             check_fraction(fraction)
+        if "max_growth" in self.rerank:
+            check_growth(self.rerank["max_growth"])
         if fraction and not (self.selector == "proxy" and self.warmup_on == "target"):
             raise ValueError('[rerank] scores the proxy\'s shortlist again with the target at the same LoRA checkpoints, '
                              'which needs selector = "proxy" and warmup_on = "target"; leave [rerank] out otherwise')
@@ -254,6 +258,11 @@ def rerank_fraction(cfg: RunConfig) -> float | str:
         return given
     on = cfg.selector == "proxy" and cfg.warmup_on == "target" and cfg.score.get("method", "tracin") == "tracin"
     return "auto" if on else 0
+
+
+def rerank_growth(cfg: RunConfig) -> float:
+    """How many times its first length the rerank's shortlist may grow to (``[rerank] max_growth``)."""
+    return cfg.rerank.get("max_growth", DEFAULT_GROWTH)
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -346,7 +355,10 @@ def _fingerprints(cfg: RunConfig, run: Path, version: int = FINGERPRINT_VERSION)
                      "store_format": STORE_FORMAT_VERSION},
         "score": cfg.score,
         # (only when on, so that a run without it keeps its selection's fingerprint)
-        "rerank": {"fraction": rerank_fraction(cfg), "select": cfg.select} if rerank_fraction(cfg) else None,
+        "rerank": {"fraction": rerank_fraction(cfg), "select": cfg.select,
+                   # (only when it may grow: max_growth = 1 keeps a run made before 0.14 as it was)
+                   **({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {})}
+        if rerank_fraction(cfg) else None,
         "select": cfg.select,
     }
     if aligns_in_own_warmup(cfg):  # the alignment reads the warm-up's last checkpoint
@@ -797,30 +809,39 @@ def _score(ctx: _Context) -> None:
 def _rerank(ctx: _Context) -> None:
     """The target featurises the proxy's shortlist at each checkpoint (and, without its validation
     stores from the features stage, the validation examples), LESS scores it, and the shortlist goes
-    above the rest of the pool in the target's order (:mod:`iprox.rerank`)."""
+    above the rest of the pool in the target's order (:mod:`iprox.rerank`); the shortlist grows where
+    the target's top k reach its end (round r > 1 of it in ``shortlist-r.jsonl``, ``target-<epoch>-r``,
+    ``target-scores-r``)."""
     cfg, folder = ctx.cfg, ctx.out / "rerank"
     proxy = on_rank0(lambda: read_score_result(Path(ctx.scores_csv).parent))
     n = len(proxy.ids)
     k = selection_size(cfg.select.get("fraction", 0.0), cfg.select.get("top_k", 0), n)
     m = shortlist_size(rerank_fraction(cfg), n, k)
-    settings = {"fraction": rerank_fraction(cfg), "shortlist": m, "k": k, "scores": str(ctx.scores_csv)}
+    growth = rerank_growth(cfg)
+    settings = {"fraction": rerank_fraction(cfg), "shortlist": m, "k": k, "scores": str(ctx.scores_csv),
+                **({"max_growth": growth} if growth != 1 else {})}
     if not on_rank0(lambda: artifacts.prepare_stage(folder, "rerank", settings, ctx.overwrite, resumable=True)):
-        ids = shortlist(proxy, m)
-        log.info("rerank: the target featurises the proxy's shortlist, %d of %d pool examples (%.1f%%: the head of "
-                 "each subtask's column)", len(ids), n, 100 * len(ids) / n)
-        short = on_rank0(lambda: write_shortlist(ctx.pool_file, ids, folder / "shortlist.jsonl"))
         epoch = lambda ck: ck.name.split("-")[1]  # noqa: E731
-        train = [_store(ctx, folder / f"target-{epoch(ck)}", cfg.model, ck, short, ctx.train_grad)
-                 for ck in ctx.checkpoints]
         val = ctx.target_val_stores or [_store(ctx, folder / f"val-target-{epoch(ck)}", cfg.model, ck, ctx.val_file,
                                                "sgd") for ck in ctx.checkpoints]
         settings_score = {k_: v for k_, v in cfg.score.items() if k_ != "calibration_ridge"}
-        score(ScoreConfig(**{**settings_score, "train": train, "val": val, "out": str(folder / "target-scores"),
-                             "progress": cfg.progress, "overwrite": ctx.overwrite}))
+
+        def score_target(ids: list[str], r: int):
+            sfx = f"-{r + 1}" if r else ""
+            log.info("rerank%s: the target featurises %s, %d of %d pool examples (%.1f%%: the head of each subtask's "
+                     "column)", f" round {r + 1}" if r else "", "more of the proxy's order" if r else
+                     "the proxy's shortlist", len(ids), n, 100 * len(ids) / n)
+            short = on_rank0(lambda: write_shortlist(ctx.pool_file, ids, folder / f"shortlist{sfx}.jsonl"))
+            train = [_store(ctx, folder / f"target-{epoch(ck)}{sfx}", cfg.model, ck, short, ctx.train_grad)
+                     for ck in ctx.checkpoints]
+            scores_dir = folder / f"target-scores{sfx}"
+            score(ScoreConfig(**{**settings_score, "train": train, "val": val, "out": str(scores_dir),
+                                 "progress": cfg.progress, "overwrite": ctx.overwrite}))
+            return on_rank0(lambda: read_score_result(scores_dir))
+
+        res, rep = rerank_rounds(proxy, k, m, growth, score_target)
 
         def write() -> None:
-            target = read_score_result(folder / "target-scores")
-            res, rep = combine(proxy, target, k)
             meta = artifacts.read_json(Path(ctx.scores_csv).parent / "scores.json", "scores summary")
             keep = {key: v for key, v in meta.items() if key not in ("subtasks", "n") and not key.startswith("score_")}
             (folder / "scores").mkdir(exist_ok=True)

@@ -24,6 +24,7 @@ estimate is tested against measured peaks (tests/test_plan.py).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -113,6 +114,8 @@ class PlanConfig:
             default, ``min(32, pool / 10)`` target-first and none proxy-first; 0: none).
         rerank: pool examples the target scores again after the proxy, as ``[rerank]`` resolves them
             (-1: the default, three times a 5% selection target-first and none proxy-first; 0: none).
+        rerank_growth: how many times its first length the shortlist may grow to, as ``[rerank]
+            max_growth`` (where the proxy's order looks short; the plan states the cost's upper bound).
     """
 
     model: str = EMBEDDED_MODEL
@@ -128,11 +131,15 @@ class PlanConfig:
     val_model: Literal["", "proxy", "target", "both"] = ""
     calibrate: int = -1
     rerank: int = -1
+    rerank_growth: float = 2.0
 
     def __post_init__(self):
         check_types(self)
         if self.warmup_on == "proxy" and (self.val_model not in ("", "proxy") or self.calibrate > 0 or self.rerank > 0):
             raise ValueError("val_model target/both, calibrate and rerank need the target-first order (warmup_on = target)")
+        from .rerank import check_growth
+
+        check_growth(self.rerank_growth)
         for name in ("calibrate", "rerank"):
             if getattr(self, name) < -1:
                 raise ValueError(f"{name} must be a number of pool examples (0: none, -1: the default), "
@@ -475,7 +482,9 @@ def plan(config: PlanConfig) -> dict:
                 "peak_gib": stages["features (target)"]["peak_gib"],
                 "flops": wc.epochs * 2 * fwd_flops(f.params, n_rerank),
                 "store_gib": wc.epochs * n_rerank * target_dim * sb / GIB, "dim": target_dim,
-                "examples": {"shortlist": n_rerank}}
+                "examples": {"shortlist": n_rerank},
+                # where the target's top k reach the shortlist's end it grows (iprox.rerank), to at most
+                "max_examples": min(config.pool, math.floor(config.rerank_growth * n_rerank + 1e-9))}
             iprox.append("features (target, rerank)")
             stages["features (proxy)"]["peak_gib"] += W / GIB  # the target stays resident for it
         del stages["warmup (proxy)"]
@@ -504,6 +513,12 @@ def format_plan(p: dict) -> str:
         lines.append(f"{name:<{width}} {run:<11} {s['peak_gib']:>9.1f} {s['flops'] / 1e12:>10.1f} {store}")
     lines.append(f"IProX pipeline ({p['warmup_on']}-first) {p['proxy_flops'] / 1e12:.1f} TFLOPs against the target-only "
                  f"{p['target_flops'] / 1e12:.1f} ({p['proxy_flops'] / max(p['target_flops'], 1):.2f}x)")
+    r = p["stages"].get("features (target, rerank)")
+    if r and r["max_examples"] > r["examples"]["shortlist"]:
+        more = r["flops"] * (r["max_examples"] / r["examples"]["shortlist"] - 1)
+        lines.append(f"the rerank's shortlist of {r['examples']['shortlist']} grows to at most {r['max_examples']} where the "
+                     f"target's top k reach its end ([rerank] max_growth): up to {more / 1e12:.1f} TFLOPs more "
+                     f"({(p['proxy_flops'] + more) / max(p['target_flops'], 1):.2f}x)")
     verdict = "fits" if p["probe_fits_budget"] else "does NOT fit"
     lines.append(f"stage 1 with probe_blocks_per_pass = {p['probe_blocks_per_pass'] or 'all'} and probe_statistics = "
                  f"{p['probe_statistics']}: {verdict} in {p['budget_gib']:g} GiB")
@@ -523,7 +538,7 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
     if run_config:
         from .data import load_examples
         from .pipeline import calibrate as pipeline_calibrate
-        from .pipeline import load_config, rerank_fraction
+        from .pipeline import load_config, rerank_fraction, rerank_growth
         from .pipeline import val_model as pipeline_val_model
         from .rerank import shortlist_size
         from .selection import selection_size
@@ -543,7 +558,8 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
               "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features,
               "warmup_on": run.warmup_on, "val_model": pipeline_val_model(run),
               "calibrate": -1 if n_cal == "auto" else n_cal,
-              "rerank": shortlist_size(fraction, n_pool, k) if fraction else 0, **kw}
+              "rerank": shortlist_size(fraction, n_pool, k) if fraction else 0,
+              "rerank_growth": float(rerank_growth(run)), **kw}
     for item in sets:
         key, eq, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
