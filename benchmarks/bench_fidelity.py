@@ -361,8 +361,13 @@ def main() -> None:
                          and not (o / "pipeline.json").exists() else [])
                 sh(IPROX + ["run", str(c), "--no-progress", *start], work / "log.txt")
         meta = json.loads((built / "pipeline.json").read_text())
+        timings = meta["timings"]
+        if rescore is None and SETTINGS[name].get("start_from"):  # its proxy is that run's: so is its build
+            first = work / "runs" / f"{slug(SETTINGS[name]['start_from'])}-{slug(TASKS[0])}-s{seed}"
+            was = json.loads((first / "pipeline.json").read_text())["timings"]
+            timings = {**timings, **{k: v for k, v in was.items() if k in ("compress", "align")}}
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
-               "timings": meta["timings"], "scores": str(final_scores(out))}
+               "timings": timings, "scores": str(final_scores(out))}
         if rescore is None and SETTINGS[name].get("alone"):
             rec.update(out=str(built), scores=None, scores_by_task={t: str(final_scores(o)) for t, o in outs.items()},
                        rerank={t: _rerank_report(o) for t, o in outs.items()},
@@ -371,7 +376,8 @@ def main() -> None:
         defn = SETTINGS[source]
         factored = defn.get("proxy", {}).get("init") != "layer-drop"  # the gradient check needs factors
         if defn.get("run", BASE["run"])["selector"] == "proxy" and factored:
-            fid = work / "gradcos" / f"{slug(defn.get('reuse', source))}-s{seed}.json"  # per proxy
+            # per proxy (a run started from another setting's run has its proxy)
+            fid = work / "gradcos" / f"{slug(defn.get('reuse') or defn.get('start_from') or source)}-s{seed}.json"
             fid.parent.mkdir(exist_ok=True)
             if not fid.exists():
                 sh(IPROX + ["fidelity", "--proxy", str(built / "proxy"), "--target", str(target), "--data", str(held),

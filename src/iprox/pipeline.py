@@ -480,7 +480,8 @@ def _reuse(cfg: RunConfig, out: Path, src: Path) -> list[str]:
     if record.get("fingerprint_version", 1) < 2:
         raise artifacts.ConfigMismatchError(
             f"--from {src}: its record predates iprox 0.13; run `iprox run` on its own config once (every stage is "
-            f"skipped) to bring its record up to date")
+            f"skipped) to bring its record up to date (a run that reranked, made with 0.12: with [rerank] max_growth "
+            f"= 1 added to that config, as it was made)")
     theirs, mine = record.get("fingerprints", {}), _fingerprints(cfg, out)
     src_dirs, out_dirs = _stage_dirs(src), _stage_dirs(out)
     reused = []
