@@ -168,6 +168,34 @@ def test_rerank_rounds_grow_the_shortlist_where_the_targets_top_k_reach_its_end(
             check_growth(bad)
 
 
+def test_combine_orders_the_rest_by_other_scores_where_given():
+    """``rest``: the rows below the reranked ones in its order, with its differences, below the
+    reranked; the reranked rows, which rows they are, and the report as without it."""
+    g = torch.Generator().manual_seed(7)
+    n, k, m, subtasks = 40, 4, 12, ["a", "b"]
+    ids = [f"x{i:02d}" for i in range(n)]
+    proxy = _table(ids, torch.randn(n, 2, generator=g), subtasks)
+    rest = _table(ids, torch.randn(n, 2, generator=g), subtasks)
+    short = shortlist(proxy, m)
+    at = [ids.index(i) for i in short]
+    target = _table(short, 3 + torch.randn(len(at), 2, generator=g), subtasks)
+    plain, rep = combine(proxy, target, k)
+    res, rep_rest = combine(proxy, target, k, rest)
+    assert rep_rest["columns"] == rep["columns"]
+    for col, new, old, other in [("score", res.score, plain.score, rest.score)] + [
+            (s_, res.per_subtask[:, j], plain.per_subtask[:, j], rest.per_subtask[:, j]) for j, s_ in enumerate(subtasks)]:
+        top = _ranked(ids, old)[:rep["columns"][col]["reranked"]]
+        below = [r for r in range(n) if r not in top]
+        torch.testing.assert_close(new[top], old[top])                     # the reranked rows as without it
+        assert _ranked(ids, new)[:len(top)] == top
+        assert _ranked(ids, new)[len(top):] == [r for r in _ranked(ids, other) if r in below]   # rest's order
+        assert float(new[below].max()) < float(new[top].min())
+        torch.testing.assert_close(new[below] - other[below],
+                                   torch.full((len(below),), rep_rest["shift"][col], dtype=torch.float64))
+    with pytest.raises(ValueError, match="order the rest"):
+        combine(proxy, target, k, _table(ids[::-1], rest.per_subtask, subtasks))
+
+
 def test_combine_refuses_tables_that_do_not_match():
     ids = ["a", "b", "c"]
     proxy = _table(ids, torch.randn(3, 1), ["t"])
@@ -232,6 +260,20 @@ def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path):
     assert top5 == [x["id"] for x in rank([{"id": i, "score": less[i]} for i in short], 5)]
     assert [t["id"] for t in res.selection["top"]] == top5
     assert res.rerank["shortlist"] == 15 and "the proxy's shortlist, 15 of 24 pool examples" in res.format()
+    # below the shortlist, the pool in the order of its scores against the target's validation
+    # gradients alone (rest_order "target", the default with val_model "both")
+    from iprox.scores import ScoreConfig, compute_scores
+
+    stage = json.loads((r / "scores" / "stage.json").read_text())["config"]
+    pairs = [i for i, v in enumerate(stage["val"]) if "val-target-" in v]
+    assert len(pairs) == 2 and len(stage["val"]) == 4  # (two checkpoints, each with both models' stores)
+    alone = compute_scores(ScoreConfig(train=[stage["train"][i] for i in pairs], val=[stage["val"][i] for i in pairs],
+                                       calibration=[stage["calibration"][i] for i in pairs] if stage["calibration"] else [],
+                                       out="unused"))
+    by = dict(zip(alone.ids, alone.score.tolist()))
+    assert [x["id"] for x in rank(final)][15:] == [x["id"] for x in rank([{"id": i, "score": by[i]} for i in by
+                                                                          if i not in set(short)])]
+    assert res.rerank["rest_order"] == "target"
     assert "rerank/scores/scores.csv" in res.format()
     # turned off: the selection is rebuilt from the proxy's own scores, refused without --overwrite
     cfg.write_text(cfg.read_text().replace("[rerank]\n", "[rerank]\nfraction = 0\n"))
@@ -297,6 +339,14 @@ def test_rerank_settings_are_checked(tmp_path):
         load_config(with_("factor = 3"))
     with pytest.raises(ValueError, match="max_growth must be a number >= 1"):
         load_config(with_("max_growth = 0.5"))
+    with pytest.raises(ValueError, match="rest_order must be"):
+        load_config(with_('rest_order = "proxy"'))
+    with pytest.raises(ValueError, match='need \\[features\\] val_model = "both" or "target"'):
+        load_config(with_('rest_order = "target"', "[features]\n", '[features]\nval_model = "proxy"\n'))
+    from iprox.pipeline import rerank_rest
+
+    assert rerank_rest(load_config(with_(""))) == "target"   # the default: val_model "both"
+    assert rerank_rest(load_config(with_("", "[features]\n", '[features]\nval_model = "proxy"\n'))) == "run"
     with pytest.raises(ValueError, match='needs selector = "proxy" and warmup_on = "target"'):
         load_config(with_("fraction = 0.2", "[run]\n", '[run]\nwarmup_on = "proxy"\n'))
     with pytest.raises(ValueError, match='needs selector = "proxy" and warmup_on = "target"'):

@@ -82,7 +82,7 @@ from .pool import PoolConfig, content_digests, source_spec, write_pool
 from .proxy import ProxyConfig, build_proxy
 from .rerank import (DEFAULT_GROWTH, check_fraction, check_growth, format_rerank, rerank_rounds, shortlist_size,
                      warn_if_short, write_shortlist)
-from .scores import ScoreConfig, random_scores, read_score_result, score, write_scores_folder
+from .scores import ScoreConfig, compute_scores, random_scores, read_score_result, score, write_scores_folder
 from .selection import SelectConfig, format_selection, select_into, selection_size
 from .warmup import WarmupConfig, run_warmup
 
@@ -170,9 +170,16 @@ class RunConfig:
                              "instead, and [score] calibration_ridge for the correction's ridge")
         if "grad" in feats:
             raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
-        unknown = sorted(set(self.rerank) - {"fraction", "max_growth"})
+        unknown = sorted(set(self.rerank) - {"fraction", "max_growth", "rest_order"})
         if unknown:
-            raise ValueError(f"[rerank] has unknown settings {unknown}; it takes fraction and max_growth")
+            raise ValueError(f"[rerank] has unknown settings {unknown}; it takes fraction, max_growth and rest_order")
+        if self.rerank.get("rest_order", "run") not in ("run", "target"):
+            raise ValueError(f'[rerank] rest_order must be "target" (the pool below the shortlist ordered by its scores '
+                             f'against the target\'s validation gradients) or "run" (by the run\'s scores), got '
+                             f'{self.rerank["rest_order"]!r}')
+        if self.rerank.get("rest_order") == "target" and _resolved_val_model(self) == "proxy":
+            raise ValueError('[rerank] rest_order = "target" orders the pool below the shortlist by its scores against the '
+                             'target\'s validation gradients, which need [features] val_model = "both" or "target"')
         fraction = self.rerank.get("fraction")
         if fraction is not None:
             check_fraction(fraction)
@@ -240,6 +247,9 @@ def val_model(cfg: RunConfig) -> str:
     return DEFAULT_VAL_MODEL if cfg.selector == "proxy" and cfg.warmup_on == "target" else "proxy"
 
 
+_resolved_val_model = val_model  # (RunConfig's checks have a local of that name)
+
+
 def calibrate(cfg: RunConfig) -> int | str:
     """The run's calibration examples: ``[features] calibrate``, or where the order allows it
     ``"auto"`` (:func:`iprox.calibration.calibration_size` of the pool, at the features stage; TracIn
@@ -258,6 +268,16 @@ def rerank_fraction(cfg: RunConfig) -> float | str:
         return given
     on = cfg.selector == "proxy" and cfg.warmup_on == "target" and cfg.score.get("method", "tracin") == "tracin"
     return "auto" if on else 0
+
+
+def rerank_rest(cfg: RunConfig) -> str:
+    """Which scores order the pool below the rerank's shortlist (``[rerank] rest_order``): by default
+    ``"target"`` (the pool's scores against the target's validation gradients alone) where the run
+    scores against both models' (``val_model = "both"``), else ``"run"`` (the run's own scores)."""
+    given = cfg.rerank.get("rest_order")
+    if given is not None:
+        return given
+    return "target" if val_model(cfg) == "both" else "run"
 
 
 def rerank_growth(cfg: RunConfig) -> float:
@@ -356,8 +376,10 @@ def _fingerprints(cfg: RunConfig, run: Path, version: int = FINGERPRINT_VERSION)
         "score": cfg.score,
         # (only when on, so that a run without it keeps its selection's fingerprint)
         "rerank": {"fraction": rerank_fraction(cfg), "select": cfg.select,
-                   # (only when it may grow: max_growth = 1 keeps a run made before 0.14 as it was)
-                   **({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {})}
+                   # (only when it may grow, and when the rest keeps another order than the run's: max_growth
+                   # = 1 and rest_order = "run" keep a run made before 0.14 as it was)
+                   **({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}),
+                   **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
         if rerank_fraction(cfg) else None,
         "select": cfg.select,
     }
@@ -791,7 +813,8 @@ def _represent(ctx: _Context) -> None:
         dest.append(str(ctx.out / "features" / kind))
 
 
-def _score(ctx: _Context) -> None:
+def _score_config(ctx: _Context, out: Path, keep: list[int] | None = None) -> ScoreConfig:
+    """The scoring of the run's (pool store, validation store) pairs, or of the pairs ``keep`` alone."""
     cfg = ctx.cfg
     # representation scores take only the aggregate from [score]: cosine similarity has no method
     settings = cfg.score if cfg.selector != "representation" else {"aggregate": cfg.score.get("aggregate", "max")}
@@ -800,11 +823,29 @@ def _score(ctx: _Context) -> None:
     if weights != "auto" and pairs > 1:  # each checkpoint's weight on each of its pairs
         weights = [float(w) for w in weights.split(",")] if isinstance(weights, str) else weights
         settings = {**settings, "checkpoint_weights": [w for w in weights for _ in range(pairs)]}
-    if any(ctx.calib_stores):
-        settings = {**settings, "calibration": ctx.calib_stores}
-    scfg = ScoreConfig(**{**settings, "train": ctx.train_stores, "val": ctx.val_stores, "out": str(ctx.out / "scores"),
-                          "progress": cfg.progress, "overwrite": ctx.overwrite})
-    ctx.scores_csv = score(scfg)  # streaming, each rank its share of the shards
+    train, val, calib = ctx.train_stores, ctx.val_stores, ctx.calib_stores
+    if keep is not None:
+        train, val, calib = [train[i] for i in keep], [val[i] for i in keep], [calib[i] for i in keep]
+        if isinstance(settings.get("checkpoint_weights"), list):
+            settings = {**settings, "checkpoint_weights": [settings["checkpoint_weights"][i] for i in keep]}
+    if any(calib):
+        settings = {**settings, "calibration": calib}
+    return ScoreConfig(**{**settings, "train": train, "val": val, "out": str(out), "progress": cfg.progress,
+                          "overwrite": ctx.overwrite})
+
+
+def _score(ctx: _Context) -> None:
+    ctx.scores_csv = score(_score_config(ctx, ctx.out / "scores"))  # streaming, each rank its share of the shards
+
+
+def _rest_scores(ctx: _Context):
+    """With ``[rerank] rest_order = "target"`` and validation stores of both models: the pool scored
+    against the target's validation gradients alone, the order the rerank keeps below its shortlist;
+    else ``None`` (the run's own scores order it)."""
+    if rerank_rest(ctx.cfg) != "target" or ctx.val_model != "both":
+        return None
+    keep = [i for i, v in enumerate(ctx.val_stores) if v in set(ctx.target_val_stores)]
+    return compute_scores(_score_config(ctx, ctx.out / "rerank" / "unused", keep))
 
 
 def _rerank(ctx: _Context) -> None:
@@ -820,7 +861,8 @@ def _rerank(ctx: _Context) -> None:
     m = shortlist_size(rerank_fraction(cfg), n, k)
     growth = rerank_growth(cfg)
     settings = {"fraction": rerank_fraction(cfg), "shortlist": m, "k": k, "scores": str(ctx.scores_csv),
-                **({"max_growth": growth} if growth != 1 else {})}
+                **({"max_growth": growth} if growth != 1 else {}),
+                **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
     if not on_rank0(lambda: artifacts.prepare_stage(folder, "rerank", settings, ctx.overwrite, resumable=True)):
         epoch = lambda ck: ck.name.split("-")[1]  # noqa: E731
         val = ctx.target_val_stores or [_store(ctx, folder / f"val-target-{epoch(ck)}", cfg.model, ck, ctx.val_file,
@@ -840,7 +882,9 @@ def _rerank(ctx: _Context) -> None:
                                  "progress": cfg.progress, "overwrite": ctx.overwrite}))
             return on_rank0(lambda: read_score_result(scores_dir))
 
-        res, rep = rerank_rounds(proxy, k, m, growth, score_target)
+        rest = _rest_scores(ctx)
+        res, rep = rerank_rounds(proxy, k, m, growth, score_target, rest=rest)
+        rep["rest_order"] = "target" if rest is not None else "run"
 
         def write() -> None:
             meta = artifacts.read_json(Path(ctx.scores_csv).parent / "scores.json", "scores summary")

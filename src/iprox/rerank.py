@@ -24,6 +24,12 @@ among those it did) hold the target's scores; the others keep the proxy's, shift
 lowest of those (their order and differences kept; the shifts are in ``scores.json``). The aggregate
 is therefore not recomputed from the columns; with one subtask the two are the same.
 
+Given other scores of the whole pool (``rest``), the rows below the reranked ones take those instead,
+shifted alike; which rows are reranked, and the report, stay the proxy's. The pipeline passes the
+pool's scores against the target's validation gradients alone (``[rerank] rest_order = "target"``, the
+default where the run scores against both models'), which order the pool below the head better than
+the sum of both (``BENCHMARKS.md``, "Below the shortlist").
+
 The report (``scores.json``'s ``rerank``, and the log) gives the shortlist's size and, per column,
 how many rows were reranked, the Spearman of the proxy's and the target's scores over them (the
 proxy's agreement with the target where selection happens, measured on every run at no extra cost),
@@ -165,16 +171,25 @@ def _column_report(proxy: torch.Tensor, target: torch.Tensor, at: list[int], ids
             "kept": len(set(by_proxy[:k]) & set(by_target)), "deepest": max(depth[i] for i in by_target)}
 
 
-def combine(proxy: ScoreResult, target: ScoreResult, k: int) -> tuple[ScoreResult, dict]:
+def combine(proxy: ScoreResult, target: ScoreResult, k: int, rest: ScoreResult | None = None) -> tuple[ScoreResult, dict]:
     """The reranked table from the proxy's scores of the pool and the target's of its shortlist, and
     the report (see the module docstring) for a selection of ``k``.
 
+    Args:
+        rest: other scores of the whole pool (the same examples and subtasks as ``proxy``) that order
+            the rows below the reranked ones in place of the proxy's; which rows are reranked, and the
+            report, are the proxy's still.
+
     Raises:
-        ValueError: the target's table names examples the proxy's does not, or other subtasks.
+        ValueError: the target's table names examples the proxy's does not, or other subtasks; ``rest``
+            holds other examples or subtasks than the proxy's.
     """
     if target.subtasks != proxy.subtasks:
         raise ValueError(f"the target's scores have subtasks {target.subtasks}, the proxy's {proxy.subtasks}: "
                          "score both with the same validation examples")
+    if rest is not None and (rest.ids != proxy.ids or rest.subtasks != proxy.subtasks):
+        raise ValueError("the scores that order the rest of the pool hold other examples or subtasks than the proxy's")
+    below = rest if rest is not None else proxy
     pos = {i: r for r, i in enumerate(proxy.ids)}
     missing = [i for i in target.ids if i not in pos]
     if missing:
@@ -182,17 +197,18 @@ def combine(proxy: ScoreResult, target: ScoreResult, k: int) -> tuple[ScoreResul
     row = {pos[i]: r for r, i in enumerate(target.ids)}  # pool row -> the target table's row
     scored = set(row)
 
-    def column(p: torch.Tensor, t: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, float, dict]:
+    def column(p: torch.Tensor, t: torch.Tensor, b: torch.Tensor, whole: bool = False) -> tuple[torch.Tensor, float, dict]:
         at = sorted(scored) if whole else _leading(p, proxy.ids, scored)
         tv = t[[row[a] for a in at]]
-        placed, shift = _place(p, tv, at)
+        placed, shift = _place(b, tv, at)
         return placed, shift, _column_report(p, tv, at, proxy.ids, k)
 
-    score, shift, rep = column(proxy.score, target.score, whole=True)
+    score, shift, rep = column(proxy.score, target.score, below.score, whole=True)
     columns, shifts = {"score": rep}, {"score": shift}
     cols = proxy.per_subtask.clone()
     for j, name in enumerate(proxy.subtasks):
-        cols[:, j], shifts[name], columns[name] = column(proxy.per_subtask[:, j], target.per_subtask[:, j])
+        cols[:, j], shifts[name], columns[name] = column(proxy.per_subtask[:, j], target.per_subtask[:, j],
+                                                         below.per_subtask[:, j])
     report = {"shortlist": len(scored), "pool": len(proxy.ids), "k": min(k, len(scored)), "columns": columns,
               "shift": shifts}
     out = ScoreResult(proxy.ids, proxy.sources, proxy.tasks, proxy.subtasks, cols, score, proxy.weights,
@@ -215,7 +231,8 @@ def needs_longer(rep: dict) -> bool:
 
 
 def rerank_rounds(proxy: ScoreResult, k: int, m: int, growth: float,
-                  score_target: Callable[[list[str], int], ScoreResult]) -> tuple[ScoreResult, dict]:
+                  score_target: Callable[[list[str], int], ScoreResult],
+                  rest: ScoreResult | None = None) -> tuple[ScoreResult, dict]:
     """The reranked table and its report, the shortlist grown where it looks too short.
 
     Round 0 has the target score the shortlist of ``m`` (:func:`shortlist`); while the target's top
@@ -224,6 +241,7 @@ def rerank_rounds(proxy: ScoreResult, k: int, m: int, growth: float,
 
     Args:
         score_target: ``(ids, round) -> the target's score table of those examples`` (new ones only).
+        rest: as :func:`combine`'s.
 
     Returns:
         :func:`combine`'s table and report, the report with ``rounds``: how many examples the target
@@ -241,7 +259,7 @@ def rerank_rounds(proxy: ScoreResult, k: int, m: int, growth: float,
             tables.append(score_target(new, len(rounds)))
             done.update(new)
         rounds.append(len(new))
-        res, rep = combine(proxy, concat(tables), k)
+        res, rep = combine(proxy, concat(tables), k, rest)
         if size >= limit or not needs_longer(rep):
             break
         size = min(limit, 2 * size)
