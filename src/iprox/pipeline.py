@@ -47,7 +47,9 @@ shared data folder, ``out`` is relative to the working directory)::
                 # scores, that the target scores again, placed above the rest in the target's order
                 # ("auto", the default in the target-first order with tracin: 3 times the selection;
                 # 0: off); max_growth: where the target's top k reach the shortlist's last fifth, it
-                # doubles, up to this many times its first length (default 2; 1: never); see iprox.rerank
+                # doubles, up to this many times its first length (default 2; 1: never); rest_order:
+                # the scores that order the pool below it ("target": against the target's validation
+                # gradients alone, the default with val_model "both"; "run": the run's); see iprox.rerank
     [select]    # fraction or top_k
 """
 
@@ -503,7 +505,7 @@ def _reuse(cfg: RunConfig, out: Path, src: Path) -> list[str]:
         raise artifacts.ConfigMismatchError(
             f"--from {src}: its record predates iprox 0.13; run `iprox run` on its own config once (every stage is "
             f"skipped) to bring its record up to date (a run that reranked, made with 0.12: with [rerank] max_growth "
-            f"= 1 added to that config, as it was made)")
+            f"= 1 and rest_order = \"run\" added to that config, as it was made)")
     theirs, mine = record.get("fingerprints", {}), _fingerprints(cfg, out)
     src_dirs, out_dirs = _stage_dirs(src), _stage_dirs(out)
     reused = []
