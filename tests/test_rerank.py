@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -214,7 +215,7 @@ def test_write_shortlist_keeps_pool_order(tmp_path):
         write_shortlist(pool, ["p1", "q"], tmp_path / "bad.jsonl")
 
 
-def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path):
+def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path, caplog):
     """The oracle: LESS on the target itself (selector = "model", same warm-up, projection and
     validation examples). The rerank's scores of its shortlist are that run's scores of the same
     examples, the selection is that run's top k among the shortlist, and the shortlist is the
@@ -227,8 +228,11 @@ def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path):
     # one round (whether the tiny proxy's order would grow the shortlist differs between machines; the
     # growth has its own test below)
     cfg.write_text(cfg.read_text().replace("[select]", "[rerank]\nmax_growth = 1\n[select]"))
-    res = run(load_config(cfg, {"progress": False}))
+    with caplog.at_level(logging.INFO, logger="iprox"):
+        res = run(load_config(cfg, {"progress": False}))
     assert LOADS[model_key(str(model_dir))] - before == 1
+    # the calibration's estimate is logged once, by the score stage (not again by the rerank's scoring)
+    assert sum("estimated Spearman with the target" in r.getMessage() for r in caplog.records) == 1
     r = tmp_path / "run"
     meta = json.loads((r / "pipeline.json").read_text())
     assert list(meta["timings"]) == ["pool", "compress", "align", "warmup", "features", "score", "rerank", "select"]

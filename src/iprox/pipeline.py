@@ -847,7 +847,7 @@ def _rest_scores(ctx: _Context):
     if rerank_rest(ctx.cfg) != "target" or ctx.val_model != "both":
         return None
     keep = [i for i, v in enumerate(ctx.val_stores) if v in set(ctx.target_val_stores)]
-    return compute_scores(_score_config(ctx, ctx.out / "rerank" / "unused", keep))
+    return compute_scores(_score_config(ctx, ctx.out / "rerank" / "unused", keep), report_agreement=False)
 
 
 def _rerank(ctx: _Context) -> None:

@@ -172,8 +172,10 @@ class ScoreResult:
     calibration: dict | None = None  # estimate_agreement's report, when the run is calibrated
 
 
-def compute_scores(config: ScoreConfig) -> ScoreResult:
-    """Scores without writing anything (the library core of :func:`score`)."""
+def compute_scores(config: ScoreConfig, report_agreement: bool = True) -> ScoreResult:
+    """Scores without writing anything (the library core of :func:`score`). ``report_agreement``:
+    log the calibration's estimate of the agreement with the target (and its warning) and return it
+    in the result; off for a second scoring of the same stores (the rerank's order below its shortlist)."""
     tman = [read_manifest(p) for p in config.train]
     vman = [read_manifest(p) for p in config.val]
     for t, v, tm, vm in zip(config.train, config.val, tman, vman):
@@ -226,7 +228,7 @@ def compute_scores(config: ScoreConfig) -> ScoreResult:
         raise ValueError("scores came out non-finite (NaN or inf); check the stores' features and the damping")
     agg = total.max(dim=1).values if config.aggregate == "max" else total.mean(dim=1)
     return ScoreResult(tman[0]["ids"], tman[0]["sources"], tman[0]["tasks"], subtasks, total, agg, weights,
-                       _report_agreement(estimate, subtasks) if estimate else None)
+                       _report_agreement(estimate, subtasks) if estimate and report_agreement else None)
 
 
 def _report_agreement(estimate: list, subtasks: list[str]) -> dict | None:
