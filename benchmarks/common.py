@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -97,6 +98,18 @@ IPROX = [sys.executable, "-m", "iprox.cli"]
 def build_seconds(timings: dict) -> float:
     """The proxy's build in a run's stage times: compress + align (one "proxy" stage before 0.5)."""
     return sum(timings.get(k, 0.0) for k in ("proxy", "compress", "align"))
+
+
+FIGURES = ("spearman", "head_spearman", "overlap_5")  # whole-pool, head, top-5%: the diagnostics' cells
+
+
+def mean_figures(entries: list[dict], count: bool = False) -> str:
+    """A table cell: the mean over ``entries`` (seeds) of each of ``FIGURES``, "a / b / c" ("–" for
+    none); with ``count``, how many after it."""
+    if not entries:
+        return "–"
+    cell = " / ".join(f"{statistics.fmean(e[k] for e in entries):.2f}" for k in FIGURES)
+    return cell + (f" (n={len(entries)})" if count else "")
 
 
 def slug(name: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import slug, update_benchmarks_md  # noqa: E402
+from common import mean_figures, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.loading import read_scores  # noqa: E402
 from iprox.rerank import combine, concat  # noqa: E402
@@ -105,8 +104,7 @@ def main() -> None:
              "| rest of the pool ordered by | reference | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
     for pairs, by_ref in out.items():
         for name, by_task in by_ref.items():
-            cells = [" / ".join(f"{statistics.fmean(m[k] for m in by_task[t]):.2f}" for k in
-                                ("spearman", "head_spearman", "overlap_5")) if by_task.get(t) else "–" for t in TASKS]
+            cells = [mean_figures(by_task.get(t, [])) for t in TASKS]
             lines.append(f"| {labels[pairs]} | {name} | " + " | ".join(cells) + " |")
     update_benchmarks_md("bulk-order", "\n".join(lines) + "\n")
     print("\n".join(lines))

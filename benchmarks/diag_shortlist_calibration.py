@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import slug, update_benchmarks_md  # noqa: E402
+from common import mean_figures, slug, update_benchmarks_md  # noqa: E402
 
 import iprox.scores as scores_mod  # noqa: E402
 from iprox.calibration import correction_from_rows, fit_correction  # noqa: E402
@@ -122,11 +121,7 @@ def main() -> None:
              "| correction fitted on | reference | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
     for name, by_ref in out.items():
         for ref, by_task in by_ref.items():
-            cells = []
-            for task in TASKS:
-                ms = by_task.get(task, [])
-                cells.append(" / ".join(f"{statistics.mean(m[k] for m in ms):.2f}" for k in
-                                        ("spearman", "head_spearman", "overlap_5")) if ms else "–")
+            cells = [mean_figures(by_task.get(task, [])) for task in TASKS]
             label = "calibration sample (the run)" if name == "run" else name
             lines.append(f"| {label} | {'target run (seed 0)' if ref == 'target' else 'exact gradients'} | "
                          + " | ".join(cells) + " |")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import slug, update_benchmarks_md  # noqa: E402
+from common import mean_figures, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.loading import read_scores  # noqa: E402
 from iprox.rerank import combine, shortlist  # noqa: E402
@@ -104,11 +103,7 @@ def main() -> None:
              "| shortlist | reference | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
     for f, by_ref in out.items():
         for name, by_task in by_ref.items():
-            cells = []
-            for task in TASKS:
-                ms = by_task.get(task, [])
-                cells.append(" / ".join(f"{statistics.fmean(m[k] for m in ms):.2f}" for k in
-                                        ("spearman", "head_spearman", "overlap_5")) + f" (n={len(ms)})" if ms else "–")
+            cells = [mean_figures(by_task.get(task, []), count=True) for task in TASKS]
             lines.append(f"| {'none' if not f else f} | {name} | " + " | ".join(cells) + " |")
     update_benchmarks_md("shortlist-length", "\n".join(lines) + "\n")
     print("\n".join(lines))
