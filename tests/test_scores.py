@@ -233,10 +233,12 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     assert "selected 5 of 24" in out and "selected records:" in out
     # (the target's validation and calibration stores first, while it is resident from its warm-up;
     # val_model = "both", calibrate = auto: 2 of the 24 pool examples)
-    # (then the rerank: the target's stores of the proxy's shortlist)
-    assert skipped == [("val-target-1", True), ("val-target-2", True), ("calib-target-1", True), ("calib-target-2", True),
-                       ("train-1", True), ("val-1", True), ("train-2", True), ("val-2", False),
-                       ("target-1", False), ("target-2", False)]
+    # (then the rerank: the target's stores of the proxy's shortlist, and of what a second round adds
+    # where the shortlist grows: whether this tiny proxy's order grows it differed between machines)
+    assert skipped[:10] == [("val-target-1", True), ("val-target-2", True), ("calib-target-1", True),
+                            ("calib-target-2", True), ("train-1", True), ("val-1", True), ("train-2", True),
+                            ("val-2", False), ("target-1", False), ("target-2", False)]
+    assert skipped[10:] in ([], [("target-1-2", False), ("target-2-2", False)])
     assert len((run / "features" / "calibration.jsonl").read_text().splitlines()) == 2
     sel = (run / "selection" / "selected.jsonl").read_text().splitlines()
     originals = set((tmp_path / "pool.jsonl").read_text().splitlines())
