@@ -225,8 +225,8 @@ def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path, caplog):
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     before = LOADS[model_key(str(model_dir))]
     cfg = _write_config(tmp_path, model_dir)
-    # one round (whether the tiny proxy's order would grow the shortlist differs between machines; the
-    # growth has its own test below)
+    # one round (whether the tiny proxy's order would grow the shortlist differed between the full
+    # suite and the test run alone; the growth has its own test below)
     cfg.write_text(cfg.read_text().replace("[select]", "[rerank]\nmax_growth = 1\n[select]"))
     with caplog.at_level(logging.INFO, logger="iprox"):
         res = run(load_config(cfg, {"progress": False}))

@@ -234,7 +234,8 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     # (the target's validation and calibration stores first, while it is resident from its warm-up;
     # val_model = "both", calibrate = auto: 2 of the 24 pool examples)
     # (then the rerank: the target's stores of the proxy's shortlist, and of what a second round adds
-    # where the shortlist grows: whether this tiny proxy's order grows it differed between machines)
+    # where the shortlist grows: whether this tiny proxy's order grows it differed between the full suite
+    # and the test run alone)
     assert skipped[:10] == [("val-target-1", True), ("val-target-2", True), ("calib-target-1", True),
                             ("calib-target-2", True), ("train-1", True), ("val-1", True), ("train-2", True),
                             ("val-2", False), ("target-1", False), ("target-2", False)]
