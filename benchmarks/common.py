@@ -112,6 +112,24 @@ def mean_figures(entries: list[dict], count: bool = False) -> str:
     return cell + (f" (n={len(entries)})" if count else "")
 
 
+def figure_table(first: str, tasks: list[str], out: dict, label=str, ref_label=str, count: bool = False) -> list[str]:
+    """A markdown table of ``out[variant][reference][task]`` (lists of per-seed figures): one row per
+    variant and reference, a :func:`mean_figures` cell per task; ``first`` heads the variants' column."""
+    lines = [f"| {first} | reference | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+    for variant, by_ref in out.items():
+        for ref, by_task in by_ref.items():
+            cells = [mean_figures(by_task.get(t, []), count) for t in tasks]
+            lines.append(f"| {label(variant)} | {ref_label(ref)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def score_rows(res) -> list[dict]:
+    """An :class:`iprox.scores.ScoreResult` as ``read_scores`` gives a table (per-subtask columns)."""
+    return [{"id": i, "source": s, "task": t, "score": float(x),
+             **{c: float(res.per_subtask[r, j]) for j, c in enumerate(res.subtasks)}}
+            for r, (i, s, t, x) in enumerate(zip(res.ids, res.sources, res.tasks, res.score))]
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
 

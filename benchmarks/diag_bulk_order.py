@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import mean_figures, slug, update_benchmarks_md  # noqa: E402
+from common import figure_table, score_rows, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.loading import read_scores  # noqa: E402
 from iprox.rerank import combine, concat  # noqa: E402
@@ -37,12 +37,6 @@ from iprox.scores import ScoreConfig, ScoreResult, compute_scores, read_score_re
 RESULTS = ROOT / "benchmarks" / "results"
 SETTING = "0.14 default, one task per run"
 K = 15
-
-
-def _rows(res: ScoreResult) -> list[dict]:
-    return [{"id": i, "source": s, "task": t, "score": float(x),
-             **{c: float(res.per_subtask[r, j]) for j, c in enumerate(res.subtasks)}}
-            for r, (i, s, t, x) in enumerate(zip(res.ids, res.sources, res.tasks, res.score))]
 
 
 def _scores(run: Path, pairs: str) -> ScoreResult:
@@ -82,7 +76,7 @@ def main() -> None:
                 proxy.per_subtask[:, 0] = proxy.score  # one subtask: the column is the aggregate
                 res, _ = combine(proxy, target, K)
                 res.per_subtask[:, 0] = res.score
-                rows = _rows(res)
+                rows = score_rows(res)
                 if pairs == took:  # the check: the run's own table
                     diff = max(abs(a["score"] - b["score"]) / max(abs(b["score"]), 1e-30) for a, b in zip(rows, own))
                     print(f"{run.name}: rescored as the run did, largest relative difference {diff:.1e}", flush=True)
@@ -100,12 +94,8 @@ def main() -> None:
              "`benchmarks/diag_bulk_order.py`: the fidelity study's runs of 0.14's defaults (one task per run, seeds 0, "
              "1, 2), the rows below each run's (grown) shortlist ordered by the calibrated pool features against each "
              "validation model's gradients; the shortlist on top in the target's order, as the run has it. Mean over "
-             "seeds of whole-pool Spearman / head Spearman / top-5% overlap.", "",
-             "| rest of the pool ordered by | reference | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
-    for pairs, by_ref in out.items():
-        for name, by_task in by_ref.items():
-            cells = [mean_figures(by_task.get(t, [])) for t in TASKS]
-            lines.append(f"| {labels[pairs]} | {name} | " + " | ".join(cells) + " |")
+             "seeds of whole-pool Spearman / head Spearman / top-5% overlap.", ""]
+    lines += figure_table("rest of the pool ordered by", TASKS, out, label=labels.get)
     update_benchmarks_md("bulk-order", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import mean_figures, slug, update_benchmarks_md  # noqa: E402
+from common import figure_table, slug, update_benchmarks_md  # noqa: E402
 
 import iprox.scores as scores_mod  # noqa: E402
 from iprox.calibration import correction_from_rows, fit_correction  # noqa: E402
@@ -117,14 +117,10 @@ def main() -> None:
     lines = ["## Calibrating on the rerank's shortlist too (issue 12)", "", "`benchmarks/diag_shortlist_calibration.py`: the fidelity study's runs of 0.12's defaults (one task per "
              "run, seeds 0, 1, 2), rescored with the calibration's correction fitted on the calibration sample together "
              "with the rerank's shortlist (the target's rows of both, no further target pass), then reranked as the run "
-             "did. Mean over seeds of whole-pool Spearman / head Spearman / top-5% overlap.", "",
-             "| correction fitted on | reference | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
-    for name, by_ref in out.items():
-        for ref, by_task in by_ref.items():
-            cells = [mean_figures(by_task.get(task, [])) for task in TASKS]
-            label = "calibration sample (the run)" if name == "run" else name
-            lines.append(f"| {label} | {'target run (seed 0)' if ref == 'target' else 'exact gradients'} | "
-                         + " | ".join(cells) + " |")
+             "did. Mean over seeds of whole-pool Spearman / head Spearman / top-5% overlap.", ""]
+    lines += figure_table("correction fitted on", TASKS, out,
+                          label=lambda n: "calibration sample (the run)" if n == "run" else n,
+                          ref_label=lambda r: "target run (seed 0)" if r == "target" else "exact gradients")
     update_benchmarks_md("shortlist-calibration", "\n".join(lines) + "\n")
 
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import mean_figures, slug, update_benchmarks_md  # noqa: E402
+from common import figure_table, score_rows, slug, update_benchmarks_md  # noqa: E402
 
 from iprox.loading import read_scores  # noqa: E402
 from iprox.rerank import combine, shortlist  # noqa: E402
@@ -40,12 +40,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 SETTING = "0.12 default, one task per run"
 FRACTIONS = (0.0, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 K = 15  # 5% of 300
-
-
-def _rows(res: ScoreResult) -> list[dict]:
-    return [{"id": i, "source": s, "task": t, "score": float(x),
-             **{c: float(res.per_subtask[r, j]) for j, c in enumerate(res.subtasks)}}
-            for r, (i, s, t, x) in enumerate(zip(res.ids, res.sources, res.tasks, res.score))]
 
 
 def _target_table(target_rows: list[dict], task: str, ids: list[str]) -> ScoreResult:
@@ -87,7 +81,7 @@ def main() -> None:
                     res, _ = combine(proxy, _target_table(same, task, ids), K)
                 else:
                     res = proxy
-                rows = _rows(res)
+                rows = score_rows(res)
                 for name, ref_rows in (("same seed", same), ("seed 0", seed0)):
                     mm = measure(rows, ref_rows)[task]
                     out.setdefault(f, {}).setdefault(name, {}).setdefault(task, []).append(
@@ -99,12 +93,8 @@ def main() -> None:
              "shortlist: the target run at the same seed, which the run's own rerank reproduces). Mean over seeds of "
              "whole-pool Spearman / head Spearman (the reference's top 20%) / top-5% overlap; against the target at the "
              "run's own seed, then against the seed-0 target (the study's reference). Target passes: the shortlist's "
-             "share of the pool (0.15: the default, 3 times the selection; 0.3: the default grown once).", "",
-             "| shortlist | reference | " + " | ".join(TASKS) + " |", "|---|---|" + "---|" * len(TASKS)]
-    for f, by_ref in out.items():
-        for name, by_task in by_ref.items():
-            cells = [mean_figures(by_task.get(task, []), count=True) for task in TASKS]
-            lines.append(f"| {'none' if not f else f} | {name} | " + " | ".join(cells) + " |")
+             "share of the pool (0.15: the default, 3 times the selection; 0.3: the default grown once).", ""]
+    lines += figure_table("shortlist", TASKS, out, label=lambda f: f or "none", count=True)
     update_benchmarks_md("shortlist-length", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

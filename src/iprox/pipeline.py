@@ -150,11 +150,11 @@ class RunConfig:
         train_grad = feats.pop("train_grad", DEFAULT_TRAIN_GRAD)
         if train_grad not in GRADS:
             raise ValueError(f"[features] train_grad must be one of {GRADS}, got {train_grad!r}")
-        val_model = feats.pop("val_model", None)
-        if val_model is not None and val_model not in VAL_MODELS:
-            raise ValueError(f"[features] val_model must be one of {VAL_MODELS}, got {val_model!r}")
-        if val_model not in (None, "proxy") and not (self.selector == "proxy" and self.warmup_on == "target"):
-            raise ValueError(f'[features] val_model = "{val_model}" compares the proxy\'s pool gradients with the '
+        given_val = feats.pop("val_model", None)
+        if given_val is not None and given_val not in VAL_MODELS:
+            raise ValueError(f"[features] val_model must be one of {VAL_MODELS}, got {given_val!r}")
+        if given_val not in (None, "proxy") and not (self.selector == "proxy" and self.warmup_on == "target"):
+            raise ValueError(f'[features] val_model = "{given_val}" compares the proxy\'s pool gradients with the '
                              f'target\'s, which needs selector = "proxy" and warmup_on = "target" (the proxy then '
                              f'carries the target\'s LoRA checkpoints); leave val_model out otherwise')
         n_cal = feats.pop("calibrate", None)
@@ -179,7 +179,7 @@ class RunConfig:
             raise ValueError(f'[rerank] rest_order must be "target" (the pool below the shortlist ordered by its scores '
                              f'against the target\'s validation gradients) or "run" (by the run\'s scores), got '
                              f'{self.rerank["rest_order"]!r}')
-        if self.rerank.get("rest_order") == "target" and _resolved_val_model(self) == "proxy":
+        if self.rerank.get("rest_order") == "target" and val_model(self) == "proxy":
             raise ValueError('[rerank] rest_order = "target" orders the pool below the shortlist by its scores against the '
                              'target\'s validation gradients, which need [features] val_model = "both" or "target"')
         fraction = self.rerank.get("fraction")
@@ -249,9 +249,6 @@ def val_model(cfg: RunConfig) -> str:
     return DEFAULT_VAL_MODEL if cfg.selector == "proxy" and cfg.warmup_on == "target" else "proxy"
 
 
-_resolved_val_model = val_model  # (RunConfig's checks have a local of that name)
-
-
 def calibrate(cfg: RunConfig) -> int | str:
     """The run's calibration examples: ``[features] calibrate``, or where the order allows it
     ``"auto"`` (:func:`iprox.calibration.calibration_size` of the pool, at the features stage; TracIn
@@ -285,6 +282,13 @@ def rerank_rest(cfg: RunConfig) -> str:
 def rerank_growth(cfg: RunConfig) -> float:
     """How many times its first length the rerank's shortlist may grow to (``[rerank] max_growth``)."""
     return cfg.rerank.get("max_growth", DEFAULT_GROWTH)
+
+
+def _rerank_options(cfg: RunConfig) -> dict:
+    """The rerank's settings since 0.14, each only where it differs from what the stage did before
+    (so that ``max_growth = 1`` and ``rest_order = "run"`` keep a run made with 0.12 or 0.13 as it was)."""
+    return {**({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}),
+            **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -377,11 +381,7 @@ def _fingerprints(cfg: RunConfig, run: Path, version: int = FINGERPRINT_VERSION)
                      "store_format": STORE_FORMAT_VERSION},
         "score": cfg.score,
         # (only when on, so that a run without it keeps its selection's fingerprint)
-        "rerank": {"fraction": rerank_fraction(cfg), "select": cfg.select,
-                   # (only when it may grow, and when the rest keeps another order than the run's: max_growth
-                   # = 1 and rest_order = "run" keep a run made before 0.14 as it was)
-                   **({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}),
-                   **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
+        "rerank": {"fraction": rerank_fraction(cfg), "select": cfg.select, **_rerank_options(cfg)}
         if rerank_fraction(cfg) else None,
         "select": cfg.select,
     }
@@ -863,8 +863,7 @@ def _rerank(ctx: _Context) -> None:
     m = shortlist_size(rerank_fraction(cfg), n, k)
     growth = rerank_growth(cfg)
     settings = {"fraction": rerank_fraction(cfg), "shortlist": m, "k": k, "scores": str(ctx.scores_csv),
-                **({"max_growth": growth} if growth != 1 else {}),
-                **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
+                **_rerank_options(cfg)}
     if not on_rank0(lambda: artifacts.prepare_stage(folder, "rerank", settings, ctx.overwrite, resumable=True)):
         epoch = lambda ck: ck.name.split("-")[1]  # noqa: E731
         val = ctx.target_val_stores or [_store(ctx, folder / f"val-target-{epoch(ck)}", cfg.model, ck, ctx.val_file,
