@@ -240,7 +240,8 @@ fraction = 0.05
                                 for d in sorted((out / "features").iterdir()) if (d / "COMPLETE").exists()}
     if selector == "proxy":  # what the defaults came to on this pool
         meta["align_steps_run"] = _rows(out / "proxy" / "align_log.csv") - 1
-        meta["rerank_examples"] = _rows(out / "rerank" / "shortlist.jsonl")
+        # every round's shortlist: a grown one adds shortlist-2.jsonl, ...
+        meta["rerank_examples"] = sum(_rows(f) for f in (out / "rerank").glob("shortlist*.jsonl"))
     return meta
 
 
@@ -269,11 +270,15 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/iprox-bench-scale")
     ap.add_argument("--quick", action="store_true", help="tiny sizes; BENCHMARKS.md untouched")
     ap.add_argument("--report", action="store_true", help="only rewrite the BENCHMARKS.md section from scale.json")
+    ap.add_argument("--merge", default="", help="add a run's results (another machine's scale.json, or the partial.json "
+                    "of a run cut short) to scale.json, then rewrite the BENCHMARKS.md section")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     results_path = RESULTS / "scale.json"
-    if args.report:
+    if args.merge:
+        merge(Path(args.merge), results_path)
+    if args.report or args.merge:
         update_benchmarks_md("scale", report(json.loads(results_path.read_text())))
         return
     if args.export_inputs:
@@ -296,7 +301,8 @@ def main() -> None:
     res: dict = {"geometry": args.geometry, "dtype": dtype, "device": device,
                  "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)",
                  "settings": {k: v for k, v in vars(args).items() if k not in ("work", "inputs", "export_inputs", "report")},
-                 "make_target_s": time.perf_counter() - t0}
+                 "make_target_s": time.perf_counter() - t0,
+                 "pool": _rows(inputs / "pool.jsonl")}  # the pipelines' pool; tokenising below drops none or says so
 
     # 4. Pipelines, each in its own process (first: on a GPU with a time limit, the figure users ask
     # for first is what the whole pipeline costs).
@@ -413,6 +419,18 @@ def main() -> None:
     update_benchmarks_md("scale", report(allres))
 
 
+def merge(path: Path, results_path: Path) -> None:
+    """Another machine's runs (its scale.json, or one run's partial.json) into this machine's results."""
+    got = json.loads(path.read_text())
+    runs = got["runs"].values() if "runs" in got else [got]
+    allres = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
+    for res in runs:
+        summarise(res)
+        allres["runs"][key(res)] = res
+        log.info("merged %s from %s", key(res), path)
+    results_path.write_text(json.dumps(allres, indent=1, default=str) + "\n")
+
+
 def partial(work: Path, res: dict) -> None:
     """What has been measured so far, in the work folder (a run cut short by a time limit keeps it)."""
     (work / "partial.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
@@ -423,13 +441,17 @@ def key(res: dict) -> str:
 
 
 def summarise(res: dict) -> None:
-    """Ratios and break-even figures from the raw measurements."""
-    t = res["models"]["target"]
-    for m in res["models"].values():
-        m["speedup"] = m["examples_per_s"] / t["examples_per_s"]
-        m["flop_ratio"] = t["flops_per_token"] / m["flops_per_token"]
-        m["share_of_flop_ratio"] = m["speedup"] / m["flop_ratio"]
-    pipes = res["pipelines"]
+    """Ratios and break-even figures from the raw measurements (those a run cut short reached)."""
+    models = res.get("models", {})
+    if "target" in models and all("examples_per_s" in m for m in models.values()):
+        t = models["target"]
+        for m in models.values():
+            m["speedup"] = m["examples_per_s"] / t["examples_per_s"]
+            m["flop_ratio"] = t["flops_per_token"] / m["flops_per_token"]
+            m["share_of_flop_ratio"] = m["speedup"] / m["flop_ratio"]
+    pipes = res.get("pipelines", {})
+    if not {"target", "iprox"} <= set(pipes):
+        return
     n = res["pool"]
     per_ex, fixed = {}, {}
     for name, meta in pipes.items():
@@ -444,14 +466,14 @@ def summarise(res: dict) -> None:
         fixed[name] = sum(ld.values()) + build_seconds(tm) - build_seconds(ld) + other_feats
     build = fixed["iprox"] - fixed["target"]
     gain = per_ex["target"] - per_ex["iprox"]
-    proxy_feat_per_ex = 1.0 / res["models"]["proxy 0.5"]["store_examples_per_s"]
-    ckpts = 2  # the pipelines' warm-up epochs: one train store per checkpoint
     res["summary"] = {
         "per_example_s": per_ex, "per_example_ratio": per_ex["iprox"] / per_ex["target"],
         "build_s": build, "fixed_s": fixed, "break_even_pool": (build / gain) if gain > 0 else None,
-        "build_over_10k_features": build / (10_000 * ckpts * proxy_feat_per_ex),
         "pipeline_ratio": sum(pipes["iprox"]["timings"].values()) / sum(pipes["target"]["timings"].values()),
     }
+    if "store_examples_per_s" in models.get("proxy 0.5", {}):
+        ckpts = 2  # the pipelines' warm-up epochs: one train store per checkpoint
+        res["summary"]["build_over_10k_features"] = build / (10_000 * ckpts / models["proxy 0.5"]["store_examples_per_s"])
 
 
 def report(allres: dict) -> str:
@@ -460,51 +482,73 @@ def report(allres: dict) -> str:
              "tokenizer (vocabulary 49,152); pool of GSM8K problems plus a few examples of the two BBH target tasks. "
              "Every ratio comes from one run on one machine; absolute times on the 2-core CPU mean little.", ""]
     for k, r in allres["runs"].items():
-        s = r["settings"]
-        lines += [f"### {r['geometry']}, {r['dtype']}, {r['device_name']}", "",
-                  f"`python benchmarks/bench_scale.py --geometry {r['geometry']} --dtype {r['dtype']} --pool {s['pool']} "
-                  f"--max-length {s['max_length']} --batch-size {s['batch_size']}` — {r['params']:,} parameters, "
-                  f"pool {r['pool']} (mean {r['mean_tokens']:.0f} tokens).", "",
-                  "| model | examples/s (interleaved) | × target | FLOP ratio | share of FLOP ratio | Kronecker / plain fwd+bwd (no weight grads) | examples/s (`iprox features` store) | dims |",
+        lines += _report_run(r)
+    return "\n".join(lines)
+
+
+def _report_run(r: dict) -> list[str]:
+    """One run's block; a run cut short by its time limit shows what it reached and says so."""
+    s = r["settings"]
+    models = r.get("models", {})
+    params = f"{r['params']:,} parameters, " if "params" in r else ""
+    tokens = f" (mean {r['mean_tokens']:.0f} tokens)" if "mean_tokens" in r else ""
+    lines = [f"### {r['geometry']}, {r['dtype']}, {r['device_name']}", "",
+             f"`python benchmarks/bench_scale.py --geometry {r['geometry']} --dtype {r['dtype']} --pool {s['pool']} "
+             f"--max-length {s['max_length']} --batch-size {s['batch_size']}` — {params}pool {r['pool']}{tokens}.", ""]
+    missing = [part for part, there in (("the pipelines", {"target", "iprox"} <= set(r.get("pipelines", {}))),
+                                        ("stage 1", "factorise_s" in r and len(r["factorise_s"]) == len(SPARSITIES)),
+                                        ("the per-model features", "speedup" in models.get("target", {})),
+                                        ("Kronecker vs dense", "kronecker_vs_dense" in r)) if not there]
+    if missing:
+        lines += [f"Cut short by its time limit: {', '.join(missing)} not measured.", ""]
+    if "speedup" in models.get("target", {}):
+        lines += ["| model | examples/s (interleaved) | × target | FLOP ratio | share of FLOP ratio | Kronecker / plain fwd+bwd (no weight grads) | examples/s (`iprox features` store) | dims |",
                   "|---|---|---|---|---|---|---|---|"]
-        for name, m in r["models"].items():
+        for name, m in models.items():
             lines.append(f"| {name} | {m['examples_per_s']:.2f} | {m['speedup']:.2f} | {m['flop_ratio']:.2f} | "
                          f"{m['share_of_flop_ratio']:.0%} | {m['kron_over_floor']:.2f} | "
                          f"{m.get('store_examples_per_s', float('nan')):.2f} | {m['dim']} |")
+        lines.append("")
+    if "kronecker_vs_dense" in r:
         kd = r["kronecker_vs_dense"]
+        lines.append(f"- Kronecker vs dense (LESS loop, elementwise Adam) on the target at equal dimensions, "
+                     f"{kd['n']} examples: {kd['kronecker']:.2f} vs {kd['dense']:.2f} examples/s = **{kd['ratio']:.1f}×**.")
+    if "factorise_s" in r and len(r["factorise_s"]) == len(SPARSITIES):
         f = r["factorise_s"]
-        lines += ["", f"- Kronecker vs dense (LESS loop, elementwise Adam) on the target at equal dimensions, "
-                  f"{kd['n']} examples: {kd['kronecker']:.2f} vs {kd['dense']:.2f} examples/s = **{kd['ratio']:.1f}×**.",
-                  f"- Stage 1 from one probe: probe {r['probe_s']:.1f}s; factorise {f['0.3']:.1f}s at 0.3 (eigendecompositions "
-                  f"and SVDs), then {f['0.5']:.1f}s at 0.5 and {f['0.7']:.1f}s at 0.7 reusing them; peak RSS "
-                  f"{r['stage1_peak_rss_gib']:.1f} GiB" + (f", peak accelerator {r['stage1_peak_accelerator_gib']:.1f} GiB"
-                                                            if r.get("stage1_peak_accelerator_gib") else "") + "."]
-        pt, pi = r["pipelines"]["target"], r["pipelines"]["iprox"]
-        stages = [st for st in ("pool", "proxy", "warmup", "features", "score", "rerank", "select")]
-        lines += ["", "| pipeline | " + " | ".join(stages) + " | total | loads | peak RSS GiB | peak accel GiB |",
-                  "|---" * (len(stages) + 5) + "|"]
-        for name, p in (("target only (LESS)", pt), ("IProX 0.5", pi)):
-            tm = p["timings"]
-            accel = max(p.get("peak_accelerator_gib", {}).values(), default=0.0)
-            tm = {**tm, "proxy": build_seconds(tm)}  # compress + align (one stage before 0.5)
-            lines.append(f"| {name} | " + " | ".join(f"{tm.get(st, 0):.1f}" for st in stages) +
-                         f" | {sum(p['timings'].values()):.1f} | {sum(p.get('loads', {}).values())} | "
-                         f"{max(p['peak_rss_gib'].values()):.1f} | {accel:.1f} |")
-        sm = r["summary"]
-        be = sm["break_even_pool"]
-        steps = pi.get("align_steps_run", s["align_steps"])
-        lines += ["", f"- Per pool example (warm-up + features + rerank): target {sm['per_example_s']['target']:.3f}s, IProX "
-                  f"{sm['per_example_s']['iprox']:.3f}s = **{sm['per_example_ratio']:.2f}×**; whole pipeline "
-                  f"{sm['pipeline_ratio']:.2f}× the target's at this pool size.",
-                  "- Fixed costs (model loads and hashes" + (", featurising the validation and calibration sets"
-                                                             if "feature_stores_s" in pt else "") + "): "
-                  f"{sm['fixed_s']['target']:.1f}s (target only) and "
-                  f"{sm['fixed_s']['iprox']:.1f}s (IProX, with the build: probe, factorise, {steps} alignment "
-                  f"steps" + (f"; the rerank featurised {pi['rerank_examples']} examples with the target"
-                              if pi.get("rerank_examples") else "") + f"); the build adds {sm['build_s']:.1f}s; "
-                  + (f"recovered by a pool of **{be:,.0f}** examples" if be else "never recovered (the proxy is not cheaper per example)")
-                  + f"; the build is **{sm['build_over_10k_features']:.1%}** of featurising a 10k pool at 2 checkpoints.", ""]
-    return "\n".join(lines)
+        lines.append(f"- Stage 1 from one probe: probe {r['probe_s']:.1f}s; factorise {f['0.3']:.1f}s at 0.3 (eigendecompositions "
+                     f"and SVDs), then {f['0.5']:.1f}s at 0.5 and {f['0.7']:.1f}s at 0.7 reusing them; peak RSS "
+                     f"{r['stage1_peak_rss_gib']:.1f} GiB" + (f", peak accelerator {r['stage1_peak_accelerator_gib']:.1f} GiB"
+                                                              if r.get("stage1_peak_accelerator_gib") else "") + ".")
+    if "summary" not in r:
+        return lines + [""]
+    pt, pi = r["pipelines"]["target"], r["pipelines"]["iprox"]
+    stages = [st for st in ("pool", "proxy", "warmup", "features", "score", "rerank", "select")]
+    lines += ["", "| pipeline | " + " | ".join(stages) + " | total | loads | peak RSS GiB | peak accel GiB |",
+              "|---" * (len(stages) + 5) + "|"]
+    for name, p in (("target only (LESS)", pt), ("IProX 0.5", pi)):
+        tm = p["timings"]
+        accel = max(p.get("peak_accelerator_gib", {}).values(), default=0.0)
+        tm = {**tm, "proxy": build_seconds(tm)}  # compress + align (one stage before 0.5)
+        lines.append(f"| {name} | " + " | ".join(f"{tm.get(st, 0):.1f}" for st in stages) +
+                     f" | {sum(p['timings'].values()):.1f} | {sum(p.get('loads', {}).values())} | "
+                     f"{max(p['peak_rss_gib'].values()):.1f} | {accel:.1f} |")
+    sm = r["summary"]
+    be = sm["break_even_pool"]
+    steps = pi.get("align_steps_run", s["align_steps"])
+    tenk = sm.get("build_over_10k_features")
+    lines += ["", f"- Per pool example (warm-up + features + rerank): target {sm['per_example_s']['target']:.3f}s, IProX "
+              f"{sm['per_example_s']['iprox']:.3f}s = **{sm['per_example_ratio']:.2f}×**; whole pipeline "
+              f"{sm['pipeline_ratio']:.2f}× the target's at this pool size.",
+              "- Fixed costs (model loads and hashes" + (", featurising the validation and calibration sets"
+                                                         if "feature_stores_s" in pt else "") + "): "
+              f"{sm['fixed_s']['target']:.1f}s (target only) and "
+              f"{sm['fixed_s']['iprox']:.1f}s (IProX, with the build: probe, factorise, {steps} alignment "
+              f"steps" + (f"; the rerank featurised {pi['rerank_examples']} examples with the target"
+                          if pi.get("rerank_examples") else "") + f"); the build adds {sm['build_s']:.1f}s; "
+              + (f"recovered by a pool of **{be:,.0f}** examples" if be else "never recovered (the proxy is not cheaper per example)")
+              + (f"; the build is **{tenk:.1%}** of featurising a 10k pool at 2 checkpoints" if tenk is not None else "")
+              + ".", ""]
+    return lines
 
 
 if __name__ == "__main__":
