@@ -80,24 +80,27 @@ W = sum(p.numel() * p.element_size() for p in m.parameters())
 base = psutil.Process().memory_info().rss
 build_proxy(ProxyConfig(model=folder, data=[folder + "/data.jsonl"], out=folder + "/proxy", init="svd", probe_examples=4,
                         max_length={LENGTH}, batch_size={BATCH}, align_examples={BATCH}, align_steps=1,
-                        gradient_checkpointing=sys.argv[2] == "1", align_cosine="batch", progress=False),
+                        gradient_checkpointing=sys.argv[2] == "1", align_cosine=sys.argv[3],
+                        align_micro_batch={BATCH} if sys.argv[3] == "example" else 1, progress=False),
             model=m, tokenizer=tok)
 print(json.dumps({{"measured_gib": (W + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**30}}))
 """
 
 
-@pytest.mark.parametrize("family,recompute", [("llama", False), ("gpt2", False), ("qwen2", True)])
-def test_alignment_estimate_within_25_percent_of_the_measured_peak(tmp_path, family, recompute):
+@pytest.mark.parametrize("family,recompute,cosine", [("llama", False, "batch"), ("gpt2", False, "batch"),
+                                                    ("qwen2", True, "batch"), ("llama", False, "example"),
+                                                    ("qwen2", True, "example")])
+def test_alignment_estimate_within_25_percent_of_the_measured_peak(tmp_path, family, recompute, cosine):
     import os
 
     _small_model(tmp_path, family)
-    r = subprocess.run([sys.executable, "-c", ALIGN_CHILD, str(tmp_path), str(int(recompute))], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    r = subprocess.run([sys.executable, "-c", ALIGN_CHILD, str(tmp_path), str(int(recompute)), cosine],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert r.returncode == 0, r.stderr[-3000:]
     measured = json.loads(r.stdout.strip().splitlines()[-1])["measured_gib"]
     planned = plan(PlanConfig(model=str(tmp_path), dtype="float32", max_length=LENGTH,
-                              proxy=dict(batch_size=BATCH, gradient_checkpointing=recompute,
-                                         align_cosine="batch")))["stages"]["align"]["peak_gib"]
+                              proxy=dict(batch_size=BATCH, gradient_checkpointing=recompute, align_cosine=cosine,
+                                         align_micro_batch=BATCH if cosine == "example" else 1)))["stages"]["align"]["peak_gib"]
     assert measured > 1.0
     assert abs(planned / measured - 1) <= 0.25, (family, planned, measured)
 
@@ -111,9 +114,12 @@ def test_llama_8b_alignment_fits_80_gb_with_recomputation_offload_and_micro_batc
     assert peak(offload_optimizer=True) < default - 45              # 16 bytes × ~3.5B factor parameters
     assert peak(gradient_checkpointing=True) <= default             # the target phase is not the peak here
     assert peak(gradient_checkpointing=True, offload_optimizer=True, batch_size=1) <= 80
-    # the per-example cosine runs micro-batches of one whatever batch_size: the same peak
-    assert peak(offload_optimizer=True, align_cosine="example") == pytest.approx(peak(offload_optimizer=True,
-                                                                                       batch_size=1))
+    # the per-example cosine runs passes of align_micro_batch (1 unless told) whatever batch_size, and
+    # never forms the target's weight gradients: below the summed cosine's micro-batch of one
+    one = peak(offload_optimizer=True, align_cosine="example")
+    assert one == pytest.approx(peak(offload_optimizer=True, align_cosine="example", batch_size=1, grad_accum=4))
+    assert one < peak(offload_optimizer=True, batch_size=1) - 5        # G: 2 bytes × ~7B weights
+    assert peak(offload_optimizer=True, align_cosine="example", align_micro_batch=4) > one + 40
 
 
 def test_llama_8b_config_plans_stage1_within_60_gb_in_bf16():

@@ -48,6 +48,7 @@ from . import artifacts
 from .data import TokenizedExample, collate, load_examples, probe_split, tokenize_examples
 from .distributed import all_reduce_sum_, barrier, on_rank0, rank_device, world
 from .evaluation import per_example_loss
+from .example_cosines import example_cosines, token_grads
 from .loading import (ALIGN_CHECKPOINT_DIR, PROXY_FILE, STAGE1_DONE, complete_proxy, read_lora_state,
                       target_lora_checkpoint)
 from .lowrank import AdaptedLinear, FactorizedLinear, adapter_layers, attach_adapters, detach_adapters
@@ -62,7 +63,8 @@ log = logging.getLogger(__name__)
 
 # The settings of ProxyConfig that are the alignment's alone (stage 1 ignores them), and those both
 # stages read: together, what the align stage records.
-ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_min_steps", "align_cosine", "align_space",
+ALIGN_FIELDS = ("align_steps", "align_epochs", "align_examples", "align_min_steps", "align_cosine",
+                "align_micro_batch", "align_space",
                 "align_checkpoint", "lambda_kl", "temperature", "lr", "weight_decay", "grad_accum", "checkpoint_every",
                 "gradient_checkpointing", "offload_optimizer")
 SHARED_FIELDS = ("model", "data", "seed", "max_length", "dtype", "batch_size", "probe_examples", "trust_remote_code")
@@ -161,8 +163,9 @@ def factor_space_cosines(gAB, tAB) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def response_kl(target_logits: torch.Tensor, proxy_logits: torch.Tensor, labels: torch.Tensor,
-                temperature: float) -> torch.Tensor:
-    """``τ² · mean over response tokens of KL(softmax(z_t/τ) ‖ softmax(z_p/τ))``.
+                temperature: float, per_example: bool = False) -> torch.Tensor:
+    """``τ² · mean over response tokens of KL(softmax(z_t/τ) ‖ softmax(z_p/τ))``; with
+    ``per_example``, that mean for each example over its own tokens, shape (B,).
 
     Logits at position t predict token t+1, so the response positions are where ``labels[:, 1:]``
     is not -100.
@@ -173,7 +176,12 @@ def response_kl(target_logits: torch.Tensor, proxy_logits: torch.Tensor, labels:
     zp = proxy_logits[:, :-1][mask].to(acc) / temperature
     lt, lp = F.log_softmax(zt, -1), F.log_softmax(zp, -1)
     kl = (lt.exp() * (lt - lp)).sum(-1)
-    return temperature**2 * kl.mean()
+    if not per_example:
+        return temperature**2 * kl.mean()
+    # each example's mean over its own response tokens, (B,)
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(mask.shape[0], dtype=kl.dtype, device=kl.device).index_add(0, rows, kl)
+    return temperature**2 * sums / mask.sum(1).clamp_min(1).to(kl.dtype)
 
 
 def adapter_grads(model: nn.Module, adapters: Sequence[AdaptedLinear], enc: dict[str, torch.Tensor],
@@ -222,13 +230,18 @@ def compared_grads(proxy, target, pairs, enc, create_graph: bool, lora: LoraSpac
 
 
 def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float, recompute_target: bool = False,
-                   lora: LoraSpace | None = None):
+                   lora: LoraSpace | None = None, per_example: bool = False):
     """``(L, L_GA, L_KL)`` for one batch; ``L`` carries the graph back to the factors.
 
     ``recompute_target``: checkpoint the target's blocks (its backward is a plain one, so their
     activations need not all be kept; the proxy's double backward holds its own graph regardless).
     ``lora``: compare the carried adapters' gradients instead of the factor-space ones.
+    ``per_example``: the cosines of each example's own gradients, and the KL over each example's
+    tokens, averaged over the batch's examples (:func:`example_alignment_loss`); otherwise the cosines
+    of the batch's summed gradients and the KL over all its response tokens.
     """
+    if per_example:
+        return example_alignment_loss(proxy, target, pairs, enc, lambda_kl, temperature, recompute_target, lora)
     gAB, tAB, t_logits, p_logits = compared_grads(proxy, target, pairs, enc, True, lora, recompute_target)
     cos_a, cos_b = factor_space_cosines(gAB, tAB)
     l_ga = (0.5 * ((1 - cos_a) + (1 - cos_b))).mean()
@@ -238,6 +251,49 @@ def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: flo
     with torch.no_grad():  # still reported, but no graph for a term that does not train
         l_kl = response_kl(t_logits, p_logits.detach(), enc["labels"], temperature)
     return l_ga, l_ga.detach(), l_kl
+
+
+def example_alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float,
+                           recompute_target: bool = False, lora: LoraSpace | None = None, form: str = "auto"):
+    """``(L, L_GA, L_KL)`` of a batch as the mean over its examples of what each example alone gives
+    (a batch of one in :func:`alignment_loss`), from one pass of each model.
+
+    Each example's gradients stay in token form (:mod:`~iprox.example_cosines`): the proxy's factor
+    ``A`` as (``δ_y``, ``B x``) and ``B`` as (``Aᵀ δ_y``, ``x``), the target's ``G Bᵀ`` as (``δ_y'``,
+    ``x' Bᵀ``) and ``Aᵀ G`` as (``δ_y' A``, ``x'``), with ``x``, ``δ_y`` each model's input and output
+    gradient at the layer; in the LoRA space each model's adapters alike. The target's weight
+    gradients ``G`` are never formed. ``form``: see :func:`~iprox.example_cosines.example_cosines`.
+    """
+    if lora is None:
+        p_mods = [m for p in pairs for m in (p.proxy.A, p.proxy.B)]
+        t_mods = [p.target for p in pairs]
+    else:
+        p_mods = [m for a in lora.proxy for m in (a.lora_A["default"], a.lora_B["default"])]
+        t_mods = [m for a in lora.target for m in (a.lora_A["default"], a.lora_B["default"])]
+    with recomputed_blocks(target, recompute_target):
+        t_grads, t_logits = token_grads(target, t_mods, enc, create_graph=False)
+    t_grads = [(d.detach(), x.detach()) for d, x in t_grads]
+    p_grads, p_logits = token_grads(proxy, p_mods, enc, create_graph=True)
+    cos_a, cos_b = [], []
+    for i in range(len(p_mods) // 2):
+        ga, gb = p_grads[2 * i], p_grads[2 * i + 1]
+        if lora is None:   # the target's gradient seen in factor space
+            A, B = pairs[i].proxy.A.weight, pairs[i].proxy.B.weight
+            (d, x) = t_grads[i]
+            ta, tb = (d, x.to(B.dtype) @ B.T), (d.to(A.dtype) @ A, x)
+        else:
+            ta, tb = t_grads[2 * i], t_grads[2 * i + 1]
+        cos_a.append(example_cosines(ga, ta, form))
+        cos_b.append(example_cosines(gb, tb, form))
+    # per example: the mean over layers, as a batch of one has it
+    l_ga = (0.5 * ((1 - torch.stack(cos_a)) + (1 - torch.stack(cos_b)))).mean(0)
+    t_logits = t_logits.detach()
+    if lambda_kl > 0:
+        l_kl = response_kl(t_logits, p_logits, enc["labels"], temperature, per_example=True)
+        return (l_ga + lambda_kl * l_kl).mean(), l_ga.mean().detach(), l_kl.mean().detach()
+    with torch.no_grad():
+        l_kl = response_kl(t_logits, p_logits.detach(), enc["labels"], temperature, per_example=True)
+    return l_ga.mean(), l_ga.mean().detach(), l_kl.mean()
 
 
 @contextmanager
@@ -295,21 +351,38 @@ class AlignSettings:
     seed: int
     gradient_checkpointing: bool = False   # recompute the target's blocks in its backward
     offload_optimizer: bool = False        # master factors and moments in host memory
-    per_example: bool = False              # the cosine per example: micro-batches of one
+    per_example: bool = False              # the cosine of each example's own gradients
+    micro_batch: int = 1                   # per example: the examples of one pass
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
     return max(1, math.ceil(n_examples / (batch_size * grad_accum)))
 
 
-def _micro_batches(examples, step: int, s: AlignSettings) -> tuple[int, list[list[TokenizedExample]]]:
+def _micro_batches(examples, step: int, s: AlignSettings, rank: int = 0,
+                   n_ranks: int = 1) -> tuple[int, list[list[TokenizedExample]], list[float]]:
+    """The step's epoch, this rank's micro-batches of it and each one's share of the step's loss.
+
+    Per example (each example's loss stands alone), the step's examples are dealt to the ranks one
+    by one and each rank takes its own in micro-batches of ``micro_batch``; a micro-batch weighs its
+    examples' share of the step. Otherwise a micro-batch's loss is a function of the whole
+    micro-batch: the step's ``grad_accum`` micro-batches are dealt to the ranks in turn, each
+    weighing 1/grad_accum.
+    """
     per_epoch = steps_per_epoch(len(examples), s.batch_size, s.grad_accum)
     epoch, k = divmod(step, per_epoch)
     order = epoch_order(len(examples), epoch, s.seed)
     span = s.batch_size * s.grad_accum
     idx = order[k * span : (k + 1) * span]
-    micro = 1 if s.per_example else s.batch_size  # the same examples per step either way
-    return epoch, [[examples[i] for i in idx[j : j + micro]] for j in range(0, len(idx), micro)]
+    if s.per_example:
+        mine = idx[rank::n_ranks]
+        chunks = [mine[j : j + s.micro_batch] for j in range(0, len(mine), s.micro_batch)]
+        shares = [len(c) / len(idx) for c in chunks]
+    else:
+        every = [idx[j : j + s.batch_size] for j in range(0, len(idx), s.batch_size)]
+        chunks = every[rank::n_ranks]
+        shares = [1 / len(every)] * len(chunks)
+    return epoch, [[examples[i] for i in c] for c in chunks], shares
 
 
 def _factor_params(pairs) -> dict[str, nn.Parameter]:
@@ -402,19 +475,16 @@ def run_alignment(
         space = adapters.enter_context(carrying(proxy, target, *lora)) if lora is not None else None
         for step in bar:
             t0 = time.perf_counter()
-            epoch, micro = _micro_batches(examples, step, settings)
+            # Under torchrun the ranks share the step (see _micro_batches) and sum what they got.
+            epoch, micro, shares = _micro_batches(examples, step, settings, rank, n_ranks)
             opt.zero_grad()
             sums = torch.zeros(3, dtype=torch.float64)  # loss, grad_align, kl summed over micro-batches
-            # Under torchrun the step's micro-batches are dealt to the ranks in turn (a micro-batch's
-            # loss is a function of the whole micro-batch, so it is the unit that is split).
-            for i, mb in enumerate(micro):
-                if i % n_ranks != rank:
-                    continue
+            for mb, share in zip(micro, shares):
                 enc = collate(mb, pad_id, device)
                 loss, l_ga, l_kl = alignment_loss(proxy, target, pairs, enc, settings.lambda_kl, settings.temperature,
-                                                  settings.gradient_checkpointing, space)
-                (loss / len(micro)).backward()
-                sums += torch.tensor([float(loss.detach()), float(l_ga), float(l_kl)], dtype=torch.float64) / len(micro)
+                                                  settings.gradient_checkpointing, space, settings.per_example)
+                (loss * share).backward()
+                sums += torch.tensor([float(loss.detach()), float(l_ga), float(l_kl)], dtype=torch.float64) * share
             # Target weights only served to produce G (and the carried adapters to take gradients
             # at); drop any gradient that leaked into them.
             for pr in pairs:
@@ -448,8 +518,10 @@ def run_alignment(
             proxy.set_attn_implementation(attn_before)
     done = len(rows) - start
     if n_ranks > 1:
-        log.info("alignment: rank %d of %d ran every %d-th of the %d micro-batches per step", rank, n_ranks,
-                 n_ranks, settings.grad_accum)
+        per_step, unit = ((settings.batch_size * settings.grad_accum, "examples") if settings.per_example
+                          else (settings.grad_accum, "micro-batches"))
+        log.info("alignment: rank %d of %d took every %d-th of the %d %s per step", rank, n_ranks, n_ranks,
+                 per_step, unit)
     per_step = (time.perf_counter() - t_run) / done if done else float("nan")
     if rows:
         last = {k: rows[-1][k] for k in ("loss", "grad_align", "kl")}
@@ -517,7 +589,7 @@ def align_in_place(proxy: nn.Module, target: nn.Module, tokenizer, examples, con
                              temperature=config.temperature, checkpoint_every=config.checkpoint_every,
                              seed=config.seed, gradient_checkpointing=config.gradient_checkpointing,
                              offload_optimizer=config.offload_optimizer,
-                             per_example=config.align_cosine == "example")
+                             per_example=config.align_cosine == "example", micro_batch=config.align_micro_batch)
     info = lora_space_checkpoint(config, None)
     lora = None if info is None else (read_lora_state(config.align_checkpoint, next(proxy.parameters()).device),
                                       float(info["lora_alpha"]))

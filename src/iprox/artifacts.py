@@ -103,6 +103,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 # Settings added after folders were first written, with the default that reproduces the older
 # behaviour: a folder that lacks one and a config that holds its default compare equal.
 ADDED_WITH_DEFAULT = {"probe_statistics": "moments", "probe_balance": "loss", "align_cosine": "batch",
+                      "align_micro_batch": 1,
                       "depth_slope": 0.0, "align_space": "factors", "align_checkpoint": "",
                       "calibration": [], "calibration_ridge": 0.01}
 

@@ -428,14 +428,27 @@ def plan(config: PlanConfig) -> dict:
     n_val_target, n_cal = config.target_featurises()
     n_feat_proxy = config.pool + (config.validation if config.resolved_val_model() != "target" else 0)
     n_feat = config.pool + config.validation
-    # Alignment, one micro-batch at a time in two phases. Both hold the two models, the optimiser
-    # (on the device unless offloaded: then only the factors' gradients) and the target's weight
-    # gradients G of the factored layers. The target phase adds its forward's activations (only the
-    # blocks' inputs and one block's recomputation when checkpointed) and its loss; the proxy phase
-    # the target's logits, its forward's and create_graph backward's saved tensors and its loss.
-    G = sum(m * k for (m, k), r in zip(f.layers.values(), _ranks(f, px.sparsity).values()) if r) * es
+    # Alignment, one micro-batch at a time in two phases (of batch_size over the summed gradient, of
+    # align_micro_batch per example). Both hold the two models and the
+    # optimiser (on the device unless offloaded: then only the factors' gradients). The target phase
+    # adds its forward's activations (only the blocks' inputs and one block's recomputation when
+    # checkpointed) and its loss; the proxy phase the target's logits, its forward's and create_graph
+    # backward's saved tensors and its loss. Over the summed gradient (align_cosine "batch") both
+    # phases hold the target's weight gradients G of the factored layers. Per example, G is never
+    # formed; instead the target's inputs and output gradients at those layers stay for the proxy
+    # phase, which adds the target's token tensors projected through the factors and, per layer, the
+    # cheaper of the float32 Gram matrices and the formed per-example gradients (iprox.example_cosines).
+    ranks = _ranks(f, px.sparsity)
+    factored = [(m, k, r) for (m, k), r in zip(f.layers.values(), ranks.values()) if r]
     optim = factor_params * es if px.offload_optimizer else adam(factor_params)
-    Ba = 1 if px.align_cosine == "example" else B  # the alignment's micro-batch
+    Ba = px.align_micro_batch if px.align_cosine == "example" else B
+    if px.align_cosine == "example":
+        G = 0
+        compare = Ba * sum(L * (m + k + 2 * r) * es + min(6 * L * L * 4, 2 * (m * r + r * k) * (es + 4))
+                          for m, k, r in factored)
+    else:
+        G = sum(m * k for m, k, _ in factored) * es
+        compare = 0
     if px.gradient_checkpointing:
         target_acts = Ba * L * (f.blocks * f.hidden * es + f.saved_per_token / f.blocks)
     else:
@@ -444,7 +457,8 @@ def plan(config: PlanConfig) -> dict:
     align_common = W + W_proxy + optim + G
     # (+ 7 float32 vocabulary-sized tensors in the proxy phase: the loss's first and second
     # derivatives, transient, so not among the saved tensors; calibrated against measured peaks)
-    align_peak = max(target_acts + logits(Ba), Ba * L * V * es + proxy_acts + 7 * Ba * L * V * 4 + factor_params * es)
+    align_peak = max(target_acts + logits(Ba),
+                     Ba * L * V * es + proxy_acts + 7 * Ba * L * V * 4 + factor_params * es + compare)
     stages = {
         "probe+factorise": {"peak_gib": stage1(chosen) / GIB, "flops": 2 * fwd_flops(f.params, n_probe)},
         # target fwd+bwd with weight gradients (a recomputed forward more when checkpointed), proxy

@@ -122,10 +122,15 @@ class ProxyConfig:
         lr, weight_decay: AdamW settings for the factors.
         grad_accum: micro-batches of ``batch_size`` per optimiser step.
         align_cosine: where the alignment takes its gradient cosine: over each micro-batch's summed
-            gradient (``batch``), or over each example's own gradient (``example``: micro-batches of
-            one, the same ``batch_size × grad_accum`` examples per step), as influence is per
-            example. Per micro-batch, short answers' large gradients dominate the sum and long
+            gradient (``batch``), or over each example's own gradient (``example``: the same
+            ``batch_size × grad_accum`` examples per step, taken ``align_micro_batch`` at a time),
+            as influence is per example. Per micro-batch, short answers' large gradients dominate the sum and long
             answers go unaligned.
+        align_micro_batch: under ``align_cosine = "example"``, the examples of one forward and
+            backward pass: every example's gradients come from it in token form, never formed
+            (:mod:`iprox.example_cosines`). The objective does not depend on it; more examples per
+            pass hold that many examples' activations, for an accelerator's sake (on the CPU one pass
+            of 4 was slower than 4 passes of one).
         align_space: which gradients the alignment compares: ``factors`` (the proxy's factor
             gradients with the target's weight gradient projected on the factors' subspaces, as the
             paper) or ``lora`` (the gradients of a target's LoRA warm-up adapters, carried by both
@@ -175,6 +180,7 @@ class ProxyConfig:
     grad_accum: int = 1
     checkpoint_every: int = 10
     align_cosine: Literal["batch", "example"] = "example"
+    align_micro_batch: int = 1
     align_space: Literal["factors", "lora"] = "factors"
     align_checkpoint: str = ""
     gradient_checkpointing: bool = False
@@ -266,6 +272,11 @@ class ProxyConfig:
             raise ValueError("grad_accum and checkpoint_every must be >= 1")
         if self.align_examples < 0:
             raise ValueError("align_examples must be >= 0 (0: 1% of the data)")
+        if self.align_micro_batch < 1:
+            raise ValueError(f"align_micro_batch must be >= 1, got {self.align_micro_batch}")
+        if self.align_micro_batch > 1 and self.align_cosine != "example":
+            raise ValueError('align_micro_batch sets the passes of align_cosine = "example"; over the summed '
+                             'gradient (align_cosine = "batch") each pass is a micro-batch of batch_size')
         if self.align_min_steps < 0:
             raise ValueError(f"align_min_steps must be >= 0 (0: no floor), got {self.align_min_steps}")
         if self.align_checkpoint and self.align_space != "lora":
