@@ -257,7 +257,9 @@ def main() -> None:
     ap.add_argument("--val", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=192)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dense-examples", type=int, default=16, help="examples for Kronecker vs dense")
+    ap.add_argument("--dense-examples", type=int, default=16, help="examples for Kronecker vs dense (0: skip it)")
+    ap.add_argument("--no-pipelines", action="store_true",
+                    help="skip the two pipelines (a run's results keep those of an earlier run under the same key)")
     # Unpinned (None), the IProX pipeline takes the library's defaults; stage 1's own measurement then
     # probes 16 examples at 4,096 tokens.
     ap.add_argument("--probe-examples", type=int, default=None)
@@ -307,7 +309,7 @@ def main() -> None:
     # 4. Pipelines, each in its own process (first: on a GPU with a time limit, the figure users ask
     # for first is what the whole pipeline costs).
     res["pipelines"] = {}
-    for name, selector in (("target", "model"), ("iprox", "proxy")):
+    for name, selector in (("target", "model"), ("iprox", "proxy")) if not args.no_pipelines else ():
         res["pipelines"][name] = run_pipeline(work, name, target_dir, inputs, args, selector)
         log.info("pipeline %s: %s", name, res["pipelines"][name]["timings"])
         partial(work, res)
@@ -376,7 +378,7 @@ def main() -> None:
                                "flops_per_token": shapes[name][0], "params": shapes[name][1],
                                "peak_accelerator_gib": _accel_peak(device)}
         checkpoints[name] = ck_dir
-        if name == "target":
+        if name == "target" and args.dense_examples:
             # 3. Kronecker against dense at equal dimensions, same checkpoint, same examples.
             items = pool_tok[: args.dense_examples]
             sub = work / "dense-subset.jsonl"
@@ -414,7 +416,7 @@ def main() -> None:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     allres = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
-    allres["runs"][key(res)] = res
+    store(allres, res)
     results_path.write_text(json.dumps(allres, indent=1, default=str) + "\n")
     update_benchmarks_md("scale", report(allres))
 
@@ -425,8 +427,7 @@ def merge(path: Path, results_path: Path) -> None:
     runs = got["runs"].values() if "runs" in got else [got]
     allres = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}}
     for res in runs:
-        summarise(res)
-        allres["runs"][key(res)] = res
+        store(allres, res)
         log.info("merged %s from %s", key(res), path)
     results_path.write_text(json.dumps(allres, indent=1, default=str) + "\n")
 
@@ -437,7 +438,17 @@ def partial(work: Path, res: dict) -> None:
 
 
 def key(res: dict) -> str:
-    return f"{res['geometry']}/{res['dtype']}/{res['device']}"
+    batch = res["settings"].get("batch_size", 8)
+    return f"{res['geometry']}/{res['dtype']}/{res['device']}" + (f"/b{batch}" if batch != 8 else "")
+
+
+def store(allres: dict, res: dict) -> None:
+    """``res`` under its key; what it did not measure (the pipelines skipped, a part cut short) stays
+    as an earlier run under the same key measured it."""
+    old = allres["runs"].get(key(res), {})
+    new = {**old, **{k: v for k, v in res.items() if v or k not in old}}
+    summarise(new)
+    allres["runs"][key(res)] = new
 
 
 def summarise(res: dict) -> None:
