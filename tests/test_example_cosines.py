@@ -59,6 +59,17 @@ def test_token_grads_give_each_examples_own_weight_gradient(tmp_path, family):
             torch.testing.assert_close(g if isinstance(mod, torch.nn.Linear) else g.T, w, rtol=1e-8, atol=1e-12)
 
 
+def test_token_grads_refuse_a_module_run_twice(tmp_path):
+    """A module called twice in one forward (shared weights) has no single (D, X): refused, not
+    silently taken from its first call."""
+    model = tiny_llama(dtype=torch.float64)
+    enc, _, _ = _enc(tmp_path)
+    up = model.model.layers[0].mlp.up_proj
+    model.model.layers[1].mlp.up_proj = up          # the same module in two blocks
+    with pytest.raises(RuntimeError, match="more than once"):
+        token_grads(model, [up], enc, create_graph=False)
+
+
 def _compressed_pair(dtype=torch.float64):
     """A tiny target and a proxy of it with every factor pair cut to rank 3 (L_GA > 0)."""
     target = tiny_llama(dtype=dtype)

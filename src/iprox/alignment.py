@@ -518,10 +518,10 @@ def run_alignment(
             proxy.set_attn_implementation(attn_before)
     done = len(rows) - start
     if n_ranks > 1:
-        per_step, unit = ((settings.batch_size * settings.grad_accum, "examples") if settings.per_example
-                          else (settings.grad_accum, "micro-batches"))
+        n_step, unit = ((settings.batch_size * settings.grad_accum, "examples") if settings.per_example
+                        else (settings.grad_accum, "micro-batches"))
         log.info("alignment: rank %d of %d took every %d-th of the %d %s per step", rank, n_ranks, n_ranks,
-                 per_step, unit)
+                 n_step, unit)
     per_step = (time.perf_counter() - t_run) / done if done else float("nan")
     if rows:
         last = {k: rows[-1][k] for k in ("loss", "grad_align", "kl")}

@@ -32,17 +32,20 @@ TokenGrad = tuple[torch.Tensor, torch.Tensor]  # (D, X): (b, T, m) output gradie
 
 @contextmanager
 def watched(modules: Sequence[nn.Module]):
-    """Records the first input and output of each module in the forwards inside the block."""
+    """Records the first input and output of each module in the forwards inside the block, and how
+    often each ran."""
     ins: dict[nn.Module, torch.Tensor] = {}
     outs: dict[nn.Module, torch.Tensor] = {}
+    calls: dict[nn.Module, int] = {}
 
     def hook(mod, args, out):
+        calls[mod] = calls.get(mod, 0) + 1
         if mod not in outs:
             ins[mod], outs[mod] = args[0], out
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
-        yield ins, outs
+        yield ins, outs, calls
     finally:
         for h in handles:
             h.remove()
@@ -59,11 +62,14 @@ def token_grads(model: nn.Module, modules: Sequence[nn.Module], enc: dict[str, t
         carries a graph when ``create_graph``. Every module's output must depend on something that
         requires a gradient (its own weight, say).
     """
-    with watched(modules) as (ins, outs):
+    with watched(modules) as (ins, outs, calls):
         logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], use_cache=False).logits
         missing = [m for m in modules if m not in outs]
         if missing:
             raise RuntimeError(f"{len(missing)} watched module(s) did not run in the forward")
+        if max(calls.values()) > 1:   # (a recomputed block runs them again, but only in the backward)
+            raise RuntimeError("a watched module ran more than once in one forward (shared weights?): its "
+                               "per-example gradient is not its first call's alone")
         loss = per_example_loss(logits, enc["labels"]).sum()
         D = torch.autograd.grad(loss, [outs[m] for m in modules], create_graph=create_graph)
     return [(d, ins[m]) for m, d in zip(modules, D)], logits

@@ -429,11 +429,11 @@ def plan(config: PlanConfig) -> dict:
     n_feat_proxy = config.pool + (config.validation if config.resolved_val_model() != "target" else 0)
     n_feat = config.pool + config.validation
     # Alignment, one micro-batch at a time in two phases (of batch_size over the summed gradient, of
-    # align_micro_batch per example). Both hold the two models and the
-    # optimiser (on the device unless offloaded: then only the factors' gradients). The target phase
-    # adds its forward's activations (only the blocks' inputs and one block's recomputation when
-    # checkpointed) and its loss; the proxy phase the target's logits, its forward's and create_graph
-    # backward's saved tensors and its loss. Over the summed gradient (align_cosine "batch") both
+    # align_micro_batch per example). Both hold the two models and the optimiser (on the device
+    # unless offloaded: then only the factors' gradients). The target phase adds its forward's
+    # activations (only the blocks' inputs and one block's recomputation when checkpointed) and its
+    # loss; the proxy phase the target's logits, its forward's and create_graph backward's saved
+    # tensors and its loss. Over the summed gradient (align_cosine "batch") both
     # phases hold the target's weight gradients G of the factored layers. Per example, G is never
     # formed; instead the target's inputs and output gradients at those layers stay for the proxy
     # phase, which adds the target's token tensors projected through the factors and, per layer, the

@@ -124,8 +124,8 @@ class ProxyConfig:
         align_cosine: where the alignment takes its gradient cosine: over each micro-batch's summed
             gradient (``batch``), or over each example's own gradient (``example``: the same
             ``batch_size × grad_accum`` examples per step, taken ``align_micro_batch`` at a time),
-            as influence is per example. Per micro-batch, short answers' large gradients dominate the sum and long
-            answers go unaligned.
+            as influence is per example. Per micro-batch, short answers' large gradients dominate
+            the sum and long answers go unaligned.
         align_micro_batch: under ``align_cosine = "example"``, the examples of one forward and
             backward pass: every example's gradients come from it in token form, never formed
             (:mod:`iprox.example_cosines`). The objective does not depend on it; more examples per
