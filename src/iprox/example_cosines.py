@@ -10,7 +10,8 @@ per example. Two such gradients meet without being formed:
 
 (the "Gram form", a (T×T) product per example), or by forming both (``einsum``) where that is
 cheaper: ``T·(m+n)`` against ``m·n`` multiply-adds per token pair decides, layer by layer. Both are
-exact; the alignment's per-example cosine takes them in place of micro-batches of one example.
+exact. The alignment's per-example cosine takes its gradients this way (since 0.15; before, it formed
+both models' weight gradients, one example per pass), ``align_micro_batch`` examples per pass.
 
 The forward hooks record each watched module's input and output once per forward (the first call:
 a recomputed block, see :func:`~iprox.models.recomputed_blocks`, calls its modules again during the
