@@ -245,12 +245,18 @@ def alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: flo
     gAB, tAB, t_logits, p_logits = compared_grads(proxy, target, pairs, enc, True, lora, recompute_target)
     cos_a, cos_b = factor_space_cosines(gAB, tAB)
     l_ga = (0.5 * ((1 - cos_a) + (1 - cos_b))).mean()
+    return _with_kl(l_ga, t_logits, p_logits, enc["labels"], lambda_kl, temperature, per_example=False)
+
+
+def _with_kl(l_ga, t_logits, p_logits, labels, lambda_kl: float, temperature: float, per_example: bool):
+    """``(L, L_GA, L_KL)`` from ``L_GA`` and the two models' logits, each term's mean over the
+    examples when ``per_example`` (both terms per example then), else as given."""
     if lambda_kl > 0:
-        l_kl = response_kl(t_logits, p_logits, enc["labels"], temperature)
-        return l_ga + lambda_kl * l_kl, l_ga.detach(), l_kl.detach()
+        l_kl = response_kl(t_logits, p_logits, labels, temperature, per_example)
+        return (l_ga + lambda_kl * l_kl).mean(), l_ga.mean().detach(), l_kl.mean().detach()
     with torch.no_grad():  # still reported, but no graph for a term that does not train
-        l_kl = response_kl(t_logits, p_logits.detach(), enc["labels"], temperature)
-    return l_ga, l_ga.detach(), l_kl
+        l_kl = response_kl(t_logits, p_logits.detach(), labels, temperature, per_example)
+    return l_ga.mean(), l_ga.mean().detach(), l_kl.mean()
 
 
 def example_alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperature: float,
@@ -287,13 +293,7 @@ def example_alignment_loss(proxy, target, pairs, enc, lambda_kl: float, temperat
         cos_b.append(example_cosines(gb, tb, form))
     # per example: the mean over layers, as a batch of one has it
     l_ga = (0.5 * ((1 - torch.stack(cos_a)) + (1 - torch.stack(cos_b)))).mean(0)
-    t_logits = t_logits.detach()
-    if lambda_kl > 0:
-        l_kl = response_kl(t_logits, p_logits, enc["labels"], temperature, per_example=True)
-        return (l_ga + lambda_kl * l_kl).mean(), l_ga.mean().detach(), l_kl.mean().detach()
-    with torch.no_grad():
-        l_kl = response_kl(t_logits, p_logits.detach(), enc["labels"], temperature, per_example=True)
-    return l_ga.mean(), l_ga.mean().detach(), l_kl.mean()
+    return _with_kl(l_ga, t_logits.detach(), p_logits, enc["labels"], lambda_kl, temperature, per_example=True)
 
 
 @contextmanager

@@ -417,7 +417,9 @@ def plan(config: PlanConfig) -> dict:
     target_dim = _store_dim(f, 0.0, "lora", wc.lora_rank, fc.proj_dim, fc.total_dim)
     sb = 2 if fc.store_dtype == "float16" else 4
     adam = lambda trained_params: trained_params * (4 + 4 + 4 + (4 if es < 4 else 0))  # noqa: E731  (grad, m, v, master)
-    factor_params = sum(r * (m + k) for (m, k), r in zip(f.layers.values(), _ranks(f, px.sparsity).values()) if r)
+    # the factored layers: (rows, columns, rank)
+    factored = [(m, k, r) for (m, k), r in zip(f.layers.values(), _ranks(f, px.sparsity).values()) if r]
+    factor_params = sum(r * (m + k) for m, k, r in factored)
     lora_params = sum(wc.lora_rank * (m + k) for m, k in f.layers.values())
     target_first = config.warmup_on == "target"
     # target-first, the proxy carries the target's LoRA checkpoints: its features are the LoRA's
@@ -438,8 +440,6 @@ def plan(config: PlanConfig) -> dict:
     # formed; instead the target's inputs and output gradients at those layers stay for the proxy
     # phase, which adds the target's token tensors projected through the factors and, per layer, the
     # cheaper of the float32 Gram matrices and the formed per-example gradients (iprox.example_cosines).
-    ranks = _ranks(f, px.sparsity)
-    factored = [(m, k, r) for (m, k), r in zip(f.layers.values(), ranks.values()) if r]
     optim = factor_params * es if px.offload_optimizer else adam(factor_params)
     Ba = px.align_micro_batch if px.align_cosine == "example" else B
     if px.align_cosine == "example":
