@@ -202,6 +202,16 @@ def _settings() -> dict[str, dict]:
     # the same, so only the rerank runs again.
     s["0.14 default, one task per run"] = {"group": "defaults", "defaults": True, "alone": True,
                                            "start_from": "0.12 default, one task per run"}
+    # 0.15's defaults (the selection, the calibration and the rerank of "0.14 default") with another
+    # proxy: another sparsity, or plain SVD in place of IPSVD (both aligned as the defaults align).
+    # Layer-drop has no place here: it drops whole blocks, which cannot carry the target's LoRA
+    # checkpoint, so the default (target-first) order refuses it; its rows above ran proxy-first.
+    for sp in (0.3, 0.7):
+        s[f"0.15 default, sparsity {sp}"] = {"group": "defaults, other proxies", "defaults": True, "alone": True,
+                                              "proxy": {"sparsity": sp}}
+    for sp in (0.3, 0.5, 0.7):
+        s[f"0.15 default, svd {sp}"] = {"group": "defaults, other proxies", "defaults": True, "alone": True,
+                                        "proxy": {"sparsity": sp, "init": "svd"}}
     s["factored-adam"] = {"group": "preconditioner", "features": {"train_grad": "factored-adam"}}
     for e in (2, 4):
         s[f"{e} checkpoints"] = {"group": "checkpoints", "warmup": {"epochs": e}}
@@ -231,6 +241,8 @@ def write_config(path: Path, out: Path, target: Path, pool: Path, val: Path, set
                  epochs: int, max_len: int) -> None:
     if setting.get("defaults"):  # the library's defaults: only what every run of the study shares
         sections = {"run": {"selector": "proxy"}, "warmup": {"epochs": epochs}}
+        if setting.get("proxy"):  # another proxy under the defaults: only what it names
+            sections["proxy"] = dict(setting["proxy"])
     else:
         sections = {k: dict(v) for k, v in BASE.items()}
         sections["warmup"].setdefault("epochs", epochs)

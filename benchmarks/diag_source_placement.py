@@ -1,0 +1,188 @@
+"""How much of the proxy's whole-pool disagreement is where it places each pool source?
+
+The fidelity study's pool mixes two sources: 200 BBH examples (a few answer tokens) and 100 GSM8K
+problems (a ~130-token worked answer). A pool's whole-pool Spearman counts the order inside each
+source and the order between them; the second is decided by how the two sources' scores compare in
+size. Measured from the fidelity study's runs of 0.14's defaults on disk (one task per run, seeds 0,
+1, 2; nothing rebuilt):
+
+* the target's own heads: how many GSM8K examples each target seed puts in its top 20% and top 5%;
+* per run, against the seed-0 target and the target at the run's own seed: whole-pool Spearman,
+  Spearman within each source, and GSM8K's mean percentile (1 = the top) in each ranking;
+* two counterfactual rankings that keep the run's order inside each source and take the placement
+  between sources from a target run (each source's rows get, in the run's order, the scores that
+  target gives that source's rows): with the same-seed target's placement (what the proxy would reach
+  if it placed the sources as its own target does) and with the seed-0 target's (the study's
+  reference);
+* one correction a run could make itself: below the rerank's shortlist, each source's scores shifted
+  by the mean, over the run's calibration examples of that source, of the target's score minus the
+  proxy's (held out: the proxy's row corrected from the other calibration examples, as the
+  calibration's own agreement estimate takes it). No further target pass.
+
+    python benchmarks/diag_source_placement.py [--work /tmp/iprox-bench-fidelity]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
+from common import score_rows, slug, update_benchmarks_md  # noqa: E402
+
+from iprox.agreement import spearman  # noqa: E402
+from iprox.calibration import fit_correction  # noqa: E402
+from iprox.loading import read_manifest, read_scores  # noqa: E402
+from iprox.rerank import combine, concat  # noqa: E402
+from iprox.scores import ScoreConfig, _subtask_matrix, compute_scores, read_score_result  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SETTING = "0.14 default, one task per run"
+K = 15  # 5% of 300
+SOURCES = ("bbh", "gsm8k")
+
+
+def percentile(x: np.ndarray) -> np.ndarray:
+    """Each row's place in the ranking of ``x``, in [0, 1] (1: the top)."""
+    out = np.empty(len(x))
+    out[x.argsort(kind="stable")] = np.arange(len(x)) / max(1, len(x) - 1)
+    return out
+
+
+def placed_as(run: np.ndarray, ref: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """The run's order inside each source, with ``ref``'s placement between them: each source's rows
+    take ``ref``'s scores of that source, sorted, in the run's order."""
+    out = np.empty(len(run))
+    for s in set(src):
+        m = np.where(src == s)[0]
+        out[m[np.argsort(run[m], kind="stable")]] = np.sort(ref[m])
+    return out
+
+
+def _rest_scores(run: Path):
+    """The run's pool scores below its shortlist (calibrated pool features against the target's
+    validation gradients: [rerank] rest_order "target"), and per calibration example the target's
+    score minus the proxy's held-out one."""
+    cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
+    sc = ScoreConfig(**{k: v for k, v in cfg.items() if k in ScoreConfig.__dataclass_fields__ and k != "out"},
+                     out="unused")
+    sc.train, sc.val, sc.calibration = [sc.train[1]], [sc.val[1]], [sc.calibration[1]]
+    rest = compute_scores(sc, report_agreement=False)
+    corr = fit_correction(sc.train[0], sc.calibration[0], sc.calibration_ridge)
+    vm = read_manifest(sc.val[0])
+    U = _subtask_matrix(sc.val[0], "tracin", rest.subtasks, vm["tasks"])
+    w = rest.weights[0]
+    resid = ((corr.T @ U).max(1).values - (corr.held_out_rows() @ U).max(1).values) * w
+    return rest, dict(zip(corr.ids, resid.tolist()))
+
+
+def _column(rows: list[dict], ids: list[str], task: str) -> np.ndarray:
+    by = {r["id"]: r for r in rows}
+    return np.array([float(by[i][task]) for i in ids])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
+    args = ap.parse_args()
+    runs = args.work / "runs"
+    targets = {s: read_scores(final_scores(runs / f"target-s{s}")) for s in (0, 1, 2)}
+    ids = [r["id"] for r in targets[0]]
+    src = np.array([r["source"] for r in targets[0]])
+    n = len(ids)
+    heads: dict = {}
+    for s, rows in targets.items():
+        for task in TASKS:
+            order = np.argsort(-_column(rows, ids, task), kind="stable")
+            heads.setdefault(task, {})[s] = {f"top {p}%": int((src[order[:round(n * p / 100)]] == "gsm8k").sum())
+                                             for p in (20, 5)}
+    per_run: dict = {}
+    for task in TASKS:
+        for seed in (0, 1, 2):
+            run = runs / f"{slug(SETTING)}-{task}-s{seed}"
+            if not (run / "rerank" / "scores" / "COMPLETE").exists():
+                print(f"skipping {run.name}: not on disk")
+                continue
+            own = read_scores(run / "rerank" / "scores")
+            mine = _column(own, ids, task)
+            rest, resid = _rest_scores(run)
+            # the correction: below the shortlist, each source shifted by its calibration examples' mean residual
+            shift = {s: float(np.mean([v for i, v in resid.items() if src[ids.index(i)] == s] or [0.0])) for s in SOURCES}
+            by_src = dict(zip(rest.ids, rest.sources))
+            rest.score = rest.score.clone()
+            for j, i in enumerate(rest.ids):
+                if i not in resid:  # a calibration example's row is already the target's
+                    rest.score[j] += shift[by_src[i]]
+            proxy = read_score_result(run / "scores")
+            proxy.per_subtask[:, 0] = proxy.score
+            rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
+            shifted, _ = combine(proxy, concat([read_score_result(p) for p in rounds]), K, rest=rest)
+            shifted.per_subtask[:, 0] = shifted.score
+            shifted_rows = score_rows(shifted)
+            for ref_name, ref_seed in (("seed 0", 0), ("same seed", seed)):
+                ref = _column(targets[ref_seed], ids, task)
+                m_run = measure(own, targets[ref_seed])[task]
+                m_shift = measure(shifted_rows, targets[ref_seed])[task]
+                rec = {
+                    "seed": seed, "whole": spearman(ref, mine), "head": m_run["head_spearman"],
+                    "within": {s: spearman(ref[src == s], mine[src == s]) for s in SOURCES},
+                    "gsm8k_percentile": float(percentile(mine)[src == "gsm8k"].mean()),
+                    "ref_gsm8k_percentile": float(percentile(ref)[src == "gsm8k"].mean()),
+                    "placed_as_same_seed": spearman(ref, placed_as(mine, _column(targets[seed], ids, task), src)),
+                    "placed_as_seed_0": spearman(ref, placed_as(mine, _column(targets[0], ids, task), src)),
+                    "shifted": {"whole": m_shift["spearman"], "head": m_shift["head_spearman"],
+                                "overlap_5": m_shift["overlap_5"], "shift": shift},
+                }
+                per_run.setdefault(ref_name, {}).setdefault(task, []).append(rec)
+            print(f"{run.name}: done", flush=True)
+    (RESULTS / "source_placement.json").write_text(json.dumps({"target_heads": heads, "runs": per_run}, indent=1))
+
+    f2 = lambda v: f"{v:.2f}"  # noqa: E731
+    lines = ["## Where the proxy places each pool source (issue 12)", "",
+             "`benchmarks/diag_source_placement.py`: the fidelity study's runs of 0.14's defaults (one task per run, "
+             "seeds 0, 1, 2) and the target runs at seeds 0, 1, 2, from disk. The pool: 200 BBH examples (a few answer "
+             "tokens), 100 GSM8K problems (~130-token answers).", "",
+             "GSM8K examples in each target seed's top 20% (60 examples) / top 5% (15):", "",
+             "| task | target seed 0 | seed 1 | seed 2 |", "|---|---|---|---|"]
+    for task in TASKS:
+        lines.append(f"| {task} | " + " | ".join(f"{heads[task][s]['top 20%']} / {heads[task][s]['top 5%']}"
+                                                  for s in (0, 1, 2)) + " |")
+    lines += ["", "Per run (seeds 0 / 1 / 2): whole-pool Spearman of the run's final ranking; within BBH; within GSM8K; "
+              "GSM8K's mean percentile in the run's ranking (the reference's in brackets); the run's within-source order "
+              "with the between-source placement of its same-seed target, then of the seed-0 target (counterfactuals); "
+              "the run with each source shifted below the shortlist by its calibration examples' mean residual "
+              "(whole-pool / head Spearman, top-5% overlap).", ""]
+    for ref_name in ("seed 0", "same seed"):
+        lines += [f"Against the target at {ref_name}:", "",
+                  "| task | whole | within BBH | within GSM8K | GSM8K percentile | placed as same-seed target "
+                  "| placed as seed-0 target | shifted by source: whole / head / top-5% |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for task in TASKS:
+            rs = per_run.get(ref_name, {}).get(task, [])
+            if not rs:
+                continue
+            cat = lambda key: " / ".join(f2(key(r)) for r in rs)  # noqa: E731
+            mean = lambda key: f2(float(np.mean([key(r) for r in rs])))  # noqa: E731
+            lines.append(
+                f"| {task} | {cat(lambda r: r['whole'])} ({mean(lambda r: r['whole'])}) "
+                f"| {cat(lambda r: r['within']['bbh'])} | {cat(lambda r: r['within']['gsm8k'])} "
+                f"| " + " / ".join(f"{f2(r['gsm8k_percentile'])} ({f2(r['ref_gsm8k_percentile'])})" for r in rs) +
+                f" | {cat(lambda r: r['placed_as_same_seed'])} ({mean(lambda r: r['placed_as_same_seed'])}) "
+                f"| {cat(lambda r: r['placed_as_seed_0'])} ({mean(lambda r: r['placed_as_seed_0'])}) "
+                f"| {mean(lambda r: r['shifted']['whole'])} / {mean(lambda r: r['shifted']['head'])} / "
+                f"{mean(lambda r: r['shifted']['overlap_5'])} (run: {mean(lambda r: r['whole'])} / "
+                f"{mean(lambda r: r['head'])}) |")
+        lines.append("")
+    update_benchmarks_md("source-placement", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
