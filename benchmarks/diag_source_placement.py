@@ -17,7 +17,12 @@ size. Measured from the fidelity study's runs of 0.14's defaults on disk (one ta
 * one correction a run could make itself: below the rerank's shortlist, each source's scores shifted
   by the mean, over the run's calibration examples of that source, of the target's score minus the
   proxy's (held out: the proxy's row corrected from the other calibration examples, as the
-  calibration's own agreement estimate takes it). No further target pass.
+  calibration's own agreement estimate takes it). No further target pass;
+* a shortlist stratified by source: of its m examples, each source's share (equal, or in proportion
+  to the source's size in the pool) taken from the head of that source's own ranking, the target's
+  scores of it the same-seed target run's (which the run's own rerank reproduces:
+  diag_shortlist_length.py checks it), beside the proxy's top m as the rerank takes it; m = 45 (the
+  default shortlist here) and 90 (grown once). No growth.
 
     python benchmarks/diag_source_placement.py [--work /tmp/iprox-bench-fidelity]
 """
@@ -35,13 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import score_rows, slug, update_benchmarks_md  # noqa: E402
+from common import figure_table, score_rows, slug, update_benchmarks_md  # noqa: E402
+from diag_shortlist_length import _target_table  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.calibration import fit_correction  # noqa: E402
 from iprox.loading import read_manifest, read_scores  # noqa: E402
-from iprox.rerank import combine, concat  # noqa: E402
-from iprox.scores import ScoreConfig, _subtask_matrix, compute_scores, read_score_result  # noqa: E402
+from iprox.rerank import combine, concat, shortlist  # noqa: E402
+from iprox.scores import ScoreConfig, ScoreResult, _subtask_matrix, compute_scores, read_score_result  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SETTING = "0.14 default, one task per run"
@@ -63,6 +69,18 @@ def placed_as(run: np.ndarray, ref: np.ndarray, src: np.ndarray) -> np.ndarray:
     for s in set(src):
         m = np.where(src == s)[0]
         out[m[np.argsort(run[m], kind="stable")]] = np.sort(ref[m])
+    return out
+
+
+def stratified(res, m: int, share: str) -> list[str]:
+    """A shortlist of about ``m`` ids: per source the head of its own ranking, ``m / sources`` each
+    (``equal``) or in proportion to its size (``proportional``)."""
+    ids, srcs, score = np.array(res.ids), np.array(res.sources), res.score.numpy()
+    out: list[str] = []
+    for s in sorted(set(srcs)):
+        rows = np.where(srcs == s)[0]
+        q = m // len(set(srcs)) if share == "equal" else round(m * len(rows) / len(ids))
+        out += ids[rows[np.argsort(-score[rows], kind="stable")[:q]]].tolist()
     return out
 
 
@@ -104,6 +122,7 @@ def main() -> None:
             heads.setdefault(task, {})[s] = {f"top {p}%": int((src[order[:round(n * p / 100)]] == "gsm8k").sum())
                                              for p in (20, 5)}
     per_run: dict = {}
+    strat: dict = {}
     for task in TASKS:
         for seed in (0, 1, 2):
             run = runs / f"{slug(SETTING)}-{task}-s{seed}"
@@ -113,6 +132,8 @@ def main() -> None:
             own = read_scores(run / "rerank" / "scores")
             mine = _column(own, ids, task)
             rest, resid = _rest_scores(run)
+            rest_plain = ScoreResult(rest.ids, rest.sources, rest.tasks, rest.subtasks, rest.per_subtask.clone(),
+                                     rest.score.clone(), rest.weights)
             # the correction: below the shortlist, each source shifted by its calibration examples' mean residual
             shift = {s: float(np.mean([v for i, v in resid.items() if src[ids.index(i)] == s] or [0.0])) for s in SOURCES}
             by_src = dict(zip(rest.ids, rest.sources))
@@ -120,6 +141,7 @@ def main() -> None:
             for j, i in enumerate(rest.ids):
                 if i not in resid:  # a calibration example's row is already the target's
                     rest.score[j] += shift[by_src[i]]
+            rest.per_subtask[:, 0] = rest.score  # one subtask: the column is the aggregate
             proxy = read_score_result(run / "scores")
             proxy.per_subtask[:, 0] = proxy.score
             rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
@@ -141,8 +163,20 @@ def main() -> None:
                                 "overlap_5": m_shift["overlap_5"], "shift": shift},
                 }
                 per_run.setdefault(ref_name, {}).setdefault(task, []).append(rec)
+            same = targets[seed]
+            for m in (45, 90):
+                for share in ("none", "proportional", "equal"):
+                    sl = shortlist(proxy, m) if share == "none" else stratified(proxy, m, share)
+                    res, _ = combine(proxy, _target_table(same, task, sl), K, rest=rest_plain)
+                    res.per_subtask[:, 0] = res.score
+                    rows = score_rows(res)
+                    for ref_name, ref_seed in (("same seed", seed), ("seed 0", 0)):
+                        mm = measure(rows, targets[ref_seed])[task]
+                        strat.setdefault(f"{m}, {share}", {}).setdefault(ref_name, {}).setdefault(task, []).append(
+                            {"seed": seed, **{k: mm[k] for k in ("spearman", "head_spearman", "overlap_5")}})
             print(f"{run.name}: done", flush=True)
-    (RESULTS / "source_placement.json").write_text(json.dumps({"target_heads": heads, "runs": per_run}, indent=1))
+    (RESULTS / "source_placement.json").write_text(json.dumps({"target_heads": heads, "runs": per_run,
+                                                               "stratified": strat}, indent=1))
 
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     lines = ["## Where the proxy places each pool source (issue 12)", "",
@@ -180,6 +214,9 @@ def main() -> None:
                 f"{mean(lambda r: r['shifted']['overlap_5'])} (run: {mean(lambda r: r['whole'])} / "
                 f"{mean(lambda r: r['head'])}) |")
         lines.append("")
+    lines += ["A shortlist stratified by source (m examples; \"none\": the proxy's top m, as the rerank takes it). "
+              "Mean over seeds of whole-pool Spearman / head Spearman / top-5% overlap:", ""]
+    lines += figure_table("shortlist", TASKS, strat)
     update_benchmarks_md("source-placement", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
