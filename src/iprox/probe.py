@@ -144,6 +144,15 @@ def collect_moments(
             x = x.float()
         return (x.T @ x).to(torch.float64)
 
+    def add(acc: dict, name: str, part) -> None:
+        # in place: a sum of new tensors would hold each accumulator twice for a moment
+        if name not in acc:
+            acc[name] = part
+        elif keep == "samples":
+            acc[name] += part
+        else:
+            acc[name].add_(part)
+
     def fwd_hook(name):
         def hook(mod, inputs, output):
             sel = state["mask"]
@@ -156,13 +165,13 @@ def collect_moments(
             if key not in cache or cache[key][0] is not x:
                 # The first module to read this tensor owns the group's one accumulator.
                 cache[key] = (x, name)
-                acc_h[name] = acc_h.get(name, [] if keep == "samples" else 0) + gram(x[sel])
+                add(acc_h, name, gram(x[sel]))
             group[name] = cache[key][1]
 
             def grad_hook(g):
                 if balance == "example":
                     g = _equal_energy(g, sel)
-                acc_d[name] = acc_d.get(name, [] if keep == "samples" else 0) + gram(g[sel])
+                add(acc_d, name, gram(g[sel]))
 
             output.register_hook(grad_hook)
 
@@ -224,5 +233,9 @@ def collect_moments(
         return {n: Samples(acc_h[group[n]], acc_d[n], total) for n in modules}
     # Modules that read the same input (q/k/v, gate/up) share one C_h tensor object, so memory holds
     # one per distinct input and the factorisation can eigendecompose it once.
-    C_h = {g: acc_h[g] / total for g in set(group.values())}
-    return {n: Moments(C_h[group[n]], acc_d[n] / total, total) for n in modules}
+    # Divided in place: new tensors beside the sums would hold every moment twice at the end of the
+    # probe (at 1B on an H200 that doubling was the stage's 56.5 GiB peak against 37.9 planned).
+    for acc in (acc_h, acc_d):
+        for v in acc.values():
+            v.div_(total)
+    return {n: Moments(acc_h[group[n]], acc_d[n], total) for n in modules}

@@ -334,9 +334,9 @@ def _layer_record(name: str, mod: nn.Module, rank: int | None) -> dict[str, Any]
 
 
 def decompose_layers(mods: dict[str, nn.Module], moments: dict[str, Any], ridge: float, ipsvd_form: str,
-                     factor_dtype: str, decompositions: dict[str, Decomposition], progress: bool = False) -> None:
+                     factor_dtype: str, decompositions: dict[str, Decomposition], progress: bool = False) -> tuple[int, float]:
     """The rank-free IPSVD of each projection in ``mods`` (name → module) from its probe statistics,
-    into ``decompositions``."""
+    into ``decompositions``; returns how many bases it computed and in how many seconds."""
     # One basis per distinct statistic (q/k/v and gate/up share their input's), computed once:
     # eigendecompositions of moments, batched over same-sized ones, or thin SVDs of probe samples
     # (the bounded-memory route, nothing width² formed).
@@ -351,13 +351,13 @@ def decompose_layers(mods: dict[str, nn.Module], moments: dict[str, Any], ridge:
             distinct.setdefault(id(X), X)
     t0 = time.perf_counter()
     bases = dict(zip(distinct, make_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
-    log.info("%s of %d distinct %s in %.1fs (%s)", "thin SVDs" if samples else "eigendecompositions", len(distinct),
-             "sample matrices" if samples else "moments", time.perf_counter() - t0, factor_dtype)
+    seconds = time.perf_counter() - t0
     for n in tqdm(todo, desc="factorise (ipsvd)", unit="layer", disable=not progress):
         h, d = sides(moments[n])
         W = projection_weight(mods[n]).detach().to(h.device)
         decompositions[n] = decompose(W, bases[id(h)], bases[id(d)])
     del bases
+    return len(distinct), seconds
 
 
 def factorize_model(
@@ -374,8 +374,10 @@ def factorize_model(
     decompositions: dict[str, Decomposition] | None = None,
     names: set[str] | None = None,
     ranks: dict[str, int] | None = None,
+    release_moments: bool = False,
 ) -> list[dict[str, Any]]:
-    """Replaces the compressible projections of ``model`` by factored ones, in place.
+    """Replaces the compressible projections of ``model`` by factored ones, in place, one decoder
+    block at a time.
 
     Args:
         model: the model to compress (modified in place).
@@ -391,6 +393,9 @@ def factorize_model(
         names: factorise only these modules (their records alone are returned); None: all.
         ranks: explicit ranks of some of the layers ``sparsity`` compresses, in place of its uniform
             ones (:func:`~iprox.lowrank.depth_ranks`).
+        release_moments: drop each block's entries from ``moments`` once its layers are factorised
+            (the caller's dict shrinks; its peak memory is then the moments, not the moments and
+            their eigenbases).
 
     Returns:
         One record per compressible layer (name, shape, rank or None when left dense, parameters).
@@ -403,34 +408,61 @@ def factorize_model(
     explicit = ranks or {}
     ranks = {name: rank_for_sparsity(m, n, sparsity, rank_multiple) for name, (m, n) in shapes.items()}
     ranks.update({n: r for n, r in explicit.items() if ranks.get(n) is not None})
+    keep = decompositions is not None
     decompositions = {} if decompositions is None else decompositions
-    if init == "ipsvd":
-        todo = {n: m for n, m in mods.items() if ranks[n] is not None and n not in decompositions}
-        if todo and moments is None:
-            raise ValueError("ipsvd needs probe moments")
-        if todo:
-            decompose_layers(todo, moments, ridge, ipsvd_form, factor_dtype, decompositions, progress)
+    if init not in ("ipsvd", "svd", "random"):
+        raise ValueError(f"factorize_model does not handle init {init!r}")
+    if init == "ipsvd" and moments is None and any(
+            ranks[n] is not None and n not in decompositions for n in mods):
+        raise ValueError("ipsvd needs probe moments")
     records = [_layer_record(name, mod, ranks[name]) for name, mod in mods.items()]
-    for name, mod in mods.items():
-        rank = ranks[name]
-        if rank is None:
-            continue
-        W = projection_weight(mod).detach()
-        m, n = W.shape
+    # Block by block: one block's eigenbases and decompositions live at a time beside the moments.
+    # All of them at once hold a float32 eigenbasis per moment, half the moments' bytes again, and
+    # every layer's rank-free decomposition (at 1B about 13.5 and 5 GiB beside 27 GiB of moments,
+    # which the plan does not count). With ``release_moments`` each block's moments go too.
+    prefix = decoder_layers(model)[0]
+    by_block: dict[int, list[str]] = {}
+    for name in mods:
+        by_block.setdefault(block_of(prefix, name), []).append(name)
+    n_bases, seconds = 0, 0.0
+    samples = bool(moments) and isinstance(next(iter(moments.values())), Samples)
+    for names_b in tqdm(list(by_block.values()), desc=f"factorise ({init})", unit="block", disable=not progress):
         if init == "ipsvd":
-            A, B = truncate(decompositions[name], rank)
-        elif init == "svd":
-            A, B = svd_factors(W, rank)
-        elif init == "random":
-            A, B = random_factors(W, rank, gen)
-        else:
-            raise ValueError(f"factorize_model does not handle init {init!r}")
-        bias = getattr(mod, "bias", None)
-        new = FactorizedLinear(n, m, rank, bias=bias is not None, dtype=W.dtype, device=W.device)
-        new.set_factors(A.to(W), B.to(W), None if bias is None else bias.detach())
-        parent, child = get_submodule_parent(model, name)
-        setattr(parent, child, new)
+            todo = {n: mods[n] for n in names_b if ranks[n] is not None and n not in decompositions}
+            if todo:
+                done = decompose_layers(todo, moments, ridge, ipsvd_form, factor_dtype, decompositions)
+                n_bases, seconds = n_bases + done[0], seconds + done[1]
+        for name in names_b:
+            rank = ranks[name]
+            if rank is not None:
+                _install_factors(model, name, mods[name], rank, init, decompositions, gen, keep)
+        if release_moments and moments is not None:
+            for name in names_b:
+                moments.pop(name, None)
+    if n_bases:
+        log.info("%s of %d distinct %s in %.1fs (%s)", "thin SVDs" if samples else "eigendecompositions", n_bases,
+                 "sample matrices" if samples else "moments", seconds, factor_dtype)
     return records
+
+
+def _install_factors(model: nn.Module, name: str, mod: nn.Module, rank: int, init: str,
+                     decompositions: dict[str, Decomposition], gen: torch.Generator, keep: bool) -> None:
+    """Replaces projection ``name`` of ``model`` by its rank-``rank`` factors (the decomposition is
+    dropped once used unless ``keep``)."""
+    W = projection_weight(mod).detach()
+    m, n = W.shape
+    if init == "ipsvd":
+        dec = decompositions[name] if keep else decompositions.pop(name)
+        A, B = truncate(dec, rank)
+    elif init == "svd":
+        A, B = svd_factors(W, rank)
+    else:
+        A, B = random_factors(W, rank, gen)
+    bias = getattr(mod, "bias", None)
+    new = FactorizedLinear(n, m, rank, bias=bias is not None, dtype=W.dtype, device=W.device)
+    new.set_factors(A.to(W), B.to(W), None if bias is None else bias.detach())
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, new)
 
 
 def drop_layers(model: nn.Module, sparsity: float) -> tuple[list[int], list[dict[str, Any]]]:
@@ -581,7 +613,7 @@ def _stage1(config: ProxyConfig, target: nn.Module, target_identity, tokenizer, 
             t0 = time.perf_counter()
             for rec in factorize_model(proxy, config.sparsity, config.init, moments, config.rank_multiple, config.ridge,
                                        config.ipsvd_form, config.seed, config.progress, config.factor_dtype,
-                                       names=set(chunk), ranks=ranks):
+                                       names=set(chunk), ranks=ranks, release_moments=True):
                 records_by_name[rec["name"]] = rec
             del moments
             timings["factorise"] += time.perf_counter() - t0
