@@ -394,8 +394,7 @@ def factorize_model(
         ranks: explicit ranks of some of the layers ``sparsity`` compresses, in place of its uniform
             ones (:func:`~iprox.lowrank.depth_ranks`).
         release_moments: drop each block's entries from ``moments`` once its layers are factorised
-            (the caller's dict shrinks; its peak memory is then the moments, not the moments and
-            their eigenbases).
+            (the caller's dict shrinks as the blocks are done, and its tensors are freed with it).
 
     Returns:
         One record per compressible layer (name, shape, rank or None when left dense, parameters).
