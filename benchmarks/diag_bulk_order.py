@@ -50,6 +50,18 @@ def _scores(run: Path, pairs: str) -> ScoreResult:
     return compute_scores(sc)
 
 
+def finished_runs(runs: Path, setting: str):
+    """(task, seed, run folder) of each of ``setting``'s one-task runs whose rerank finished, in
+    task then seed order (a run not on disk is reported and skipped)."""
+    for task in TASKS:
+        for seed in (0, 1, 2):
+            run = runs / f"{slug(setting)}-{task}-s{seed}"
+            if not (run / "rerank" / "scores" / "COMPLETE").exists():
+                print(f"skipping {run.name}: not on disk")
+                continue
+            yield task, seed, run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
@@ -58,34 +70,29 @@ def main() -> None:
     fid = json.loads((RESULTS / "fidelity.json").read_text())
     seed0, exact = read_scores(final_scores(runs / "target-s0")), read_scores(Path(fid["exact_gradients"]))
     out: dict = {}
-    for task in TASKS:
-        for seed in (0, 1, 2):
-            run = runs / f"{slug(SETTING)}-{task}-s{seed}"
-            if not (run / "rerank" / "scores" / "COMPLETE").exists():
-                print(f"skipping {run.name}: not on disk")
-                continue
-            rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
-            target = concat([read_score_result(p) for p in rounds])
-            own = read_scores(run / "rerank" / "scores")
-            # the variant the run itself took (0.14 before rest_order: the run's own "both" scores)
-            took = {"run": "both", "target": "target"}[
-                json.loads((run / "rerank" / "scores" / "scores.json").read_text())["rerank"].get("rest_order", "run")]
-            refs = {"seed 0": seed0, "same seed": read_scores(runs / f"target-s{seed}" / "scores"), "exact": exact}
-            for pairs in ("both", "target", "proxy"):
-                proxy = _scores(run, pairs)
-                proxy.per_subtask[:, 0] = proxy.score  # one subtask: the column is the aggregate
-                res, _ = combine(proxy, target, K)
-                res.per_subtask[:, 0] = res.score
-                rows = score_rows(res)
-                if pairs == took:  # the check: the run's own table
-                    diff = max(abs(a["score"] - b["score"]) / max(abs(b["score"]), 1e-30) for a, b in zip(rows, own))
-                    print(f"{run.name}: rescored as the run did, largest relative difference {diff:.1e}", flush=True)
-                    if diff > 1e-6:
-                        raise SystemExit("the rescoring does not reproduce the run's table")
-                for name, ref in refs.items():
-                    m = measure(rows, ref)[task]
-                    out.setdefault(pairs, {}).setdefault(name, {}).setdefault(task, []).append(
-                        {"seed": seed, **{k: m[k] for k in ("spearman", "head_spearman", "overlap_5")}})
+    for task, seed, run in finished_runs(runs, SETTING):
+        rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
+        target = concat([read_score_result(p) for p in rounds])
+        own = read_scores(run / "rerank" / "scores")
+        # the variant the run itself took (0.14 before rest_order: the run's own "both" scores)
+        took = {"run": "both", "target": "target"}[
+            json.loads((run / "rerank" / "scores" / "scores.json").read_text())["rerank"].get("rest_order", "run")]
+        refs = {"seed 0": seed0, "same seed": read_scores(runs / f"target-s{seed}" / "scores"), "exact": exact}
+        for pairs in ("both", "target", "proxy"):
+            proxy = _scores(run, pairs)
+            proxy.per_subtask[:, 0] = proxy.score  # one subtask: the column is the aggregate
+            res, _ = combine(proxy, target, K)
+            res.per_subtask[:, 0] = res.score
+            rows = score_rows(res)
+            if pairs == took:  # the check: the run's own table
+                diff = max(abs(a["score"] - b["score"]) / max(abs(b["score"]), 1e-30) for a, b in zip(rows, own))
+                print(f"{run.name}: rescored as the run did, largest relative difference {diff:.1e}", flush=True)
+                if diff > 1e-6:
+                    raise SystemExit("the rescoring does not reproduce the run's table")
+            for name, ref in refs.items():
+                m = measure(rows, ref)[task]
+                out.setdefault(pairs, {}).setdefault(name, {}).setdefault(task, []).append(
+                    {"seed": seed, **{k: m[k] for k in ("spearman", "head_spearman", "overlap_5")}})
     (RESULTS / "bulk_order.json").write_text(json.dumps(out, indent=1))
     labels = {"both": "both models' validation gradients (rest_order \"run\")",
               "target": "target validation gradients alone (rest_order \"target\", the default)",

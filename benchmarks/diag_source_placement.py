@@ -40,14 +40,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import figure_table, score_rows, slug, update_benchmarks_md  # noqa: E402
+from common import figure_table, score_rows, update_benchmarks_md  # noqa: E402
+from diag_bulk_order import _scores, finished_runs  # noqa: E402
 from diag_shortlist_length import _target_table  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
 from iprox.calibration import fit_correction  # noqa: E402
 from iprox.loading import read_manifest, read_scores  # noqa: E402
 from iprox.rerank import combine, concat, shortlist  # noqa: E402
-from iprox.scores import ScoreConfig, ScoreResult, _subtask_matrix, compute_scores, read_score_result  # noqa: E402
+from iprox.scores import ScoreResult, _subtask_matrix, read_score_result  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SETTING = "0.14 default, one task per run"
@@ -88,14 +89,11 @@ def _rest_scores(run: Path):
     """The run's pool scores below its shortlist (calibrated pool features against the target's
     validation gradients: [rerank] rest_order "target"), and per calibration example the target's
     score minus the proxy's held-out one."""
+    rest = _scores(run, "target")
     cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
-    sc = ScoreConfig(**{k: v for k, v in cfg.items() if k in ScoreConfig.__dataclass_fields__ and k != "out"},
-                     out="unused")
-    sc.train, sc.val, sc.calibration = [sc.train[1]], [sc.val[1]], [sc.calibration[1]]
-    rest = compute_scores(sc, report_agreement=False)
-    corr = fit_correction(sc.train[0], sc.calibration[0], sc.calibration_ridge)
-    vm = read_manifest(sc.val[0])
-    U = _subtask_matrix(sc.val[0], "tracin", rest.subtasks, vm["tasks"])
+    train, val, calib = cfg["train"][1], cfg["val"][1], cfg["calibration"][1]
+    corr = fit_correction(train, calib, cfg["calibration_ridge"])
+    U = _subtask_matrix(val, "tracin", rest.subtasks, read_manifest(val)["tasks"])
     w = rest.weights[0]
     resid = ((corr.T @ U).max(1).values - (corr.held_out_rows() @ U).max(1).values) * w
     return rest, dict(zip(corr.ids, resid.tolist()))
@@ -123,58 +121,53 @@ def main() -> None:
                                              for p in (20, 5)}
     per_run: dict = {}
     strat: dict = {}
-    for task in TASKS:
-        for seed in (0, 1, 2):
-            run = runs / f"{slug(SETTING)}-{task}-s{seed}"
-            if not (run / "rerank" / "scores" / "COMPLETE").exists():
-                print(f"skipping {run.name}: not on disk")
-                continue
-            own = read_scores(run / "rerank" / "scores")
-            mine = _column(own, ids, task)
-            rest, resid = _rest_scores(run)
-            rest_plain = ScoreResult(rest.ids, rest.sources, rest.tasks, rest.subtasks, rest.per_subtask.clone(),
-                                     rest.score.clone(), rest.weights)
-            # the correction: below the shortlist, each source shifted by its calibration examples' mean residual
-            shift = {s: float(np.mean([v for i, v in resid.items() if src[ids.index(i)] == s] or [0.0])) for s in SOURCES}
-            by_src = dict(zip(rest.ids, rest.sources))
-            rest.score = rest.score.clone()
-            for j, i in enumerate(rest.ids):
-                if i not in resid:  # a calibration example's row is already the target's
-                    rest.score[j] += shift[by_src[i]]
-            rest.per_subtask[:, 0] = rest.score  # one subtask: the column is the aggregate
-            proxy = read_score_result(run / "scores")
-            proxy.per_subtask[:, 0] = proxy.score
-            rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
-            shifted, _ = combine(proxy, concat([read_score_result(p) for p in rounds]), K, rest=rest)
-            shifted.per_subtask[:, 0] = shifted.score
-            shifted_rows = score_rows(shifted)
-            for ref_name, ref_seed in (("seed 0", 0), ("same seed", seed)):
-                ref = _column(targets[ref_seed], ids, task)
-                m_run = measure(own, targets[ref_seed])[task]
-                m_shift = measure(shifted_rows, targets[ref_seed])[task]
-                rec = {
-                    "seed": seed, "whole": spearman(ref, mine), "head": m_run["head_spearman"],
-                    "within": {s: spearman(ref[src == s], mine[src == s]) for s in SOURCES},
-                    "gsm8k_percentile": float(percentile(mine)[src == "gsm8k"].mean()),
-                    "ref_gsm8k_percentile": float(percentile(ref)[src == "gsm8k"].mean()),
-                    "placed_as_same_seed": spearman(ref, placed_as(mine, _column(targets[seed], ids, task), src)),
-                    "placed_as_seed_0": spearman(ref, placed_as(mine, _column(targets[0], ids, task), src)),
-                    "shifted": {"whole": m_shift["spearman"], "head": m_shift["head_spearman"],
-                                "overlap_5": m_shift["overlap_5"], "shift": shift},
-                }
-                per_run.setdefault(ref_name, {}).setdefault(task, []).append(rec)
-            same = targets[seed]
-            for m in (45, 90):
-                for share in ("none", "proportional", "equal"):
-                    sl = shortlist(proxy, m) if share == "none" else stratified(proxy, m, share)
-                    res, _ = combine(proxy, _target_table(same, task, sl), K, rest=rest_plain)
-                    res.per_subtask[:, 0] = res.score
-                    rows = score_rows(res)
-                    for ref_name, ref_seed in (("same seed", seed), ("seed 0", 0)):
-                        mm = measure(rows, targets[ref_seed])[task]
-                        strat.setdefault(f"{m}, {share}", {}).setdefault(ref_name, {}).setdefault(task, []).append(
-                            {"seed": seed, **{k: mm[k] for k in ("spearman", "head_spearman", "overlap_5")}})
-            print(f"{run.name}: done", flush=True)
+    for task, seed, run in finished_runs(runs, SETTING):
+        own = read_scores(run / "rerank" / "scores")
+        mine = _column(own, ids, task)
+        rest, resid = _rest_scores(run)
+        rest_plain = ScoreResult(rest.ids, rest.sources, rest.tasks, rest.subtasks, rest.per_subtask.clone(),
+                                 rest.score.clone(), rest.weights)
+        # the correction: below the shortlist, each source shifted by its calibration examples' mean residual
+        shift = {s: float(np.mean([v for i, v in resid.items() if src[ids.index(i)] == s] or [0.0])) for s in SOURCES}
+        by_src = dict(zip(rest.ids, rest.sources))
+        rest.score = rest.score.clone()
+        for j, i in enumerate(rest.ids):
+            if i not in resid:  # a calibration example's row is already the target's
+                rest.score[j] += shift[by_src[i]]
+        rest.per_subtask[:, 0] = rest.score  # one subtask: the column is the aggregate
+        proxy = read_score_result(run / "scores")
+        proxy.per_subtask[:, 0] = proxy.score
+        rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
+        shifted, _ = combine(proxy, concat([read_score_result(p) for p in rounds]), K, rest=rest)
+        shifted.per_subtask[:, 0] = shifted.score
+        shifted_rows = score_rows(shifted)
+        for ref_name, ref_seed in (("seed 0", 0), ("same seed", seed)):
+            ref = _column(targets[ref_seed], ids, task)
+            m_run = measure(own, targets[ref_seed])[task]
+            m_shift = measure(shifted_rows, targets[ref_seed])[task]
+            rec = {
+                "seed": seed, "whole": spearman(ref, mine), "head": m_run["head_spearman"],
+                "within": {s: spearman(ref[src == s], mine[src == s]) for s in SOURCES},
+                "gsm8k_percentile": float(percentile(mine)[src == "gsm8k"].mean()),
+                "ref_gsm8k_percentile": float(percentile(ref)[src == "gsm8k"].mean()),
+                "placed_as_same_seed": spearman(ref, placed_as(mine, _column(targets[seed], ids, task), src)),
+                "placed_as_seed_0": spearman(ref, placed_as(mine, _column(targets[0], ids, task), src)),
+                "shifted": {"whole": m_shift["spearman"], "head": m_shift["head_spearman"],
+                            "overlap_5": m_shift["overlap_5"], "shift": shift},
+            }
+            per_run.setdefault(ref_name, {}).setdefault(task, []).append(rec)
+        same = targets[seed]
+        for m in (45, 90):
+            for share in ("none", "proportional", "equal"):
+                sl = shortlist(proxy, m) if share == "none" else stratified(proxy, m, share)
+                res, _ = combine(proxy, _target_table(same, task, sl), K, rest=rest_plain)
+                res.per_subtask[:, 0] = res.score
+                rows = score_rows(res)
+                for ref_name, ref_seed in (("same seed", seed), ("seed 0", 0)):
+                    mm = measure(rows, targets[ref_seed])[task]
+                    strat.setdefault(f"{m}, {share}", {}).setdefault(ref_name, {}).setdefault(task, []).append(
+                        {"seed": seed, **{k: mm[k] for k in ("spearman", "head_spearman", "overlap_5")}})
+        print(f"{run.name}: done", flush=True)
     (RESULTS / "source_placement.json").write_text(json.dumps({"target_heads": heads, "runs": per_run,
                                                                "stratified": strat}, indent=1))
 
