@@ -157,7 +157,7 @@ def test_releasing_moments_block_by_block_gives_the_same_proxy():
 # A child process (its peak RSS is its own): probe a model whose moments dwarf everything else the
 # probe holds (wide layers, a tiny vocabulary) and report the peak above the loaded model's RSS, and
 # the moments' bytes. Until 0.16 the sums were divided into new tensors at the end, so the probe
-# held every moment twice (at 1B on an H200: 56.5 GiB against 37.9 planned).
+# held every moment twice (at 1B that accounts for the 56.5 GiB an H200 measured against 37.9 planned).
 PROBE_CHILD = """
 import json, resource, sys
 import psutil, torch
