@@ -128,9 +128,8 @@ def main() -> None:
         rest_plain = ScoreResult(rest.ids, rest.sources, rest.tasks, rest.subtasks, rest.per_subtask.clone(),
                                  rest.score.clone(), rest.weights)
         # the correction: below the shortlist, each source shifted by its calibration examples' mean residual
-        shift = {s: float(np.mean([v for i, v in resid.items() if src[ids.index(i)] == s] or [0.0])) for s in SOURCES}
         by_src = dict(zip(rest.ids, rest.sources))
-        rest.score = rest.score.clone()
+        shift = {s: float(np.mean([v for i, v in resid.items() if by_src[i] == s] or [0.0])) for s in SOURCES}
         for j, i in enumerate(rest.ids):
             if i not in resid:  # a calibration example's row is already the target's
                 rest.score[j] += shift[by_src[i]]

@@ -334,7 +334,7 @@ def _layer_record(name: str, mod: nn.Module, rank: int | None) -> dict[str, Any]
 
 
 def decompose_layers(mods: dict[str, nn.Module], moments: dict[str, Any], ridge: float, ipsvd_form: str,
-                     factor_dtype: str, decompositions: dict[str, Decomposition], progress: bool = False) -> tuple[int, float]:
+                     factor_dtype: str, decompositions: dict[str, Decomposition]) -> tuple[int, float]:
     """The rank-free IPSVD of each projection in ``mods`` (name → module) from its probe statistics,
     into ``decompositions``; returns how many bases it computed and in how many seconds."""
     # One basis per distinct statistic (q/k/v and gate/up share their input's), computed once:
@@ -352,7 +352,7 @@ def decompose_layers(mods: dict[str, nn.Module], moments: dict[str, Any], ridge:
     t0 = time.perf_counter()
     bases = dict(zip(distinct, make_bases(list(distinct.values()), ridge, ipsvd_form, DTYPES[factor_dtype])))
     seconds = time.perf_counter() - t0
-    for n in tqdm(todo, desc="factorise (ipsvd)", unit="layer", disable=not progress):
+    for n in todo:
         h, d = sides(moments[n])
         W = projection_weight(mods[n]).detach().to(h.device)
         decompositions[n] = decompose(W, bases[id(h)], bases[id(d)])
