@@ -326,7 +326,8 @@ def test_pipeline_grows_the_shortlist_to_the_targets_own_selection(tmp_path, mon
 
 
 def test_rerank_settings_are_checked(tmp_path):
-    from iprox.pipeline import load_config, rerank_fraction, stages
+    from iprox.pipeline import load_config, stages
+    from iprox.runconfig import rerank_fraction
 
     model_dir = write_model_folder(tmp_path / "tiny", "llama")
     cfg = _write_config(tmp_path, model_dir)
@@ -347,7 +348,7 @@ def test_rerank_settings_are_checked(tmp_path):
         load_config(with_('rest_order = "proxy"'))
     with pytest.raises(ValueError, match='need \\[features\\] val_model = "both" or "target"'):
         load_config(with_('rest_order = "target"', "[features]\n", '[features]\nval_model = "proxy"\n'))
-    from iprox.pipeline import rerank_rest
+    from iprox.runconfig import rerank_rest
 
     assert rerank_rest(load_config(with_(""))) == "target"   # the default: val_model "both"
     assert rerank_rest(load_config(with_("", "[features]\n", '[features]\nval_model = "proxy"\n'))) == "run"

@@ -111,6 +111,7 @@ def test_validation_drawn_from_the_pool_changes_the_pool_and_rebuilds(runs, caps
 
 def test_a_record_of_fingerprint_version_1_is_read_and_brought_up_to_date(runs, monkeypatch):
     import iprox.pipeline as P
+    from iprox.lineage import fingerprints
     from iprox.cli import main
 
     tmp, cfg_a, _ = runs
@@ -119,11 +120,11 @@ def test_a_record_of_fingerprint_version_1_is_read_and_brought_up_to_date(runs, 
     cfg = P.load_config(cfg_a, {"out": str(run), "progress": False})
     rec = json.loads((run / "pipeline.json").read_text())
     rec.pop("fingerprint_version")
-    rec["fingerprints"] = P._fingerprints(cfg, run, version=1)
-    assert rec["fingerprints"]["compress"] != P._fingerprints(cfg, run)["compress"]
+    rec["fingerprints"] = fingerprints(cfg, run, version=1)
+    assert rec["fingerprints"]["compress"] != fingerprints(cfg, run)["compress"]
     artifacts.atomic_write_json(run / "pipeline.json", rec)
     _no_rebuild(monkeypatch)
     assert main(["run", str(cfg_a), "--out", str(run), "--no-progress"]) == 0  # nothing refused, nothing rebuilt
     rec = json.loads((run / "pipeline.json").read_text())
-    assert rec["fingerprint_version"] == 2 and rec["fingerprints"] == P._fingerprints(cfg, run)
+    assert rec["fingerprint_version"] == 2 and rec["fingerprints"] == fingerprints(cfg, run)
     assert "validation" in rec["fingerprints"]

@@ -264,7 +264,9 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
     assert main(["run", str(cfg), "--no-progress", "--overwrite"]) == 0
     assert json.loads((run / "scores" / "scores.json").read_text())["aggregate"] == "mean"
     # A run whose stores another store format wrote (another projection) is refused at the features.
-    monkeypatch.setattr(P, "STORE_FORMAT_VERSION", P.STORE_FORMAT_VERSION + 1)
+    import iprox.lineage as lineage
+
+    monkeypatch.setattr(lineage, "STORE_FORMAT_VERSION", lineage.STORE_FORMAT_VERSION + 1)
     assert main(["run", str(cfg), "--no-progress"]) == 2
     assert "from stage 'features' on" in capsys.readouterr().err
 

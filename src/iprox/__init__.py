@@ -18,7 +18,8 @@ from .evaluation import EvaluateConfig, evaluate, heldout_loss
 from .features import FeatureConfig, compute_features
 from .fidelity import FidelityConfig, fidelity_report
 from .models import load_model
-from .pipeline import RunConfig, load_config, run
+from .pipeline import run
+from .runconfig import RunConfig, load_config
 from .loading import iter_features, load_checkpoint, load_features, load_model_or_proxy, load_proxy, read_scores
 from .pool import PoolConfig, write_pool
 from .proxy import ProxyConfig, build_proxy

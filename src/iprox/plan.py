@@ -182,7 +182,7 @@ class PlanConfig:
 
     def resolved_val_model(self) -> str:
         """``val_model``, or the order's default as the pipeline takes it."""
-        from .pipeline import DEFAULT_VAL_MODEL
+        from .runconfig import DEFAULT_VAL_MODEL
 
         return self.val_model or (DEFAULT_VAL_MODEL if self.warmup_on == "target" else "proxy")
 
@@ -551,9 +551,9 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
     kw = dict(given)
     if run_config:
         from .data import load_examples
-        from .pipeline import calibrate as pipeline_calibrate
-        from .pipeline import load_config, rerank_fraction, rerank_growth
-        from .pipeline import val_model as pipeline_val_model
+        from .runconfig import calibrate as run_calibrate
+        from .runconfig import load_config, rerank_fraction, rerank_growth
+        from .runconfig import val_model as run_val_model
         from .rerank import shortlist_size
         from .selection import selection_size
 
@@ -564,13 +564,13 @@ def plan_settings(given: dict, run_config: str = "", sets: list[str] | tuple = (
                 counted[key] = sum(s["sample"] or len(load_examples(s["path"])) for s in getattr(run, key))
         # (the pipeline's own keys: the preconditioner is per store, the validation model a few examples)
         features = {k: v for k, v in run.features.items() if k not in ("train_grad", "val_model", "calibrate")}
-        n_cal = pipeline_calibrate(run)
+        n_cal = run_calibrate(run)
         n_pool = kw.get("pool", counted.get("pool"))
         fraction = rerank_fraction(run)
         k = selection_size(run.select.get("fraction", 0.0), run.select.get("top_k", 0), n_pool)
         kw = {"model": run.model, "max_length": run.max_length, **counted,
               "proxy": dict(run.proxy), "warmup": dict(run.warmup), "features": features,
-              "warmup_on": run.warmup_on, "val_model": pipeline_val_model(run),
+              "warmup_on": run.warmup_on, "val_model": run_val_model(run),
               "calibrate": -1 if n_cal == "auto" else n_cal,
               "rerank": shortlist_size(fraction, n_pool, k) if fraction else 0,
               "rerank_growth": float(rerank_growth(run)), **kw}
