@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from bench_scale import GEOMETRIES, export_inputs, make_target  # noqa: E402
 from common import update_benchmarks_md  # noqa: E402
 
-from iprox.alignment import LOG_FILE, AlignSettings, run_alignment, save_checkpoint, _factor_params, layer_pairs  # noqa: E402
+from iprox.align_objective import layer_pairs  # noqa: E402
+from iprox.alignment import LOG_FILE, AlignSettings, run_alignment, save_checkpoint, _factor_params  # noqa: E402
 from iprox.data import load_examples, tokenize_examples  # noqa: E402
 from iprox.models import default_device, resolve_dtype  # noqa: E402
 from iprox.proxy import factorize_model  # noqa: E402

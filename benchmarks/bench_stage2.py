@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import find_data, update_benchmarks_md  # noqa: E402
 
-from iprox.alignment import AlignSettings, alignment_loss, layer_pairs, run_alignment  # noqa: E402
+from iprox.align_objective import alignment_loss, layer_pairs  # noqa: E402
+from iprox.alignment import AlignSettings, run_alignment  # noqa: E402
 from iprox.data import collate, load_examples, tokenize_examples  # noqa: E402
 from iprox.evaluation import per_example_loss  # noqa: E402
 from iprox.fidelity import gradient_fidelity  # noqa: E402

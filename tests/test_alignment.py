@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import FACTORIES, chat_records, make_tokenizer, tiny_llama, write_jsonl
-from iprox import alignment
-from iprox.alignment import (alignment_loss, factor_space_cosines, layer_pairs, projected_target_grads,
+from iprox import align_objective, alignment
+from iprox.align_objective import (alignment_loss, factor_space_cosines, layer_pairs, projected_target_grads,
                              proxy_factor_grads, target_weight_grads)
 from iprox.data import collate, load_examples, tokenize_examples
 from iprox.fidelity import gradient_fidelity
@@ -301,7 +301,7 @@ def test_recomputed_blocks_give_the_same_gradients_and_second_derivatives(tmp_pa
                 if isinstance(mod, FactorizedLinear):
                     mod.A.weight.mul_(1.1)
         pairs = layer_pairs(proxy, target)
-        alignment.require_pair_grads(proxy, target, pairs)
+        align_objective.require_pair_grads(proxy, target, pairs)
         with recomputed_blocks(target, recompute), recomputed_blocks(proxy, recompute):
             G, t_logits, _ = target_weight_grads(target, pairs, enc)
             loss, _, _ = alignment_loss(proxy, target, pairs, enc, lambda_kl=0.5, temperature=2.0)
@@ -345,7 +345,7 @@ def test_alignment_with_recomputation_and_offloaded_optimizer_trains_the_same_fa
     kw = dict(align_steps=4, lambda_kl=0.3)
     build_proxy(_align_cfg(tmp_path / "a", data, **kw), model=tiny_llama(), tokenizer=tok)
     used = {"recompute": 0, "offload": 0}
-    real_blocks, real_init = alignment.recomputed_blocks, training.MasterAdamW.__init__
+    real_blocks, real_init = align_objective.recomputed_blocks, training.MasterAdamW.__init__
 
     def blocks(model, enabled=True):
         used["recompute"] += bool(enabled)
@@ -354,7 +354,7 @@ def test_alignment_with_recomputation_and_offloaded_optimizer_trains_the_same_fa
     def init(self, *a, offload=False, **k):
         used["offload"] += offload
         real_init(self, *a, offload=offload, **k)
-    monkeypatch.setattr(alignment, "recomputed_blocks", blocks)
+    monkeypatch.setattr(align_objective, "recomputed_blocks", blocks)
     monkeypatch.setattr(training.MasterAdamW, "__init__", init)
     build_proxy(_align_cfg(tmp_path / "b", data, **kw, gradient_checkpointing=True, offload_optimizer=True),
                 model=tiny_llama(), tokenizer=tok)
@@ -442,7 +442,7 @@ def test_lora_space_gradients_are_the_merged_layers_gradient_projected(tmp_path)
     (L_GA = KL = 0), and both models get their own layers back afterwards."""
     import copy
 
-    from iprox.alignment import LoraSpace, adapter_grads, carrying
+    from iprox.align_objective import LoraSpace, adapter_grads, carrying
     from iprox.lowrank import AdaptedLinear
 
     target = tiny_llama(dtype=torch.float64)
@@ -492,7 +492,7 @@ def test_lora_space_loss_gradient_matches_finite_differences(tmp_path):
     """The second-order backward through the adapters' gradients: ⟨∇_A L, D⟩ against the central
     difference of L along a random direction D of one factor, in float64 (but for the eager
     attention's float32 softmax, which sets the step: at 3e-4 the difference agrees to ~2e-4)."""
-    from iprox.alignment import carrying
+    from iprox.align_objective import carrying
 
     target = tiny_llama(dtype=torch.float64)
     proxy = _full_rank_proxy(target)
@@ -503,7 +503,7 @@ def test_lora_space_loss_gradient_matches_finite_differences(tmp_path):
                 mod.A.weight[:, 3:] = 0
     enc, _, _ = _enc(tmp_path)
     pairs = layer_pairs(proxy, target)
-    alignment.require_pair_grads(proxy, target, pairs, target_weights=False)
+    align_objective.require_pair_grads(proxy, target, pairs, target_weights=False)
     A = pairs[1].proxy.A.weight
     D = torch.randn(A.shape, generator=torch.Generator().manual_seed(0), dtype=A.dtype)
     with carrying(proxy, target, _lora_state(target), 4.0) as space:

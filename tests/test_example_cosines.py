@@ -7,8 +7,9 @@ import torch
 from test_alignment import _enc, _full_rank_proxy, _lora_state
 
 from conftest import FACTORIES, tiny_llama
-from iprox import alignment
-from iprox.alignment import AlignSettings, _micro_batches, alignment_loss, carrying, layer_pairs
+from iprox import align_objective, alignment
+from iprox.align_objective import alignment_loss, carrying, layer_pairs
+from iprox.alignment import AlignSettings, _micro_batches
 from iprox.data import collate
 from iprox.example_cosines import example_cosines, token_grads
 from iprox.lowrank import FactorizedLinear
@@ -110,10 +111,10 @@ def test_per_example_loss_is_the_mean_over_examples_alone(tmp_path, form, recomp
     enc, tokd, tok = _enc(tmp_path)
     assert len({len(t.input_ids) for t in tokd}) > 1   # the batch really is padded
     pairs = layer_pairs(proxy, target)
-    alignment.require_pair_grads(proxy, target, pairs)
+    align_objective.require_pair_grads(proxy, target, pairs)
     factors = [t for p in pairs for t in (p.proxy.A.weight, p.proxy.B.weight)]
     want, want_g = _one_by_one(proxy, target, pairs, tokd, tok.pad_token_id, None, factors)
-    loss, ga, kl = alignment.example_alignment_loss(proxy, target, pairs, enc, 0.5, 2.0, recompute, None, form)
+    loss, ga, kl = align_objective.example_alignment_loss(proxy, target, pairs, enc, 0.5, 2.0, recompute, None, form)
     torch.testing.assert_close(torch.stack([loss.detach(), ga, kl]), want, rtol=1e-9, atol=1e-12)
     assert float(ga) > 1e-3 and float(kl) > 0
     _close_grads(torch.autograd.grad(loss, factors), want_g)
@@ -128,11 +129,11 @@ def test_per_example_loss_in_the_lora_space(tmp_path):
     target, proxy = _compressed_pair()
     enc, tokd, tok = _enc(tmp_path)
     pairs = layer_pairs(proxy, target)
-    alignment.require_pair_grads(proxy, target, pairs, target_weights=False)
+    align_objective.require_pair_grads(proxy, target, pairs, target_weights=False)
     with carrying(proxy, target, _lora_state(target), 4.0) as space:
         factors = [t for p in pairs for t in (p.proxy.A.weight, p.proxy.B.weight)]
         want, want_g = _one_by_one(proxy, target, pairs, tokd, tok.pad_token_id, space, factors)
-        loss, ga, kl = alignment.example_alignment_loss(proxy, target, pairs, enc, 0.5, 2.0, lora=space)
+        loss, ga, kl = align_objective.example_alignment_loss(proxy, target, pairs, enc, 0.5, 2.0, lora=space)
         torch.testing.assert_close(torch.stack([loss.detach(), ga, kl]), want, rtol=1e-9, atol=1e-12)
         assert float(ga) > 1e-3
         _close_grads(torch.autograd.grad(loss, factors), want_g)
@@ -143,8 +144,8 @@ def test_exact_proxy_has_zero_per_example_loss(tmp_path):
     proxy = _full_rank_proxy(target)
     enc, _, _ = _enc(tmp_path)
     pairs = layer_pairs(proxy, target)
-    alignment.require_pair_grads(proxy, target, pairs)
-    loss, ga, kl = alignment.example_alignment_loss(proxy, target, pairs, enc, 1.0, 2.0)
+    align_objective.require_pair_grads(proxy, target, pairs)
+    loss, ga, kl = align_objective.example_alignment_loss(proxy, target, pairs, enc, 1.0, 2.0)
     assert abs(float(ga)) < 1e-10 and abs(float(kl)) < 1e-10
 
 

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .agreement import agreement, task_share
-from .alignment import carrying, compared_grads, factor_space_cosines, layer_pairs, response_kl
+from .align_objective import carrying, compared_grads, factor_space_cosines, layer_pairs, response_kl
 from .data import TokenizedExample, collate
 from .lowrank import FactorizedLinear, adapter_layers
 from .models import EMBEDDED_MODEL, frozen, resolve_dtype
