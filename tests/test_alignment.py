@@ -9,7 +9,7 @@ import torch
 from conftest import FACTORIES, chat_records, make_tokenizer, tiny_llama, write_jsonl
 from iprox import align_objective, alignment
 from iprox.align_objective import (alignment_loss, factor_space_cosines, layer_pairs, projected_target_grads,
-                             proxy_factor_grads, target_weight_grads)
+                                   proxy_factor_grads, target_weight_grads)
 from iprox.data import collate, load_examples, tokenize_examples
 from iprox.fidelity import gradient_fidelity
 from iprox.ipsvd import svd_factors
