@@ -25,6 +25,12 @@ size. Measured from the fidelity study's runs of 0.14's defaults on disk (one ta
   default shortlist here) and 90 (grown once). No growth.
 
     python benchmarks/diag_source_placement.py [--work /tmp/iprox-bench-fidelity]
+
+``--settings NAME ...`` reads instead the named settings' runs (every seed on disk) against the
+seed-0 target alone, the one reference every run of the study is compared with: whole-pool
+Spearman, Spearman within each source, GSM8K's mean percentile and the run's order placed as the
+seed-0 target places the sources. It writes its own section ("source-placement-settings") and
+``source_placement_settings.json``, and needs only ``target-s0`` on disk.
 """
 
 from __future__ import annotations
@@ -107,8 +113,13 @@ def _column(rows: list[dict], ids: list[str], task: str) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
+    ap.add_argument("--settings", nargs="+", metavar="NAME",
+                    help="compare these settings' runs with the seed-0 target only (see the module's docstring)")
     args = ap.parse_args()
     runs = args.work / "runs"
+    if args.settings:
+        compare_settings(runs, args.settings)
+        return
     targets = {s: read_scores(final_scores(runs / f"target-s{s}")) for s in (0, 1, 2)}
     ids = [r["id"] for r in targets[0]]
     src = np.array([r["source"] for r in targets[0]])
@@ -210,6 +221,44 @@ def main() -> None:
               "Mean over seeds of whole-pool Spearman / head Spearman / top-5% overlap:", ""]
     lines += figure_table("shortlist", TASKS, strat)
     update_benchmarks_md("source-placement", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def compare_settings(runs: Path, settings: list[str]) -> None:
+    """Per setting and task, each run on disk against the seed-0 target: how much of its whole-pool
+    disagreement is the placement between the two sources."""
+    ref_rows = read_scores(final_scores(runs / "target-s0"))
+    ids = [r["id"] for r in ref_rows]
+    src = np.array([r["source"] for r in ref_rows])
+    out: dict = {}
+    for setting in settings:
+        for task, seed, run in finished_runs(runs, setting):
+            ref = _column(ref_rows, ids, task)
+            mine = _column(read_scores(run / "rerank" / "scores"), ids, task)
+            out.setdefault(setting, {}).setdefault(task, []).append({
+                "seed": seed, "whole": spearman(ref, mine),
+                "within": {s: spearman(ref[src == s], mine[src == s]) for s in SOURCES},
+                "gsm8k_percentile": float(percentile(mine)[src == "gsm8k"].mean()),
+                "ref_gsm8k_percentile": float(percentile(ref)[src == "gsm8k"].mean()),
+                "placed_as_seed_0": spearman(ref, placed_as(mine, ref, src)),
+            })
+    (RESULTS / "source_placement_settings.json").write_text(json.dumps(out, indent=1))
+    f2 = lambda v: f"{v:.2f}"  # noqa: E731
+    lines = ["## Where each setting's proxy places the pool sources (issue 12)", "",
+             "`benchmarks/diag_source_placement.py --settings " + " ".join(f'"{s}"' for s in settings) + "`: "
+             "each run against the seed-0 target, seeds in order. Whole-pool Spearman; Spearman within BBH (200) "
+             "and within GSM8K (100); GSM8K's mean percentile in the run's ranking (1 = the top; the target's in "
+             "brackets); the run's order inside each source with the target's placement between them.", "",
+             "| setting | task | seeds | whole | within BBH | within GSM8K | GSM8K percentile | placed as the target |",
+             "|---|---|---|---|---|---|---|---|"]
+    for setting, by_task in out.items():
+        for task, rs in by_task.items():
+            cat = lambda key: " / ".join(f2(key(r)) for r in rs)  # noqa: E731
+            lines.append(f"| {setting} | {task} | {' / '.join(str(r['seed']) for r in rs)} | {cat(lambda r: r['whole'])} "
+                         f"| {cat(lambda r: r['within']['bbh'])} | {cat(lambda r: r['within']['gsm8k'])} | "
+                         + " / ".join(f"{f2(r['gsm8k_percentile'])} ({f2(r['ref_gsm8k_percentile'])})" for r in rs)
+                         + f" | {cat(lambda r: r['placed_as_seed_0'])} |")
+    update_benchmarks_md("source-placement-settings", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
