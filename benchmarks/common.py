@@ -6,6 +6,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,12 +85,27 @@ def selection_data(work: Path, data: Path, tasks: list[str], n_gsm: int, per_tas
 
 
 def sh(cmd: list[str], log_path: Path) -> None:
-    """Runs a command from the repository root, appending its output to ``log_path``; exits on failure."""
+    """Runs a command from the repository root, appending its output to ``log_path``; exits on failure.
+
+    Stopping the benchmark (Ctrl-C, or ``kill`` of its process) stops the command too: its stages
+    resume on the next run, and nothing keeps running unseen beside the next timing.
+    """
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:   # a plain kill would skip the cleanup below
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     t0 = time.perf_counter()
     with open(log_path, "a") as f:
-        r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if r.returncode:
-        raise SystemExit(f"failed ({r.returncode}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
+    if code:
+        raise SystemExit(f"failed ({code}) after {time.perf_counter() - t0:.0f}s: {' '.join(cmd)}; see {log_path}")
 
 
 IPROX = [sys.executable, "-m", "iprox.cli"]
