@@ -79,6 +79,14 @@ def placed_as(run: np.ndarray, ref: np.ndarray, src: np.ndarray) -> np.ndarray:
     return out
 
 
+def placement(ref: np.ndarray, mine: np.ndarray, src: np.ndarray) -> dict:
+    """A run's scores against a reference's: whole-pool Spearman, Spearman within each source, and
+    GSM8K's mean percentile in each ranking."""
+    return {"whole": spearman(ref, mine), "within": {s: spearman(ref[src == s], mine[src == s]) for s in SOURCES},
+            "gsm8k_percentile": float(percentile(mine)[src == "gsm8k"].mean()),
+            "ref_gsm8k_percentile": float(percentile(ref)[src == "gsm8k"].mean())}
+
+
 def stratified(res, m: int, share: str) -> list[str]:
     """A shortlist of about ``m`` ids: per source the head of its own ranking, ``m / sources`` each
     (``equal``) or in proportion to its size (``proportional``)."""
@@ -156,10 +164,7 @@ def main() -> None:
             m_run = measure(own, targets[ref_seed])[task]
             m_shift = measure(shifted_rows, targets[ref_seed])[task]
             rec = {
-                "seed": seed, "whole": spearman(ref, mine), "head": m_run["head_spearman"],
-                "within": {s: spearman(ref[src == s], mine[src == s]) for s in SOURCES},
-                "gsm8k_percentile": float(percentile(mine)[src == "gsm8k"].mean()),
-                "ref_gsm8k_percentile": float(percentile(ref)[src == "gsm8k"].mean()),
+                "seed": seed, **placement(ref, mine, src), "head": m_run["head_spearman"],
                 "placed_as_same_seed": spearman(ref, placed_as(mine, _column(targets[seed], ids, task), src)),
                 "placed_as_seed_0": spearman(ref, placed_as(mine, _column(targets[0], ids, task), src)),
                 "shifted": {"whole": m_shift["spearman"], "head": m_shift["head_spearman"],
@@ -235,13 +240,8 @@ def compare_settings(runs: Path, settings: list[str]) -> None:
         for task, seed, run in finished_runs(runs, setting):
             ref = _column(ref_rows, ids, task)
             mine = _column(read_scores(run / "rerank" / "scores"), ids, task)
-            out.setdefault(setting, {}).setdefault(task, []).append({
-                "seed": seed, "whole": spearman(ref, mine),
-                "within": {s: spearman(ref[src == s], mine[src == s]) for s in SOURCES},
-                "gsm8k_percentile": float(percentile(mine)[src == "gsm8k"].mean()),
-                "ref_gsm8k_percentile": float(percentile(ref)[src == "gsm8k"].mean()),
-                "placed_as_seed_0": spearman(ref, placed_as(mine, ref, src)),
-            })
+            out.setdefault(setting, {}).setdefault(task, []).append(
+                {"seed": seed, **placement(ref, mine, src), "placed_as_seed_0": spearman(ref, placed_as(mine, ref, src))})
     (RESULTS / "source_placement_settings.json").write_text(json.dumps(out, indent=1))
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     lines = ["## Where each setting's proxy places the pool sources (issue 12)", "",
