@@ -29,8 +29,12 @@ size. Measured from the fidelity study's runs of 0.14's defaults on disk (one ta
 ``--settings NAME ...`` reads instead the named settings' runs (every seed on disk) against the
 seed-0 target alone, the one reference every run of the study is compared with: whole-pool
 Spearman, Spearman within each source, GSM8K's mean percentile and the run's order placed as the
-seed-0 target places the sources. It writes its own section ("source-placement-settings") and
-``source_placement_settings.json``, and needs only ``target-s0`` on disk.
+seed-0 target places the sources. For the seed-0 runs, which share the seed-0 target's warm-up
+checkpoint (checked adapter for adapter) and projection, it also reads the rows themselves: per
+source, the mean cosine of the run's pool feature row (uncalibrated, and calibrated as its scores
+take it) with the target's row of the same example. It writes its own section
+("source-placement-settings") and ``source_placement_settings.json``, and needs only ``target-s0`` on
+disk.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -51,8 +57,8 @@ from diag_bulk_order import _scores, finished_runs  # noqa: E402
 from diag_shortlist_length import _target_table  # noqa: E402
 
 from iprox.agreement import spearman  # noqa: E402
-from iprox.calibration import fit_correction  # noqa: E402
-from iprox.loading import read_manifest, read_scores  # noqa: E402
+from iprox.calibration import _unit, fit_correction  # noqa: E402
+from iprox.loading import load_features, read_manifest, read_scores  # noqa: E402
 from iprox.rerank import combine, concat, shortlist  # noqa: E402
 from iprox.scores import ScoreResult, _subtask_matrix, read_score_result  # noqa: E402
 
@@ -229,6 +235,30 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def row_agreement(run: Path, target: Path, src: np.ndarray) -> dict:
+    """Per source, the mean cosine of a run's pool feature rows with the target run's rows of the same
+    examples: as stored, and calibrated as the run's scores take them. Refuses a pair that does not
+    share the warm-up checkpoint's adapters and the projection."""
+    cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
+    train, calib = Path(cfg["train"][-1]), Path(cfg["calibration"][-1])
+    ref = Path(json.loads((target / "scores" / "stage.json").read_text())["config"]["train"][-1])
+    rm, tm = read_manifest(train), read_manifest(ref)
+    if (rm["seed"], rm["grad"], rm["dim"]) != (tm["seed"], tm["grad"], tm["dim"]):
+        raise SystemExit(f"{train} and {ref} are not projected alike")
+    mine_ad = load_file(str(Path(rm["checkpoint"]) / "adapter_model.safetensors"))
+    ref_ad = load_file(str(Path(tm["checkpoint"]) / "adapter_model.safetensors"))
+    if mine_ad.keys() != ref_ad.keys() or any(not torch.equal(mine_ad[k], ref_ad[k]) for k in mine_ad):
+        raise SystemExit(f"{rm['checkpoint']} and {tm['checkpoint']} hold different adapters")
+    ids, P = load_features(train, torch.float64)
+    tids, T = load_features(ref, torch.float64)
+    if ids != tids:
+        raise SystemExit(f"{train} and {ref} hold different examples")
+    P, T = _unit(P), _unit(T)
+    X = fit_correction(train, calib, cfg["calibration_ridge"]).apply(ids, P)
+    raw, cal = (P * T).sum(1).numpy(), (X * T).sum(1).numpy()
+    return {s: {"raw": float(raw[src == s].mean()), "calibrated": float(cal[src == s].mean())} for s in SOURCES}
+
+
 def compare_settings(runs: Path, settings: list[str]) -> None:
     """Per setting and task, each run on disk against the seed-0 target: how much of its whole-pool
     disagreement is the placement between the two sources."""
@@ -240,8 +270,10 @@ def compare_settings(runs: Path, settings: list[str]) -> None:
         for task, seed, run in finished_runs(runs, setting):
             ref = _column(ref_rows, ids, task)
             mine = _column(read_scores(run / "rerank" / "scores"), ids, task)
-            out.setdefault(setting, {}).setdefault(task, []).append(
-                {"seed": seed, **placement(ref, mine, src), "placed_as_seed_0": spearman(ref, placed_as(mine, ref, src))})
+            rec = {"seed": seed, **placement(ref, mine, src), "placed_as_seed_0": spearman(ref, placed_as(mine, ref, src))}
+            if seed == 0:
+                rec["rows"] = row_agreement(run, runs / "target-s0", src)
+            out.setdefault(setting, {}).setdefault(task, []).append(rec)
     (RESULTS / "source_placement_settings.json").write_text(json.dumps(out, indent=1))
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     lines = ["## Where each setting's proxy places the pool sources (issue 12)", "",
@@ -258,6 +290,14 @@ def compare_settings(runs: Path, settings: list[str]) -> None:
                          f"| {cat(lambda r: r['within']['bbh'])} | {cat(lambda r: r['within']['gsm8k'])} | "
                          + " / ".join(f"{f2(r['gsm8k_percentile'])} ({f2(r['ref_gsm8k_percentile'])})" for r in rs)
                          + f" | {cat(lambda r: r['placed_as_seed_0'])} |")
+    lines += ["", "The seed-0 runs' feature rows against the seed-0 target's (the same warm-up checkpoint and projection): "
+              "mean cosine per source, as stored / calibrated (a calibration example's calibrated row is the "
+              "target's own).", "", "| setting | BBH | GSM8K |", "|---|---|---|"]
+    for setting, by_task in out.items():
+        r0 = [r["rows"] for rs in by_task.values() for r in rs if "rows" in r]
+        if r0:  # the pool store is the same for every task of a seed (the tasks differ in validation only)
+            cell = lambda s: f"{f2(r0[0][s]['raw'])} / {f2(r0[0][s]['calibrated'])}"  # noqa: E731
+            lines.append(f"| {setting} | {cell('bbh')} | {cell('gsm8k')} |")
     update_benchmarks_md("source-placement-settings", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
