@@ -261,20 +261,28 @@ def row_agreement(run: Path, target: Path, src: np.ndarray) -> dict:
 
 def compare_settings(runs: Path, settings: list[str]) -> None:
     """Per setting and task, each run on disk against the seed-0 target: how much of its whole-pool
-    disagreement is the placement between the two sources."""
+    disagreement is the placement between the two sources. A run measured by an earlier invocation
+    whose folder is gone since (a cleared work folder) keeps the figures it was measured at."""
     ref_rows = read_scores(final_scores(runs / "target-s0"))
     ids = [r["id"] for r in ref_rows]
     src = np.array([r["source"] for r in ref_rows])
+    res_path = RESULTS / "source_placement_settings.json"
+    was = json.loads(res_path.read_text()) if res_path.exists() else {}
     out: dict = {}
     for setting in settings:
+        found: dict = {}
         for task, seed, run in finished_runs(runs, setting):
             ref = _column(ref_rows, ids, task)
             mine = _column(read_scores(run / "rerank" / "scores"), ids, task)
             rec = {"seed": seed, **placement(ref, mine, src), "placed_as_seed_0": spearman(ref, placed_as(mine, ref, src))}
             if seed == 0:
                 rec["rows"] = row_agreement(run, runs / "target-s0", src)
-            out.setdefault(setting, {}).setdefault(task, []).append(rec)
-    (RESULTS / "source_placement_settings.json").write_text(json.dumps(out, indent=1))
+            found.setdefault(task, {})[seed] = rec
+        for task in TASKS:
+            recs = {r["seed"]: r for r in was.get(setting, {}).get(task, [])} | found.get(task, {})
+            if recs:
+                out.setdefault(setting, {})[task] = [recs[s] for s in sorted(recs)]
+    res_path.write_text(json.dumps(out, indent=1))
     f2 = lambda v: f"{v:.2f}"  # noqa: E731
     lines = ["## Where each setting's proxy places the pool sources (issue 12)", "",
              "`benchmarks/diag_source_placement.py --settings " + " ".join(f'"{s}"' for s in settings) + "`: "
