@@ -204,8 +204,11 @@ def _settings() -> dict[str, dict]:
                                            "start_from": "0.12 default, one task per run"}
     # 0.15's defaults (the selection, the calibration and the rerank of "0.14 default") with another
     # proxy: another sparsity, or plain SVD in place of IPSVD (both aligned as the defaults align).
-    # Layer-drop has no place here: it drops whole blocks, which cannot carry the target's LoRA
-    # checkpoint, so the default (target-first) order refuses it; its rows above ran proxy-first.
+    # Layer-drop too since 0.17: its kept blocks carry the target's LoRA checkpoint at the target's block
+    # indices (the dropped blocks' adapters are held and never run); its rows above ran proxy-first.
+    for sp in (0.3, 0.5, 0.7):
+        s[f"0.17 default, layer-drop {sp}"] = {"group": "defaults, other proxies", "defaults": True, "alone": True,
+                                               "proxy": {"sparsity": sp, "init": "layer-drop"}}
     for sp in (0.3, 0.7):
         s[f"0.15 default, sparsity {sp}"] = {"group": "defaults, other proxies", "defaults": True, "alone": True,
                                               "proxy": {"sparsity": sp}}

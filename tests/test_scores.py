@@ -11,7 +11,7 @@ from conftest import chat_records, write_jsonl, write_model_folder
 from safetensors.torch import save_file
 
 from iprox import artifacts
-from iprox.loading import MANIFEST_FILE, STORE_FORMAT_VERSION, load_features, read_scores, shard_name
+from iprox.loading import MANIFEST_FILE, STORE_FORMAT_VERSION, load_features, read_manifest, read_scores, shard_name
 from iprox.scores import ScoreConfig, compute_scores, score
 from iprox.selection import SelectConfig, rank, select
 
@@ -428,17 +428,20 @@ def test_pipeline_aligns_in_a_stage_of_its_own(tmp_path, monkeypatch):
     (r / "pipeline.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="before 0.5"):
         run(load_config(cfg, {"progress": False}))
-    # layer-drop: nothing to align, the proxy is the compressed one
+    # layer-drop: nothing to align, the proxy is the compressed one; in either order (target-first: its
+    # kept blocks carry the target's warm-up, and the run calibrates and reranks as for any proxy)
     monkeypatch.undo()
-    (tmp_path / "drop").mkdir()
     proxy = 'sparsity = 0.5\ninit = "layer-drop"\nprobe_examples = 4\nalign_epochs = 0.0\nbatch_size = 4'
-    with pytest.raises(ValueError, match="cannot carry the target's LoRA"):   # refused before any work
-        load_config(_write_config(tmp_path / "drop", model_dir, proxy=proxy))
-    drop = _write_config(tmp_path / "drop", model_dir, proxy=proxy, run_extra='warmup_on = "proxy"')
-    run(load_config(drop, {"progress": False}))
-    d = tmp_path / "drop" / "run"
-    assert (d / "proxy" / "model.safetensors").read_bytes() == (d / "compressed" / "model.safetensors").read_bytes()
-    assert artifacts.is_complete(d / "proxy") and json.loads((d / "proxy" / "proxy.json").read_text())["stage2"] is None
+    for order in ("target", "proxy"):
+        (tmp_path / f"drop-{order}").mkdir()
+        drop = _write_config(tmp_path / f"drop-{order}", model_dir, proxy=proxy, run_extra=f'warmup_on = "{order}"')
+        run(load_config(drop, {"progress": False}))
+        d = tmp_path / f"drop-{order}" / "run"
+        assert (d / "proxy" / "model.safetensors").read_bytes() == (d / "compressed" / "model.safetensors").read_bytes()
+        assert artifacts.is_complete(d / "proxy") and json.loads((d / "proxy" / "proxy.json").read_text())["stage2"] is None
+        assert artifacts.is_complete(d / "selection")
+        trains = read_manifest(d / "features" / "train-1")["trains"]
+        assert (trains == "target lora, carried") == (order == "target"), trains
 
 
 def test_bad_config_names_the_problem(tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from iprox.cli import main
 from iprox.proxy import ProxyConfig, build_proxy
-from iprox.loading import checkpoint_dirs, load_checkpoint, load_features, read_manifest
+from iprox.loading import canonical_name, checkpoint_dirs, load_checkpoint, load_features, read_manifest
 from iprox.training import lr_at
 from iprox.warmup import WarmupConfig, run_warmup
 
@@ -162,3 +162,67 @@ def test_a_proxy_carries_the_targets_lora_checkpoint(tmp_path, data_file, capsys
                  "--sparsity", "0.5", "--probe-examples", "4", "--probe-tokens", "100", "--max-length", "96",
                  "--align-epochs", "0", "--no-progress"]) == 0
     assert main(["features", "--model", str(tmp_path / "p-other"), "--out", str(tmp_path / "f-x")] + common) == 2
+
+
+def test_a_layer_drop_proxy_carries_the_targets_lora_checkpoint(tmp_path, data_file, monkeypatch):
+    """Layer-drop in the target-first order: the proxy's kept blocks carry the target's adapters at the
+    target's block indices. Oracle: the target itself, with the dropped blocks made to pass their input
+    through, featurised by the dense engine (one autograd backward per example; the dropped blocks'
+    adapters then have no gradient). The proxy's store must equal it, on both engines."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from conftest import VOCAB, make_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+                      attn_implementation="eager")
+    model_dir = tmp_path / "tiny4"
+    LlamaForCausalLM(cfg).eval().save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    assert main(["warmup", "--model", str(model_dir), "--data", str(data_file), "--out", str(tmp_path / "w"),
+                 "--examples", "8", "--epochs", "1", "--lr", "1e-3", "--lora-rank", "2", "--max-length", "96",
+                 "--no-progress"]) == 0
+    ck = str(tmp_path / "w" / "checkpoint-1")
+    proxy = tmp_path / "drop"
+    assert main(["build-proxy", "--model", str(model_dir), "--out", str(proxy), "--sparsity", "0.5",
+                 "--init", "layer-drop", "--no-progress"]) == 0
+    kept = json.loads((proxy / "proxy.json").read_text())["kept_blocks"]
+    assert kept == [0, 3]
+    common = ["--checkpoint", ck, "--data", str(data_file), "--proj-dim", "4", "--max-length", "96",
+              "--store-dtype", "float32", "--no-progress"]
+    for engine in ("kronecker", "dense"):
+        for grad in ("adam", "sgd"):
+            assert main(["features", "--model", str(proxy), "--out", str(tmp_path / f"p-{engine}-{grad}"),
+                         "--engine", engine, "--grad", grad] + common) == 0
+            assert read_manifest(tmp_path / f"p-{engine}-{grad}")["trains"] == "target lora, carried"
+    for grad in ("adam", "sgd"):
+        assert main(["features", "--out", str(tmp_path / f"t-{grad}"), "--engine", "dense", "--grad", grad] + common) == 0
+    # the oracle: the target with blocks 1 and 2 passing their input through
+    real = modeling_llama.LlamaDecoderLayer.forward
+
+    def skip_dropped(self, hidden_states, *a, **k):
+        return hidden_states if self.self_attn.layer_idx not in kept else real(self, hidden_states, *a, **k)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", skip_dropped)
+    for grad in ("adam", "sgd"):
+        assert main(["features", "--out", str(tmp_path / f"o-{grad}"), "--engine", "dense", "--grad", grad] + common) == 0
+    layout = read_manifest(tmp_path / "o-sgd")["layout"]
+    for grad in ("adam", "sgd"):
+        ids, oracle = load_features(tmp_path / f"o-{grad}")
+        _, target = load_features(tmp_path / f"t-{grad}")
+        assert (oracle - target).abs().max() > 1e-3 * target.abs().max()  # dropping blocks changes the features
+        for engine in ("kronecker", "dense"):
+            pids, mine = load_features(tmp_path / f"p-{engine}-{grad}")
+            # the same layout (a target's layers carry peft's prefix, a proxy's carried adapters do not)
+            assert pids == ids and read_manifest(tmp_path / f"p-{engine}-{grad}")["layout"] == \
+                [{**part, "name": canonical_name(part["name"])} for part in layout]
+            torch.testing.assert_close(mine, oracle, rtol=1e-4, atol=1e-5 * oracle.abs().max().item())
+    # under sgd a dropped block's features are zero (its adapters take no part in the proxy), a kept one's not
+    _, sgd = load_features(tmp_path / "p-kronecker-sgd")
+    for part in layout:
+        block = int(part["name"].split("layers.")[1].split(".")[0])
+        cols = sgd[:, part["offset"]:part["offset"] + part["k_out"] * part["k_in"]]
+        assert (cols.abs().max() == 0) == (block not in kept), part["name"]

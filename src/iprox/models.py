@@ -285,6 +285,69 @@ def projection_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not a projection")
 
 
+class SkippedBlock(nn.Module):
+    """A decoder block a layer-drop proxy dropped, put back in its place (see :func:`restore_depth`):
+    it passes the hidden states through unchanged and holds a 1×1 placeholder (never run) for each of
+    the target block's projections, so the target's LoRA adapters of that block keep their names.
+    Nothing the proxy computes depends on them: their gradients are zero."""
+
+    def __init__(self, projections: list[str], dtype: torch.dtype, device: torch.device | str | None):
+        super().__init__()
+        for name in projections:  # e.g. "self_attn.q_proj", relative to the block
+            parent = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
+            parent.add_module(leaf, nn.Linear(1, 1, bias=False, dtype=dtype, device=device))
+        self.requires_grad_(False)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def restore_depth(model: nn.Module, kept: list[int], target_projections: list[str]) -> None:
+    """Puts a layer-drop proxy's blocks back at the target's block indices, in place: block ``i`` of
+    the proxy goes to index ``kept[i]`` and every other index gets a :class:`SkippedBlock`. The
+    proxy computes what it computed before (its kept blocks in the same order), but its projections
+    carry the target's names, so the target's LoRA warm-up attaches to them by name and its features
+    share the target's layout and projections (the skipped blocks' features are those of a zero
+    gradient). Nothing happens when the model has the target's depth already.
+
+    Args:
+        model: the proxy, as :func:`~iprox.proxy.drop_layers` left it.
+        kept: the target's indices of its blocks (``kept_blocks`` of its description).
+        target_projections: the target's projection names (the description's layer records).
+    """
+    prefix, layers = decoder_layers(model)
+    by_block: dict[int, list[str]] = {}
+    for name in target_projections:
+        by_block.setdefault(block_of(prefix, name), []).append(name.split(".", prefix.count(".") + 2)[-1])
+    depth = max(by_block) + 1
+    if len(layers) == depth:
+        return
+    if len(layers) != len(kept) or max(kept) >= depth:
+        raise ValueError(f"the proxy has {len(layers)} blocks, its description keeps {len(kept)} of {depth}")
+    p = next(model.parameters())
+    full = []
+    for i in range(depth):
+        if i in kept:
+            block = layers[kept.index(i)]
+            for sub in block.modules():
+                if hasattr(sub, "layer_idx") and isinstance(sub.layer_idx, int):
+                    sub.layer_idx = i
+            full.append(block)
+        else:
+            full.append(SkippedBlock(by_block.get(i, []), p.dtype, p.device))
+    parent, child = get_submodule_parent(model, prefix)
+    setattr(parent, child, nn.ModuleList(full))
+    types = getattr(model.config, "layer_types", None)
+    if isinstance(types, list) and len(types) == len(kept):
+        model.config.layer_types = [types[kept.index(i)] if i in kept else types[0] for i in range(depth)]
+    model.config.num_hidden_layers = depth
+
+
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     """Parent module and attribute name of a qualified module name."""
     parent_name, _, child = name.rpartition(".")

@@ -269,6 +269,16 @@ class KroneckerEngine:
             out.append(P_out @ pc.apply(G) @ P_in.T)
         return torch.cat(out)
 
+    def _unused_features(self, name: str, B: int) -> torch.Tensor:
+        """(B, k_out, k_in) features of a layer whose gradient is zero (its hook never ran): zero, or
+        under the elementwise Adam preconditioner the projected formula at ``G = 0``."""
+        P_out, P_in = self.P_out[name], self.P_in[name]
+        acc = torch.promote_types(P_out.dtype, torch.float32)
+        if name not in self.exact:
+            return torch.zeros(B, P_out.shape[0], P_in.shape[0], dtype=acc, device=P_out.device)
+        zero = torch.zeros(1, P_out.shape[1], P_in.shape[1], dtype=acc, device=P_out.device)
+        return (P_out.to(acc) @ self.exact[name].apply(zero) @ P_in.to(acc).T).expand(B, -1, -1)
+
     def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """Features of a batch.
 
@@ -319,6 +329,8 @@ class KroneckerEngine:
         B = enc["input_ids"].shape[0]
         parts = []
         for name in self.modules:
+            if name not in feats:  # a layer the forward never ran (a layer-drop proxy's skipped block)
+                feats[name] = self._unused_features(name, B)
             f = feats[name] * self.scale[name]
             if self.offset[name] is not None:
                 f = f + self.offset[name].to(f)
@@ -345,8 +357,10 @@ class DenseEngine:
             for i in range(enc["input_ids"].shape[0]):
                 n = int(enc["attention_mask"][i].sum())
                 one = {k: v[i:i + 1, :n] for k, v in enc.items()}
-                grads = torch.autograd.grad(_loss_sum(self.model, one), weights)
-                out.append({name: out_in(mod, g) for (name, mod), g in zip(self.modules.items(), grads)})
+                # (a layer the forward never runs, in a layer-drop proxy's skipped block: a zero gradient)
+                grads = torch.autograd.grad(_loss_sum(self.model, one), weights, allow_unused=True)
+                out.append({name: out_in(mod, torch.zeros_like(w) if g is None else g)
+                            for (name, mod), w, g in zip(self.modules.items(), weights, grads)})
         return out
 
     def __call__(self, enc: dict[str, torch.Tensor]) -> torch.Tensor:

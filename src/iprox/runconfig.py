@@ -173,9 +173,6 @@ class RunConfig:
                 and self.warmup_on != "target":
             raise ValueError('[proxy] align_space = "lora" aligns in the adapters of the target\'s LoRA warm-up, '
                              'which needs [run] warmup_on = "target" (or an align_checkpoint of its own)')
-        if self.selector == "proxy" and self.warmup_on == "target" and built["proxy"].init == "layer-drop":
-            raise ValueError('[proxy] init = "layer-drop" drops whole blocks, which cannot carry the target\'s LoRA '
-                             'warm-up; set [run] warmup_on = "proxy" for this baseline')
         weights = self.score.get("checkpoint_weights", "auto")
         n_ckpt = built["warmup"].epochs if self.selector in ("proxy", "model") else 1
         try:

@@ -27,7 +27,7 @@ from .data import load_examples, tokenize_examples
 from .loading import (PROXY_FILE, Checkpoint, _fill, apply_lora, canonical_name, load_model_or_proxy, mark_trainable,
                       model_key, proxy_uid, read_checkpoint_info, read_lora_state,
                       target_lora_checkpoint)
-from .models import weights_hash
+from .models import restore_depth, weights_hash
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,9 @@ class Session:
 
         Each projection of the proxy that the target's LoRA adapted (a factored layer, or one left
         dense) gets an :class:`~iprox.lowrank.AdaptedLinear` with the checkpoint's adapter tensors;
-        the Adam moments come with them. The proxy's features are then gradients of the same
+        the Adam moments come with them. A layer-drop proxy first gets its blocks back at the target's
+        indices (:func:`~iprox.models.restore_depth`); the adapters of the blocks it dropped are held and
+        never run. The proxy's features are then gradients of the same
         parameters the target's are, run through the compressed network, and share the target's
         projections (see :func:`canonical_name`).
 
@@ -179,7 +181,8 @@ class Session:
         """
         path = Path(path)
         info = target_lora_checkpoint(path)
-        target = read_json(Path(proxy) / PROXY_FILE, "proxy description")["target"]["model"]
+        desc = read_json(Path(proxy) / PROXY_FILE, "proxy description")
+        target = desc["target"]["model"]
         if model_key(target) != model_key(info["model"]):
             raise ValueError(f"{path} is a warm-up of {info['model']}, but {proxy} was built from {target}")
         key = (model_key(proxy), dtype, str(device))
@@ -192,6 +195,8 @@ class Session:
         ident = self._identity_of(e) if e.identity is None else e.identity
         from .lowrank import attach_adapters
 
+        if desc.get("kept_blocks"):  # layer-drop: its blocks back at the target's indices, by the target's names
+            restore_depth(e.model, desc["kept_blocks"], [r["name"] for r in desc["layers"]])
         try:
             attach_adapters(e.model, read_lora_state(path, device), info["lora_alpha"], device)
         except ValueError as err:
