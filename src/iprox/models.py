@@ -289,7 +289,8 @@ class SkippedBlock(nn.Module):
     """A decoder block a layer-drop proxy dropped, put back in its place (see :func:`restore_depth`):
     it passes the hidden states through unchanged and holds a 1×1 placeholder (never run) for each of
     the target block's projections, so the target's LoRA adapters of that block keep their names.
-    Nothing the proxy computes depends on them: their gradients are zero."""
+    Nothing the proxy computes depends on them: their gradients are zero. It returns the hidden states
+    alone, as the decoder blocks of transformers 5 do."""
 
     def __init__(self, projections: list[str], dtype: torch.dtype, device: torch.device | str | None):
         super().__init__()
