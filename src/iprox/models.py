@@ -285,6 +285,13 @@ def projection_weight(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not a projection")
 
 
+def set_block_index(block: nn.Module, i: int) -> None:
+    """Gives a decoder block's modules that carry their block index (attention, for the KV cache) the index ``i``."""
+    for sub in block.modules():
+        if hasattr(sub, "layer_idx") and isinstance(sub.layer_idx, int):
+            sub.layer_idx = i
+
+
 class SkippedBlock(nn.Module):
     """A decoder block a layer-drop proxy dropped, put back in its place (see :func:`restore_depth`):
     it passes the hidden states through unchanged and holds a 1×1 placeholder (never run) for each of
@@ -335,9 +342,7 @@ def restore_depth(model: nn.Module, kept: list[int], target_projections: list[st
     for i in range(depth):
         if i in kept:
             block = layers[kept.index(i)]
-            for sub in block.modules():
-                if hasattr(sub, "layer_idx") and isinstance(sub.layer_idx, int):
-                    sub.layer_idx = i
+            set_block_index(block, i)
             full.append(block)
         else:
             full.append(SkippedBlock(by_block.get(i, []), p.dtype, p.device))

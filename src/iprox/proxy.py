@@ -51,6 +51,7 @@ from .models import (
     default_device,
     resolve_dtype,
     resolve_model,
+    set_block_index,
     weights_hash,
 )
 from .distributed import barrier, on_rank0, rank_device
@@ -485,9 +486,7 @@ def drop_layers(model: nn.Module, sparsity: float) -> tuple[list[int], list[dict
     new_list = nn.ModuleList([layers[i] for i in keep])
     # Attention modules carry their block index for the KV cache; renumber the kept ones.
     for new_i, block in enumerate(new_list):
-        for sub in block.modules():
-            if hasattr(sub, "layer_idx") and isinstance(sub.layer_idx, int):
-                sub.layer_idx = new_i
+        set_block_index(block, new_i)
     parent, child = get_submodule_parent(model, prefix)
     setattr(parent, child, new_list)
     model.config.num_hidden_layers = len(keep)
