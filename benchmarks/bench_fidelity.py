@@ -370,15 +370,18 @@ def main() -> None:
                 # a later task over the same pool starts from the first task's run (`iprox run --from`: its
                 # proxy, warm-up and pool features, which a fresh run would rebuild bit for bit)
                 src = outs[alone[0]]
-                if SETTINGS[name].get("start_from"):  # (or from an earlier setting's run of this task and seed)
-                    src = work / "runs" / f"{slug(SETTINGS[name]['start_from'])}-{slug(t)}-s{seed}"
+                if SETTINGS[name].get("start_from"):  # (or from an earlier setting's run of this task and seed,
+                    # where that is still on disk)
+                    earlier = work / "runs" / f"{slug(SETTINGS[name]['start_from'])}-{slug(t)}-s{seed}"
+                    src = earlier if (earlier / "selection" / "COMPLETE").exists() else src
                 start = (["--from", str(src)] if o != src and (src / "selection" / "COMPLETE").exists()
                          and not (o / "pipeline.json").exists() else [])
                 sh(IPROX + ["run", str(c), "--no-progress", *start], work / "log.txt")
         meta = json.loads((built / "pipeline.json").read_text())
         timings = meta["timings"]
-        if rescore is None and SETTINGS[name].get("start_from"):  # its proxy is that run's: so is its build
-            first = work / "runs" / f"{slug(SETTINGS[name]['start_from'])}-{slug(TASKS[0])}-s{seed}"
+        first = work / "runs" / f"{slug(SETTINGS[name].get('start_from', ''))}-{slug(TASKS[0])}-s{seed}"
+        if rescore is None and SETTINGS[name].get("start_from") and (first / "pipeline.json").exists():
+            # its proxy is that run's, so is its build (a run whose start is gone built its own: its timings)
             was = json.loads((first / "pipeline.json").read_text())["timings"]
             timings = {**timings, **{k: v for k, v in was.items() if k in ("compress", "align")}}
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
