@@ -14,10 +14,10 @@ column and every choice of reference seed r among the three:
 
 * each other seed alone against r (the ceiling row, both orders);
 * the other two seeds averaged (mean of their ranks) against r: what a two-seed ensemble of the
-  target would reach, the most an ensemble of proxies that each follow their own target seed
-  could hope for at two seeds;
-* the noise-model bound for the whole pool, sqrt(rho) with rho the mean Spearman of the other two
-  seeds with each other.
+  target would reach, about the most that two proxies, each following its own target seed, could
+  reach averaged;
+* the noise-model bound for the whole pool, sqrt(rho) with rho the Spearman of the other two seeds
+  with each other.
 
 With ``--proxy SETTING`` (a one-task-per-run setting of the study whose runs at seeds 1 and 2 are on
 disk), the same for the proxy against the seed-0 target: each of its seeds alone, and the two averaged
