@@ -334,6 +334,9 @@ def main() -> None:
         rescore = SETTINGS[name].get("rescore")
         source = name if rescore is None else rescore["from"]
         built = work / "runs" / f"{slug(source)}-s{seed}"  # the run whose proxy and stores these are
+        # an earlier setting's run of each task and seed, to start from where it is still on disk
+        start_from = SETTINGS[name].get("start_from")
+        earlier = {t: work / "runs" / f"{slug(start_from)}-{slug(t)}-s{seed}" for t in TASKS} if start_from else {}
         if rescore is not None:
             if not (built / "selection" / "COMPLETE").exists():
                 log.warning("%s, seed %d: skipped, %r has no finished run at this seed (list it before this one)",
@@ -370,19 +373,16 @@ def main() -> None:
                 # a later task over the same pool starts from the first task's run (`iprox run --from`: its
                 # proxy, warm-up and pool features, which a fresh run would rebuild bit for bit)
                 src = outs[alone[0]]
-                if SETTINGS[name].get("start_from"):  # (or from an earlier setting's run of this task and seed,
-                    # where that is still on disk)
-                    earlier = work / "runs" / f"{slug(SETTINGS[name]['start_from'])}-{slug(t)}-s{seed}"
-                    src = earlier if (earlier / "selection" / "COMPLETE").exists() else src
+                if t in earlier and (earlier[t] / "selection" / "COMPLETE").exists():
+                    src = earlier[t]
                 start = (["--from", str(src)] if o != src and (src / "selection" / "COMPLETE").exists()
                          and not (o / "pipeline.json").exists() else [])
                 sh(IPROX + ["run", str(c), "--no-progress", *start], work / "log.txt")
         meta = json.loads((built / "pipeline.json").read_text())
         timings = meta["timings"]
-        first = work / "runs" / f"{slug(SETTINGS[name].get('start_from', ''))}-{slug(TASKS[0])}-s{seed}"
-        if rescore is None and SETTINGS[name].get("start_from") and (first / "pipeline.json").exists():
+        if rescore is None and TASKS[0] in earlier and (earlier[TASKS[0]] / "pipeline.json").exists():
             # its proxy is that run's, so is its build (a run whose start is gone built its own: its timings)
-            was = json.loads((first / "pipeline.json").read_text())["timings"]
+            was = json.loads((earlier[TASKS[0]] / "pipeline.json").read_text())["timings"]
             timings = {**timings, **{k: v for k, v in was.items() if k in ("compress", "align")}}
         rec = {"setting": name, "seed": seed, "group": SETTINGS[name]["group"], "out": str(out),
                "timings": timings, "scores": str(final_scores(out))}

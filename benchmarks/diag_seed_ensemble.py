@@ -37,6 +37,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fidelity import TASKS, final_scores  # noqa: E402
 from common import slug, update_benchmarks_md  # noqa: E402
@@ -48,18 +50,11 @@ SEEDS = [0, 1, 2]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def ranks(xs: list[float]) -> list[float]:
-    """0-based ranks, ascending (ties broken by position; the scores are continuous)."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    for k, i in enumerate(order):
-        r[i] = float(k)
-    return r
-
-
 def mean_rank(a: list[float], b: list[float]) -> list[float]:
     """Two rankings averaged: each example's mean rank (the seeds' scores need not share a scale)."""
-    return [(x + y) / 2 for x, y in zip(ranks(a), ranks(b))]
+    def ranks(x):
+        return np.argsort(np.argsort(np.asarray(x), kind="stable"), kind="stable")
+    return ((ranks(a) + ranks(b)) / 2).tolist()
 
 
 def figures(ref: list[float], other: list[float]) -> dict[str, float]:
