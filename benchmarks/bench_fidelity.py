@@ -360,6 +360,7 @@ def main() -> None:
             alone = TASKS if SETTINGS[name].get("alone") else [None]
             outs = {t: out if t is None else work / "runs" / f"{slug(name)}-{slug(t)}-s{seed}" for t in alone}
             built = outs[alone[0]]
+            ran = False  # whether this invocation built (part of) the run: its earlier comparisons are then stale
             for t, o in outs.items():
                 c = cfg if t is None else cfg.with_name(f"{o.name}.toml")
                 write_config(c, o, target, pool_f, val_f if t is None else task_validation(val_f, t), SETTINGS[name],
@@ -378,6 +379,7 @@ def main() -> None:
                 start = (["--from", str(src)] if o != src and (src / "selection" / "COMPLETE").exists()
                          and not (o / "pipeline.json").exists() else [])
                 sh(IPROX + ["run", str(c), "--no-progress", *start], work / "log.txt")
+                ran = True
         meta = json.loads((built / "pipeline.json").read_text())
         timings = meta["timings"]
         if rescore is None and TASKS[0] in earlier and (earlier[TASKS[0]] / "pipeline.json").exists():
@@ -408,9 +410,14 @@ def main() -> None:
             log.info("%s, seed %d rebuilt: gradient cosine %s, KL %s (recorded: %s, %s); results not written", name,
                      seed, rec.get("grad_cosine"), rec.get("kl"), was.get("grad_cosine"), was.get("kl"))
             continue
-        # comparisons made earlier against a reference whose folder is gone since stay as measured
+        # comparisons made earlier against a reference whose folder is gone since stay as measured, unless
+        # this invocation rebuilt the run: they were measured on another build's scores
         if "vs" in runs.get(key, {}):
-            rec["vs"] = dict(runs[key]["vs"])
+            if rescore is None and ran:
+                log.info("%s, seed %d: rebuilt; its earlier comparisons (%s) are dropped and remeasured where their "
+                         "reference is on disk", name, seed, ", ".join(runs[key]["vs"]))
+            else:
+                rec["vs"] = dict(runs[key]["vs"])
         runs[key] = rec
         fresh.add(key)
         compare(results, fresh)

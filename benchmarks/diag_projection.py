@@ -51,7 +51,7 @@ EXACT_DIM = 8 * 1536
 def jobs(work: Path) -> list[dict]:
     """What to featurise, in the order worth having if the run is cut short."""
     run = lambda s: work / "runs" / f"{slug(DEFAULT)}-s{s}"  # noqa: E731
-    ckpt = lambda s: run(s) / "warmup" / "checkpoint-1"  # noqa: E731  (the target's own warm-up)
+    ckpt = lambda s: _origin(work, s) / "warmup" / "checkpoint-1"  # noqa: E731  (the target's own warm-up)
     out = [{"name": "target, warm-up 0, projection 0", "model": work / "target", "ckpt": ckpt(0), "seed": 0},
            {"name": "IProX, seed 0", "model": run(0) / "proxy", "ckpt": ckpt(0), "seed": 0, "both": True},
            {"name": "target, warm-up 0, projection 1", "model": work / "target", "ckpt": ckpt(0), "seed": 1}]
@@ -69,9 +69,17 @@ def jobs(work: Path) -> list[dict]:
     return out
 
 
+def _origin(work: Path, seed: int) -> Path:
+    """The run whose warm-up checkpoint (the target's own, at ``seed``) and pool the jobs read: the
+    default setting's, or where that is no longer on disk the study's target run at that seed (the
+    target-first order warms the target up alike, bit for bit)."""
+    run = work / "runs" / f"{slug(DEFAULT)}-s{seed}"
+    return run if (run / "warmup" / "COMPLETE").exists() else work / "runs" / f"target-s{seed}"
+
+
 def featurise(job: dict, folder: Path, work: Path, max_length: int) -> float:
     """Pool and validation stores and the scores of one job; seconds of its pool pass (0 if done before)."""
-    pool = work / "runs" / f"{slug(DEFAULT)}-s0" / "pool"
+    pool = _origin(work, 0) / "pool"
     exact = "proj_dim" in job
     common = ["--checkpoint", str(job["ckpt"]), "--seed", str(job["seed"]),
               "--proj-dim", str(job.get("proj_dim", BASE["features"]["proj_dim"])),
@@ -179,7 +187,7 @@ def study_against_exact(work: Path) -> dict:
     exact = read_scores(ref)
     out: dict[str, list] = {}
     for rec in json.loads(study.read_text())["runs"].values():
-        if (Path(rec["scores"]) / "COMPLETE").exists():
+        if rec.get("scores") and (Path(rec["scores"]) / "COMPLETE").exists():  # (one run per task: no single table)
             out.setdefault(rec["setting"], []).append([rec["seed"], measure(read_scores(rec["scores"]), exact)])
     return out
 
