@@ -19,9 +19,9 @@ touch) against the seed-0 target and against the target at the run's seed; head 
 overlap over the whole pool against the seed-0 target. The ceiling over ``E``: the target's seeds 1
 and 2 against seed 0.
 
-Then the same question in a larger pool (``--pool-1000``, seed 0 only): the study's 300 examples and 700
+Then the same question in a larger pool (``--pool-1000``, seeds 0, 1, 2): the study's 300 examples and 700
 more of the same kinds (200 GSM8K problems, 25 of each BBH task; seeded, none held out and none already
-in the pool), featurised by the target and by the seed-0 proxy at the run's checkpoint and projection
+in the pool), featurised by the target and by each seed's proxy at that run's checkpoint and projection
 (``iprox features``, written once into the work folder). There, without the rerank (which only orders
 the head), Spearman over 300 never-calibrated examples of the calibrated rows' scores against the
 target's rows' scores (both against the target's validation gradients), for calibration samples of
@@ -86,11 +86,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
     ap.add_argument("--pool-1000", action="store_true", help="also the bulk in a pool of 1,000 (featurises 700 more "
-                    "examples with the target and the seed-0 proxy once: about 20 minutes on 2 cores)")
+                    "examples with the target and each seed's proxy once: about 16 minutes a seed on 2 cores)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
     args = ap.parse_args()
+    path = RESULTS / "calibration_size.json"
+    if args.report:
+        update_benchmarks_md("calibration-size", report(json.loads(path.read_text())))
+        return
     runs = args.work / "runs"
     seed0 = read_scores(final_scores(runs / "target-s0"))
-    path = RESULTS / "calibration_size.json"
     out: dict = {"ceiling": {}, "sizes": {}}
     if args.pool_1000:
         out["pool_1000"] = larger_pool(args.work)
@@ -206,41 +210,45 @@ def _bulk(P: torch.Tensor, T: torch.Tensor, Vt: torch.Tensor, ids: list[str], ev
 
 
 def larger_pool(work: Path) -> dict:
-    """The bulk's agreement by calibration size in the study's pool and in a pool of 1,000 (seed 0)."""
+    """The bulk's agreement by calibration size in the study's pool and in a pool of 1,000, per seed
+    (each seed's proxy and target at its checkpoint and projection)."""
     runs = work / "runs"
-    first = runs / f"{slug(SETTING)}-{TASKS[0]}-s0"
     ext = _extension(work)
-    stores = {"target": work / "extpool" / "target-train", "proxy": work / "extpool" / "proxy-train"}
-    for who, store in stores.items():
-        if not (store / "COMPLETE").exists():
-            model = work / "target" if who == "target" else first / "proxy"
-            sh(IPROX + ["features", "--data", str(ext), "--model", str(model), "--checkpoint",
-                        str(first / "warmup" / "checkpoint-1"), "--grad", "adam", "--seed", "0", "--proj-dim", "64",
-                        "--max-length", "320", "--batch-size", "8", "--out", str(store), "--no-progress"],
-               work / "log.txt")
-    train = first / "features" / "train-1"
-    want = read_manifest(train)
-    for store in stores.values():
-        got = read_manifest(store)
-        if (got["checkpoint"], got["seed"], got["proj_dim"], got["dim"]) != (want["checkpoint"], want["seed"],
-                                                                             want["proj_dim"], want["dim"]):
-            raise SystemExit(f"{store} is not featurised as {train} is (checkpoint, seed, projection)")
-    ids, P = _rows(train)
-    _, T = _rows(runs / "target-s0" / "features" / "train-1")
-    eids, EP = _rows(stores["proxy"])
-    _, ET = _rows(stores["target"])
-    big_ids, BP, BT = ids + eids, torch.cat([P, EP]), torch.cat([T, ET])
-    small_eval = sorted(random.Random(0).sample(ids, 100))
-    big_eval = sorted(random.Random(0).sample(big_ids, 300))
     out: dict = {}
-    for task in TASKS:
-        run = runs / f"{slug(SETTING)}-{task}-s0"
-        cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
-        _, Vt = _rows(Path(cfg["val"][1]))
-        ridge = cfg.get("calibration_ridge", 0.01)
-        out[task] = {"300": _bulk(P, T, Vt, ids, small_eval, BIG_SIZES[300], ridge),
-                     "1000": _bulk(BP, BT, Vt, big_ids, big_eval, BIG_SIZES[1000], ridge)}
-        print(f"pool of 1,000, {task}: done", flush=True)
+    for seed in (0, 1, 2):
+        first = runs / f"{slug(SETTING)}-{TASKS[0]}-s{seed}"
+        stores = {"target": work / "extpool" / f"target-train-s{seed}", "proxy": work / "extpool" / f"proxy-train-s{seed}"}
+        for who, store in stores.items():
+            if not (store / "COMPLETE").exists():
+                model = work / "target" if who == "target" else first / "proxy"
+                sh(IPROX + ["features", "--data", str(ext), "--model", str(model), "--checkpoint",
+                            str(first / "warmup" / "checkpoint-1"), "--grad", "adam", "--seed", str(seed),
+                            "--proj-dim", "64", "--max-length", "320", "--batch-size", "8", "--out", str(store),
+                            "--no-progress"], work / "log.txt")
+        train = first / "features" / "train-1"
+        want = read_manifest(train)
+        for store in stores.values():
+            got = read_manifest(store)
+            if (got["checkpoint"], got["seed"], got["proj_dim"], got["dim"]) != (want["checkpoint"], want["seed"],
+                                                                                 want["proj_dim"], want["dim"]):
+                raise SystemExit(f"{store} is not featurised as {train} is (checkpoint, seed, projection)")
+        ids, P = _rows(train)
+        tids, T = _rows(runs / f"target-s{seed}" / "features" / "train-1")
+        eids, EP = _rows(stores["proxy"])
+        etids, ET = _rows(stores["target"])
+        if tids != ids or etids != eids:
+            raise SystemExit(f"the proxy's and the target's stores at seed {seed} hold other examples")
+        big_ids, BP, BT = ids + eids, torch.cat([P, EP]), torch.cat([T, ET])
+        small_eval = sorted(random.Random(0).sample(ids, 100))
+        big_eval = sorted(random.Random(0).sample(big_ids, 300))
+        for task in TASKS:
+            run = runs / f"{slug(SETTING)}-{task}-s{seed}"
+            cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
+            _, Vt = _rows(Path(cfg["val"][1]))
+            ridge = cfg.get("calibration_ridge", 0.01)
+            out.setdefault(task, {}).setdefault("300", {})[str(seed)] = _bulk(P, T, Vt, ids, small_eval, BIG_SIZES[300], ridge)
+            out[task].setdefault("1000", {})[str(seed)] = _bulk(BP, BT, Vt, big_ids, big_eval, BIG_SIZES[1000], ridge)
+        print(f"pool of 1,000, seed {seed}: done", flush=True)
     return out
 
 
@@ -265,16 +273,18 @@ def report(out: dict) -> str:
               " / ".join(f"{x:.2f}" for x in ceil) + " (95%: " + " / ".join(f"{0.95 * x:.2f}" for x in ceil) + ")."]
     big = out.get("pool_1000")
     if big:
-        lines += ["", "The bulk without the rerank, seed 0: Spearman over never-calibrated examples (100 of the study's "
+        seeds = sorted({s for t in TASKS for s in big[t]["1000"]})
+        lines += ["", f"The bulk without the rerank, seeds {', '.join(seeds)}: Spearman over never-calibrated examples (100 of the study's "
                   "300; 300 of the pool of 1,000) of the calibrated proxy rows' scores with the target rows' scores, "
-                  "per calibration size (mean over five draws; per task boolean_expressions / hyperbaton / "
+                  "against the target at the run's seed, per calibration size (mean over seeds and five draws; per task boolean_expressions / hyperbaton / "
                   "formal_fallacies).", "",
                   "| calibration examples | pool of 300 | pool of 1,000 |", "|---|---|---|"]
-        sizes = sorted({int(c) for t in TASKS for n in ("300", "1000") for c in big[t][n]})
+        sizes = sorted({int(c) for t in TASKS for n in ("300", "1000") for v in big[t][n].values() for c in v})
         for c in sizes:
             cells = []
             for n in ("300", "1000"):
-                have = [big[t][n].get(str(c)) for t in TASKS]
+                # the mean over seeds and draws
+                have = [[x for v in big[t][n].values() for x in v.get(str(c), [])] for t in TASKS]
                 cells.append(" / ".join(f"{mean(v):.2f}" for v in have) if all(have) else "–")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
