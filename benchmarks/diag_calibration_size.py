@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
 from common import IPROX, find_data, sh, score_rows, slug, update_benchmarks_md  # noqa: E402
-from diag_bulk_order import _scores  # noqa: E402
+from diag_bulk_order import _scores, finished_runs  # noqa: E402
 from diag_common_mode import _rows  # noqa: E402
 from diag_shortlist_length import _target_table  # noqa: E402
 
@@ -99,60 +99,55 @@ def main() -> None:
     if args.pool_1000:
         out["pool_1000"] = larger_pool(args.work)
     evaluation: list[str] | None = None
-    for task in TASKS:
-        for seed in (0, 1, 2):
-            run = runs / f"{slug(SETTING)}-{task}-s{seed}"
-            if not (run / "rerank" / "scores" / "COMPLETE").exists():
-                print(f"skipping {run.name}: not on disk")
-                continue
-            cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
-            train, calib = Path(cfg["train"][1]), Path(cfg["calibration"][1])
-            ids, P = _rows(train)
-            _, Vp = _rows(Path(cfg["val"][0]))
-            _, Vt = _rows(Path(cfg["val"][1]))
-            tids, T = _rows(runs / f"target-s{seed}" / "features" / train.name)
-            if tids != ids:
-                raise SystemExit(f"target-s{seed}'s pool store holds other examples than {run.name}'s")
-            same = read_scores(runs / f"target-s{seed}" / "scores")
-            if evaluation is None:
-                evaluation = sorted(random.Random(0).sample(ids, 100))
-            others = [i for i in ids if i not in set(evaluation)]
-            both, rest = _scores(run, "both"), _scores(run, "target")
-            own = fit_correction(train, calib, cfg.get("calibration_ridge", 0.01))
+    for task, seed, run in finished_runs(runs, SETTING):
+        cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
+        train, calib = Path(cfg["train"][1]), Path(cfg["calibration"][1])
+        ids, P = _rows(train)
+        _, Vp = _rows(Path(cfg["val"][0]))
+        _, Vt = _rows(Path(cfg["val"][1]))
+        tids, T = _rows(runs / f"target-s{seed}" / "features" / train.name)
+        if tids != ids:
+            raise SystemExit(f"target-s{seed}'s pool store holds other examples than {run.name}'s")
+        same = read_scores(runs / f"target-s{seed}" / "scores")
+        if evaluation is None:
+            evaluation = sorted(random.Random(0).sample(ids, 100))
+        others = [i for i in ids if i not in set(evaluation)]
+        both, rest = _scores(run, "both"), _scores(run, "target")
+        own = fit_correction(train, calib, cfg.get("calibration_ridge", 0.01))
 
-            def ranking(cids: list[str], corr=None) -> list[dict]:
-                if corr is None:
-                    at = [ids.index(i) for i in cids]
-                    corr = correction_from_rows(cids, P[at], T[at], own.ridge)
-                C = corr.apply(ids, P)
-                b, r = (C @ Vp.T).mean(1) + (C @ Vt.T).mean(1), (C @ Vt.T).mean(1)
-                both.score, rest.score = scales[0] * b, scales[1] * r
-                both.per_subtask[:, 0], rest.per_subtask[:, 0] = both.score, rest.score
-                res, _ = rerank_rounds(both, K, DEFAULT_FACTOR * K, GROWTH,
-                                       lambda new, _r: _target_table(same, task, new), rest=rest)
-                res.per_subtask[:, 0] = res.score
-                return score_rows(res)
-
-            # the checks: the run's own calibration replayed gives its ranking, scale for scale
-            C = own.apply(ids, P)
+        def ranking(cids: list[str], corr=None) -> list[dict]:
+            if corr is None:
+                at = [ids.index(i) for i in cids]
+                corr = correction_from_rows(cids, P[at], T[at], own.ridge)
+            C = corr.apply(ids, P)
             b, r = (C @ Vp.T).mean(1) + (C @ Vt.T).mean(1), (C @ Vt.T).mean(1)
-            scales = (float(both.score @ b / (b @ b)), float(rest.score @ r / (r @ r)))
-            for name, x, y, s in (("both", both.score, b, scales[0]), ("target", rest.score, r, scales[1])):
-                if float((x - s * y).abs().max() / x.abs().max()) > 1e-6:
-                    raise SystemExit(f"{run.name}: the rows do not reproduce the pipeline's {name} scores")
-            if _order(ranking(own.ids, own)) != _order(read_scores(run / "rerank" / "scores")):
-                raise SystemExit(f"{run.name}: the replay does not give the run's ranking")
-            if _order(ranking(own.ids)) != _order(read_scores(run / "rerank" / "scores")):
-                raise SystemExit(f"{run.name}: the target run's rows do not stand in for the calibration store's")
-            print(f"{run.name}: replays the run's ranking", flush=True)
-            for c in SIZES:
-                for draw in range(DRAWS if c < len(others) else 1):
-                    rows = ranking(random.Random(100 + draw).sample(others, c))
-                    m = measure(rows, seed0)[task]
-                    out["sizes"].setdefault(str(c), {}).setdefault(task, []).append({
-                        "seed": seed, "draw": draw, "held_out_seed0": _over(rows, seed0, task, evaluation),
-                        "held_out_same": _over(rows, same, task, evaluation),
-                        "head_seed0": m["head_spearman"], "top5_seed0": m["overlap_5"]})
+            both.score, rest.score = scales[0] * b, scales[1] * r
+            both.per_subtask[:, 0], rest.per_subtask[:, 0] = both.score, rest.score
+            res, _ = rerank_rounds(both, K, DEFAULT_FACTOR * K, GROWTH,
+                                   lambda new, _r: _target_table(same, task, new), rest=rest)
+            res.per_subtask[:, 0] = res.score
+            return score_rows(res)
+
+        # the checks: the run's own calibration replayed gives its ranking, scale for scale
+        C = own.apply(ids, P)
+        b, r = (C @ Vp.T).mean(1) + (C @ Vt.T).mean(1), (C @ Vt.T).mean(1)
+        scales = (float(both.score @ b / (b @ b)), float(rest.score @ r / (r @ r)))
+        for name, x, y, s in (("both", both.score, b, scales[0]), ("target", rest.score, r, scales[1])):
+            if float((x - s * y).abs().max() / x.abs().max()) > 1e-6:
+                raise SystemExit(f"{run.name}: the rows do not reproduce the pipeline's {name} scores")
+        if _order(ranking(own.ids, own)) != _order(read_scores(run / "rerank" / "scores")):
+            raise SystemExit(f"{run.name}: the replay does not give the run's ranking")
+        if _order(ranking(own.ids)) != _order(read_scores(run / "rerank" / "scores")):
+            raise SystemExit(f"{run.name}: the target run's rows do not stand in for the calibration store's")
+        print(f"{run.name}: replays the run's ranking", flush=True)
+        for c in SIZES:
+            for draw in range(DRAWS if c < len(others) else 1):
+                rows = ranking(random.Random(100 + draw).sample(others, c))
+                m = measure(rows, seed0)[task]
+                out["sizes"].setdefault(str(c), {}).setdefault(task, []).append({
+                    "seed": seed, "draw": draw, "held_out_seed0": _over(rows, seed0, task, evaluation),
+                    "held_out_same": _over(rows, same, task, evaluation),
+                    "head_seed0": m["head_spearman"], "top5_seed0": m["overlap_5"]})
     for s in (1, 2):
         rows = read_scores(final_scores(runs / f"target-s{s}"))
         for task in TASKS:
