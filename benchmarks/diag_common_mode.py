@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import FIGURES, score_rows, slug, update_benchmarks_md  # noqa: E402
-from diag_bulk_order import _scores  # noqa: E402
+from common import FIGURES, score_rows, update_benchmarks_md  # noqa: E402
+from diag_bulk_order import _scores, finished_runs  # noqa: E402
 
-from iprox.calibration import correction_from_rows, fit_correction  # noqa: E402
+from iprox.calibration import _unit, correction_from_rows, fit_correction  # noqa: E402
 from iprox.loading import iter_feature_rows, read_manifest, read_scores  # noqa: E402
 from iprox.rerank import combine, concat  # noqa: E402
 from iprox.scores import read_score_result  # noqa: E402
@@ -64,10 +64,6 @@ def _rows(store: Path) -> tuple[list[str], torch.Tensor]:
         ids += i
         parts.append(x)
     return ids, _unit(torch.cat(parts))
-
-
-def _unit(X: torch.Tensor) -> torch.Tensor:
-    return X / X.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
 
 def _pairwise(X: torch.Tensor) -> float:
@@ -99,67 +95,63 @@ def main() -> None:
     likeness: dict[str, list[dict]] = {}
     out: dict = {}
     for setting in SETTINGS:
-        for task in TASKS:
-            for seed in (0, 1, 2):
-                run = runs / f"{slug(setting)}-{task}-s{seed}"
-                if not (run / "rerank" / "scores" / "COMPLETE").exists():
-                    continue
-                cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
-                if len(cfg["train"]) != 2 or not cfg.get("calibration"):
-                    raise SystemExit(f"{run.name}: expected one checkpoint scored against both validation models, calibrated")
-                train, val, calib = Path(cfg["train"][1]), Path(cfg["val"][1]), Path(cfg["calibration"][1])
-                ids, P = _rows(train)
-                sources = read_manifest(train)["sources"]
-                gsm = torch.tensor([s == "gsm8k" for s in sources])
-                _, V = _rows(val)
-                if seed not in targets:
-                    tids, targets[seed] = _rows(runs / f"target-s{seed}" / "features" / train.name)
-                    if tids != ids:
-                        raise SystemExit(f"target-s{seed}'s pool store holds other examples than {run.name}'s")
-                T = targets[seed]
-                ridge = cfg.get("calibration_ridge", 0.01)
-                corr = fit_correction(train, calib, ridge)
-                C = corr.apply(ids, P)
-                # the check: the run's rest order recomputed from the rows is the pipeline's
-                mine = (C @ V.T).mean(1)
-                rest = _scores(run, "target")
-                scale = float(rest.score @ mine / (mine @ mine))  # the checkpoint's learning-rate weight
-                diff = float((rest.score - scale * mine).abs().max() / rest.score.abs().max())
-                print(f"{run.name}: rest order from the rows against the pipeline's, largest relative difference "
-                      f"{diff:.1e}", flush=True)
-                if diff > 1e-6:
-                    raise SystemExit("the rows do not reproduce the pipeline's scores")
-                at = [ids.index(i) for i in corr.ids]
-                m = _unit(P.mean(0, keepdim=True))[0]
-                kappa = _kappa(P[at], corr.T, m)
-                E = _equalise(P, m, kappa)
-                CE = correction_from_rows(corr.ids, E[at], corr.T, ridge).apply(ids, E)
-                likeness.setdefault(setting, []).append({
-                    "task": task, "seed": seed, "kappa": kappa,
-                    **{f"{name}_{part}": _pairwise(X[sel]) for name, X in (("proxy", P), ("calibrated", C),
-                                                                             ("equalised", CE), ("target", T))
-                       for part, sel in (("bbh", ~gsm), ("gsm8k", gsm))}})
-                proxy = _scores(run, "both")
-                proxy.per_subtask[:, 0] = proxy.score
-                rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
-                target = concat([read_score_result(p) for p in rounds])
-                own = read_scores(run / "rerank" / "scores")
-                refs = {"seed 0": seed0, "same seed": read_scores(runs / f"target-s{seed}" / "scores")}
-                for variant, below in (("run", C), ("equalised", CE)):
-                    rest.score = scale * (below @ V.T).mean(1)
-                    rest.per_subtask[:, 0] = rest.score
-                    res, _ = combine(proxy, target, K, rest=rest)
-                    res.per_subtask[:, 0] = res.score
-                    rows = score_rows(res)
-                    if variant == "run":
-                        same = [a["id"] for a in sorted(rows, key=lambda x: -x["score"])] == \
-                               [b["id"] for b in sorted(own, key=lambda x: -x["score"])]
-                        if not same:
-                            raise SystemExit(f"{run.name}: the recomputed ranking is not the run's")
-                    for name, ref in refs.items():
-                        f = measure(rows, ref)[task]
-                        out.setdefault(setting, {}).setdefault(variant, {}).setdefault(name, {}).setdefault(
-                            task, []).append({"seed": seed, **{k: f[k] for k in FIGURES}})
+        for task, seed, run in finished_runs(runs, setting):
+            cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
+            if len(cfg["train"]) != 2 or not cfg.get("calibration"):
+                raise SystemExit(f"{run.name}: expected one checkpoint scored against both validation models, calibrated")
+            train, val, calib = Path(cfg["train"][1]), Path(cfg["val"][1]), Path(cfg["calibration"][1])
+            ids, P = _rows(train)
+            sources = read_manifest(train)["sources"]
+            gsm = torch.tensor([s == "gsm8k" for s in sources])
+            _, V = _rows(val)
+            if seed not in targets:
+                tids, targets[seed] = _rows(runs / f"target-s{seed}" / "features" / train.name)
+                if tids != ids:
+                    raise SystemExit(f"target-s{seed}'s pool store holds other examples than {run.name}'s")
+            T = targets[seed]
+            ridge = cfg.get("calibration_ridge", 0.01)
+            corr = fit_correction(train, calib, ridge)
+            C = corr.apply(ids, P)
+            # the check: the run's rest order recomputed from the rows is the pipeline's
+            mine = (C @ V.T).mean(1)
+            rest = _scores(run, "target")
+            scale = float(rest.score @ mine / (mine @ mine))  # the checkpoint's learning-rate weight
+            diff = float((rest.score - scale * mine).abs().max() / rest.score.abs().max())
+            print(f"{run.name}: rest order from the rows against the pipeline's, largest relative difference "
+                  f"{diff:.1e}", flush=True)
+            if diff > 1e-6:
+                raise SystemExit("the rows do not reproduce the pipeline's scores")
+            at = [ids.index(i) for i in corr.ids]
+            m = _unit(P.mean(0, keepdim=True))[0]
+            kappa = _kappa(P[at], corr.T, m)
+            E = _equalise(P, m, kappa)
+            CE = correction_from_rows(corr.ids, E[at], corr.T, ridge).apply(ids, E)
+            likeness.setdefault(setting, []).append({
+                "task": task, "seed": seed, "kappa": kappa,
+                **{f"{name}_{part}": _pairwise(X[sel]) for name, X in (("proxy", P), ("calibrated", C),
+                                                                         ("equalised", CE), ("target", T))
+                   for part, sel in (("bbh", ~gsm), ("gsm8k", gsm))}})
+            proxy = _scores(run, "both")
+            proxy.per_subtask[:, 0] = proxy.score
+            rounds = sorted(run.glob("rerank/target-scores*"), key=lambda p: (len(p.name), p.name))
+            target = concat([read_score_result(p) for p in rounds])
+            own = read_scores(run / "rerank" / "scores")
+            refs = {"seed 0": seed0, "same seed": read_scores(runs / f"target-s{seed}" / "scores")}
+            for variant, below in (("run", C), ("equalised", CE)):
+                rest.score = scale * (below @ V.T).mean(1)
+                rest.per_subtask[:, 0] = rest.score
+                res, _ = combine(proxy, target, K, rest=rest)
+                res.per_subtask[:, 0] = res.score
+                rows = score_rows(res)
+                if variant == "run":
+                    same = [a["id"] for a in sorted(rows, key=lambda x: -x["score"])] == \
+                           [b["id"] for b in sorted(own, key=lambda x: -x["score"])]
+                    if not same:
+                        raise SystemExit(f"{run.name}: the recomputed ranking is not the run's")
+                for name, ref in refs.items():
+                    f = measure(rows, ref)[task]
+                    out.setdefault(setting, {}).setdefault(variant, {}).setdefault(name, {}).setdefault(
+                        task, []).append({"seed": seed, **{k: f[k] for k in FIGURES}})
     (RESULTS / "common_mode.json").write_text(json.dumps({"likeness": likeness, "figures": out}, indent=1))
     body = report(likeness, out)
     update_benchmarks_md("common-mode", body)
