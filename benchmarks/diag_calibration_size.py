@@ -67,7 +67,7 @@ K = 15
 SIZES = (30, 60, 120, 200)
 DRAWS = 5
 GROWTH = 2.0
-BIG_SIZES = {300: (30, 60, 120, 200), 1000: (30, 60, 120, 240, 700)}
+BIG_SIZES = {300: (30, 60, 120, 200), 1000: (30, 60, 100, 120, 240, 700)}  # 100: the default for 1,000 since 0.18
 
 
 def _order(rows: list[dict]) -> list[str]:

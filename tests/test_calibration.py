@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -275,8 +276,9 @@ def test_pipeline_calibrates_the_proxys_pool_features(tmp_path):
         load_config(cfg)
 
 
-def test_the_default_size_is_32_and_at_most_a_tenth_of_the_pool():
-    assert calibration_size(None, 10_000) == 32
+def test_the_default_size_is_128_and_at_most_a_tenth_of_the_pool():
+    assert calibration_size(None, 100_000) == 128 and calibration_size(None, 1280) == 128
+    assert calibration_size(None, 1000) == 100
     assert calibration_size(None, 200) == 20
     assert calibration_size(None, 9) == 0  # too small a pool: off
     assert calibration_size(50, 30) == 30 and calibration_size(7, 300) == 7
@@ -299,3 +301,20 @@ def test_a_scores_folder_made_before_calibration_existed_is_still_complete(tmp_p
     with pytest.raises(artifacts.ConfigMismatchError, match="calibration"):
         artifacts.prepare_stage(tmp_path / "s", "score", asdict(ScoreConfig(train=[pool], val=[pool], out=str(tmp_path / "s"),
                                                                             calibration=[cal])))
+
+
+def test_an_auto_sized_run_keeps_the_count_it_began_with(tmp_path, caplog):
+    """``calibrate = "auto"`` is resolved when the run's features stage begins: resumed by a version
+    whose default differs, it keeps its calibration.jsonl's count (and warns); an explicit count is
+    the count (it enters the run's fingerprint)."""
+    from iprox.pipeline import _calibration_count
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": f"p{i}"}) + "\n" for i in range(3000)))
+    kept = tmp_path / "features" / "calibration.jsonl"
+    assert _calibration_count("auto", pool, kept) == 128  # nothing begun: today's default
+    calibration_subset(pool, 32, 0, kept)  # a run begun with 0.17's default
+    with caplog.at_level(logging.WARNING, logger="iprox.pipeline"):
+        assert _calibration_count("auto", pool, kept) == 32
+    assert "keeping the 32 examples this run began with" in caplog.text and "calibrate = 128" in caplog.text
+    assert _calibration_count(40, pool, kept) == 40

@@ -197,10 +197,10 @@ def test_plan_counts_the_target_first_orders_own_passes():
     assert p["proxy_flops"] == sum(st[k]["flops"] for k in p["pipelines"]["iprox"])
     assert p["target_flops"] == st["warmup (target)"]["flops"] + st["features (target)"]["flops"]
     extra = st["features (target, val + calibration)"]
-    # the default: validation "both" (12 examples) and min(32, 1000 // 10) = 32 calibration examples
-    assert extra["examples"] == {"validation": 12, "calibration": 32}
+    # the default: validation "both" (12 examples) and min(128, 1000 // 10) = 100 calibration examples
+    assert extra["examples"] == {"validation": 12, "calibration": 100}
     per_example = st["features (target)"]["flops"] / (1000 + 12)  # the same passes, per example
-    assert extra["flops"] == pytest.approx(per_example * (12 + 32))
+    assert extra["flops"] == pytest.approx(per_example * (12 + 100))
     # the proxy carries the target's LoRA: its store has the target's dimensions, and it featurises
     # the pool and (val_model "both") the validation examples
     assert st["features (proxy)"]["dim"] == st["features (target)"]["dim"]

@@ -220,6 +220,10 @@ def test_pipeline_runs_skips_refuses_and_resumes(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(proxy_mod, "_stage1", never)
     monkeypatch.setattr(warmup_mod, "_save_epoch", never)
+    # a version with another default calibration size resumes it: the run keeps the 2 examples it
+    # began with (its calibration stores), not a new subset beside stores of the old one
+    import iprox.calibration as calibration_mod
+    monkeypatch.setattr(calibration_mod, "DEFAULT_SIZE", 1)
     skipped = []
 
     def record(fc, session=None):

@@ -316,13 +316,11 @@ def _features(ctx: _Context) -> None:
     ctx.target_val_stores = target_val
     calib = []
     n_cal = 0
+    subset_file = ctx.out / "features" / "calibration.jsonl"
     if ctx.calibrate:
-        n_pool = on_rank0(lambda: sum(1 for ln in Path(ctx.pool_file).open(encoding="utf-8") if ln.strip()))
-        n_cal = calibration_size(None if ctx.calibrate == "auto" else ctx.calibrate, n_pool)
-        log.info("calibration: the target featurises %d of the %d pool examples too", n_cal, n_pool)
+        n_cal = on_rank0(lambda: _calibration_count(ctx.calibrate, ctx.pool_file, subset_file))
     if n_cal:
-        subset = on_rank0(lambda: calibration_subset(ctx.pool_file, n_cal, ctx.cfg.seed,
-                                                     ctx.out / "features" / "calibration.jsonl"))
+        subset = on_rank0(lambda: calibration_subset(ctx.pool_file, n_cal, ctx.cfg.seed, subset_file))
         calib = [store("calib-target", ctx.cfg.model, ck, subset, ctx.train_grad) for ck in ctx.checkpoints]
     if ctx.warm_model != ctx.feature_model and not rerank_fraction(ctx.cfg):  # (the rerank needs it again)
         ctx.session.drop(ctx.cfg.model)
@@ -333,6 +331,25 @@ def _features(ctx: _Context) -> None:
         ctx.train_stores += [train] * len(vals)
         ctx.val_stores += vals
         ctx.calib_stores += [calib[i] if calib else ""] * len(vals)
+
+
+def _calibration_count(given: int | str, pool_file: Path, subset_file: Path) -> int:
+    """The run's number of calibration examples: ``given``, or for ``"auto"`` the default of the pool's
+    size (:func:`calibration_size`). A run whose features stage began before keeps the count it began
+    with (its ``calibration.jsonl``), so that a run resumed by a version of another default neither
+    mixes two subsets in its calibration stores nor rescores with stores its subset no longer names
+    (an explicit count enters the run's fingerprint instead)."""
+    n_pool = sum(1 for ln in Path(pool_file).open(encoding="utf-8") if ln.strip())
+    n_cal = calibration_size(None if given == "auto" else given, n_pool)
+    if given == "auto" and subset_file.is_file():
+        kept = sum(1 for ln in subset_file.open(encoding="utf-8") if ln.strip())
+        if kept != n_cal:
+            log.warning("calibration: keeping the %d examples this run began with (%s); the default for its pool "
+                        "is now %d: set [features] calibrate = %d and pass --overwrite to recompute them (the "
+                        "features stage runs again)", kept, subset_file, n_cal, n_cal)
+        n_cal = kept
+    log.info("calibration: the target featurises %d of the %d pool examples too", n_cal, n_pool)
+    return n_cal
 
 
 def _store(ctx: _Context, out: Path, model: str, ck: Path, data: Path, grad: str) -> str:

@@ -111,7 +111,7 @@ class PlanConfig:
         val_model: the model(s) whose validation gradients are featurised, as ``[features]
             val_model`` ("": the order's default, ``both`` target-first, ``proxy`` proxy-first).
         calibrate: pool examples the target also featurises, as ``[features] calibrate`` (-1: the
-            default, ``min(32, pool / 10)`` target-first and none proxy-first; 0: none).
+            default, ``min(128, pool / 10)`` target-first and none proxy-first; 0: none).
         rerank: pool examples the target scores again after the proxy, as ``[rerank]`` resolves them
             (-1: the default, three times a 5% selection target-first and none proxy-first; 0: none).
         rerank_growth: how many times its first length the shortlist may grow to, as ``[rerank]

@@ -28,7 +28,7 @@ shared data folder, ``out`` is relative to the working directory)::
                 # and val_model (proxy | target | both: which model's gradients of the validation
                 # examples score the pool; target and both need the target-first order) and
                 # calibrate (N pool examples featurised by the target too, whose errors correct the
-                # proxy's pool features; target-first order; default min(32, a tenth of the pool); 0: off)
+                # proxy's pool features; target-first order; default min(128, a tenth of the pool); 0: off)
     [score]     # method, aggregate, checkpoint_weights, damping
     [rerank]    # fraction: the share of the pool, the head of each subtask's column of the proxy's
                 # scores, that the target scores again, placed above the rest in the target's order
