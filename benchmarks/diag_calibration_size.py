@@ -1,7 +1,8 @@
 """How many calibration examples the bulk of the ranking needs, at today's defaults.
 
 The calibration (:mod:`iprox.calibration`) corrects the proxy's pool features from the target's on a
-few pool examples; by default ``min(32, pool / 10)``. In a pool of 300 that cap is 30 examples, a
+few pool examples; by default ``min(32, pool / 10)`` until 0.18, ``min(128, pool / 10)`` since (what this
+script found). In a pool of 300 that cap is 30 examples, a
 tenth of the target's pool pass; in a pool of 100,000 the same 32 cost 0.03% of it, and a few hundred
 would still cost well under 1%. So the share a larger calibration costs says little about scale; what it
 buys does: this script measures it on the fidelity study's runs of 0.14's defaults (sparsity 0.5; one
@@ -28,11 +29,16 @@ target's rows' scores (both against the target's validation gradients), for cali
 each size from the other 700; beside it the same figure in the 300-example pool. A sample of a fixed
 size covers a larger pool more thinly, which is what a pool of 100,000 would meet.
 
+``--estimates``: in the pool of 1,000, the run's own estimate of its agreement
+(:func:`iprox.calibration.estimate_agreement`) against the agreement measured over the whole pool, per
+calibration size (five seeded draws from the whole pool per task and seed).
+
 Before any draw, each run's own calibration is replayed through the same steps and must give the
 run's own ranking, and the replay with the target run's rows in place of the calibration store's must
 give the same order.
 
     python benchmarks/diag_calibration_size.py [--work /tmp/iprox-bench-fidelity] [--pool-1000]
+    python benchmarks/diag_calibration_size.py --estimates   # needs --pool-1000's stores
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from diag_bulk_order import _scores, finished_runs  # noqa: E402
 from diag_common_mode import _rows  # noqa: E402
 from diag_shortlist_length import _target_table  # noqa: E402
 
-from iprox.calibration import correction_from_rows, fit_correction  # noqa: E402
+from iprox.calibration import AGREEMENT_WARNING, correction_from_rows, estimate_agreement, fit_correction  # noqa: E402
 from iprox.loading import read_manifest, read_scores  # noqa: E402
 from iprox.rerank import DEFAULT_FACTOR, rerank_rounds  # noqa: E402
 
@@ -67,6 +73,7 @@ K = 15
 SIZES = (30, 60, 120, 200)
 DRAWS = 5
 GROWTH = 2.0
+ESTIMATE_SIZES = (30, 100, 128, 240)
 BIG_SIZES = {300: (30, 60, 120, 200), 1000: (30, 60, 100, 120, 240, 700)}  # 100: the default for 1,000 since 0.18
 
 
@@ -87,11 +94,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
     ap.add_argument("--pool-1000", action="store_true", help="also the bulk in a pool of 1,000 (featurises 700 more "
                     "examples with the target and each seed's proxy once: about 16 minutes a seed on 2 cores)")
+    ap.add_argument("--estimates", action="store_true", help="only the run's own estimate against the measured "
+                    "agreement in the pool of 1,000, per calibration size (needs --pool-1000's stores; a few minutes)")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
     args = ap.parse_args()
     path = RESULTS / "calibration_size.json"
-    if args.report:
-        update_benchmarks_md("calibration-size", report(json.loads(path.read_text())))
+    if args.estimates:
+        out = json.loads(path.read_text())
+        out["estimates_1000"] = estimates(args.work)
+        path.write_text(json.dumps(out, indent=1))
+    if args.report or args.estimates:
+        body = report(json.loads(path.read_text()))
+        update_benchmarks_md("calibration-size", body)
+        print(body)
         return
     runs = args.work / "runs"
     seed0 = read_scores(final_scores(runs / "target-s0"))
@@ -153,8 +168,11 @@ def main() -> None:
         for task in TASKS:
             out["ceiling"].setdefault(task, []).append(_over(rows, seed0, task, evaluation))
     out["evaluation"] = evaluation
-    if not args.pool_1000 and path.exists():  # measured earlier: kept
-        out["pool_1000"] = json.loads(path.read_text()).get("pool_1000")
+    if path.exists():  # measured earlier: kept
+        before = json.loads(path.read_text())
+        for key in ("pool_1000", "estimates_1000"):
+            if key not in out and before.get(key):
+                out[key] = before[key]
     path.write_text(json.dumps(out, indent=1))
     body = report(out)
     update_benchmarks_md("calibration-size", body)
@@ -204,46 +222,84 @@ def _bulk(P: torch.Tensor, T: torch.Tensor, Vt: torch.Tensor, ids: list[str], ev
     return res
 
 
+def _pool_1000(work: Path, seed: int):
+    """The study's 300 pool examples and the 700 of the extension at ``seed``: (ids of the 300, the
+    proxy's and the target's unit rows of them, ids of all 1,000, the proxy's and the target's rows of
+    those). Featurises the extension once (the target and the seed's proxy at the run's checkpoint and
+    projection) and checks that its stores are featurised as the run's pool store is."""
+    runs = work / "runs"
+    ext = _extension(work)
+    first = runs / f"{slug(SETTING)}-{TASKS[0]}-s{seed}"
+    stores = {"target": work / "extpool" / f"target-train-s{seed}", "proxy": work / "extpool" / f"proxy-train-s{seed}"}
+    for who, store in stores.items():
+        if not (store / "COMPLETE").exists():
+            model = work / "target" if who == "target" else first / "proxy"
+            sh(IPROX + ["features", "--data", str(ext), "--model", str(model), "--checkpoint",
+                        str(first / "warmup" / "checkpoint-1"), "--grad", "adam", "--seed", str(seed),
+                        "--proj-dim", "64", "--max-length", "320", "--batch-size", "8", "--out", str(store),
+                        "--no-progress"], work / "log.txt")
+    train = first / "features" / "train-1"
+    want = read_manifest(train)
+    for store in stores.values():
+        got = read_manifest(store)
+        if (got["checkpoint"], got["seed"], got["proj_dim"], got["dim"]) != (want["checkpoint"], want["seed"],
+                                                                             want["proj_dim"], want["dim"]):
+            raise SystemExit(f"{store} is not featurised as {train} is (checkpoint, seed, projection)")
+    ids, P = _rows(train)
+    tids, T = _rows(runs / f"target-s{seed}" / "features" / "train-1")
+    eids, EP = _rows(stores["proxy"])
+    etids, ET = _rows(stores["target"])
+    if tids != ids or etids != eids:
+        raise SystemExit(f"the proxy's and the target's stores at seed {seed} hold other examples")
+    return ids, P, T, ids + eids, torch.cat([P, EP]), torch.cat([T, ET])
+
+
+def _validation(work: Path, task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The run's proxy and target validation rows (unit) and its calibration ridge."""
+    cfg = json.loads((work / "runs" / f"{slug(SETTING)}-{task}-s{seed}" / "scores" / "stage.json").read_text())["config"]
+    return _rows(Path(cfg["val"][0]))[1], _rows(Path(cfg["val"][1]))[1], cfg.get("calibration_ridge", 0.01)
+
+
 def larger_pool(work: Path) -> dict:
     """The bulk's agreement by calibration size in the study's pool and in a pool of 1,000, per seed
     (each seed's proxy and target at its checkpoint and projection)."""
-    runs = work / "runs"
-    ext = _extension(work)
     out: dict = {}
     for seed in (0, 1, 2):
-        first = runs / f"{slug(SETTING)}-{TASKS[0]}-s{seed}"
-        stores = {"target": work / "extpool" / f"target-train-s{seed}", "proxy": work / "extpool" / f"proxy-train-s{seed}"}
-        for who, store in stores.items():
-            if not (store / "COMPLETE").exists():
-                model = work / "target" if who == "target" else first / "proxy"
-                sh(IPROX + ["features", "--data", str(ext), "--model", str(model), "--checkpoint",
-                            str(first / "warmup" / "checkpoint-1"), "--grad", "adam", "--seed", str(seed),
-                            "--proj-dim", "64", "--max-length", "320", "--batch-size", "8", "--out", str(store),
-                            "--no-progress"], work / "log.txt")
-        train = first / "features" / "train-1"
-        want = read_manifest(train)
-        for store in stores.values():
-            got = read_manifest(store)
-            if (got["checkpoint"], got["seed"], got["proj_dim"], got["dim"]) != (want["checkpoint"], want["seed"],
-                                                                                 want["proj_dim"], want["dim"]):
-                raise SystemExit(f"{store} is not featurised as {train} is (checkpoint, seed, projection)")
-        ids, P = _rows(train)
-        tids, T = _rows(runs / f"target-s{seed}" / "features" / "train-1")
-        eids, EP = _rows(stores["proxy"])
-        etids, ET = _rows(stores["target"])
-        if tids != ids or etids != eids:
-            raise SystemExit(f"the proxy's and the target's stores at seed {seed} hold other examples")
-        big_ids, BP, BT = ids + eids, torch.cat([P, EP]), torch.cat([T, ET])
+        ids, P, T, big_ids, BP, BT = _pool_1000(work, seed)
         small_eval = sorted(random.Random(0).sample(ids, 100))
         big_eval = sorted(random.Random(0).sample(big_ids, 300))
         for task in TASKS:
-            run = runs / f"{slug(SETTING)}-{task}-s{seed}"
-            cfg = json.loads((run / "scores" / "stage.json").read_text())["config"]
-            _, Vt = _rows(Path(cfg["val"][1]))
-            ridge = cfg.get("calibration_ridge", 0.01)
+            _, Vt, ridge = _validation(work, task, seed)
             out.setdefault(task, {}).setdefault("300", {})[str(seed)] = _bulk(P, T, Vt, ids, small_eval, BIG_SIZES[300], ridge)
             out[task].setdefault("1000", {})[str(seed)] = _bulk(BP, BT, Vt, big_ids, big_eval, BIG_SIZES[1000], ridge)
         print(f"pool of 1,000, seed {seed}: done", flush=True)
+    return out
+
+
+def estimates(work: Path) -> dict:
+    """The run's own estimate of its agreement (:func:`iprox.calibration.estimate_agreement`, as
+    ``scores.json`` reports it) against the agreement measured, per calibration size, in the pool of
+    1,000: per task, seed and draw, the estimate over the calibration examples and the whole-pool
+    Spearman of the calibrated "both" scores (the proxy's and the target's validation gradients)
+    with the target's own scores, as the estimate's reference is."""
+    out: dict = {}
+    for seed in (0, 1, 2):
+        _, _, _, ids, P, T = _pool_1000(work, seed)
+        for task in TASKS:
+            Vp, Vt, ridge = _validation(work, task, seed)
+            up, ut = Vp.mean(0, keepdim=True).T, Vt.mean(0, keepdim=True).T  # (dim, 1)
+            ref = (T @ ut)[:, 0]
+            for c in ESTIMATE_SIZES:
+                for draw in range(DRAWS):
+                    cids = random.Random(200 + draw).sample(ids, c)
+                    at = [ids.index(i) for i in cids]
+                    corr = correction_from_rows(cids, P[at], T[at], ridge)
+                    est = estimate_agreement([(corr, up, 1.0, False), (corr, ut, 1.0, True)], [task])
+                    got = (corr.apply(ids, P) @ (up + ut))[:, 0]
+                    out.setdefault(str(c), []).append({"task": task, "seed": seed, "draw": draw,
+                                                       "estimate": est["spearman"][task],
+                                                       "measured": float(spearmanr(got, ref)[0])})
+        print(f"estimates, seed {seed}: done", flush=True)
     return out
 
 
@@ -282,6 +338,24 @@ def report(out: dict) -> str:
                 have = [[x for v in big[t][n].values() for x in v.get(str(c), [])] for t in TASKS]
                 cells.append(" / ".join(f"{mean(v):.2f}" for v in have) if all(have) else "–")
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    est = out.get("estimates_1000")
+    if est:
+        lines += ["", "The run's own estimate of its agreement (`scores.json`'s `calibration`: each calibration example "
+                  "scored from the correction fitted on the others, ranked against the target's own score of it) "
+                  "against the agreement measured over the whole pool of 1,000 (the calibrated scores of the "
+                  "proxy's and the target's validation gradients against the target's scores), per calibration "
+                  "size: 3 tasks × 3 seeds × 5 draws each. Error: estimate minus measured. Warning: the run "
+                  f"warns below {AGREEMENT_WARNING}.", "",
+                  "| calibration examples | mean error | mean absolute error | largest absolute error | "
+                  "rank correlation | measured (mean, range) | warned / measured below |", "|---|---|---|---|---|---|---|"]
+        for c, cases in est.items():
+            e = [x["estimate"] - x["measured"] for x in cases]
+            m = [x["measured"] for x in cases]
+            rho = float(spearmanr([x["estimate"] for x in cases], m)[0])
+            warned = sum(x["estimate"] < AGREEMENT_WARNING for x in cases)
+            below = sum(x["measured"] < AGREEMENT_WARNING for x in cases)
+            lines.append(f"| {c} | {mean(e):+.3f} | {mean(abs(x) for x in e):.3f} | {max(abs(x) for x in e):.3f} | "
+                         f"{rho:.2f} | {mean(m):.2f} ({min(m):.2f}-{max(m):.2f}) | {warned} / {below} |")
     return "\n".join(lines) + "\n"
 
 

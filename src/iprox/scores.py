@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 
 from . import artifacts
-from .calibration import AGREEMENT_WARNING, DEFAULT_RIDGE, Correction, estimate_agreement, fit_correction
+from .calibration import (AGREEMENT_WARNING, DEFAULT_RIDGE, Correction, estimate_agreement, estimate_spread,
+                          fit_correction)
 from .data import load_examples
 from .distributed import all_reduce_sum_, on_every_rank, on_rank0, world
 from .loading import CARRIED, SCORES_FILE, canonical_name, iter_feature_rows, iter_features, read_manifest, read_scores
@@ -244,8 +245,9 @@ def _report_agreement(estimate: list, subtasks: list[str]) -> dict | None:
     low = {k: v for k, v in sp.items() if v is not None and v < AGREEMENT_WARNING}
     if low:
         log.warning("the proxy's scores are unlikely to rank the pool as the target would: estimated Spearman %s, "
-                    "below %.1f (from %d examples: ±0.15 or so); check the proxy with `iprox fidelity --proxy`, or "
-                    "calibrate on more examples", fmt(low), AGREEMENT_WARNING, rep["examples"])
+                    "below %.1f (from %d examples: ±%.2f or so); check the proxy with `iprox fidelity --proxy`, or "
+                    "calibrate on more examples", fmt(low), AGREEMENT_WARNING, rep["examples"],
+                    estimate_spread(rep["examples"]))
     return rep
 
 
