@@ -26,14 +26,15 @@ measured, each target's rows against its validation gradients must reproduce its
 the study's 300 examples (Spearman 1 to 1e-6 per task), and each run, replayed on those 300 with its own
 calibration examples and its selection of 15, must give its own final ranking.
 
-``--real``: seed 0 run for real on the pool of 1,000 (about an hour on 2 cores): the target as the
-study's ``target-s0`` (its warm-up on 5% of the 1,000) and the proxy at today's defaults, one run per
-task, the second and third started ``--from`` the first (``iprox run``, folders under
-``WORK/pool1000``; a finished run is skipped, an interrupted one resumes). Measured as above, against
-that target, beside the replay's seed-0 figures; with each run's calibration count and stage times.
+``--real [SEED ...]``: seeds (default 0) run for real on the pool of 1,000 (about 45 minutes a seed on 2
+cores): the target as the study's ``target-s<seed>`` (its warm-up on 5% of the 1,000) and the proxy at
+today's defaults, one run per task, the second and third started ``--from`` the first (``iprox run``,
+folders under ``WORK/pool1000``; a finished run is skipped, an interrupted one resumes). Measured as
+above, against the target run at the same seed and at seed 0, beside the replay's seed-0 figures; with
+each run's calibration count and stage times.
 
     python benchmarks/diag_larger_pool.py [--work /tmp/iprox-bench-fidelity]   # after diag_calibration_size.py --pool-1000
-    python benchmarks/diag_larger_pool.py --real
+    python benchmarks/diag_larger_pool.py --real 0 1
     python benchmarks/diag_larger_pool.py --report
 """
 
@@ -164,9 +165,11 @@ def measure_all(work: Path) -> dict:
     return out
 
 
-def real_runs(work: Path) -> dict:
-    """Seed 0 for real on the pool of 1,000 (see the module docstring): per task, the proxy run's
-    figures against the target run, its calibration count and its stage times."""
+def real_runs(work: Path, seeds: list[int]) -> dict:
+    """``seeds`` run for real on the pool of 1,000 (see the module docstring): per seed and task, the
+    proxy run's figures against the target run at its seed and at seed 0, its calibration count and
+    its stage times; per seed the target run's times and (seeds other than 0) its figures against the
+    target at seed 0."""
     base = work / "pool1000"
     (base / "configs").mkdir(parents=True, exist_ok=True)
     pool = base / "pool.jsonl"
@@ -174,29 +177,42 @@ def real_runs(work: Path) -> dict:
         _extension(work)  # (diag_calibration_size's 700, written once)
         pool.write_text((work / "pool.jsonl").read_text() + (work / "extpool" / "ext.jsonl").read_text())
     study_pool = str(work / "pool.jsonl")
-    target_cfg = base / "configs" / "target-s0.toml"
-    target_cfg.write_text((work / "configs" / "target-s0.toml").read_text()
-                          .replace(str(work / "runs" / "target-s0"), str(base / "target-s0")).replace(study_pool, str(pool)))
-    sh(IPROX + ["run", str(target_cfg), "--no-progress"], base / "log.txt")
-    ref = read_scores(final_scores(base / "target-s0"))
+
+    def target_run(seed: int) -> Path:
+        cfg = base / "configs" / f"target-s{seed}.toml"
+        cfg.write_text((work / "configs" / f"target-s{seed}.toml").read_text()
+                       .replace(str(work / "runs" / f"target-s{seed}"), str(base / f"target-s{seed}"))
+                       .replace(study_pool, str(pool)))
+        sh(IPROX + ["run", str(cfg), "--no-progress"], base / "log.txt")
+        return base / f"target-s{seed}"
+
+    ref0 = read_scores(final_scores(target_run(0)))
     out: dict = {}
-    first = None
-    for task in TASKS:
-        name = f"{slug(SETTING)}-{task}-s0"
-        run = base / f"proxy-{task}-s0"
-        cfg = base / "configs" / f"proxy-{task}-s0.toml"
-        cfg.write_text((work / "configs" / f"{name}.toml").read_text()
-                       .replace(str(work / "runs" / name), str(run)).replace(study_pool, str(pool)))
-        fresh = not (run / "pipeline.json").exists()
-        sh(IPROX + ["run", str(cfg), "--no-progress"] + (["--from", str(first)] if first and fresh else []),
-           base / "log.txt")
-        first = first or run
-        m = measure(read_scores(final_scores(run)), ref)[task]
-        meta = json.loads((run / "pipeline.json").read_text())
-        out[task] = {**{k: m[k] for k, _ in FIGURES},
-                     "calibration": len((run / "features" / "calibration.jsonl").read_text().splitlines()),
-                     "timings": meta["timings"], "reused": meta.get("reused", [])}
-    out["target_timings"] = json.loads((base / "target-s0" / "pipeline.json").read_text())["timings"]
+    for seed in seeds:
+        tdir = target_run(seed)
+        ref = read_scores(final_scores(tdir))
+        res: dict = {"target_timings": json.loads((tdir / "pipeline.json").read_text())["timings"]}
+        if seed != 0:
+            m = measure(ref, ref0)
+            res["target_vs_seed0"] = {t: {k: m[t][k] for k, _ in FIGURES} for t in TASKS}
+        first = None
+        for task in TASKS:
+            name = f"{slug(SETTING)}-{task}-s{seed}"
+            run = base / f"proxy-{task}-s{seed}"
+            cfg = base / "configs" / f"proxy-{task}-s{seed}.toml"
+            cfg.write_text((work / "configs" / f"{name}.toml").read_text()
+                           .replace(str(work / "runs" / name), str(run)).replace(study_pool, str(pool)))
+            fresh = not (run / "pipeline.json").exists()
+            sh(IPROX + ["run", str(cfg), "--no-progress"] + (["--from", str(first)] if first and fresh else []),
+               base / "log.txt")
+            first = first or run
+            rows = read_scores(final_scores(run))
+            same, zero = measure(rows, ref)[task], measure(rows, ref0)[task]
+            meta = json.loads((run / "pipeline.json").read_text())
+            res[task] = {"same": {k: same[k] for k, _ in FIGURES}, "seed0": {k: zero[k] for k, _ in FIGURES},
+                         "calibration": len((run / "features" / "calibration.jsonl").read_text().splitlines()),
+                         "timings": meta["timings"], "reused": meta.get("reused", [])}
+        out[str(seed)] = res
     return out
 
 
@@ -226,9 +242,17 @@ def report(out: dict) -> str:
             cells = [" / ".join(f"{mean(x['seed0'][k] for x in by_task[t] if x['seed'] == 0):.2f}" for t in TASKS)
                      for k, _ in FIGURES]
             lines.append(f"| {c} | seed 0 alone (replayed) | " + " | ".join(cells) + " |")
-        n_cal = "/".join(sorted({str(real[t]["calibration"]) for t in TASKS}))
-        lines.append(f"| {n_cal} | seed 0 run for real on the 1,000 (its own warm-up), against the target run there | " +
-                     " | ".join(" / ".join(f"{real[t][k]:.2f}" for t in TASKS) for k, _ in FIGURES) + " |")
+        for seed, r in real.items():
+            n_cal = "/".join(sorted({str(r[t]["calibration"]) for t in TASKS}))
+            for ref, label in (("same", f"the target run at seed {seed}"), ("seed0", "the target run at seed 0")):
+                if ref == "seed0" and seed == "0":
+                    continue
+                lines.append(f"| {n_cal} | seed {seed} run for real on the 1,000, against {label} there | " +
+                             " | ".join(" / ".join(f"{r[t][ref][k]:.2f}" for t in TASKS) for k, _ in FIGURES) + " |")
+            if "target_vs_seed0" in r:
+                tv = r["target_vs_seed0"]
+                lines.append(f"| – | the target run at seed {seed} on the 1,000 against seed 0's there | " +
+                             " | ".join(" / ".join(f"{tv[t][k]:.2f}" for t in TASKS) for k, _ in FIGURES) + " |")
     ceil = out["ceiling"]
     lines.append("| – | ceiling: the target's seeds 1 and 2 against seed 0 | " +
                  " | ".join(cell(ceil, k) for k, _ in FIGURES) + " |")
@@ -236,13 +260,13 @@ def report(out: dict) -> str:
     lines += ["", "The whole-pool bar against seed 0 (0.9, or 95% of the ceiling where that is lower): " +
               " / ".join(f"{b:.2f}" for b in bar) + "; the head bar 0.9; the top-5% bar 0.8 and at least the "
               "ceiling's overlap."]
-    if real:
-        tt = real["target_timings"]
-        lines += ["", "The runs for real: the target's warm-up took {:.0f} s and its pool pass {:.0f} s; the first "
-                  "proxy run (".format(tt["warmup"], tt["features"]) + TASKS[0] + ") " +
-                  ", ".join(f"{k} {v:.0f} s" for k, v in real[TASKS[0]]["timings"].items() if v >= 1) +
-                  "; the others, started from it (reusing " + ", ".join(real[TASKS[1]]["reused"]) + "), " +
-                  " and ".join(f"{sum(real[t]['timings'].values()):.0f} s" for t in TASKS[1:]) + " in all."]
+    for seed, r in (real or {}).items():
+        tt = r["target_timings"]
+        lines += ["", f"The runs for real at seed {seed}: the target's warm-up took {tt['warmup']:.0f} s and its pool pass "
+                  f"{tt['features']:.0f} s; the first proxy run ({TASKS[0]}) " +
+                  ", ".join(f"{k} {v:.0f} s" for k, v in r[TASKS[0]]["timings"].items() if v >= 1) +
+                  "; the others, started from it (reusing " + ", ".join(r[TASKS[1]]["reused"]) + "), " +
+                  " and ".join(f"{sum(r[t]['timings'].values()):.0f} s" for t in TASKS[1:]) + " in all."]
     return "\n".join(lines) + "\n"
 
 
@@ -250,12 +274,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
-    ap.add_argument("--real", action="store_true", help="seed 0 run for real on the pool of 1,000 (about an hour)")
+    ap.add_argument("--real", nargs="*", type=int, metavar="SEED", default=None,
+                    help="these seeds (default 0) run for real on the pool of 1,000 (about 45 minutes a seed; seed 0's "
+                         "target run is made too, the reference of the others)")
     args = ap.parse_args()
     path = RESULTS / "larger_pool.json"
-    if args.real:
+    if args.real is not None:
         out = json.loads(path.read_text())
-        out["real"] = real_runs(args.work)
+        out["real"] = real_runs(args.work, args.real or [0])
         path.write_text(json.dumps(out, indent=1))
     elif not args.report:
         before = json.loads(path.read_text()) if path.exists() else {}
