@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
 from common import IPROX, score_rows, sh, slug, update_benchmarks_md  # noqa: E402
-from diag_calibration_size import _extension, _pool_1000, _validation  # noqa: E402
+from diag_calibration_size import _extension, _order, _pool_1000, _validation  # noqa: E402
 from diag_common_mode import _rows  # noqa: E402
 
 from iprox.calibration import correction_from_rows  # noqa: E402
@@ -117,10 +117,6 @@ def replay(ids: list[str], sources: list[str], tasks: list[str], P: torch.Tensor
 
     res, rep = rerank_rounds(both, k, DEFAULT_FACTOR * k, GROWTH, score_target, rest=rest)
     return score_rows(res), rep
-
-
-def _order(rows: list[dict]) -> list[str]:
-    return [r["id"] for r in sorted(rows, key=lambda r: -r["score"])]
 
 
 def measure_all(work: Path) -> dict:
