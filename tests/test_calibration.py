@@ -319,3 +319,30 @@ def test_an_auto_sized_run_keeps_the_count_it_began_with(tmp_path, caplog):
         assert _calibration_count("auto", pool, kept) == 32
     assert "keeping the 32 examples this run began with" in caplog.text and "calibrate = 128" in caplog.text
     assert _calibration_count(40, pool, kept) == 40
+
+
+def test_several_calibration_stores_fit_as_one(tmp_path):
+    """The rerank's recalibration: the calibration store and the target's stores of the shortlist
+    fitted together equal one fit on all their rows; an example in two stores counts once (its first
+    row), and scores take such a list per pool store."""
+    pool, cal, Xp, Tc, calib, ids = _stores(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    more = [2, 4, 7]  # p4 is in the calibration store too: its row there is the one kept
+    Tm = Xp[more] + 0.5 * torch.randn(len(more), Xp.shape[1], generator=g, dtype=torch.float64)
+    extra = fake_store(tmp_path / "extra", Tm, [ids[i] for i in more], ["t"] * len(more), lr=1e-5)
+    corr = fit_correction(pool, [cal, extra], ridge=0.05)
+    rows = calib + [2, 7]
+    assert corr.ids == [ids[i] for i in rows]
+    T = torch.cat([Tc, Tm[[0, 2]]])
+    want = primal(Xp[rows], T, Xp, 0.05)
+    got = corr.apply(ids, unit(Xp))
+    rest = [i for i in range(len(ids)) if i not in rows]
+    torch.testing.assert_close(got[rest], want[rest], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got[rows], unit(T), rtol=1e-12, atol=1e-14)
+    V = torch.randn(2, Xp.shape[1], generator=g, dtype=torch.float64)
+    val = fake_store(tmp_path / "val", V, ["v0", "v1"], ["a", "a"], lr=1e-5)
+    res = compute_scores(ScoreConfig(train=[pool], val=[val], out=str(tmp_path / "s"), calibration=[[cal, extra]],
+                                     calibration_ridge=0.05))
+    torch.testing.assert_close(res.per_subtask[:, 0], (got @ unit(V).mean(0)) * 1e-5, rtol=1e-9, atol=1e-14)
+    with pytest.raises(ValueError, match="at least one calibration store"):
+        fit_correction(pool, [], ridge=0.05)

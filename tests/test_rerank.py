@@ -265,20 +265,37 @@ def test_pipeline_reranks_with_the_targets_own_less_scores(tmp_path, caplog):
     assert [t["id"] for t in res.selection["top"]] == top5
     assert res.rerank["shortlist"] == 15 and "the proxy's shortlist, 15 of 24 pool examples" in res.format()
     # below the shortlist, the pool in the order of its scores against the target's validation
-    # gradients alone (rest_order "target", the default with val_model "both")
+    # gradients alone, corrected from the calibration examples and the shortlist (recalibrate, the
+    # default; max_growth = 1 leaves it no budget for more rounds)
     from iprox.scores import ScoreConfig, compute_scores
 
     stage = json.loads((r / "scores" / "stage.json").read_text())["config"]
     pairs = [i for i, v in enumerate(stage["val"]) if "val-target-" in v]
-    assert len(pairs) == 2 and len(stage["val"]) == 4  # (two checkpoints, each with both models' stores)
-    alone = compute_scores(ScoreConfig(train=[stage["train"][i] for i in pairs], val=[stage["val"][i] for i in pairs],
-                                       calibration=[stage["calibration"][i] for i in pairs] if stage["calibration"] else [],
-                                       out="unused"))
-    by = dict(zip(alone.ids, alone.score.tolist()))
-    assert [x["id"] for x in rank(final)][15:] == [x["id"] for x in rank([{"id": i, "score": by[i]} for i in by
-                                                                          if i not in set(short)])]
-    assert res.rerank["rest_order"] == "target"
+    assert len(pairs) == 2 and len(stage["val"]) == 4 and stage["calibration"]  # (two checkpoints, both models' stores)
+
+    def below(calibration) -> list[str]:
+        alone = compute_scores(ScoreConfig(train=[stage["train"][i] for i in pairs], val=[stage["val"][i] for i in pairs],
+                                           calibration=calibration, out="unused"))
+        return [x["id"] for x in rank([{"id": i, "score": float(x)} for i, x in zip(alone.ids, alone.score)
+                                       if i not in set(short)])]
+
+    recal = [[stage["calibration"][i], str(r / "rerank" / f"target-{e}")] for i, e in zip(pairs, ("1", "2"))]
+    assert [x["id"] for x in rank(final)][15:] == below(recal)
+    assert res.rerank["rest_order"] == "recalibrated" and res.rerank["recalibrated"] == {"rounds": 0, "unchecked": 0}
     assert "rerank/scores/scores.csv" in res.format()
+    # without it (0.14 to 0.18): refused without --overwrite; then the order of the scores against the
+    # target's validation gradients alone, corrected from the calibration examples (rest_order "target",
+    # the default with val_model "both")
+    cfg.write_text(cfg.read_text().replace("[rerank]\n", "[rerank]\nrecalibrate = false\n"))
+    with pytest.raises(ValueError, match="from stage 'rerank' on"):
+        run(load_config(cfg, {"progress": False}))
+    res = run(load_config(cfg, {"progress": False}), overwrite=True)
+    final = read_scores(r / "rerank" / "scores")
+    assert [x["id"] for x in rank(final)][15:] == below([stage["calibration"][i] for i in pairs])
+    assert res.rerank["rest_order"] == "target" and "recalibrated" not in res.rerank
+    assert [t["id"] for t in res.selection["top"]] == top5
+    cfg.write_text(cfg.read_text().replace("recalibrate = false\n", ""))
+    run(load_config(cfg, {"progress": False}), overwrite=True)
     # turned off: the selection is rebuilt from the proxy's own scores, refused without --overwrite
     cfg.write_text(cfg.read_text().replace("[rerank]\n", "[rerank]\nfraction = 0\n"))
     with pytest.raises(ValueError, match="from stage 'rerank' on"):
@@ -345,9 +362,17 @@ def test_rerank_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="max_growth must be a number >= 1"):
         load_config(with_("max_growth = 0.5"))
     with pytest.raises(ValueError, match="rest_order must be"):
-        load_config(with_('rest_order = "proxy"'))
+        load_config(with_('recalibrate = false\nrest_order = "proxy"'))
     with pytest.raises(ValueError, match='need \\[features\\] val_model = "both" or "target"'):
-        load_config(with_('rest_order = "target"', "[features]\n", '[features]\nval_model = "proxy"\n'))
+        load_config(with_('recalibrate = false\nrest_order = "target"', "[features]\n", '[features]\nval_model = "proxy"\n'))
+    with pytest.raises(ValueError, match="rest_order applies with recalibrate = false only"):
+        load_config(with_('rest_order = "target"'))
+    with pytest.raises(ValueError, match="recalibrate must be true or false"):
+        load_config(with_('recalibrate = "yes"'))
+    from iprox.runconfig import rerank_options
+
+    assert rerank_options(load_config(with_(""))) == {"max_growth": 2, "recalibrate": True}
+    assert rerank_options(load_config(with_("recalibrate = false"))) == {"max_growth": 2, "rest_order": "target"}
     from iprox.runconfig import rerank_rest
 
     assert rerank_rest(load_config(with_(""))) == "target"   # the default: val_model "both"
@@ -393,3 +418,94 @@ def test_plan_costs_the_rerank(tmp_path):
     assert "features (target, rerank)" not in plan(PlanConfig(model="tiny", pool=1000, warmup_on="proxy"))["stages"]
     with pytest.raises(ValueError, match="target-first"):
         PlanConfig(model="tiny", pool=1000, warmup_on="proxy", rerank=10)
+
+
+def _block_case(n=60, k=5, m=15):
+    """A pool whose best examples (rows 40-47, a block of alike examples) the proxy places at the bottom,
+    all but row 40, which it places in its shortlist; elsewhere the proxy ranks as the target does."""
+    g = torch.Generator().manual_seed(7)
+    ids = [f"x{i:02d}" for i in range(n)]
+    truth = torch.rand(n, 1, generator=g, dtype=torch.float64)
+    block = list(range(40, 48))
+    truth[block, 0] = 2 + torch.rand(len(block), generator=g, dtype=torch.float64)
+    proxy = truth.clone()
+    proxy[block, 0] = -1.0
+    proxy[40, 0] = 1.5
+    return ids, truth, proxy, block, k, m
+
+
+def _recalibrate_oracle(ids, truth, proxy, block, calls):
+    """A stand-in for the refitted calibration: the target's score where it scored, and for the rest
+    the target's where an alike example (one of the block) was scored, else the proxy's."""
+    def recalibrate(scored):
+        calls.append(list(scored))
+        pos = {i: r for r, i in enumerate(ids)}
+        known = {pos[i] for i in scored}
+        col = proxy.clone()
+        col[list(known)] = truth[list(known)]
+        if known & set(block):
+            col[block] = truth[block]
+        return _table(ids, col, ["a"])
+    return recalibrate
+
+
+def test_recalibrated_rounds_find_a_block_the_proxy_placed_low():
+    ids, truth, proxy_cols, block, k, m = _block_case()
+    scored_rounds = []
+
+    def target(new, r):
+        scored_rounds.append(list(new))
+        return _rows(_table(ids, truth, ["a"]), new)
+
+    proxy = _table(ids, proxy_cols, ["a"])
+    calls = []
+    res, rep = rerank_rounds(proxy, k, m, 2, target, recalibrate=_recalibrate_oracle(ids, truth, proxy_cols, block, calls))
+    # without it the shortlist holds one of the block, and the selection misses the rest
+    _, plain = rerank_rounds(proxy, k, m, 2, lambda new, r: _rows(_table(ids, truth, ["a"]), new))
+    best = [ids[r] for r in _ranked(ids, truth[:, 0])[:k]]
+    assert plain["shortlist"] == m and plain["columns"]["score"]["deepest"] <= 0.8 * m  # nothing looked deep
+    # with it: one more round, the block's other seven, and the target's own top k is selected
+    assert rep["rounds"] == [m, 7] and sorted(scored_rounds[1]) == sorted(ids[r] for r in block if r != 40)
+    assert rep["recalibrated"] == {"rounds": 1, "unchecked": 0} and warn_if_short(rep) is None
+    assert [x["id"] for x in rank(_as_rows(res), k)] == best
+    assert [ids[r] for r in _ranked(ids, res.per_subtask[:, 0])[:k]] == best
+    assert len(calls) == 2 and set(calls[1]) == set(scored_rounds[0]) | set(scored_rounds[1])
+
+
+def test_recalibrated_rounds_stop_at_once_when_nothing_moves_and_at_the_budget():
+    ids, truth, proxy_cols, block, k, m = _block_case()
+    tgt = lambda new, r: _rows(_table(ids, truth, ["a"]), new)  # noqa: E731
+    # the proxy already right: no round is added, and the table is the plain rerank's head
+    same = _table(ids, truth, ["a"])
+    calls = []
+    res, rep = rerank_rounds(same, k, m, 2, tgt, recalibrate=_recalibrate_oracle(ids, truth, truth, [], calls))
+    assert rep["rounds"] == [m] and rep["recalibrated"] == {"rounds": 0, "unchecked": 0} and len(calls) == 1
+    # no budget left (max_growth 1): nothing added, the examples still predicted to enter are reported
+    res, rep = rerank_rounds(_table(ids, proxy_cols, ["a"]), k, m, 1, tgt,
+                             recalibrate=_recalibrate_oracle(ids, truth, proxy_cols, block, []))
+    assert rep["rounds"] == [m] and rep["recalibrated"] == {"rounds": 0, "unchecked": 7}
+    assert "7 examples the target did not score are still predicted to enter" in warn_if_short(rep)
+    # a budget of 18: three of the seven, the most promising first; the selection is the target's top k
+    # among what it scored
+    rounds = []
+    res, rep = rerank_rounds(_table(ids, proxy_cols, ["a"]), k, m, 18 / m, lambda new, r: rounds.append(new) or tgt(new, r),
+                             recalibrate=_recalibrate_oracle(ids, truth, proxy_cols, block, []))
+    left = sorted((r for r in block if r != 40), key=lambda r: -float(truth[r, 0]))
+    assert rep["rounds"] == [m, 3] and rep["shortlist"] == 18 and rep["recalibrated"]["unchecked"] == 4
+    assert rounds[1] == [ids[r] for r in left[:3]]
+    scored = [ids.index(i) for i in rounds[0] + rounds[1]]
+    want = [ids[r] for r in sorted(scored, key=lambda r: (-float(truth[r, 0]), ids[r]))[:k]]
+    assert [x["id"] for x in rank(_as_rows(res), k)] == want
+
+
+def test_recalibrated_scores_must_be_on_the_targets_scale():
+    ids, truth, proxy_cols, block, k, m = _block_case()
+    tgt = lambda new, r: _rows(_table(ids, truth, ["a"]), new)  # noqa: E731
+    with pytest.raises(ValueError, match="not on one scale"):
+        rerank_rounds(_table(ids, proxy_cols, ["a"]), k, m, 2, tgt, recalibrate=lambda s: _table(ids, 2 * truth, ["a"]))
+    with pytest.raises(ValueError, match="other examples or subtasks"):
+        rerank_rounds(_table(ids, proxy_cols, ["a"]), k, m, 2, tgt, recalibrate=lambda s: _table(ids, truth, ["b"]))
+
+
+def _as_rows(res: ScoreResult) -> list[dict]:
+    return [{"id": i, "score": float(x)} for i, x in zip(res.ids, res.score)]

@@ -153,9 +153,11 @@ def check_calibration_store(train: str, calib: str, tm: dict, cm: dict) -> None:
                          f"{tm.get('grad')!r}); featurise the calibration examples with the pool's preconditioner")
 
 
-def fit_correction(train: str | Path, calib: str | Path, ridge: float = DEFAULT_RIDGE, chunk_rows: int = 4096) -> Correction:
+def fit_correction(train: str | Path, calib: str | Path | list, ridge: float = DEFAULT_RIDGE,
+                   chunk_rows: int = 4096) -> Correction:
     """Fits the correction of pool store ``train`` (the proxy's) from calibration store ``calib``
-    (the target's features of some of the same examples).
+    (the target's features of some of the same examples), or from several such stores together (an
+    example in more than one: its first row).
 
     Raises:
         ValueError: the stores do not share coordinates, ``ridge <= 0``, or a calibration example is
@@ -163,21 +165,34 @@ def fit_correction(train: str | Path, calib: str | Path, ridge: float = DEFAULT_
     """
     if ridge <= 0:
         raise ValueError(f"calibration_ridge must be > 0, got {ridge}")
-    tm, cm = read_manifest(train), read_manifest(calib)
-    check_calibration_store(str(train), str(calib), tm, cm)
+    stores = [calib] if isinstance(calib, (str, Path)) else list(calib)
+    if not stores:
+        raise ValueError("fit_correction needs at least one calibration store")
+    tm = read_manifest(train)
     in_pool = set(tm["ids"])
-    missing = [i for i in cm["ids"] if i not in in_pool]
-    if missing:
-        raise ValueError(f"calibration store {calib} holds {len(missing)} examples that pool store {train} does not "
-                         f"(first: {missing[0]!r}); calibrate on examples of the pool")
-    want = {i: k for k, i in enumerate(cm["ids"])}
-    T = torch.cat([x for _, _, x in iter_feature_rows(calib, chunk_rows, torch.float64)])
+    cal_ids: list[str] = []
+    rows: list[torch.Tensor] = []
+    for store in stores:
+        cm = read_manifest(store)
+        check_calibration_store(str(train), str(store), tm, cm)
+        missing = [i for i in cm["ids"] if i not in in_pool]
+        if missing:
+            raise ValueError(f"calibration store {store} holds {len(missing)} examples that pool store {train} does "
+                             f"not (first: {missing[0]!r}); calibrate on examples of the pool")
+        seen = set(cal_ids)
+        for _, chunk_ids, X in iter_feature_rows(store, chunk_rows, torch.float64):
+            keep = [r for r, i in enumerate(chunk_ids) if i not in seen]
+            cal_ids += [chunk_ids[r] for r in keep]
+            rows.append(X[keep])
+            seen.update(chunk_ids)
+    want = {i: k for k, i in enumerate(cal_ids)}
+    T = torch.cat(rows)
     P = torch.zeros_like(T)
     for _, ids, X in iter_feature_rows(train, chunk_rows, torch.float64):
         for r, i in enumerate(ids):
             if i in want:
                 P[want[i]] = X[r]
-    corr = correction_from_rows(list(cm["ids"]), P, T, ridge)
+    corr = correction_from_rows(cal_ids, P, T, ridge)
     cos = (corr.P * corr.T).sum(1)
     log.info("calibration of %s: %d examples, proxy-target cosine %.3f (min %.3f), ridge %g",
              Path(train).name, len(T), float(cos.mean()), float(cos.min()), ridge)

@@ -27,17 +27,17 @@ from . import artifacts
 from .distributed import barrier, on_rank0
 from .distributed import world as dist_world
 from .alignment import ALIGN_FIELDS, align_proxy
-from .calibration import calibration_size, calibration_subset
+from .calibration import DEFAULT_RIDGE, calibration_size, calibration_subset
 from .features import FeatureConfig, compute_features
 from .lineage import FINGERPRINT_VERSION, PIPELINE_FILE, check_lineage, stage_dirs, start_from
-from .loading import LOADS
+from .loading import LOADS, read_manifest
 from .session import Session
 from .monitor import PeakRSS
 from .pool import PoolConfig, write_pool
 from .proxy import ProxyConfig, build_proxy
 from .rerank import format_rerank, rerank_rounds, shortlist_size, warn_if_short, write_shortlist
 from .runconfig import (DEFAULT_TRAIN_GRAD, RunConfig, aligns_in_own_warmup, calibrate, load_config,
-                        rerank_fraction, rerank_growth, rerank_options, rerank_rest, val_model)
+                        rerank_fraction, rerank_growth, rerank_options, rerank_recalibrate, rerank_rest, val_model)
 from .scores import ScoreConfig, compute_scores, random_scores, read_score_result, score, write_scores_folder
 from .selection import SelectConfig, format_selection, select_into, selection_size
 from .warmup import WarmupConfig, run_warmup
@@ -405,11 +405,37 @@ def _rest_scores(ctx: _Context):
     return compute_scores(_score_config(ctx, ctx.out / "rerank" / "unused", keep), report_agreement=False)
 
 
+def _recalibrated(ctx: _Context, val: list[str], target_stores: dict[str, list[str]], settings: dict):
+    """The rerank's ``recalibrate``: the pool's proxy stores scored against the target's validation
+    stores ``val`` (one per checkpoint), each corrected from the run's calibration store and the
+    target's stores of everything the rerank has scored at its checkpoint (``target_stores``, by
+    epoch, filled in by the rerank's rounds)."""
+    trains, calibs = [], []
+    for t, c in zip(ctx.train_stores, ctx.calib_stores):
+        if t not in trains:
+            trains.append(t)
+            calibs.append(c)
+    ridge = ctx.cfg.score.get("calibration_ridge", DEFAULT_RIDGE)
+
+    def recalibrate(ids: list[str]):
+        own = [target_stores[ck.name.split("-")[1]] for ck in ctx.checkpoints]
+        have = {i for s in own[0] for i in read_manifest(s)["ids"]}
+        if have != set(ids):
+            raise ValueError(f"the rerank's target stores hold {len(have)} examples, its rounds scored {len(ids)}")
+        stores = [([c] if c else []) + o for c, o in zip(calibs, own)]
+        # (every rank scores its share of the pool, as the scores stage does)
+        return compute_scores(ScoreConfig(**{
+            **settings, "train": trains, "val": val, "calibration": stores, "calibration_ridge": ridge,
+            "out": str(ctx.out / "rerank" / "unused"), "progress": ctx.cfg.progress}), report_agreement=False)
+    return recalibrate
+
+
 def _rerank(ctx: _Context) -> None:
     """The target featurises the proxy's shortlist at each checkpoint (and, without its validation
     stores from the features stage, the validation examples), LESS scores it, and the shortlist goes
     above the rest of the pool in the target's order (:mod:`iprox.rerank`); the shortlist grows where
-    the target's top k reach its end (round r > 1 of it in ``shortlist-r.jsonl``, ``target-<epoch>-r``,
+    the target's top k reach its end, and (``recalibrate``) by the examples the recalibrated scores
+    predict would enter its top k (round r > 1 in ``shortlist-r.jsonl``, ``target-<epoch>-r``,
     ``target-scores-r``)."""
     cfg, folder = ctx.cfg, ctx.out / "rerank"
     proxy = on_rank0(lambda: read_score_result(Path(ctx.scores_csv).parent))
@@ -424,23 +450,31 @@ def _rerank(ctx: _Context) -> None:
         val = ctx.target_val_stores or [_store(ctx, folder / f"val-target-{epoch(ck)}", cfg.model, ck, ctx.val_file,
                                                "sgd") for ck in ctx.checkpoints]
         settings_score = {k_: v for k_, v in cfg.score.items() if k_ != "calibration_ridge"}
+        target_stores: dict[str, list[str]] = {epoch(ck): [] for ck in ctx.checkpoints}
 
         def score_target(ids: list[str], r: int):
             sfx = f"-{r + 1}" if r else ""
-            log.info("rerank%s: the target featurises %s, %d of %d pool examples (%.1f%%: the head of each subtask's "
-                     "column)", f" round {r + 1}" if r else "", "more of the proxy's order" if r else
-                     "the proxy's shortlist", len(ids), n, 100 * len(ids) / n)
+            log.info("rerank%s: the target featurises %s, %d of %d pool examples (%.1f%%)", f" round {r + 1}" if r else "",
+                     "more examples" if r else "the proxy's shortlist (the head of each subtask's column)", len(ids), n,
+                     100 * len(ids) / n)
             short = on_rank0(lambda: write_shortlist(ctx.pool_file, ids, folder / f"shortlist{sfx}.jsonl"))
             train = [_store(ctx, folder / f"target-{epoch(ck)}{sfx}", cfg.model, ck, short, ctx.train_grad)
                      for ck in ctx.checkpoints]
+            for ck, t in zip(ctx.checkpoints, train):
+                target_stores[epoch(ck)].append(t)
             scores_dir = folder / f"target-scores{sfx}"
             score(ScoreConfig(**{**settings_score, "train": train, "val": val, "out": str(scores_dir),
                                  "progress": cfg.progress, "overwrite": ctx.overwrite}))
             return on_rank0(lambda: read_score_result(scores_dir))
 
-        rest = _rest_scores(ctx)
-        res, rep = rerank_rounds(proxy, k, m, growth, score_target, rest=rest)
-        rep["rest_order"] = "target" if rest is not None else "run"
+        if rerank_recalibrate(cfg):
+            recalibrate = _recalibrated(ctx, val, target_stores, settings_score)
+            res, rep = rerank_rounds(proxy, k, m, growth, score_target, recalibrate=recalibrate)
+            rep["rest_order"] = "recalibrated"
+        else:
+            rest = _rest_scores(ctx)
+            res, rep = rerank_rounds(proxy, k, m, growth, score_target, rest=rest)
+            rep["rest_order"] = "target" if rest is not None else "run"
 
         def write() -> None:
             meta = artifacts.read_json(Path(ctx.scores_csv).parent / "scores.json", "scores summary")

@@ -43,6 +43,20 @@ one doubling, so at most twice the target passes). Only where the target's top `
 the end of the longest shortlist does the run warn. Why: on hyperbaton, the study's weakest task, the
 target's top 15 reached rank 44 and 45 of a 45-example shortlist at two of three seeds
 (``BENCHMARKS.md``, the fidelity study), so part of what the target would select may have lain past it.
+
+A block the proxy misplaces far below the shortlist shows no such sign. The recalibrated rounds (since
+0.19, ``[rerank] recalibrate``) look for it within the same budget: the target's rows of what it has
+scored are pairs of proxy and target rows like the calibration examples', so the calibration's
+correction is fitted again on all of them, the pool is scored again against the target's validation
+gradients (its scored examples then carry the target's own scores: one scale), and the target scores
+the examples this predicts would enter its top ``k`` (:func:`predicted_entries`), until none is left.
+Where nothing is predicted to enter, no target pass is added. Those scores then place the target's
+(the heads of the columns are taken in their order) and order the rest of the pool; the warning is then
+for examples still predicted to enter when the budget ran out. Why: on a pool of 1,000, formal_fallacies
+at seed 1 lost 10 of the target's top 50, all causal_judgement examples answered "No", which the proxy
+ranked 187-557 while it ranked the same task's "Yes" answers in its top 70; two "No" examples were in the
+shortlist and the target placed them in its top 50, and the recalibrated round found the other ten for 11
+more target passes (``BENCHMARKS.md``, "Growing the shortlist by the recalibrated scores").
 """
 
 from __future__ import annotations
@@ -230,22 +244,63 @@ def needs_longer(rep: dict) -> bool:
     return m < rep["pool"] and d > DEEP_WARNING * m
 
 
+def predicted_entries(recal: ScoreResult, target: ScoreResult, k: int) -> list[str]:
+    """The examples the target has not scored that the recalibrated table ``recal`` places among the
+    target's top ``k`` of some column (its aggregate or a subtask's): a predicted score at least the
+    ``k``-th best of the target's scores in that column. Most promising first (by how far the
+    prediction lies above that score, the largest over the columns), ties by id.
+
+    Raises:
+        ValueError: ``recal`` does not give the target's scored examples the target's own scores
+            (the two are then not on one scale: it must be scored against the target's validation
+            gradients, corrected with the target's rows of every example the target scored).
+    """
+    pos = {i: r for r, i in enumerate(recal.ids)}
+    rows = [pos[i] for i in target.ids]
+    cols = [(recal.score, target.score)] + [(recal.per_subtask[:, j], target.per_subtask[:, j])
+                                            for j in range(len(recal.subtasks))]
+    margin = torch.full((len(recal.ids),), -math.inf, dtype=torch.float64)
+    for pred, t in cols:
+        t = t.double()
+        if not torch.allclose(pred[rows].double(), t, rtol=1e-4, atol=1e-6 * float(t.abs().max().clamp_min(1e-30))):
+            raise ValueError("the recalibrated scores of the examples the target scored are not the target's own: "
+                             "the two tables are not on one scale")
+        kth = float(torch.topk(t, min(k, len(t))).values[-1])
+        margin = torch.maximum(margin, pred.double() - kth)
+    margin[rows] = -math.inf
+    keep = [(-float(margin[r]), i) for i, r in pos.items() if margin[r] >= 0]
+    return [i for _, i in sorted(keep)]
+
+
 def rerank_rounds(proxy: ScoreResult, k: int, m: int, growth: float,
                   score_target: Callable[[list[str], int], ScoreResult],
-                  rest: ScoreResult | None = None) -> tuple[ScoreResult, dict]:
+                  rest: ScoreResult | None = None,
+                  recalibrate: Callable[[list[str]], ScoreResult] | None = None) -> tuple[ScoreResult, dict]:
     """The reranked table and its report, the shortlist grown where it looks too short.
 
     Round 0 has the target score the shortlist of ``m`` (:func:`shortlist`); while the target's top
     ``k`` reach into its last part (:func:`needs_longer`) and it is shorter than ``growth * m``
     examples, the next round doubles it, capped there, and the target scores the examples it adds.
 
+    With ``recalibrate``, more rounds follow while the budget lasts: the pool is scored again with the
+    correction fitted on the target's rows of every example it has scored too, and the target scores
+    the examples that this predicts would enter its top ``k`` (:func:`predicted_entries`), until none
+    is left. The examples alike to one the proxy underrated share its error, so the target's rows of
+    the shortlist move them up; where nothing moves, no round is added. The last of those tables (the
+    target's scores where it scored, the prediction elsewhere) is then the one the target's scores are
+    placed in (it orders the column heads and the rows below them); the report stays the proxy's.
+
     Args:
         score_target: ``(ids, round) -> the target's score table of those examples`` (new ones only).
         rest: as :func:`combine`'s.
+        recalibrate: ``(ids the target scored, in pool order) -> the pool's table scored against the
+            target's validation gradients, its correction fitted on those examples' target rows as
+            well`` (the same examples and subtasks as ``proxy``).
 
     Returns:
         :func:`combine`'s table and report, the report with ``rounds``: how many examples the target
-        scored in each round.
+        scored in each round; with ``recalibrate``, ``recalibrated``: how many of those rounds came from
+        it and ``unchecked``, how many examples it still predicted would enter when the budget ran out.
     """
     check_growth(growth)
     limit = min(len(proxy.ids), math.floor(growth * m + 1e-9))
@@ -263,6 +318,23 @@ def rerank_rounds(proxy: ScoreResult, k: int, m: int, growth: float,
         if size >= limit or not needs_longer(rep):
             break
         size = min(limit, 2 * size)
+    if recalibrate is not None:
+        added = 0
+        while True:
+            recal = recalibrate([i for i in proxy.ids if i in done])
+            if recal.ids != proxy.ids or recal.subtasks != proxy.subtasks:
+                raise ValueError("the recalibrated scores hold other examples or subtasks than the proxy's")
+            new = predicted_entries(recal, concat(tables), k)
+            if not new or len(done) >= limit:
+                break
+            new = new[:limit - len(done)]
+            tables.append(score_target(new, len(rounds)))
+            done.update(new)
+            rounds.append(len(new))
+            added += 1
+        _, rep = combine(proxy, concat(tables), k, rest)
+        res, _ = combine(recal, concat(tables), k, recal)
+        rep["recalibrated"] = {"rounds": added, "unchecked": len(new)}
     rep["rounds"] = rounds
     return res, rep
 
@@ -284,6 +356,13 @@ def _grown(rep: dict) -> str:
 def warn_if_short(rep: dict) -> str | None:
     """A warning when the target's top ``k`` reaches into the last part of the (grown) shortlist
     (some of what the target would select may lie past it), else ``None``."""
+    if "recalibrated" in rep:
+        left = rep["recalibrated"]["unchecked"]
+        if left:
+            return (f"{left} examples the target did not score are still predicted to enter its top {rep['k']} (the "
+                    f"recalibrated scores) after {rep['shortlist']} of {rep['pool']}: a larger [rerank] max_growth "
+                    "would check them")
+        return None
     if needs_longer(rep):
         d, m = rep["columns"]["score"]["deepest"], rep["shortlist"]
         return (f"the target's top {rep['k']} reach down to rank {d} of the proxy's shortlist of {m}: examples past it "

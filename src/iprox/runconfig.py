@@ -34,9 +34,12 @@ shared data folder, ``out`` is relative to the working directory)::
                 # scores, that the target scores again, placed above the rest in the target's order
                 # ("auto", the default in the target-first order with tracin: 3 times the selection;
                 # 0: off); max_growth: where the target's top k reach the shortlist's last fifth, it
-                # doubles, up to this many times its first length (default 2; 1: never); rest_order:
-                # the scores that order the pool below it ("target": against the target's validation
-                # gradients alone, the default with val_model "both"; "run": the run's); see iprox.rerank
+                # doubles, up to this many times its first length (default 2; 1: never); recalibrate
+                # (default true): within that budget, the target also scores the examples that the
+                # calibration refitted on its rows of the shortlist predicts would enter its top k, and
+                # those scores order the pool below; rest_order (recalibrate = false only): the scores
+                # that order the pool below it ("target": against the target's validation gradients
+                # alone, the default with val_model "both"; "run": the run's); see iprox.rerank
     [select]    # fraction or top_k
 """
 
@@ -140,9 +143,12 @@ class RunConfig:
                              "instead, and [score] calibration_ridge for the correction's ridge")
         if "grad" in feats:
             raise ValueError("[features] grad is set per store by the pipeline; use train_grad for the pool's stores")
-        unknown = sorted(set(self.rerank) - {"fraction", "max_growth", "rest_order"})
+        unknown = sorted(set(self.rerank) - {"fraction", "max_growth", "recalibrate", "rest_order"})
         if unknown:
-            raise ValueError(f"[rerank] has unknown settings {unknown}; it takes fraction, max_growth and rest_order")
+            raise ValueError(f"[rerank] has unknown settings {unknown}; it takes fraction, max_growth, recalibrate and "
+                             "rest_order")
+        if not isinstance(self.rerank.get("recalibrate", True), bool):
+            raise ValueError(f"[rerank] recalibrate must be true or false, got {self.rerank['recalibrate']!r}")
         if self.rerank.get("rest_order", "run") not in ("run", "target"):
             raise ValueError(f'[rerank] rest_order must be "target" (the pool below the shortlist ordered by its scores '
                              f'against the target\'s validation gradients) or "run" (by the run\'s scores), got '
@@ -150,6 +156,9 @@ class RunConfig:
         if self.rerank.get("rest_order") == "target" and val_model(self) == "proxy":
             raise ValueError('[rerank] rest_order = "target" orders the pool below the shortlist by its scores against the '
                              'target\'s validation gradients, which need [features] val_model = "both" or "target"')
+        if "rest_order" in self.rerank and rerank_recalibrate(self):
+            raise ValueError("[rerank] rest_order applies with recalibrate = false only: the recalibrated scores order "
+                             "the pool below the rerank's examples otherwise")
         fraction = self.rerank.get("fraction")
         if fraction is not None:
             check_fraction(fraction)
@@ -234,9 +243,18 @@ def rerank_growth(cfg: RunConfig) -> float:
     return cfg.rerank.get("max_growth", DEFAULT_GROWTH)
 
 
+def rerank_recalibrate(cfg: RunConfig) -> bool:
+    """Whether the rerank adds the rounds of the recalibrated scores (``[rerank] recalibrate``,
+    default true since 0.19)."""
+    return cfg.rerank.get("recalibrate", True)
+
+
 def rerank_options(cfg: RunConfig) -> dict:
     """The rerank's settings since 0.14, each only where it differs from what the stage did before
-    (so that ``max_growth = 1`` and ``rest_order = "run"`` keep a run made with 0.12 or 0.13 as it was)."""
+    (so that ``max_growth = 1`` and ``rest_order = "run"`` keep a run made with 0.12 or 0.13 as it was,
+    and ``recalibrate = false`` one made with 0.14 to 0.18)."""
+    if rerank_recalibrate(cfg):
+        return {**({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}), "recalibrate": True}
     return {**({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}),
             **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
 

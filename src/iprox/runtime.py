@@ -71,6 +71,8 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         (arm,) = typing.get_args(tp) or (object,)
+        if typing.get_origin(arm) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            return f"a list, each {_describe(arm)}"
         return f"a list of {_describe(arm).removeprefix('a ')}s"
     if typing.get_args(tp) and typing.get_origin(tp) not in (list,):
         return " or ".join(_describe(a) for a in typing.get_args(tp))

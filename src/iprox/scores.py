@@ -54,8 +54,9 @@ class ScoreConfig:
         checkpoint_weights: ``auto`` (each checkpoint's mean learning rate; 1 without checkpoints)
             or explicit weights, one per checkpoint.
         damping: ``if`` only: λ as a fraction of the mean eigenvalue of F.
-        calibration: per train store, the target's store of some of its examples (``""``: none):
-            the proxy's pool features are corrected from them (:mod:`iprox.calibration`); tracin only.
+        calibration: per train store, the target's store of some of its examples (``""``: none), or
+            a list of such stores fitted together: the proxy's pool features are corrected from them
+            (:mod:`iprox.calibration`); tracin only.
         calibration_ridge: the correction's ridge λ (on the scale of a cosine).
         chunk_rows: pool rows scored at once.
         overwrite: replace a scores folder made with other settings.
@@ -69,7 +70,7 @@ class ScoreConfig:
     aggregate: Literal["max", "mean"] = "max"
     checkpoint_weights: str | list[float] = "auto"
     damping: float = 0.1
-    calibration: list[str] = field(default_factory=list)
+    calibration: list[str | list[str]] = field(default_factory=list)
     calibration_ridge: float = DEFAULT_RIDGE
     chunk_rows: int = 4096
     overwrite: bool = False
@@ -106,7 +107,8 @@ class ScoreConfig:
                 raise ValueError(f"calibration_ridge must be > 0, got {self.calibration_ridge}")
         self.train = [str(Path(p).resolve()) for p in self.train]
         self.val = [str(Path(p).resolve()) for p in self.val]
-        self.calibration = [str(Path(p).resolve()) if p else "" for p in self.calibration]
+        self.calibration = [[str(Path(q).resolve()) for q in p] if isinstance(p, list) else
+                            str(Path(p).resolve()) if p else "" for p in self.calibration]
 
 
 def _canonical_layout(man: dict) -> list[dict]:
@@ -193,16 +195,17 @@ def compute_scores(config: ScoreConfig, report_agreement: bool = True) -> ScoreR
     subtasks = sorted(set(vtasks))
     n = tman[0]["n_examples"]
     total = torch.zeros(n, len(subtasks), dtype=torch.float64)
-    fits: dict[tuple[str, str], Correction] = {}  # a pool store paired twice ("both") is fitted once
+    fits: dict[tuple, Correction] = {}  # a pool store paired twice ("both") is fitted once
     estimate = []  # per calibrated pair: (correction, U, weight, whether its validation store is the target's)
     for c, (t, v, w) in enumerate(zip(config.train, config.val, weights)):
         U = _subtask_matrix(v, config.method, subtasks, vtasks)
         calib = config.calibration[c] if config.calibration else ""
-        if calib and (t, calib) not in fits:
-            fits[t, calib] = fit_correction(t, calib, config.calibration_ridge, config.chunk_rows)
-        corr = fits.get((t, calib))
+        key = (t, tuple(calib) if isinstance(calib, list) else calib)
+        if calib and key not in fits:
+            fits[key] = fit_correction(t, calib, config.calibration_ridge, config.chunk_rows)
+        corr = fits.get(key)
         if corr is not None:
-            cm = read_manifest(calib)
+            cm = read_manifest(calib[0] if isinstance(calib, list) else calib)
             estimate.append((corr, U, w, (vman[c]["model_hash"], vman[c]["checkpoint"]) == (cm["model_hash"], cm["checkpoint"])))
         if config.method == "if":
             F = second_moment(t, config.chunk_rows)
@@ -297,7 +300,8 @@ def score(config: ScoreConfig) -> Path:
     every rank scores a share of the pool's shards and rank 0 writes."""
     out = Path(config.out)
     cfg = asdict(config)
-    for store in config.train + config.val + [p for p in config.calibration if p]:  # readable stores before anything is written
+    calib = [q for p in config.calibration for q in (p if isinstance(p, list) else [p]) if q]
+    for store in config.train + config.val + calib:  # readable stores before anything is written
         read_manifest(store)
     if on_rank0(lambda: artifacts.prepare_stage(out, "score", cfg, config.overwrite)):
         return out / SCORES_FILE
