@@ -100,14 +100,20 @@ def _target(work: Path, seed: int, ids: list[str], T: torch.Tensor) -> dict[str,
 
 def replay(ids: list[str], sources: list[str], tasks: list[str], P: torch.Tensor, T: torch.Tensor, cids: list[str],
            up: torch.Tensor, ut: torch.Tensor, target_col: torch.Tensor, task: str, k: int,
-           ridge: float) -> tuple[list[dict], dict]:
+           ridge: float, recalibrated: bool = False) -> tuple[list[dict], dict]:
     """The run's ranking from its rows, as the pipeline makes it: calibrated on ``cids``, scored
     against both validation means, the shortlist for a selection of ``k`` reranked with the target's
     scores ``target_col`` (grown as the pipeline grows it), the rest by the calibrated rows against
-    the target's validation mean. Returns its score rows and the rerank's report."""
+    the target's validation mean. ``recalibrated``: the rerank's recalibrated rounds too (the
+    correction refitted on the calibration examples and every example the target scored). Returns
+    its score rows and the rerank's report."""
     pos = {i: r for r, i in enumerate(ids)}
-    at = [pos[i] for i in cids]
-    C = correction_from_rows(cids, P[at], T[at], ridge).apply(ids, P)
+
+    def corrected(fit: list[str]) -> torch.Tensor:
+        at = [pos[i] for i in fit]
+        return correction_from_rows(fit, P[at], T[at], ridge).apply(ids, P)
+
+    C = corrected(cids)
     both = _table(ids, sources, tasks, {task: C @ (up + ut)})
     rest = _table(ids, sources, tasks, {task: C @ ut})
 
@@ -115,21 +121,32 @@ def replay(ids: list[str], sources: list[str], tasks: list[str], P: torch.Tensor
         rows = [pos[i] for i in new]
         return _table(new, [sources[r] for r in rows], [tasks[r] for r in rows], {task: target_col[rows]})
 
-    res, rep = rerank_rounds(both, k, DEFAULT_FACTOR * k, GROWTH, score_target, rest=rest)
+    def recalibrate(scored: list[str]) -> ScoreResult:
+        seen = set(cids)
+        return _table(ids, sources, tasks, {task: corrected(list(cids) + [i for i in scored if i not in seen]) @ ut})
+
+    res, rep = rerank_rounds(both, k, DEFAULT_FACTOR * k, GROWTH, score_target, rest=rest,
+                             recalibrate=recalibrate if recalibrated else None)
     return score_rows(res), rep
+
+
+def pool_at(work: Path, seed: int):
+    """The pool of 1,000 at ``seed``: (ids of the study's 300, ids of all, their sources and tasks, the
+    proxy's and the target's unit rows, the target's column per task)."""
+    small_ids, _, _, ids, P, T = _pool_1000(work, seed)
+    meta = {}
+    for store in (work / "runs" / f"target-s{seed}" / "features" / "train-1", work / "extpool" / f"target-train-s{seed}"):
+        m = read_manifest(store)
+        meta.update({i: (s, t) for i, s, t in zip(m["ids"], m["sources"], m["tasks"])})
+    sources, tasks = [meta[i][0] for i in ids], [meta[i][1] for i in ids]
+    return small_ids, ids, sources, tasks, P, T, _target(work, seed, ids, T)
 
 
 def measure_all(work: Path) -> dict:
     out: dict = {"ceiling": {}, "runs": {}}
     rows0 = None
     for seed in (0, 1, 2):
-        small_ids, _, _, ids, P, T = _pool_1000(work, seed)
-        meta = {}
-        for store in (work / "runs" / f"target-s{seed}" / "features" / "train-1", work / "extpool" / f"target-train-s{seed}"):
-            m = read_manifest(store)
-            meta.update({i: (s, t) for i, s, t in zip(m["ids"], m["sources"], m["tasks"])})
-        sources, tasks = [meta[i][0] for i in ids], [meta[i][1] for i in ids]
-        tcols = _target(work, seed, ids, T)
+        small_ids, ids, sources, tasks, P, T, tcols = pool_at(work, seed)
         target_rows = score_rows(_table(ids, sources, tasks, tcols))
         if seed == 0:
             rows0 = target_rows
