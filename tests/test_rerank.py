@@ -12,8 +12,8 @@ from test_scores import _write_config
 
 from iprox.agreement import spearman
 from iprox.loading import LOADS, load_features, model_key, read_scores
-from iprox.rerank import (check_fraction, check_growth, combine, rerank_rounds, shortlist, shortlist_size, warn_if_short,
-                          write_shortlist)
+from iprox.rerank import (check_fraction, check_growth, combine, format_rerank, rerank_rounds, shortlist, shortlist_size,
+                          warn_if_short, write_shortlist)
 from iprox.scores import ScoreResult
 from iprox.selection import rank
 
@@ -467,6 +467,7 @@ def test_recalibrated_rounds_find_a_block_the_proxy_placed_low():
     # with it: one more round, the block's other seven, and the target's own top k is selected
     assert rep["rounds"] == [m, 7] and sorted(scored_rounds[1]) == sorted(ids[r] for r in block if r != 40)
     assert rep["recalibrated"] == {"rounds": 1, "unchecked": 0} and warn_if_short(rep) is None
+    assert "22 of 60 pool examples (36.7%, grown from 15 in 1 more round(s), 1 of them recalibrated)" in format_rerank(rep)
     assert [x["id"] for x in rank(_as_rows(res), k)] == best
     assert [ids[r] for r in _ranked(ids, res.per_subtask[:, 0])[:k]] == best
     assert len(calls) == 2 and set(calls[1]) == set(scored_rounds[0]) | set(scored_rounds[1])

@@ -292,7 +292,7 @@ def rerank_rounds(proxy: ScoreResult, k: int, m: int, growth: float,
 
     Args:
         score_target: ``(ids, round) -> the target's score table of those examples`` (new ones only).
-        rest: as :func:`combine`'s.
+        rest: as :func:`combine`'s (without ``recalibrate``; with it, the recalibrated table orders the rest).
         recalibrate: ``(ids the target scored, in pool order) -> the pool's table scored against the
             target's validation gradients, its correction fitted on those examples' target rows as
             well`` (the same examples and subtasks as ``proxy``).
@@ -345,12 +345,15 @@ def format_rerank(rep: dict) -> str:
     rho = "n/a" if a["spearman"] is None else f"{a['spearman']:.2f}"
     return (f"rerank: the target rescored the proxy's shortlist, {rep['shortlist']} of {rep['pool']} pool examples "
             f"({100 * rep['shortlist'] / rep['pool']:.1f}%{_grown(rep)}); Spearman of the two over it {rho}; of the proxy's top "
-            f"{rep['k']} the target kept {a['kept']}; its top {rep['k']} reach down to the proxy's rank {a['deepest']}")
+            f"{rep['k']} the target kept {a['kept']}; its top {rep['k']} reach down to rank {a['deepest']} of what it "
+            f"scored, in the proxy's order")
 
 
 def _grown(rep: dict) -> str:
     rounds = rep.get("rounds", [])
-    return "" if len(rounds) < 2 else f", grown from {rounds[0]} in {len(rounds) - 1} more round(s)"
+    recal = rep.get("recalibrated", {}).get("rounds", 0)
+    return "" if len(rounds) < 2 else (f", grown from {rounds[0]} in {len(rounds) - 1} more round(s)" +
+                                       (f", {recal} of them recalibrated" if recal else ""))
 
 
 def warn_if_short(rep: dict) -> str | None:
