@@ -407,9 +407,9 @@ def _rest_scores(ctx: _Context):
 
 def _recalibrated(ctx: _Context, val: list[str], target_stores: dict[str, list[str]], settings: dict):
     """The rerank's ``recalibrate``: the pool's proxy stores scored against the target's validation
-    stores ``val`` (one per checkpoint), each corrected from the run's calibration store and the
-    target's stores of everything the rerank has scored at its checkpoint (``target_stores``, by
-    epoch, filled in by the rerank's rounds)."""
+    stores ``val`` (one per checkpoint), each corrected from the target's stores of everything the
+    rerank has scored at its checkpoint (``target_stores``, by epoch, filled in by the rerank's
+    rounds) and the run's calibration store."""
     trains, calibs = [], []
     for t, c in zip(ctx.train_stores, ctx.calib_stores):
         if t not in trains:
@@ -422,7 +422,10 @@ def _recalibrated(ctx: _Context, val: list[str], target_stores: dict[str, list[s
         have = {i for s in own[0] for i in read_manifest(s)["ids"]}
         if have != set(ids):
             raise ValueError(f"the rerank's target stores hold {len(have)} examples, its rounds scored {len(ids)}")
-        stores = [([c] if c else []) + o for c, o in zip(calibs, own)]
+        # the target's rows of what the rerank scored first: an example in the calibration as well was
+        # featurised again in other batches (a rounding step apart in fp16), and its recalibrated
+        # score must be the one its target-scores table holds
+        stores = [o + ([c] if c else []) for c, o in zip(calibs, own)]
         # (every rank scores its share of the pool, as the scores stage does)
         return compute_scores(ScoreConfig(**{
             **settings, "train": trains, "val": val, "calibration": stores, "calibration_ridge": ridge,
