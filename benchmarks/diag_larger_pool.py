@@ -28,10 +28,11 @@ calibration examples and its selection of 15, must give its own final ranking.
 
 ``--real [SEED ...]``: seeds (default 0) run for real on the pool of 1,000 (about 45 minutes a seed on 2
 cores): the target as the study's ``target-s<seed>`` (its warm-up on 5% of the 1,000) and the proxy at
-today's defaults, one run per task, the second and third started ``--from`` the first (``iprox run``,
-folders under ``WORK/pool1000``; a finished run is skipped, an interrupted one resumes). Measured as
-above, against the target run at the same seed and at seed 0, beside the replay's seed-0 figures; with
-each run's calibration count and stage times.
+today's defaults but 0.18's rerank (``recalibrate = false``), one run per task, the second and third
+started ``--from`` the first (``iprox run``, folders under ``WORK/pool1000``; a finished run is skipped,
+an interrupted one resumes). Measured as above, against the target run at the same seed and at seed 0,
+beside the replay's seed-0 figures; with each run's calibration count and stage times. Seeds measured
+before are kept.
 
     python benchmarks/diag_larger_pool.py [--work /tmp/iprox-bench-fidelity]   # after diag_calibration_size.py --pool-1000
     python benchmarks/diag_larger_pool.py --real 0 1
@@ -63,6 +64,7 @@ from iprox.loading import read_manifest, read_scores  # noqa: E402
 from iprox.rerank import DEFAULT_FACTOR, rerank_rounds  # noqa: E402
 from iprox.scores import ScoreResult  # noqa: E402
 
+OLD_RERANK = "recalibrate = false\n"  # the real runs' rerank: 0.18's
 RESULTS = ROOT / "benchmarks" / "results"
 SIZES = (32, 100)  # 0.17's default and 0.18's for a pool of 1,000
 DRAWS = 5
@@ -213,8 +215,11 @@ def real_runs(work: Path, seeds: list[int]) -> dict:
             name = f"{slug(SETTING)}-{task}-s{seed}"
             run = base / f"proxy-{task}-s{seed}"
             cfg = base / "configs" / f"proxy-{task}-s{seed}.toml"
+            # 0.18's rerank, which this section measures (diag_recalibrated_growth.py --redo makes each
+            # run again with 0.19's recalibrated rounds, `--from` it)
             cfg.write_text((work / "configs" / f"{name}.toml").read_text()
-                           .replace(str(work / "runs" / name), str(run)).replace(study_pool, str(pool)))
+                           .replace(str(work / "runs" / name), str(run)).replace(study_pool, str(pool))
+                           + "[rerank]\n" + OLD_RERANK)
             fresh = not (run / "pipeline.json").exists()
             sh(IPROX + ["run", str(cfg), "--no-progress"] + (["--from", str(first)] if first and fresh else []),
                base / "log.txt")
@@ -294,7 +299,7 @@ def main() -> None:
     path = RESULTS / "larger_pool.json"
     if args.real is not None:
         out = json.loads(path.read_text())
-        out["real"] = real_runs(args.work, args.real or [0])
+        out["real"] = {**out.get("real", {}), **real_runs(args.work, args.real or [0])}  # (other seeds' kept)
         path.write_text(json.dumps(out, indent=1))
     elif not args.report:
         before = json.loads(path.read_text()) if path.exists() else {}

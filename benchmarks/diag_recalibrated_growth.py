@@ -20,13 +20,14 @@ Measured from the stores on disk, nothing rebuilt, each case without and with th
   a selection of 50);
 * the runs made for real on the pool of 1,000 (``diag_larger_pool.py --real``; their own
   calibration examples, the target's rows from the target run at the same seed), each first replayed
-  to its own ranking; where a run was redone by 0.19's pipeline (``iprox run --from`` it, into
-  ``<run>-v019``), that run's own final scores beside it.
+  to its own ranking; where a run was redone by 0.19's pipeline (``--redo``: ``iprox run --from`` it,
+  into ``<run>-v019``), that run's own final scores beside it.
 
 Figures: whole-pool Spearman, head Spearman (the reference's top 20%), top-5% overlap, against the
 target at seed 0 and at the run's seed; and the target's passes (examples it scored in the rerank).
 
     python benchmarks/diag_recalibrated_growth.py [--work /tmp/iprox-bench-fidelity]
+    python benchmarks/diag_recalibrated_growth.py --redo   # first redo the real runs with today's rerank
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, final_scores, measure  # noqa: E402
-from common import score_rows, slug, update_benchmarks_md  # noqa: E402
+from common import IPROX, score_rows, sh, slug, update_benchmarks_md  # noqa: E402
 from diag_calibration_size import _order, _validation  # noqa: E402
 from diag_common_mode import _rows  # noqa: E402
-from diag_larger_pool import FIGURES, SETTING, SMALL_K, K, _table, pool_at, replay  # noqa: E402
+from diag_larger_pool import FIGURES, OLD_RERANK, SETTING, SMALL_K, K, _table, pool_at, replay  # noqa: E402
 
 from iprox.loading import read_manifest, read_scores  # noqa: E402
 
@@ -57,13 +58,17 @@ DRAWS = 5
 MODES = ("today", "recalibrated")
 
 
-def _case(rows: dict, ref0: list[dict], ref: list[dict], task: str) -> dict:
-    """Both modes' figures against both references, and the target's passes."""
+def _case(rows: dict, ref0: list[dict], ref: list[dict], task: str, exact: list[dict] | None = None) -> dict:
+    """Both modes' figures against both references (and the exact gradients where given), and the
+    target's passes."""
     out = {}
+    refs = {"seed0": ref0, "same": ref, **({"exact": exact} if exact else {})}
     for mode, (r, rep) in rows.items():
-        m0, ms = measure(r, ref0)[task], measure(r, ref)[task]
-        out[mode] = {"seed0": {k: m0[k] for k, _ in FIGURES}, "same": {k: ms[k] for k, _ in FIGURES},
-                     "passes": rep["shortlist"], "unchecked": rep.get("recalibrated", {}).get("unchecked", 0)}
+        out[mode] = {}
+        for name, x in refs.items():
+            m = measure(r, x)[task]
+            out[mode][name] = {k: m[k] for k, _ in FIGURES}
+        out[mode].update(passes=rep["shortlist"], unchecked=rep.get("recalibrated", {}).get("unchecked", 0))
     return out
 
 
@@ -88,6 +93,8 @@ def _aligned(rows: list[dict], like: list[dict]) -> list[dict]:
 def study_and_replay(work: Path) -> dict:
     out: dict = {"300": {}, "1000": {}}
     rows0 = {}
+    exact = work / "projection" / "format-3" / "target__warm-up_0__exact" / "scores"  # (diag_projection.py's)
+    exact_rows = read_scores(exact) if (exact / "COMPLETE").exists() else None
     for seed in (0, 1, 2):
         small_ids, ids, sources, tasks, P, T, tcols = pool_at(work, seed)
         n = len(small_ids)
@@ -102,7 +109,7 @@ def study_and_replay(work: Path) -> dict:
             cal = read_manifest(run / "features" / "calib-target-1")["ids"]
             both = _both(read_scores(run / "rerank" / "scores"), small_ids, sources[:n], tasks[:n], P[:n],
                          T[:n], cal, up, ut, tcols[task][:n], task, SMALL_K, ridge)
-            out["300"].setdefault(task, []).append({"seed": seed, **_case(both, rows0["300"], small, task)})
+            out["300"].setdefault(task, []).append({"seed": seed, **_case(both, rows0["300"], small, task, exact_rows)})
             for draw in range(DRAWS):
                 both = _both(None, ids, sources, tasks, P, T, random.Random(300 + draw).sample(ids, SIZE), up, ut,
                              tcols[task], task, K, ridge)
@@ -110,6 +117,24 @@ def study_and_replay(work: Path) -> dict:
                                                           **_case(both, rows0["1000"], big, task)})
         print(f"seed {seed}: done", flush=True)
     return out
+
+
+def redo(work: Path) -> None:
+    """Each finished real run on the pool of 1,000 made again by today's pipeline into ``<run>-v019``:
+    its config without 0.18's rerank, ``iprox run --from`` it (every stage before the rerank reused)."""
+    base = work / "pool1000"
+    for seed in (0, 1, 2):
+        for task in TASKS:
+            run = base / f"proxy-{task}-s{seed}"
+            again = base / f"{run.name}-v019"
+            if not (run / "selection" / "COMPLETE").exists() or (again / "selection" / "COMPLETE").exists():
+                continue
+            cfg = base / "configs" / f"{again.name}.toml"
+            text = (base / "configs" / f"{run.name}.toml").read_text().replace(str(run), str(again))
+            cfg.write_text(text.replace("[rerank]\n" + OLD_RERANK, ""))
+            fresh = not (again / "pipeline.json").exists()
+            print(f"redo {run.name}", flush=True)
+            sh(IPROX + ["run", str(cfg), "--no-progress"] + (["--from", str(run)] if fresh else []), base / "log.txt")
 
 
 def real(work: Path) -> dict:
@@ -172,7 +197,10 @@ def report(out: dict) -> str:
         if not cases:
             continue
         for mode in MODES:
-            for ref, rlabel in (("seed0", "target, seed 0"), ("same", "target, the run's seed")):
+            for ref, rlabel in (("seed0", "target, seed 0"), ("same", "target, the run's seed"),
+                                ("exact", "the target's exact gradients (seed 0, no projection)")):
+                if ref not in cases[TASKS[0]][0][mode]:
+                    continue
                 cells = [" / ".join(f"{mean(c[mode][ref][k] for c in cases[t]):.2f}" for t in TASKS) for k, _ in FIGURES]
                 passes = " / ".join(f"{mean(c[mode]['passes'] for c in cases[t]):.0f}" for t in TASKS)
                 lines.append(f"| {labels[pool]} | {mode} | {rlabel} | " + " | ".join(cells) + f" | {passes} |")
@@ -200,8 +228,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
+    ap.add_argument("--redo", action="store_true", help="first make each real run on the pool of 1,000 again with "
+                    "today's rerank (`iprox run --from` it, into <run>-v019; about 6 minutes a run)")
     args = ap.parse_args()
     path = RESULTS / "recalibrated_growth.json"
+    if args.redo:
+        redo(args.work)
     if not args.report:
         out = study_and_replay(args.work)
         out["real"] = real(args.work)
