@@ -24,7 +24,9 @@ Measured from the stores on disk, nothing rebuilt, each case without and with th
   into ``<run>-v019``), that run's own final scores beside it.
 
 Figures: whole-pool Spearman, head Spearman (the reference's top 20%), top-5% overlap, against the
-target at seed 0 and at the run's seed; and the target's passes (examples it scored in the rerank).
+target at seed 0 and at the run's seed (in the pool of 300 also against the target's exact gradients,
+``diag_projection.py``'s store, where it is on disk); and the target's passes (examples it scored in the
+rerank).
 
     python benchmarks/diag_recalibrated_growth.py [--work /tmp/iprox-bench-fidelity]
     python benchmarks/diag_recalibrated_growth.py --redo   # first redo the real runs with today's rerank
@@ -229,7 +231,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
     ap.add_argument("--redo", action="store_true", help="first make each real run on the pool of 1,000 again with "
-                    "today's rerank (`iprox run --from` it, into <run>-v019; about 6 minutes a run)")
+                    "today's rerank (`iprox run --from` it, into <run>-v019; 3-6 minutes a run on 2 cores)")
     args = ap.parse_args()
     path = RESULTS / "recalibrated_growth.json"
     if args.redo:
