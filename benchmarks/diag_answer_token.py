@@ -19,7 +19,7 @@ Rankings, per seed and target task:
 * ``proxy``: the proxy's rows scored against both validation means (how the run's scores stage ranks
   before calibration), against the target at the same seed (same warm-up and projection);
 * ``calibrated``: corrected on ``CALIBRATION`` seeded pool examples (ridge as the run's), against the
-  target's validation mean (how the rerank orders the pool below what the target scored);
+  target's validation mean (the order below what the rerank's target scored, before its refits);
 * ``target, other seed``: the target at seeds 1 and 2 against the target at seed 0, the control: how
   much of the target's own seed-to-seed difference follows the answer.
 
