@@ -253,10 +253,10 @@ def rerank_options(cfg: RunConfig) -> dict:
     """The rerank's settings since 0.14, each only where it differs from what the stage did before
     (so that ``max_growth = 1`` and ``rest_order = "run"`` keep a run made with 0.12 or 0.13 as it was,
     and ``recalibrate = false`` one made with 0.14 to 0.18)."""
+    growth = {"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}
     if rerank_recalibrate(cfg):
-        return {**({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}), "recalibrate": True}
-    return {**({"max_growth": rerank_growth(cfg)} if rerank_growth(cfg) != 1 else {}),
-            **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
+        return {**growth, "recalibrate": True}
+    return {**growth, **({"rest_order": rerank_rest(cfg)} if rerank_rest(cfg) != "run" else {})}
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:

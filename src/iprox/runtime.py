@@ -6,6 +6,7 @@ keyword-only, so a stage's own fields keep their order.
 
 from __future__ import annotations
 
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -71,7 +72,7 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         (arm,) = typing.get_args(tp) or (object,)
-        if typing.get_origin(arm) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if typing.get_origin(arm) in (typing.Union, types.UnionType):
             return f"a list, each {_describe(arm)}"
         return f"a list of {_describe(arm).removeprefix('a ')}s"
     if typing.get_args(tp) and typing.get_origin(tp) not in (list,):
