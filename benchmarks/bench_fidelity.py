@@ -202,6 +202,11 @@ def _settings() -> dict[str, dict]:
     # the same, so only the rerank runs again.
     s["0.14 default, one task per run"] = {"group": "defaults", "defaults": True, "alone": True,
                                            "start_from": "0.12 default, one task per run"}
+    # 0.19's defaults: 0.18's calibration size (a tenth of the pool, here 30 where 0.14 took 32) and
+    # 0.19's recalibrated rerank rounds. Each (task, seed) starts from 0.14's run of it: the proxy, its
+    # alignment and the warm-up are reused, the features stage runs again for the new calibration size.
+    s["0.19 default, one task per run"] = {"group": "defaults", "defaults": True, "alone": True,
+                                           "start_from": "0.14 default, one task per run"}
     # 0.15's defaults (the selection, the calibration and the rerank of "0.14 default") with another
     # proxy: another sparsity, or plain SVD in place of IPSVD (both aligned as the defaults align).
     # Layer-drop too since 0.17: its kept blocks carry the target's LoRA checkpoint at the target's block
