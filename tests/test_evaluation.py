@@ -119,6 +119,56 @@ def test_fidelity_report_of_two_score_tables(tmp_path, capsys):
     assert "different pools" in capsys.readouterr().err
 
 
+def test_fidelity_of_runs_with_other_subtasks_compares_the_shared_ones(tmp_path, capsys):
+    """A run of two target tasks beside a run of one of them: their aggregates rank against other
+    validation examples, so the report flags them and compares the shared subtask (also as a share
+    of the ceiling); the scatter is of that subtask."""
+    ids = [f"e{i}" for i in range(60)]
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(60, generator=g), torch.randn(60, generator=g)
+
+    def table(path, cols: dict):
+        path.mkdir()
+        names = list(cols)
+        agg = torch.stack(list(cols.values())).max(0).values
+        rows = "".join(f"{i},s,t,{agg[r]}," + ",".join(str(float(cols[n][r])) for n in names) + "\n"
+                       for r, i in enumerate(ids))
+        (path / "scores.csv").write_text("id,source,task,score," + ",".join(names) + "\n" + rows)
+        return path
+
+    proxy_a = a + 0.6 * torch.randn(60, generator=g)
+    again_a, again_b = a + 0.2 * torch.randn(60, generator=g), b + 0.2 * torch.randn(60, generator=g)
+    table(tmp_path / "T", {"a": a, "b": b})
+    table(tmp_path / "P", {"a": proxy_a})
+    table(tmp_path / "T2", {"a": again_a, "b": again_b})
+    out = tmp_path / "r.json"
+    assert main(["fidelity", "--target-scores", str(tmp_path / "T"), "--proxy-scores", str(tmp_path / "P"),
+                 "--target-again-scores", str(tmp_path / "T2"), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    from iprox.agreement import spearman
+
+    assert rep["aggregate_comparable"] is False and "the subtasks they share (a)" in rep["aggregate_note"]
+    assert set(rep["subtasks"]) == {"a"}
+    assert rep["subtasks"]["a"]["spearman"] == pytest.approx(spearman(a.tolist(), proxy_a.tolist()))
+    assert rep["ceiling"]["aggregate_comparable"] is True
+    assert "of_ceiling" not in rep  # the proxy's aggregate is not comparable, so neither is its share
+    assert rep["subtasks"]["a"]["of_ceiling"]["spearman"] == pytest.approx(
+        spearman(a.tolist(), proxy_a.tolist()) / spearman(a.tolist(), again_a.tolist()))
+    assert rep["scatter_column"] == "a"
+    printed = capsys.readouterr().out
+    assert "(not comparable: the target's table scores the subtasks ['a', 'b'], the proxy's ['a']" in printed
+    assert "proxy as a share of the ceiling: (the aggregates are not comparable)" in printed
+    # The same subtasks: the aggregates are compared, and shares are given for both.
+    table(tmp_path / "P2", {"a": proxy_a, "b": b + 0.6 * torch.randn(60, generator=g)})
+    assert main(["fidelity", "--target-scores", str(tmp_path / "T"), "--proxy-scores", str(tmp_path / "P2"),
+                 "--target-again-scores", str(tmp_path / "T2"), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["aggregate_comparable"] is True and "aggregate_note" not in rep and rep["scatter_column"] == "score"
+    assert set(rep["of_ceiling"]) == {"spearman", "head_spearman", "overlap_at_5"}
+    assert set(rep["subtasks"]) == {"a", "b"} and all("of_ceiling" in v for v in rep["subtasks"].values())
+    assert "(not comparable" not in capsys.readouterr().out
+
+
 def _config(tmp_path, model_dir, selector):
     write_jsonl(tmp_path / "pool.jsonl", chat_records(20, seed=1))
     write_jsonl(tmp_path / "val.jsonl", [dict(r, task="target") for r in chat_records(3, seed=2)])

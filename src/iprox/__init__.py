@@ -39,4 +39,4 @@ from importlib.metadata import PackageNotFoundError, version as _version
 try:
     __version__ = _version("iprox")
 except PackageNotFoundError:  # run from a source tree without installing (PYTHONPATH=src)
-    __version__ = "0.19.1"
+    __version__ = "0.19.2"

@@ -2,7 +2,9 @@
 
 Score agreement (:func:`score_agreement`): the same selection run once with the target and once with
 a proxy; Spearman and Kendall correlation of their scores over the pool, top-1/5/10% overlap and
-Jaccard, and the same per subtask.
+Jaccard, and the same per subtask. Two runs of other validation subtasks (a run of three target tasks
+beside a run of one of them) are compared on the subtasks they share; their aggregates are flagged as
+not comparable, since each ranks against other validation examples.
 
 Gradient fidelity:
 
@@ -180,13 +182,19 @@ def score_agreement(target_rows: list[dict], proxy_rows: list[dict],
     happens), top-1/5/10% overlap and Jaccard, and per subtask the share of each top 5% that comes
     from the subtask's own task (when the rows carry task tags).
 
+    Where the two tables hold other subtask columns, their aggregates (``score``) rank the pool
+    against other validation examples: the aggregate's figures are still given, but the report says
+    ``aggregate_comparable: false`` with an ``aggregate_note``, and the scatter is of the first shared
+    subtask (``scatter_column``).
+
     Args:
         target_again_rows: the target run again with other seeds (warm-up, projection). Its agreement
             with the first target run is the ceiling a proxy can be held to; the report then gives
-            it under ``ceiling`` and each proxy figure as a share of it under ``of_ceiling``.
+            it under ``ceiling`` and each proxy figure as a share of it under ``of_ceiling`` (per
+            shared subtask too; the aggregate's only where both aggregates are comparable).
 
     Returns:
-        The report, and the target's and proxy's aggregate scores in id order (for a scatter).
+        The report, and the target's and proxy's scores in id order of ``scatter_column`` (for a scatter).
 
     Raises:
         ValueError: the tables score different pools.
@@ -203,13 +211,17 @@ def score_agreement(target_rows: list[dict], proxy_rows: list[dict],
     ids = sorted(t)
     tasks = [t[i].get("task", "") for i in ids]
     fixed = {"id", "source", "task", "score"}
+
+    def subtasks(rows: list[dict]) -> list[str]:
+        return [c for c in rows[0] if c not in fixed]
+
     others = [proxy_rows] + ([target_again_rows] if target_again_rows is not None else [])
-    shared = [c for c in target_rows[0] if c not in fixed and all(c in rows[0] for rows in others)]
+    shared = [c for c in subtasks(target_rows) if all(c in rows[0] for rows in others)]
 
     def column(rows, c):
         return [float(rows[i][c]) for i in ids]
 
-    def compare(other: dict) -> dict:
+    def compare(what: str, rows: list[dict], other: dict) -> dict:
         rep = {"n": len(ids), **agreement(column(t, "score"), column(other, "score")), "subtasks": {}}
         for c in shared:
             ref, got = column(t, c), column(other, c)
@@ -217,16 +229,32 @@ def score_agreement(target_rows: list[dict], proxy_rows: list[dict],
             if c in tasks:
                 sub["task_share_at_5"] = {"target": task_share(ref, tasks, c), "other": task_share(got, tasks, c)}
             rep["subtasks"][c] = sub
+        mine, theirs = subtasks(target_rows), subtasks(rows)
+        rep["aggregate_comparable"] = set(mine) == set(theirs)
+        if not rep["aggregate_comparable"]:
+            rep["aggregate_note"] = (
+                f"the target's table scores the subtasks {mine or ['(none)']}, {what} {theirs or ['(none)']}: their "
+                "aggregates rank the pool against other validation examples, so compare " +
+                (f"the subtasks they share ({', '.join(shared)})" if shared else "runs of the same validation data"))
         return rep
 
-    rep = compare(p)
+    rep = compare("the proxy's", proxy_rows, p)
     if target_again_rows is not None:
-        ceil = compare(tables[1][1])
+        ceil = compare("the second target run's", target_again_rows, tables[1][1])
         rep["ceiling"] = ceil
-        rep["of_ceiling"] = {"spearman": _ratio(rep["spearman"], ceil["spearman"]),
-                             "head_spearman": _ratio(rep["head_spearman"], ceil["head_spearman"]),
-                             "overlap_at_5": _ratio(rep["overlap_at"]["5"]["overlap"], ceil["overlap_at"]["5"]["overlap"])}
-    return rep, column(t, "score"), column(p, "score")
+        if rep["aggregate_comparable"] and ceil["aggregate_comparable"]:
+            rep["of_ceiling"] = _of_ceiling(rep, ceil)
+        for c in shared:
+            rep["subtasks"][c]["of_ceiling"] = _of_ceiling(rep["subtasks"][c], ceil["subtasks"][c])
+    col = "score" if rep["aggregate_comparable"] or not shared else shared[0]
+    rep["scatter_column"] = col
+    return rep, column(t, col), column(p, col)
+
+
+def _of_ceiling(rep: dict, ceil: dict) -> dict:
+    return {"spearman": _ratio(rep["spearman"], ceil["spearman"]),
+            "head_spearman": _ratio(rep["head_spearman"], ceil["head_spearman"]),
+            "overlap_at_5": _ratio(rep["overlap_at"]["5"]["overlap"], ceil["overlap_at"]["5"]["overlap"])}
 
 
 def _by_id(rows: list[dict]) -> dict[str, dict]:
@@ -263,18 +291,27 @@ def format_agreement(rep: dict) -> str:
         return (f"Spearman {r['spearman']:.3f}, head (target's top 20%) {r['head_spearman']:.3f}, "
                 f"Kendall {r['kendall']:.3f}; top-1/5/10% overlap " + " / ".join(f"{o[k]['overlap']:.2f}" for k in ("1", "5", "10")))
 
+    def share(oc: dict) -> str:
+        return f"Spearman {oc['spearman']:.0%}, head {oc['head_spearman']:.0%}, top-5% overlap {oc['overlap_at_5']:.0%}"
+
     lines = [f"score agreement over {rep['n']} pool examples: {line(rep)}"]
+    if not rep.get("aggregate_comparable", True):
+        lines.append(f"  (not comparable: {rep['aggregate_note']})")
     for name, v in rep["subtasks"].items():
-        share = v.get("task_share_at_5")
-        extra = f"; top 5% from {name}: target {share['target']:.2f}, proxy {share['other']:.2f}" if share else ""
+        s5 = v.get("task_share_at_5")
+        extra = f"; top 5% from {name}: target {s5['target']:.2f}, proxy {s5['other']:.2f}" if s5 else ""
         lines.append(f"  subtask {name}: {line(v)}{extra}")
     if "ceiling" in rep:
-        lines.append(f"ceiling (the target against itself, other seeds): {line(rep['ceiling'])}")
-        for name, v in rep["ceiling"]["subtasks"].items():
+        ceil = rep["ceiling"]
+        lines.append(f"ceiling (the target against itself, other seeds): {line(ceil)}")
+        if not ceil.get("aggregate_comparable", True):
+            lines.append(f"  (not comparable: {ceil['aggregate_note']})")
+        for name, v in ceil["subtasks"].items():
             lines.append(f"  subtask {name}: {line(v)}")
-        oc = rep["of_ceiling"]
-        lines.append(f"proxy as a share of the ceiling: Spearman {oc['spearman']:.0%}, head {oc['head_spearman']:.0%}, "
-                     f"top-5% overlap {oc['overlap_at_5']:.0%}")
+        lines.append("proxy as a share of the ceiling: " +
+                     (share(rep["of_ceiling"]) if "of_ceiling" in rep else "(the aggregates are not comparable)"))
+        for name, v in rep["subtasks"].items():
+            lines.append(f"  subtask {name}: {share(v['of_ceiling'])}")
     return "\n".join(lines)
 
 
@@ -367,7 +404,10 @@ def fidelity_report(config: FidelityConfig) -> dict:
         again = read_scores(scores_path(config.target_again_scores)) if config.target_again_scores else None
         agree, a, b = score_agreement(read_scores(tp), read_scores(pp), again)
         png = Path(config.out).with_suffix(".png")
-        plot_scatter(a, b, png, f"Spearman {agree['spearman']:.3f}, Kendall {agree['kendall']:.3f}")
+        col = agree["scatter_column"]
+        fig = agree if col == "score" else agree["subtasks"][col]
+        plot_scatter(a, b, png, ("" if col == "score" else f"subtask {col}: ") +
+                     f"Spearman {fig['spearman']:.3f}, Kendall {fig['kendall']:.3f}")
         rep.update(agree, target_scores=str(tp), proxy_scores=str(pp), scatter=str(png))
     if config.proxy:
         device = config.device or default_device()
