@@ -20,7 +20,15 @@ Spearman, Spearman over the reference's top 20% (head), top-5% overlap and the t
 task (the reference's in brackets), against the target at seed 0, the target at the run's own seed,
 and the ceiling: the target's seeds 1 and 2 against seed 0.
 
-    python benchmarks/diag_other_tasks.py [--tasks 5] [--draw-seed 0] [--seeds 0 1 2] [--report]
+``--calibration`` then asks whether more calibration examples close what the whole pool misses, from the
+stores on disk (nothing rebuilt): a fixed set ``E`` of 100 seeded pool examples is never calibrated on;
+for each size in ``SIZES``, ``DRAWS`` seeded samples of the other 200 correct the proxy's pool rows
+from the target run's rows at the run's seed (its pool store: the same checkpoint and projection as
+the run's calibration store), and the corrected rows' scores against the target's validation
+gradients (the order the rerank keeps below what the target scored) are compared over ``E`` with the
+target at seed 0 and at the run's seed; the ceiling over ``E``: the target's seeds 1 and 2 against 0.
+
+    python benchmarks/diag_other_tasks.py [--tasks 5] [--draw-seed 0] [--seeds 0 1 2] [--calibration] [--report]
 """
 
 from __future__ import annotations
@@ -47,6 +55,9 @@ log = logging.getLogger("diag_other_tasks")
 RESULTS = ROOT / "benchmarks" / "results"
 VAL = 4
 PROXY_FROM = "0.19 default, one task per run"
+SIZES = (30, 60, 120, 200)
+DRAWS = 5
+HELD_OUT = 100
 
 
 def draw_tasks(pool_f: Path, n: int, seed: int) -> list[str]:
@@ -130,6 +141,82 @@ def measure(work: Path, tasks: list[str], seeds: list[int]) -> dict:
     return res
 
 
+def calibration_sizes(work: Path, tasks: list[str], seeds: list[int]) -> dict:
+    """Per task and calibration size: Spearman over the held-out set of the calibrated rows' scores
+    against the target's validation gradients, with the seed-0 target and the same-seed target (a
+    list over seeds and draws), and the ceiling over the same set."""
+    from diag_common_mode import _rows
+    from scipy.stats import spearmanr
+
+    from iprox.calibration import correction_from_rows
+
+    runs = work / "runs"
+    ref0 = read_scores(final_scores(runs / "other-target-s0"))
+    out: dict = {"sizes": list(SIZES), "draws": DRAWS, "tasks": {}}
+    held: list[str] | None = None
+
+    def over(a: dict, b: dict) -> float:
+        return float(spearmanr([a[i] for i in held], [b[i] for i in held])[0])
+
+    for t in tasks:
+        col0 = {r["id"]: float(r[t]) for r in ref0}
+        res = out["tasks"][t] = {"uncalibrated": [], **{str(c): [] for c in SIZES}, "ceiling": []}
+        for s in seeds:
+            run_dir = runs / f"other-{slug(PROXY_FROM)}-{slug(t)}-s{s}"
+            cfg = json.loads((run_dir / "scores" / "stage.json").read_text())["config"]
+            train, vt = Path(cfg["train"][1]), Path(cfg["val"][1])
+            if not vt.name.startswith("val-target"):
+                raise SystemExit(f"{run_dir}: expected the target's validation store second, got {vt.name}")
+            ids, P = _rows(train)
+            tids, T = _rows(runs / f"target-s{s}" / "features" / train.name)
+            if tids != ids:
+                raise SystemExit(f"target-s{s}'s pool store holds other examples than {run_dir.name}'s")
+            _, V = _rows(vt)
+            same = {r["id"]: float(r[t]) for r in read_scores(final_scores(runs / f"other-target-s{s}"))}
+            exact = dict(zip(ids, (T @ V.T).mean(1).tolist()))
+            if over_all(exact, same, ids) < 0.999:  # the target's rows and validation store are the run's
+                raise SystemExit(f"{run_dir.name}: the target's pool rows do not give other-target-s{s}'s scores")
+            if held is None:
+                held = sorted(random.Random(0).sample(ids, HELD_OUT))
+            rest = [i for i in ids if i not in set(held)]
+
+            def scores(X):
+                return dict(zip(ids, (X @ V.T).mean(1).tolist()))
+
+            base = scores(P)
+            res["uncalibrated"].append({"seed": s, "seed0": over(base, col0), "same": over(base, same)})
+            for c in SIZES:
+                for draw in range(DRAWS if c < len(rest) else 1):
+                    cids = random.Random(100 + draw).sample(rest, c)
+                    at = [ids.index(i) for i in cids]
+                    got = scores(correction_from_rows(cids, P[at], T[at]).apply(ids, P))
+                    res[str(c)].append({"seed": s, "draw": draw, "seed0": over(got, col0), "same": over(got, same)})
+            if s:
+                res["ceiling"].append(over(same, col0))
+    return out
+
+
+def over_all(a: dict, b: dict, ids: list[str]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr([a[i] for i in ids], [b[i] for i in ids])[0])
+
+
+def calibration_report(cal: dict) -> list[str]:
+    sizes = ["uncalibrated"] + [str(c) for c in cal["sizes"]]
+    lines = ["Calibration size (`--calibration`): Spearman over 100 held-out pool examples of the calibrated rows' scores "
+             "against the target's validation gradients, against the target at seed 0 / at the run's own seed (mean "
+             f"over seeds 0-2 and {cal['draws']} draws); the ceiling: the target's seeds 1 and 2 against seed 0 over the "
+             "same examples, and 95% of it.", "",
+             "| task | " + " | ".join(sizes) + " | ceiling (95%) |", "|---" * (len(sizes) + 2) + "|"]
+    for t, res in cal["tasks"].items():
+        cells = [f"{statistics.mean(r['seed0'] for r in res[k]):.2f} / {statistics.mean(r['same'] for r in res[k]):.2f}"
+                 for k in sizes]
+        ceil = statistics.mean(res["ceiling"])
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {ceil:.2f} ({0.95 * ceil:.2f}) |")
+    return lines
+
+
 def _mean(rows: dict, key: str, seeds) -> float:
     return statistics.mean(rows[s][key] for s in seeds)
 
@@ -175,6 +262,8 @@ def report(res: dict) -> None:
                 f"({min(r['passes'] for r in rr)}-{max(r['passes'] for r in rr)}), "
                 f"{sum(1 for r in rr if r['recalibrated_rounds'])} of {len(rr)} runs added recalibrated rounds; "
                 f"{statistics.mean(r['seconds'] for r in rr):.0f} s per run on average.")
+    if res.get("calibration"):
+        body += [""] + calibration_report(res["calibration"])
     update_benchmarks_md("other-tasks", "\n".join(body))
 
 
@@ -184,6 +273,8 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=5, help="how many other BBH tasks to draw")
     ap.add_argument("--draw-seed", type=int, default=0)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--calibration", action="store_true",
+                    help="also the calibration sizes from the stores on disk (needs the runs; a few minutes)")
     ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -207,6 +298,10 @@ def main() -> None:
         for t in tasks:
             run(work, cfg, f"other-{slug(PROXY_FROM)}-{slug(t)}-s{s}", val[t], first)
     res = {**measure(work, tasks, args.seeds), "draw_seed": args.draw_seed}
+    if args.calibration:
+        res["calibration"] = calibration_sizes(work, tasks, args.seeds)
+    elif res_path.exists() and json.loads(res_path.read_text()).get("calibration"):  # measured earlier: kept
+        res["calibration"] = json.loads(res_path.read_text())["calibration"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     res_path.write_text(json.dumps(res, indent=2))
     report(res)
