@@ -146,7 +146,6 @@ def calibration_sizes(work: Path, tasks: list[str], seeds: list[int]) -> dict:
     against the target's validation gradients, with the seed-0 target and the same-seed target (a
     list over seeds and draws), and the ceiling over the same set."""
     from diag_common_mode import _rows
-    from scipy.stats import spearmanr
 
     from iprox.calibration import correction_from_rows
 
@@ -156,7 +155,7 @@ def calibration_sizes(work: Path, tasks: list[str], seeds: list[int]) -> dict:
     held: list[str] | None = None
 
     def over(a: dict, b: dict) -> float:
-        return float(spearmanr([a[i] for i in held], [b[i] for i in held])[0])
+        return spearman_over(a, b, held)
 
     for t in tasks:
         col0 = {r["id"]: float(r[t]) for r in ref0}
@@ -174,7 +173,7 @@ def calibration_sizes(work: Path, tasks: list[str], seeds: list[int]) -> dict:
             _, V = _rows(vt)
             same = {r["id"]: float(r[t]) for r in read_scores(final_scores(runs / f"other-target-s{s}"))}
             exact = dict(zip(ids, (T @ V.T).mean(1).tolist()))
-            if over_all(exact, same, ids) < 0.999:  # the target's rows and validation store are the run's
+            if spearman_over(exact, same, ids) < 0.999:  # the target's rows and validation store are the run's
                 raise SystemExit(f"{run_dir.name}: the target's pool rows do not give other-target-s{s}'s scores")
             if held is None:
                 held = sorted(random.Random(0).sample(ids, HELD_OUT))
@@ -196,7 +195,8 @@ def calibration_sizes(work: Path, tasks: list[str], seeds: list[int]) -> dict:
     return out
 
 
-def over_all(a: dict, b: dict, ids: list[str]) -> float:
+def spearman_over(a: dict, b: dict, ids: list[str]) -> float:
+    """Spearman of two {id: score} maps over ``ids``."""
     from scipy.stats import spearmanr
 
     return float(spearmanr([a[i] for i in ids], [b[i] for i in ids])[0])
