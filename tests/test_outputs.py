@@ -65,6 +65,44 @@ def test_select_messages_format(tmp_path):
     assert len(read_scores(scores)) == 3
 
 
+def test_a_run_folder_names_the_scores_its_selection_takes(tmp_path, capsys):
+    """`iprox select` and `iprox fidelity` given a run folder read its final scores: the rerank's where
+    the run reranks (not the proxy's scores before it), else the scores stage's; an unfinished stage is
+    refused, not passed over."""
+    from iprox.cli import main
+    from iprox.loading import read_scores
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"id": i, "question": "q", "answer": "a"}) + "\n" for i in "abcd"))
+    run = tmp_path / "run"
+
+    def table(folder, order):
+        folder.mkdir(parents=True)
+        (folder / "scores.csv").write_text("id,source,task,score\n" + "".join(f"{i},s,t,{4 - r}\n" for r, i in enumerate(order)))
+        (folder / "COMPLETE").touch()
+
+    table(run / "scores", "abcd")
+    (run / "pipeline.json").write_text("{}")
+    assert [r["id"] for r in read_scores(run)][:1] == ["a"]  # no rerank: the scores stage's
+    (run / "rerank").mkdir()
+    with pytest.raises(FileNotFoundError, match="has not finished its rerank stage.*before the rerank"):
+        read_scores(run)
+    table(run / "rerank" / "scores", "dcba")
+    assert main(["select", "--scores", str(run), "--data", str(pool), "--out", str(tmp_path / "sel.jsonl"),
+                 "--top-k", "1"]) == 0
+    assert json.loads((tmp_path / "sel.jsonl").read_text())["id"] == "d"
+    # fidelity of the run against itself reads the same table on both sides; against its scores stage, the
+    # proxy's order before the rerank, which is reversed here
+    out = tmp_path / "f.json"
+    assert main(["fidelity", "--target-scores", str(run), "--proxy-scores", str(run / "scores"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["spearman"] == pytest.approx(-1.0)
+    (run / "scores" / "COMPLETE").unlink()
+    (run / "rerank" / "scores" / "COMPLETE").unlink()
+    assert main(["select", "--scores", str(run), "--data", str(pool), "--out", str(tmp_path / "sel.jsonl"),
+                 "--top-k", "1"]) == 2
+    assert "has not finished its rerank stage" in capsys.readouterr().err
+
+
 def test_files_get_the_umask_mode_and_scores_have_a_parquet_copy(tmp_path):
     import pyarrow.parquet as pq
 

@@ -166,15 +166,6 @@ def format_report(rep: dict, max_rows: int = 12) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def scores_path(path: str | Path) -> Path:
-    """A scores table from a ``scores.csv``, a scores folder, or a run folder (``scores/scores.csv``)."""
-    path = Path(path)
-    for cand in (path, path / "scores.csv", path / "scores" / "scores.csv"):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no scores table at {path} (a scores.csv, a scores folder or an iprox run folder)")
-
-
 def score_agreement(target_rows: list[dict], proxy_rows: list[dict],
                     target_again_rows: list[dict] | None = None) -> tuple[dict, list[float], list[float]]:
     """How the proxy's scores rank the pool like the target's, overall and per subtask column they
@@ -326,7 +317,8 @@ class FidelityConfig:
     proxy, its target and held-out data), or both.
 
     Attributes:
-        target_scores: scores of a target-selected run (scores.csv, scores or run folder).
+        target_scores: scores of a target-selected run (scores.csv, scores or run folder: a run's are the
+            scores its selection takes, the rerank's where it reranks).
         proxy_scores: scores of the same selection run with the proxy.
         target_again_scores: the target run again with other seeds: its agreement with
             ``target_scores`` is the ceiling the proxy's figures are reported against.
@@ -395,13 +387,13 @@ def fidelity_report(config: FidelityConfig) -> dict:
     the proxy looks faithful)."""
     from .artifacts import atomic_write_json
     from .data import load_examples, tokenize_examples
-    from .loading import load_proxy, read_lora_state, read_scores, target_lora_checkpoint
+    from .loading import load_proxy, read_lora_state, read_scores, scores_table, target_lora_checkpoint
     from .models import default_device, load_model
 
     rep: dict = {}
     if config.by_scores:
-        tp, pp = scores_path(config.target_scores), scores_path(config.proxy_scores)
-        again = read_scores(scores_path(config.target_again_scores)) if config.target_again_scores else None
+        tp, pp = scores_table(config.target_scores), scores_table(config.proxy_scores)
+        again = read_scores(config.target_again_scores) if config.target_again_scores else None
         agree, a, b = score_agreement(read_scores(tp), read_scores(pp), again)
         png = Path(config.out).with_suffix(".png")
         col = agree["scatter_column"]

@@ -446,13 +446,35 @@ def load_features(store: str | Path, dtype=torch.float32) -> tuple[list[str], to
     dim = read_manifest(store)["dim"]
     return ids, (torch.cat(chunks) if chunks else torch.zeros(0, dim, dtype=dtype))
 
-def read_scores(path: str | Path) -> list[dict]:
-    """Rows of a scores table (a ``scores.csv`` or the folder holding it); ``score`` as float."""
+def scores_table(path: str | Path) -> Path:
+    """The ``scores.csv`` a path names: the file itself, the folder holding it, or an ``iprox run``
+    folder, for which the scores its selection takes: the rerank's where the run reranks
+    (``rerank/scores``), else ``scores``.
+
+    Raises:
+        FileNotFoundError: no table there, or a run folder whose scores (or rerank) stage has not
+            finished (its proxy's scores before an unfinished rerank are not what it selects by).
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / SCORES_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no scores table at {path} (run `iprox score` first)")
+    if path.is_dir() and not (path / SCORES_FILE).is_file() and (path / "pipeline.json").is_file():
+        stage = path / ("rerank" if (path / "rerank").is_dir() else "scores")
+        table = (stage / "scores" if stage.name == "rerank" else stage) / SCORES_FILE
+        if not (table.parent / "COMPLETE").exists() or not table.is_file():
+            raise FileNotFoundError(f"the run {path} has not finished its {stage.name} stage: resume it with `iprox run`"
+                                    + (f", or name {path / 'scores'} for the proxy's scores before the rerank"
+                                       if stage.name == "rerank" else ""))
+        return table
+    table = path / SCORES_FILE if path.is_dir() else path
+    if not table.is_file():
+        raise FileNotFoundError(f"no scores table at {path} (a scores.csv, the folder holding it, or an iprox run "
+                                "folder; run `iprox score` first)")
+    return table
+
+
+def read_scores(path: str | Path) -> list[dict]:
+    """Rows of a scores table (a ``scores.csv``, the folder holding it, or a run folder: see
+    :func:`scores_table`); ``score`` as float."""
+    path = scores_table(path)
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))

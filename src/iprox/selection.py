@@ -31,7 +31,7 @@ class SelectConfig:
     """Settings of ``iprox select``: exactly one of ``fraction`` and ``top_k``.
 
     Attributes:
-        scores: a scores folder or ``scores.csv``.
+        scores: a scores folder, ``scores.csv``, or an ``iprox run`` folder (the scores its selection takes).
         data: the pool the scores are for (files or folders).
         out: the JSONL file to write (``selected.json`` is written beside it).
         fraction: share of the pool to keep, e.g. 0.05.
