@@ -96,6 +96,14 @@ def test_a_run_folder_names_the_scores_its_selection_takes(tmp_path, capsys):
     out = tmp_path / "f.json"
     assert main(["fidelity", "--target-scores", str(run), "--proxy-scores", str(run / "scores"), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["spearman"] == pytest.approx(-1.0)
+    # a finished selection says which table it read: here the scores stage's, the rerank's folder left over
+    (run / "selection").mkdir()
+    (run / "selection" / "stage.json").write_text(json.dumps({"config": {"scores": str(run / "scores" / "scores.csv")}}))
+    (run / "selection" / "COMPLETE").touch()
+    assert [r["id"] for r in read_scores(run)][:1] == ["a"]
+    (run / "selection" / "stage.json").write_text(json.dumps({"config": {"scores": "elsewhere/rerank/scores/scores.csv"}}))
+    assert [r["id"] for r in read_scores(run)][:1] == ["d"]
+    (run / "selection" / "COMPLETE").unlink()
     (run / "scores" / "COMPLETE").unlink()
     (run / "rerank" / "scores" / "COMPLETE").unlink()
     assert main(["select", "--scores", str(run), "--data", str(pool), "--out", str(tmp_path / "sel.jsonl"),

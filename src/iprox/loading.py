@@ -449,7 +449,7 @@ def load_features(store: str | Path, dtype=torch.float32) -> tuple[list[str], to
 def scores_table(path: str | Path) -> Path:
     """The ``scores.csv`` a path names: the file itself, the folder holding it, or an ``iprox run``
     folder, for which the scores its selection takes: the rerank's where the run reranks
-    (``rerank/scores``), else ``scores``.
+    (``rerank/scores``), else ``scores`` (as its finished selection records, else as its folders say).
 
     Raises:
         FileNotFoundError: no table there, or a run folder whose scores (or rerank) stage has not
@@ -457,7 +457,12 @@ def scores_table(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_dir() and not (path / SCORES_FILE).is_file() and (path / "pipeline.json").is_file():
-        stage = path / ("rerank" if (path / "rerank").is_dir() else "scores")
+        reranked = (path / "rerank").is_dir()
+        took = path / "selection" / "stage.json"
+        if (path / "selection" / "COMPLETE").exists() and took.is_file():  # what the selection read (a rerank
+            # folder may outlive a rerank turned off since)
+            reranked = Path(read_json(took, "selection record")["config"]["scores"]).parent.parent.name == "rerank"
+        stage = path / ("rerank" if reranked else "scores")
         table = (stage / "scores" if stage.name == "rerank" else stage) / SCORES_FILE
         if not (table.parent / "COMPLETE").exists() or not table.is_file():
             raise FileNotFoundError(f"the run {path} has not finished its {stage.name} stage: resume it with `iprox run`"
