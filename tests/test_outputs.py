@@ -91,8 +91,8 @@ def test_a_run_folder_names_the_scores_its_selection_takes(tmp_path, capsys):
     assert main(["select", "--scores", str(run), "--data", str(pool), "--out", str(tmp_path / "sel.jsonl"),
                  "--top-k", "1"]) == 0
     assert json.loads((tmp_path / "sel.jsonl").read_text())["id"] == "d"
-    # fidelity of the run against itself reads the same table on both sides; against its scores stage, the
-    # proxy's order before the rerank, which is reversed here
+    # fidelity reads the run's rerank table, here against its scores stage's (the proxy's order before
+    # the rerank, reversed here)
     out = tmp_path / "f.json"
     assert main(["fidelity", "--target-scores", str(run), "--proxy-scores", str(run / "scores"), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["spearman"] == pytest.approx(-1.0)
