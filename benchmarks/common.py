@@ -40,6 +40,23 @@ def update_benchmarks_md(section: str, body: str) -> None:
     BENCHMARKS_MD.write_text(text)
 
 
+def measure_and_report(doc: str, results: Path, section: str, measure_all, report) -> None:
+    """The ``main`` of a diag script that measures from the fidelity study's work folder: ``--work``,
+    ``--report`` (only rewrite the report from ``results``); the measurement (``measure_all(work)``)
+    goes to ``results``, ``report(results)`` into BENCHMARKS.md's ``section`` and to stdout."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
+    ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
+    args = ap.parse_args()
+    if not args.report:
+        results.write_text(json.dumps(measure_all(args.work), indent=1))
+    body = report(json.loads(results.read_text()))
+    update_benchmarks_md(section, body)
+    print(body)
+
+
 def selection_data(work: Path, data: Path, tasks: list[str], n_gsm: int, per_task: int, n_val: int, n_test: int):
     """The selection benchmarks' data, written under ``work``: per target task ``n_val`` validation
     and ``n_test`` held-out test examples of BBH, and a pool of ``n_gsm`` GSM8K train problems plus

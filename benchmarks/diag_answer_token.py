@@ -28,7 +28,6 @@ Rankings, per seed and target task:
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS  # noqa: E402
-from common import update_benchmarks_md  # noqa: E402
+from common import measure_and_report  # noqa: E402
 from diag_calibration_size import _validation  # noqa: E402
 from diag_larger_pool import pool_at  # noqa: E402
 
@@ -148,16 +147,7 @@ def report(out: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
-    ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
-    args = ap.parse_args()
-    path = RESULTS / "answer_token.json"
-    if not args.report:
-        path.write_text(json.dumps(measure_all(args.work), indent=1))
-    body = report(json.loads(path.read_text()))
-    update_benchmarks_md("answer-token", body)
-    print(body)
+    measure_and_report(__doc__, RESULTS / "answer_token.json", "answer-token", measure_all, report)
 
 
 if __name__ == "__main__":

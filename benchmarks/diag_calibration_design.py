@@ -21,8 +21,6 @@ Spearman, head Spearman (the reference's top 20%), top-5% overlap, and the targe
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import statistics
@@ -35,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_fidelity import TASKS, measure  # noqa: E402
-from common import score_rows, update_benchmarks_md  # noqa: E402
+from common import measure_and_report, score_rows  # noqa: E402
 from diag_calibration_size import _validation  # noqa: E402
 from diag_larger_pool import FIGURES, K, _table, pool_at, replay  # noqa: E402
 
@@ -129,16 +127,7 @@ def report(out: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/iprox-bench-fidelity"))
-    ap.add_argument("--report", action="store_true", help="only rewrite the report from the results JSON")
-    args = ap.parse_args()
-    path = RESULTS / "calibration_design.json"
-    if not args.report:
-        path.write_text(json.dumps(measure_all(args.work), indent=1))
-    body = report(json.loads(path.read_text()))
-    update_benchmarks_md("calibration-design", body)
-    print(body)
+    measure_and_report(__doc__, RESULTS / "calibration_design.json", "calibration-design", measure_all, report)
 
 
 if __name__ == "__main__":
